@@ -1,0 +1,63 @@
+"""The ``cflow`` command: one subcommand module per area, dispatched here.
+
+Each module in ``SUBCOMMAND_MODULES`` has ``add_parser(subparsers)`` which
+registers its subcommand and sets ``func(args) -> int`` as the handler.
+Those modules import the Google clients inside their handlers, not at the top,
+so ``cflow --help`` stays fast.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cflow.errors import EXIT_INTERRUPTED, CflowError
+
+SUBCOMMAND_MODULES = [
+    "cflow.local.compute.cli",
+    "cflow.local.stack_cli",
+]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="cflow",
+        description="Run one script over many work items on a fleet of Compute Engine VMs (Spot included), "
+        "on GCP or on the local cloud in a box.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def configure_logging(debug):
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        # The Google clients are chatty at INFO; their news is ours to tell.
+        for noisy in ("googleapiclient", "google", "urllib3", "grpc"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.debug)
+    try:
+        return args.func(args) or 0
+    except CflowError as error:
+        if args.debug:
+            raise
+        print(f"cflow: error: {error}", file=sys.stderr)
+        return error.exit_status
+    except KeyboardInterrupt:
+        print("cflow: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -14,6 +14,8 @@ import sys
 from cflow.errors import EXIT_INTERRUPTED, CflowError
 
 SUBCOMMAND_MODULES = [
+    "cflow.run",
+    "cflow.demo",
     "cflow.local.compute.cli",
     "cflow.local.stack_cli",
 ]
@@ -44,20 +46,25 @@ def configure_logging(debug):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv=None):
-    parser = build_parser()
+def run_entry(parser, default_func=None, argv=None):
+    """Parse, configure logging and run the handler; errors become one line and an exit status."""
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    func = getattr(args, "func", None) or default_func
+    if func is None:
         parser.print_help()
         return 2
     configure_logging(args.debug)
     try:
-        return args.func(args) or 0
+        return func(args) or 0
     except CflowError as error:
         if args.debug:
             raise
-        print(f"cflow: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return error.exit_status
     except KeyboardInterrupt:
-        print("cflow: interrupted", file=sys.stderr)
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def main(argv=None):
+    return run_entry(build_parser(), argv=argv)

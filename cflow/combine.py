@@ -1,0 +1,168 @@
+"""Combining the items' output files into one result.
+
+COMBINE = "concat" calls ``combine_concat``. COMBINE = "none" is the caller's
+branch: it calls nothing here and leaves each item's outputs where the
+workers put them in the bucket.
+
+The storage is reached through two functions passed in, so this module needs
+no cloud and is tested with plain dicts.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cflow.tasks import validate_output_name
+
+logger = logging.getLogger(__name__)
+
+COPY_CHUNK_BYTES = 1 << 20
+
+
+def _first_line(data):
+    """The first line of ``data`` including its line ending (the whole data if it has none)."""
+    end = data.find(b"\n")
+    return data if end < 0 else data[: end + 1]
+
+
+def _line_text(line):
+    """A line without its ending, so b'a,b\\r\\n' and b'a,b\\n' count as the same header."""
+    return line.rstrip(b"\r\n")
+
+
+class _ConcatFile:
+    """Appends the items' copies of one output file, in item order, to ``path``.
+
+    For a ``.csv`` name, a first line equal to the first file's is dropped
+    (the header is kept once). Should a later file's first line differ, the
+    headers are not all identical after all: the dropped ones are put back,
+    so every file appears exactly as it was.
+    """
+
+    def __init__(self, path, is_csv):
+        self.path = path
+        self.is_csv = is_csv
+        self.header = None
+        self.headers_agree = True
+        # (offset in the output, bytes dropped there), to undo when headers differ.
+        self.dropped = []
+        self.ends_with_newline = True
+        self.out = open(path, "wb")
+
+    def append(self, data):
+        if not data:
+            return
+        if self.is_csv and self.headers_agree:
+            line = _first_line(data)
+            if self.header is None:
+                self.header = _line_text(line)
+            elif _line_text(line) == self.header:
+                self._write(b"", dropped=line)
+                data = data[len(line):]
+            else:
+                self.headers_agree = False
+        self._write(data)
+
+    def _write(self, data, dropped=None):
+        if not data and dropped is None:
+            return
+        # Files are appended whole; one that lacks a final newline would fuse
+        # its last line with the next file's first, so it gets one here.
+        if not self.ends_with_newline:
+            self.out.write(b"\n")
+            self.ends_with_newline = True
+        if dropped is not None:
+            self.dropped.append((self.out.tell(), dropped))
+        if data:
+            self.out.write(data)
+            self.ends_with_newline = data.endswith(b"\n")
+
+    def close(self):
+        self.out.close()
+        if not self.headers_agree and self.dropped:
+            self._restore_dropped_headers()
+
+    def _restore_dropped_headers(self):
+        logger.info("%s: the items' CSV headers differ, so every item's header is kept", self.path.name)
+        restored = self.path.with_name(self.path.name + ".restore")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as source, open(restored, "wb") as target:
+            position = 0
+            for number, (offset, header) in enumerate(self.dropped):
+                _copy_bytes(source, target, offset - position)
+                target.write(header)
+                # A header-only copy without a final newline gets one when
+                # anything follows it, as every other copy does.
+                followed = offset < size or number + 1 < len(self.dropped)
+                if followed and not header.endswith(b"\n"):
+                    target.write(b"\n")
+                position = offset
+            shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
+        os.replace(restored, self.path)
+
+
+def _copy_bytes(source, target, count):
+    while count > 0:
+        chunk = source.read(min(count, COPY_CHUNK_BYTES))
+        if not chunk:
+            raise OSError(f"{source.name} ended {count} bytes early while restoring CSV headers")
+        target.write(chunk)
+        count -= len(chunk)
+
+
+def combine_concat(item_ids, list_output_names, read_output, dest_dir):
+    """Concatenate each output file name across items into ``dest_dir``.
+
+    For every file name any item produced, ``dest_dir/NAME`` becomes that
+    file from each item that has it, in item order. Items are read one at a
+    time, so memory holds one item's file, not the whole result.
+
+    CSV (names ending ``.csv``): when the first lines of all the non-empty
+    copies are identical, that header appears once at the top; when they
+    differ, every copy is kept as is. A copy not ending in a newline gets one
+    before the next copy is appended.
+
+    Args:
+        item_ids: the items' ids, in item order.
+        list_output_names: ``list_output_names(item_id) -> list[str]``, the
+            output file names of one item.
+        read_output: ``read_output(item_id, name) -> bytes``.
+        dest_dir: folder for the result (created if missing). Each file is
+            written under a temporary name and renamed when complete.
+    Returns:
+        ``{name: Path}`` of the files written, in name order.
+    Raises:
+        ValueError: an output name is unsafe (see ``validate_output_name``).
+        Whatever the two functions raise; nothing is left half-written.
+    """
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    items_by_name = {}
+    for item_id in item_ids:
+        for name in list_output_names(item_id):
+            validate_output_name(name)
+            holders = items_by_name.setdefault(name, [])
+            if not holders or holders[-1] != item_id:
+                holders.append(item_id)
+
+    written = {}
+    for name in sorted(items_by_name):
+        final_path = dest_dir / name
+        file_handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=".cflow-combine-")
+        os.close(file_handle)
+        concat = _ConcatFile(Path(temporary), is_csv=name.lower().endswith(".csv"))
+        try:
+            try:
+                for item_id in items_by_name[name]:
+                    concat.append(read_output(item_id, name))
+            finally:
+                concat.close()
+            os.replace(temporary, final_path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        logger.debug("combined %s from %d items", name, len(items_by_name[name]))
+        written[name] = final_path
+    return written

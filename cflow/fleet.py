@@ -1,0 +1,92 @@
+"""What a worker VM is made of: its instance properties for bulkInsert.
+
+The boot script is init.sh (see its header); the shutdown script runs
+shutdown-signal.py from the downloaded package to hand the in-flight item back.
+"""
+
+from pathlib import Path
+
+from cflow.gcp.compute import RUN_LABEL
+
+# Workers need Pub/Sub and their run's objects, nothing else.
+WORKER_SCOPES = (
+    "https://www.googleapis.com/auth/pubsub",
+    "https://www.googleapis.com/auth/devstorage.read_write",
+    "https://www.googleapis.com/auth/logging.write",
+)
+
+SHUTDOWN_SCRIPT = """#!/bin/bash
+# CFlow: hand the in-flight work item back before this VM goes (see shutdown-signal.py).
+CFLOW_DIR="${HOME:-/root}/cflow"
+PYTHON=python3
+if [ "${CFLOW_EMULATED_VM:-}" != "1" ] && [ -x /opt/cflow/venv/bin/python3 ]; then PYTHON=/opt/cflow/venv/bin/python3; fi
+exec "$PYTHON" "$CFLOW_DIR/package/shutdown-signal.py" >>"$CFLOW_DIR/shutdown.log" 2>&1
+"""
+
+
+def vm_name(config, run_id, number):
+    return f"{config.vm_name_prefix}-{run_id}-{number:04d}"
+
+
+def vm_number(config, run_id, name):
+    """The number of a VM named by ``vm_name``, or None for other names."""
+    prefix = f"{config.vm_name_prefix}-{run_id}-"
+    tail = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(tail) if tail.isdigit() else None
+
+
+def boot_image(config):
+    if config.vm_boot == "stock":
+        return config.vm_stock_image
+    name = config.vm_image_name
+    if name.startswith("projects/"):
+        return name
+    if name.startswith("family/"):
+        return f"projects/{config.project}/global/images/{name}"
+    return f"projects/{config.project}/global/images/{name}"
+
+
+def worker_instance_properties(config, run_id, package_url, init_script_text):
+    """The ``instanceProperties`` of a bulkInsert for this run's workers."""
+    if config.vm_spot:
+        scheduling = {
+            "provisioningModel": "SPOT",
+            # A preempted worker deletes itself: nothing stays billed, and the
+            # scheduler creates a replacement on its next step.
+            "instanceTerminationAction": "DELETE",
+            "onHostMaintenance": "TERMINATE",
+            "automaticRestart": False,
+        }
+    else:
+        scheduling = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+    labels = dict(config.vm_labels)
+    labels.update({RUN_LABEL: run_id, "cflow-role": "worker"})
+    return {
+        "machineType": config.vm_type,
+        "scheduling": scheduling,
+        "labels": labels,
+        "disks": [
+            {
+                "boot": True,
+                "autoDelete": True,
+                "initializeParams": {"sourceImage": boot_image(config), "diskSizeGb": str(config.vm_disk_gb)},
+            }
+        ],
+        "networkInterfaces": [
+            {"network": "global/networks/default", "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
+        ],
+        "serviceAccounts": [{"email": config.vm_compute_service_account, "scopes": list(WORKER_SCOPES)}],
+        "metadata": {
+            "items": [
+                {"key": "startup-script", "value": init_script_text},
+                {"key": "shutdown-script", "value": SHUTDOWN_SCRIPT},
+                {"key": "cflow-run", "value": run_id},
+                {"key": "cflow-bucket", "value": config.bucket},
+                {"key": "cflow-package", "value": package_url},
+            ]
+        },
+    }
+
+
+def read_init_script(config):
+    return (Path(config.base_dir) / "init.sh").read_text()

@@ -1,0 +1,112 @@
+"""Build the Google clients once, for GCP or for the local cloud.
+
+Local mode differs only in endpoints: ``PUBSUB_EMULATOR_HOST`` and
+``STORAGE_EMULATOR_HOST`` are honoured by the Pub/Sub and Storage clients
+themselves; Compute gets ``CFLOW_COMPUTE_ENDPOINT`` as its api_endpoint.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+
+from cflow.errors import CloudError
+
+log = logging.getLogger(__name__)
+
+COMPUTE_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+
+@dataclass
+class Clients:
+    compute: object  # googleapiclient compute v1 resource
+    publisher: object  # pubsub_v1.PublisherClient
+    subscriber: object  # pubsub_v1.SubscriberClient
+    storage: object  # storage.Client
+    project: str
+
+
+def credentials_for(target, credential_file=None):
+    """Returns (credentials, project or None).
+
+    Raises:
+        CloudError: on GCP, when no credentials can be found.
+    """
+    from google.auth.credentials import AnonymousCredentials
+
+    if target == "local":
+        return AnonymousCredentials(), None
+    if credential_file:
+        from google.oauth2 import service_account
+
+        credentials = service_account.Credentials.from_service_account_file(str(credential_file), scopes=COMPUTE_SCOPES)
+        return credentials, credentials.project_id
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return google.auth.default(scopes=COMPUTE_SCOPES)
+    except DefaultCredentialsError:
+        raise CloudError(
+            "no Google credentials found; run `gcloud auth application-default login` "
+            "or put a service-account key in credential/ and set CREDENTIAL_FILE in const.py"
+        ) from None
+
+
+def build_compute(credentials, endpoint=None):
+    from googleapiclient import discovery
+
+    client_options = {"api_endpoint": endpoint} if endpoint else None
+    return discovery.build(
+        "compute", "v1", credentials=credentials, client_options=client_options, static_discovery=True, cache_discovery=False
+    )
+
+
+def build_clients(target, project, credential_file=None, environ=None, publish_batch_size=1000):
+    """Build every client a controller or worker needs.
+
+    Args:
+        target: "local" or "gcp".
+        project: the project id (local: the stack's project).
+        credential_file: optional key file (controller only, GCP only).
+        environ: where local endpoints are read (default os.environ).
+    """
+    from google.cloud import pubsub_v1, storage
+
+    environ = os.environ if environ is None else environ
+    credentials, _ = credentials_for(target, credential_file)
+    compute_endpoint = None
+    if target == "local":
+        compute_endpoint = environ.get("CFLOW_COMPUTE_ENDPOINT")
+        missing = [name for name in ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CFLOW_COMPUTE_ENDPOINT") if not environ.get(name)]
+        if missing:
+            raise CloudError(f"local mode needs {', '.join(missing)}; start the stack with `eval \"$(cflow local up)\"`")
+    batch_settings = pubsub_v1.types.BatchSettings(max_messages=publish_batch_size, max_latency=0.05)
+    publisher = pubsub_v1.PublisherClient(batch_settings=batch_settings, credentials=None if target == "local" else credentials)
+    subscriber = pubsub_v1.SubscriberClient(credentials=None if target == "local" else credentials)
+    storage_client = storage.Client(project=project, credentials=credentials)
+    return Clients(
+        compute=build_compute(credentials, compute_endpoint),
+        publisher=publisher,
+        subscriber=subscriber,
+        storage=storage_client,
+        project=project,
+    )
+
+
+def build_worker_clients(target, project):
+    """Clients for a worker VM: the VM's own service account on GCP, emulators locally.
+
+    Workers never need Compute; they get Pub/Sub and Storage only.
+    """
+    from google.cloud import pubsub_v1, storage
+
+    credentials, _ = credentials_for(target)
+    publisher = pubsub_v1.PublisherClient(credentials=None if target == "local" else credentials)
+    subscriber = pubsub_v1.SubscriberClient(credentials=None if target == "local" else credentials)
+    return Clients(
+        compute=None,
+        publisher=publisher,
+        subscriber=subscriber,
+        storage=storage.Client(project=project, credentials=credentials),
+        project=project,
+    )

@@ -1,0 +1,94 @@
+"""The VM's metadata server: who am I, what run am I in, am I being preempted.
+
+On GCE the server is metadata.google.internal; the local Compute emulator
+serves one per VM and sets ``GCE_METADATA_HOST`` (the variable google-auth
+honours) to it.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "metadata.google.internal"
+
+
+class MetadataError(Exception):
+    """The metadata server did not answer as expected."""
+
+
+class Metadata:
+    """Read-only view of this VM's metadata, plus power-off.
+
+    Args:
+        host: ``HOST[:PORT]`` of the metadata server; default from
+            ``GCE_METADATA_HOST`` or metadata.google.internal.
+        environ: the environment to read (tests pass their own).
+    """
+
+    def __init__(self, host=None, environ=None):
+        self.environ = os.environ if environ is None else environ
+        self.host = host or self.environ.get("GCE_METADATA_HOST") or DEFAULT_HOST
+
+    def _url(self, path):
+        return f"http://{self.host}/computeMetadata/v1/{path}"
+
+    def get(self, path, timeout=5.0):
+        """Returns the text at ``path`` (e.g. "instance/name"), or None if it does not exist.
+
+        Raises:
+            MetadataError: the server could not be reached or refused.
+        """
+        request = urllib.request.Request(self._url(path), headers={"Metadata-Flavor": "Google"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read().decode()
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise MetadataError(f"metadata server answered {error.code} for {path}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise MetadataError(f"metadata server {self.host} unreachable: {error}") from None
+
+    def attribute(self, key):
+        return self.get(f"instance/attributes/{key}")
+
+    def instance_name(self):
+        return self.get("instance/name")
+
+    def zone(self):
+        """The zone's short name (the server answers projects/NUM/zones/ZONE)."""
+        value = self.get("instance/zone") or ""
+        return value.rsplit("/", 1)[-1]
+
+    def preempted(self):
+        """True once the VM is being preempted."""
+        try:
+            return (self.get("instance/preempted", timeout=2.0) or "").strip().upper() == "TRUE"
+        except MetadataError:
+            return False
+
+    def token(self):
+        document = self.get("instance/service-accounts/default/token")
+        return json.loads(document)["access_token"] if document else None
+
+    def power_off(self):
+        """Power this VM off, as `poweroff` does on GCE.
+
+        On the emulator the guest asks its metadata server (never the host's
+        own power switch); on GCE the OS shuts down and the VM stops.
+        """
+        if self.environ.get("CFLOW_EMULATED_VM") == "1":
+            request = urllib.request.Request(
+                f"http://{self.host}/cflow-emulator/v1/poweroff",
+                data=b"",
+                method="POST",
+                headers={"Metadata-Flavor": "Google"},
+            )
+            urllib.request.urlopen(request, timeout=10).read()
+            return
+        subprocess.run(["shutdown", "-h", "now"], check=False)

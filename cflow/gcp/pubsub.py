@@ -1,0 +1,216 @@
+"""Pub/Sub: a run's own topics and subscriptions, and the messages on them.
+
+Each run has three topics, each with one pull subscription, named from the
+user's prefixes and the run id so that no other run's messages leak in:
+
+    work     one message per work item; workers pull it one at a time
+    events   what workers report (started, done, retry, failed, preempted)
+    dead     work messages delivered too many times without a result
+
+Attempts: a failed attempt is handed back by republishing the item with its
+attempt count raised, then acking the old message; a preemption is handed back
+by a nack (deadline 0), which keeps the message and so its attempt count.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+
+from google.api_core import exceptions as google_exceptions
+
+log = logging.getLogger(__name__)
+
+# Pub/Sub's own ceiling for max_delivery_attempts. It is a safety net against a
+# message that kills the worker itself; ordinary failures are counted by CFlow.
+MAX_DELIVERY_ATTEMPTS = 100
+
+
+@dataclass(frozen=True)
+class RunTopics:
+    """The names of one run's topics and subscriptions (full resource paths)."""
+
+    project: str
+    work_topic: str
+    work_subscription: str
+    events_topic: str
+    events_subscription: str
+    dead_topic: str
+    dead_subscription: str
+
+    @classmethod
+    def for_run(cls, project, run_id, topic_prefix, subscription_prefix):
+        def topic(kind):
+            return f"projects/{project}/topics/{topic_prefix}-{kind}-{run_id}"
+
+        def subscription(kind):
+            return f"projects/{project}/subscriptions/{subscription_prefix}-{kind}-{run_id}"
+
+        return cls(
+            project=project,
+            work_topic=topic("work"),
+            work_subscription=subscription("work"),
+            events_topic=topic("events"),
+            events_subscription=subscription("events"),
+            dead_topic=topic("dead"),
+            dead_subscription=subscription("dead"),
+        )
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, document):
+        return cls(**document)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One pulled message: its payload, attributes and the ack id to settle it."""
+
+    ack_id: str
+    data: bytes
+    attributes: dict
+    delivery_attempt: int
+
+
+class PubSub:
+    """Topics, subscriptions, publish and synchronous pull.
+
+    Args:
+        publisher: a ``pubsub_v1.PublisherClient`` (with batch settings of the caller's choice).
+        subscriber: a ``pubsub_v1.SubscriberClient``.
+    """
+
+    def __init__(self, publisher, subscriber):
+        self.publisher = publisher
+        self.subscriber = subscriber
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def create_run_topics(self, topics, ack_deadline_seconds):
+        """Create the run's topics and subscriptions; existing ones are kept.
+
+        Returns:
+            True if the work subscription was created now, False if it already
+            existed (a resumed run whose queue survived).
+        """
+        for topic in (topics.work_topic, topics.events_topic, topics.dead_topic):
+            try:
+                self.publisher.create_topic(name=topic)
+            except google_exceptions.AlreadyExists:
+                pass
+        created_work = self._create_subscription(
+            topics.work_subscription,
+            topics.work_topic,
+            ack_deadline_seconds,
+            dead_letter_policy={"dead_letter_topic": topics.dead_topic, "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS},
+        )
+        self._create_subscription(topics.events_subscription, topics.events_topic, 60)
+        self._create_subscription(topics.dead_subscription, topics.dead_topic, 60)
+        return created_work
+
+    def _create_subscription(self, name, topic, ack_deadline_seconds, dead_letter_policy=None):
+        request = {
+            "name": name,
+            "topic": topic,
+            "ack_deadline_seconds": ack_deadline_seconds,
+            # A nacked item should go back out at once, not after a backoff.
+            "retry_policy": {"minimum_backoff": {"seconds": 0}, "maximum_backoff": {"seconds": 10}},
+        }
+        if dead_letter_policy:
+            request["dead_letter_policy"] = dead_letter_policy
+        try:
+            self.subscriber.create_subscription(request=request)
+            return True
+        except google_exceptions.AlreadyExists:
+            return False
+
+    def delete_run_topics(self, topics):
+        """Delete the run's subscriptions and topics; ones already gone are skipped."""
+        for subscription in (topics.work_subscription, topics.events_subscription, topics.dead_subscription):
+            try:
+                self.subscriber.delete_subscription(subscription=subscription)
+            except google_exceptions.NotFound:
+                log.debug("subscription %s already gone", subscription)
+        for topic in (topics.work_topic, topics.events_topic, topics.dead_topic):
+            try:
+                self.publisher.delete_topic(topic=topic)
+            except google_exceptions.NotFound:
+                log.debug("topic %s already gone", topic)
+
+    def subscription_exists(self, subscription):
+        try:
+            self.subscriber.get_subscription(subscription=subscription)
+            return True
+        except google_exceptions.NotFound:
+            return False
+
+    # -- publish -----------------------------------------------------------
+
+    def publish_many(self, topic, messages, on_progress=None):
+        """Publish ``(data, attributes)`` pairs; the client batches them.
+
+        Returns the number published once every one is acknowledged by the
+        service. Raises the publish error of the first message that failed.
+        """
+        futures = []
+        for data, attributes in messages:
+            futures.append(self.publisher.publish(topic, data, **attributes))
+        for count, future in enumerate(futures, 1):
+            future.result()
+            if on_progress and count % 1000 == 0:
+                on_progress(count)
+        return len(futures)
+
+    def publish(self, topic, data, attributes):
+        """Publish one message and wait until the service has it; returns its id."""
+        return self.publisher.publish(topic, data, **attributes).result()
+
+    def publish_event(self, topic, event):
+        return self.publish(topic, json.dumps(event, sort_keys=True).encode(), {"cflow_event": event["type"]})
+
+    # -- pull and settle ---------------------------------------------------
+
+    def pull(self, subscription, max_messages=1, timeout=30.0):
+        """Synchronous pull. Returns up to ``max_messages`` ``Received``; [] when none came in time."""
+        try:
+            response = self.subscriber.pull(
+                request={"subscription": subscription, "max_messages": max_messages}, timeout=timeout
+            )
+        except (google_exceptions.DeadlineExceeded, google_exceptions.RetryError):
+            return []
+        return [
+            Received(
+                ack_id=received.ack_id,
+                data=received.message.data,
+                attributes=dict(received.message.attributes),
+                delivery_attempt=received.delivery_attempt,
+            )
+            for received in response.received_messages
+        ]
+
+    def extend_lease(self, subscription, ack_id, seconds):
+        self.subscriber.modify_ack_deadline(subscription=subscription, ack_ids=[ack_id], ack_deadline_seconds=seconds)
+
+    def ack(self, subscription, ack_ids):
+        if ack_ids:
+            self.subscriber.acknowledge(subscription=subscription, ack_ids=list(ack_ids))
+
+    def nack(self, subscription, ack_id):
+        """Hand a message back for immediate redelivery, keeping its attributes."""
+        self.extend_lease(subscription, ack_id, 0)
+
+    def drain_events(self, subscription, max_messages=1000):
+        """Pull and ack whatever events are waiting, without blocking long.
+
+        Returns the decoded event dicts; undecodable ones are logged and dropped.
+        """
+        received = self.pull(subscription, max_messages=max_messages, timeout=0.5)
+        events = []
+        for message in received:
+            try:
+                events.append(json.loads(message.data))
+            except ValueError:
+                log.warning("dropping an event that is not JSON: %r", message.data[:80])
+        self.ack(subscription, [m.ack_id for m in received])
+        return events

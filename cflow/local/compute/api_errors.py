@@ -1,0 +1,97 @@
+"""HTTP errors as Compute Engine answers them.
+
+Every refusal the emulator sends is an ``ApiError`` rendered in Google's JSON
+error shape::
+
+    {"error": {"code": 404, "message": "...",
+               "errors": [{"message": "...", "domain": "global", "reason": "notFound"}]}}
+
+The factory functions below carry GCE's own wording and reasons, so client
+code that branches on ``reason`` or status behaves as it would against GCP.
+"""
+
+NAME_REGEX = "(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?|[1-9][0-9]{0,19})"
+
+
+class ApiError(Exception):
+    """One refused API request.
+
+    Args:
+        code: HTTP status (400, 403, 404, 409, 412, 429, 503...).
+        reason: Google's machine-readable reason (``notFound``, ``invalid``...).
+        message: the human-readable message GCE would send.
+    """
+
+    def __init__(self, code, reason, message, domain="global"):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.domain = domain
+
+    def to_json(self):
+        """Returns the error body as a JSON-ready dict."""
+        return {
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "errors": [{"message": self.message, "domain": self.domain, "reason": self.reason}],
+            }
+        }
+
+
+def not_found(resource_path):
+    return ApiError(404, "notFound", f"The resource '{resource_path}' was not found")
+
+
+def already_exists(resource_path):
+    return ApiError(409, "alreadyExists", f"The resource '{resource_path}' already exists")
+
+
+def invalid_field(field, value, detail):
+    return ApiError(400, "invalid", f"Invalid value for field '{field}': '{value}'. {detail}")
+
+
+def invalid_name(field, value):
+    return invalid_field(field, value, f"Must be a match of regex '{NAME_REGEX}'")
+
+
+def required(field):
+    return ApiError(400, "required", f"Required field '{field}' not specified")
+
+
+def bad_request(message):
+    return ApiError(400, "badRequest", message)
+
+
+def parse_error(detail):
+    return ApiError(400, "parseError", f"Invalid JSON payload received. {detail}")
+
+
+def resource_not_ready(resource_path):
+    return ApiError(400, "resourceNotReady", f"The resource '{resource_path}' is not ready")
+
+
+def condition_not_met(message):
+    return ApiError(412, "conditionNotMet", message)
+
+
+def quota_exceeded(metric, limit, region):
+    return ApiError(403, "QUOTA_EXCEEDED", f"Quota '{metric}' exceeded. Limit: {float(limit)} in region {region}.")
+
+
+def rate_limit_exceeded(project):
+    return ApiError(
+        429,
+        "rateLimitExceeded",
+        "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service "
+        f"'compute.googleapis.com' for consumer 'project:{project}'.",
+    )
+
+
+def backend_error():
+    return ApiError(503, "backendError", "The service is currently unavailable.")
+
+
+def unknown_url(path):
+    return ApiError(404, "notFound", f"The requested URL {path} was not found on this server.")

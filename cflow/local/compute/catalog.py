@@ -1,0 +1,200 @@
+"""What exists before any VM does: zones, machine types and images.
+
+One ``Catalog`` holds every table, so adding a project image later
+(``images.insert``) or a zone is a change in one place.
+"""
+
+import hashlib
+import threading
+
+from cflow.local.compute import api_errors
+
+CATALOG_TIMESTAMP = "2016-01-01T00:00:00.000-08:00"
+
+REGION_ZONES = {
+    "us-central1": ("a", "b", "c", "f"),
+    "us-east1": ("b", "c", "d"),
+    "us-west1": ("a", "b", "c"),
+    "europe-west1": ("b", "c", "d"),
+    "europe-west4": ("a", "b", "c"),
+    "asia-east1": ("a", "b", "c"),
+}
+
+
+def _machine_types():
+    """Returns {name: (guestCpus, memoryMb, isSharedCpu, description)}."""
+    types = {
+        "e2-micro": (2, 1024, True, "Efficient Instance, 2 vCPU (1/8 shared physical core) and 1 GB RAM"),
+        "e2-small": (2, 2048, True, "Efficient Instance, 2 vCPU (1/4 shared physical core) and 2 GB RAM"),
+        "e2-medium": (2, 4096, True, "Efficient Instance, 2 vCPU (1/2 shared physical core) and 4 GB RAM"),
+    }
+    for cpus in (2, 4, 8, 16, 32):
+        types[f"e2-standard-{cpus}"] = (cpus, cpus * 4096, False, f"Efficient Instance, {cpus} vCPUs, {cpus * 4} GB RAM")
+        types[f"e2-highcpu-{cpus}"] = (cpus, cpus * 1024, False, f"Efficient Instance, {cpus} vCPUs, {cpus} GB RAM")
+        types[f"n2-standard-{cpus}"] = (cpus, cpus * 4096, False, f"{cpus} vCPUs {cpus * 4} GB RAM")
+    for cpus in (1, 2, 4, 8, 16):
+        memory_mb = cpus * 3840
+        types[f"n1-standard-{cpus}"] = (cpus, memory_mb, False, f"{cpus} vCPU{'s' if cpus > 1 else ''}, {memory_mb / 1024:g} GB RAM")
+    for cpus in (4, 8, 16):
+        types[f"c2-standard-{cpus}"] = (cpus, cpus * 4096, False, f"Compute Optimized: {cpus} vCPUs, {cpus * 4} GB RAM")
+    return types
+
+
+# (project, name, family, description); the newest image of a family comes last.
+PUBLIC_IMAGES = (
+    ("debian-cloud", "debian-11-bullseye-v20240110", "debian-11", "Debian, Debian GNU/Linux, 11 (bullseye), amd64 built on 20240110"),
+    ("debian-cloud", "debian-12-bookworm-v20240110", "debian-12", "Debian, Debian GNU/Linux, 12 (bookworm), amd64 built on 20240110"),
+    ("ubuntu-os-cloud", "ubuntu-2004-focal-v20240110", "ubuntu-2004-lts", "Canonical, Ubuntu, 20.04 LTS, amd64 focal image built on 2024-01-10"),
+    ("ubuntu-os-cloud", "ubuntu-2204-jammy-v20240110", "ubuntu-2204-lts", "Canonical, Ubuntu, 22.04 LTS, amd64 jammy image built on 2024-01-10"),
+    ("cos-cloud", "cos-109-17800-66-54", "cos-109-lts", "Google, Container-Optimized OS, 109-17800.66.54 LTS"),
+)
+
+
+def stable_id(text):
+    """Returns a uint64-style id (as int) derived from ``text``, stable across runs."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+class Catalog:
+    """Zones, machine types and images, with their GCE JSON forms.
+
+    ``base_url`` is the emulator's own ``http://H:P/compute/v1/`` so selfLinks
+    point back at it.
+    """
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+        self.zone_region = {f"{region}-{suffix}": region for region, suffixes in REGION_ZONES.items() for suffix in suffixes}
+        self.machine_types = _machine_types()
+        self._images_lock = threading.Lock()
+        self._images = {}  # (project, name) -> image JSON
+        for project, name, family, description in PUBLIC_IMAGES:
+            self.add_image(project, name, family=family, description=description)
+
+    # Zones and regions.
+
+    def region_of(self, zone):
+        """Returns the zone's region name, or None for an unknown zone."""
+        return self.zone_region.get(zone)
+
+    def zone_url(self, project, zone):
+        return f"{self.base_url}projects/{project}/zones/{zone}"
+
+    def zone_json(self, project, zone):
+        """Returns a compute#zone; raises ApiError 404 for an unknown zone."""
+        region = self.zone_region.get(zone)
+        if region is None:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}")
+        return {
+            "kind": "compute#zone",
+            "id": str(stable_id("zone/" + zone)),
+            "creationTimestamp": CATALOG_TIMESTAMP,
+            "name": zone,
+            "description": zone,
+            "status": "UP",
+            "region": f"{self.base_url}projects/{project}/regions/{region}",
+            "selfLink": self.zone_url(project, zone),
+            "availableCpuPlatforms": ["Intel Cascade Lake", "Intel Ice Lake", "AMD Milan"],
+            "supportsPzs": False,
+        }
+
+    def zone_names(self):
+        return sorted(self.zone_region)
+
+    # Machine types.
+
+    def guest_cpus(self, machine_type):
+        """Returns the vCPU count, or None for an unknown machine type."""
+        entry = self.machine_types.get(machine_type)
+        return entry[0] if entry else None
+
+    def machine_type_json(self, project, zone, name):
+        """Returns a compute#machineType; raises ApiError 404 if unknown."""
+        entry = self.machine_types.get(name)
+        if entry is None or zone not in self.zone_region:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}/machineTypes/{name}")
+        cpus, memory_mb, shared, description = entry
+        return {
+            "kind": "compute#machineType",
+            "id": str(stable_id("machineType/" + name)),
+            "creationTimestamp": CATALOG_TIMESTAMP,
+            "name": name,
+            "description": description,
+            "guestCpus": cpus,
+            "memoryMb": memory_mb,
+            "imageSpaceGb": 0,
+            "maximumPersistentDisks": 128,
+            "maximumPersistentDisksSizeGb": "263168",
+            "zone": zone,
+            "selfLink": f"{self.zone_url(project, zone)}/machineTypes/{name}",
+            "isSharedCpu": shared,
+            "architecture": "X86_64",
+        }
+
+    # Images.
+
+    def add_image(self, project, name, family=None, description="", disk_size_gb=10):
+        """Registers an image (public or project-owned) and returns its JSON."""
+        image = {
+            "kind": "compute#image",
+            "id": str(stable_id(f"image/{project}/{name}")),
+            "creationTimestamp": CATALOG_TIMESTAMP,
+            "name": name,
+            "description": description,
+            "sourceType": "RAW",
+            "status": "READY",
+            "archiveSizeBytes": "0",
+            "diskSizeGb": str(disk_size_gb),
+            "selfLink": f"{self.base_url}projects/{project}/global/images/{name}",
+            "labelFingerprint": "42WmSpB8rSM=",
+            "storageLocations": ["us", "eu", "asia"],
+            "architecture": "X86_64",
+        }
+        if family:
+            image["family"] = family
+        with self._images_lock:
+            self._images[(project, name)] = image
+        return image
+
+    def image_json(self, project, name):
+        """Returns a compute#image; raises ApiError 404 if unknown."""
+        with self._images_lock:
+            image = self._images.get((project, name))
+        if image is None:
+            raise api_errors.not_found(f"projects/{project}/global/images/{name}")
+        return image
+
+    def image_from_family(self, project, family):
+        """Returns the newest image of ``family``; raises ApiError 404 if none."""
+        with self._images_lock:
+            matches = [image for (owner, _), image in self._images.items() if owner == project and image.get("family") == family]
+        if not matches:
+            raise api_errors.not_found(f"projects/{project}/global/images/family/{family}")
+        return matches[-1]
+
+    def images_of(self, project):
+        with self._images_lock:
+            return [image for (owner, _), image in self._images.items() if owner == project]
+
+    def resolve_source_image(self, source, request_project):
+        """Resolves a ``sourceImage`` reference as GCE accepts them.
+
+        Accepts full URLs, ``projects/P/global/images/[family/]X`` and
+        ``global/images/[family/]X`` (the request's project).
+
+        Returns the image JSON; raises ApiError 404 for an unknown image and
+        400 for a reference that is not an image path at all.
+        """
+        path = source
+        marker = "/compute/v1/"
+        if "://" in path:
+            path = path.split(marker, 1)[1] if marker in path else path.split("://", 1)[1].split("/", 1)[-1]
+        path = path.strip("/")
+        parts = path.split("/")
+        if parts[0] == "global":
+            parts = ["projects", request_project] + parts
+        if len(parts) == 5 and parts[0] == "projects" and parts[2:4] == ["global", "images"]:
+            return self.image_json(parts[1], parts[4])
+        if len(parts) == 6 and parts[0] == "projects" and parts[2:5] == ["global", "images", "family"]:
+            return self.image_from_family(parts[1], parts[5])
+        raise api_errors.invalid_field("resource.disks[0].initializeParams.sourceImage", source, "The URL is malformed.")

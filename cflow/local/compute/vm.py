@@ -1,0 +1,412 @@
+"""Emulated VMs as local process groups: boot, shutdown, and no orphans.
+
+A booted VM is its metadata ``startup-script`` running in a process group of
+its own (``process_group=0``: a new group in the emulator's session, so the
+VM's ``shutdown-script`` can later join that very group with
+``Popen(process_group=pgid)``, which the kernel refuses across sessions).
+Every VM process also carries ``CFLOW_VM_MARKER=<emulator token>-<instance id>``
+in its environment; that finds the children that left the group (setsid).
+
+Powering a VM off (stop, delete, preemption, guest poweroff, emulator exit):
+shutdown script within the grace period, SIGTERM to the group and marked
+processes, SIGKILL to whatever is left. ``PowerOff`` runs all of them in
+parallel from one thread. ``Watchdog`` covers the emulator dying without
+doing any of this (SIGKILL): it kills every VM process when its pipe closes.
+"""
+
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+
+MARKER_NAME = "CFLOW_VM_MARKER"
+SERIAL_LOG_NAME = "serial-port-1.log"
+# Variables a VM inherits from the emulator's environment; everything else of
+# the host (credentials above all) stays out, as on a fresh GCE VM.
+INHERITED_VARIABLES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "SHELL", "PYTHONPATH", "VIRTUAL_ENV", "TERM")
+
+_POWEROFF_SHIM = """#!{python} -I
+# Powers this emulated VM off, as `poweroff` does on GCE: the Compute emulator
+# runs the shutdown-script, then stops every process of the VM (TERMINATED).
+import sys
+import urllib.request
+
+request = urllib.request.Request(
+    "http://{metadata_host}/cflow-emulator/v1/poweroff",
+    data=b"",
+    method="POST",
+    headers={{"Metadata-Flavor": "Google"}},
+)
+try:
+    urllib.request.build_opener(urllib.request.ProxyHandler({{}})).open(request, timeout=30).read()
+except OSError as error:
+    sys.exit("poweroff: cannot reach the metadata server: %s" % error)
+"""
+
+
+class Guest:
+    """The live processes of one booted VM.
+
+    Attributes:
+        marker: value of ``CFLOW_VM_MARKER`` in every process of this boot.
+        leader: Popen of the startup script, or None when there is none.
+        process_groups: pgids that belong to this VM.
+        shutdown: Popen of the shutdown script while it runs, else None.
+    """
+
+    __slots__ = ("marker", "leader", "process_groups", "shutdown", "disk_dir", "environment", "serial_log")
+
+    def __init__(self, marker, disk_dir, environment, serial_log):
+        self.marker = marker
+        self.disk_dir = disk_dir
+        self.environment = environment
+        self.serial_log = serial_log
+        self.leader = None
+        self.process_groups = set()
+        self.shutdown = None
+
+    def processes_reaped(self):
+        """True once the startup and shutdown script processes have exited (and are reaped)."""
+        return all(process.poll() is not None for process in (self.leader, self.shutdown) if process is not None)
+
+
+class ProcessTable:
+    """Finds processes by the marker variable in /proc/PID/environ."""
+
+    def __init__(self, marker_prefix):
+        self._needle = f"\0{MARKER_NAME}={marker_prefix}".encode()
+
+    def marked(self):
+        """Returns {marker value: [pid, ...]} for every live marked process."""
+        found = {}
+        own_pid = os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == own_pid:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ_file:
+                    environ = b"\0" + environ_file.read()
+            except OSError:
+                continue
+            start = environ.find(self._needle)
+            if start < 0:
+                continue
+            value_start = start + len(MARKER_NAME) + 2
+            value_end = environ.find(b"\0", value_start)
+            value = environ[value_start : value_end if value_end >= 0 else None].decode(errors="replace")
+            found.setdefault(value, []).append(int(entry))
+        return found
+
+
+class Watchdog:
+    """A small child process that kills every VM process if the emulator dies.
+
+    Args:
+        marker_prefix: this emulator's marker prefix (``<token>-``).
+
+    ``track``/``forget`` tell it which process groups exist; closing the pipe
+    (``close()``, or the emulator's death) triggers its cleanup.
+    """
+
+    def __init__(self, marker_prefix):
+        self._marker_prefix = marker_prefix
+        self._process = None
+        self._lock = threading.Lock()
+
+    def start(self):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watchdog.py")
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", "-S", script, MARKER_NAME, self._marker_prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+
+    @property
+    def pid(self):
+        return self._process.pid if self._process else None
+
+    def _send(self, line):
+        with self._lock:
+            if self._process is None or self._process.stdin.closed:
+                return
+            try:
+                self._process.stdin.write(line + "\n")
+                self._process.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                logger.warning("compute emulator watchdog is gone; VM processes may outlive a crash")
+
+    def track(self, pgid):
+        self._send(f"track {pgid}")
+
+    def forget(self, pgid):
+        self._send(f"forget {pgid}")
+
+    def close(self, timeout_s=15):
+        """Closes the pipe and waits for the watchdog's cleanup to finish."""
+        with self._lock:
+            if self._process is None:
+                return
+            if not self._process.stdin.closed:
+                self._process.stdin.close()
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("compute emulator watchdog did not exit in %ss", timeout_s)
+
+
+class GuestLauncher:
+    """Creates VM disks and starts their scripts.
+
+    Args:
+        state_dir: VM disks live in ``state_dir/vms/NAME-ID/``.
+        marker_prefix: this emulator's marker prefix (``<token>-``).
+        base_environment: variables every VM gets (emulator hosts, endpoint...).
+        watchdog: told about every process group started.
+    """
+
+    def __init__(self, state_dir, marker_prefix, base_environment, watchdog, host_environment=None):
+        self.state_dir = state_dir
+        self.marker_prefix = marker_prefix
+        self.watchdog = watchdog
+        host_environment = os.environ if host_environment is None else host_environment
+        self.base_environment = {name: host_environment[name] for name in INHERITED_VARIABLES if name in host_environment}
+        self.base_environment.update(base_environment)
+
+    def disk_dir(self, name, instance_id):
+        return os.path.join(self.state_dir, "vms", f"{name}-{instance_id}")
+
+    def prepare_disk(self, name, instance_id, metadata_host):
+        """Creates the VM's disk dir (home, tmp, bin with the poweroff shim); returns a Guest."""
+        disk_dir = self.disk_dir(name, instance_id)
+        home, tmp, bin_dir = (os.path.join(disk_dir, part) for part in ("home", "tmp", "bin"))
+        for path in (home, tmp, bin_dir):
+            os.makedirs(path, exist_ok=True)
+        shim = os.path.join(bin_dir, "poweroff")
+        with open(shim, "w") as shim_file:
+            shim_file.write(_POWEROFF_SHIM.format(python=sys.executable, metadata_host=metadata_host))
+        os.chmod(shim, 0o755)
+        environment = dict(self.base_environment)
+        environment.update(
+            HOME=home,
+            TMPDIR=tmp,
+            PATH=bin_dir + os.pathsep + self.base_environment.get("PATH", os.defpath),
+            GCE_METADATA_HOST=metadata_host,
+            GCE_METADATA_IP=metadata_host,
+            CFLOW_EMULATED_VM="1",
+        )
+        environment[MARKER_NAME] = f"{self.marker_prefix}{instance_id}"
+        return Guest(environment[MARKER_NAME], disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME))
+
+    def _script_command(self, guest, script_name, content):
+        path = os.path.join(guest.disk_dir, script_name)
+        with open(path, "w") as script_file:
+            script_file.write(content)
+        if content.startswith("#!"):
+            os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+            return [path]
+        return ["bash", path]
+
+    def _spawn(self, guest, script_name, content, process_group):
+        command = self._script_command(guest, script_name, content)
+        with open(guest.serial_log, "ab") as serial:
+            serial.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cflow-emulator: running {script_name}\n".encode())
+            serial.flush()
+            return subprocess.Popen(
+                command,
+                cwd=guest.disk_dir,
+                env=guest.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=serial,
+                stderr=subprocess.STDOUT,
+                process_group=process_group,
+            )
+
+    def boot(self, guest, startup_script):
+        """Starts the startup script (if any) in a new process group of the VM."""
+        if not startup_script:
+            return
+        guest.leader = self._spawn(guest, "startup-script", startup_script, process_group=0)
+        guest.process_groups.add(guest.leader.pid)
+        self.watchdog.track(guest.leader.pid)
+
+    def start_shutdown_script(self, guest, shutdown_script):
+        """Starts the shutdown script in the VM's process group (a new one if that is gone)."""
+        if not shutdown_script:
+            return
+        if guest.leader is not None and guest.leader.poll() is None:
+            try:
+                guest.shutdown = self._spawn(guest, "shutdown-script", shutdown_script, process_group=guest.leader.pid)
+                return
+            except (OSError, subprocess.SubprocessError):
+                logger.debug("cannot join process group %s; starting the shutdown script in its own", guest.leader.pid)
+        guest.shutdown = self._spawn(guest, "shutdown-script", shutdown_script, process_group=0)
+        guest.process_groups.add(guest.shutdown.pid)
+        self.watchdog.track(guest.shutdown.pid)
+
+    def reap(self, guest):
+        """Reaps exited scripts and forgets process groups that are now empty.
+
+        Returns the startup script's exit status the first time it is seen, else None.
+        """
+        if guest.leader is None or guest.leader.returncode is not None:
+            return None
+        status = guest.leader.poll()
+        if status is None:
+            return None
+        if not _group_alive(guest.leader.pid):
+            guest.process_groups.discard(guest.leader.pid)
+            self.watchdog.forget(guest.leader.pid)
+        with open(guest.serial_log, "ab") as serial:
+            serial.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cflow-emulator: startup-script exit status {status}\n".encode())
+        return status
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _signal_guest(guest, signal_number, marked_pids):
+    for pgid in list(guest.process_groups):
+        try:
+            os.killpg(pgid, signal_number)
+        except ProcessLookupError:
+            pass
+    for pid in marked_pids:
+        try:
+            os.kill(pid, signal_number)
+        except ProcessLookupError:
+            pass
+
+
+class _PowerOffJob:
+    __slots__ = ("guest", "shutdown_script", "grace_s", "on_done", "phase", "deadline", "term_deadline")
+
+    def __init__(self, guest, shutdown_script, grace_s, on_done):
+        self.guest = guest
+        self.shutdown_script = shutdown_script
+        self.grace_s = grace_s
+        self.on_done = on_done
+        self.phase = "new"
+        self.deadline = None
+        self.term_deadline = None
+
+
+class PowerOff:
+    """Powers guests off in parallel from one thread.
+
+    For each submitted guest: run its shutdown script (with the guest's
+    environment, in its process group) until it exits or ``grace_s`` passes;
+    SIGTERM the process groups and marked processes; once they are gone or at
+    ``max(grace deadline, SIGTERM + term_wait_s)``, SIGKILL what is left. Then
+    call ``on_done()`` (on this class's thread; keep it short).
+
+    Args:
+        launcher: the GuestLauncher (starts shutdown scripts).
+        process_table: a ProcessTable for marked processes.
+        monotonic: clock function.
+    """
+
+    def __init__(self, launcher, process_table, monotonic, poll_interval_s=0.05, term_wait_s=1.0):
+        self._launcher = launcher
+        self._process_table = process_table
+        self._monotonic = monotonic
+        self._poll_interval_s = poll_interval_s
+        self._term_wait_s = term_wait_s
+        self._jobs = []
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="compute-poweroff", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def submit(self, guest, shutdown_script, grace_s, on_done):
+        """Queues one guest for power-off; returns at once."""
+        with self._wakeup:
+            self._jobs.append(_PowerOffJob(guest, shutdown_script, grace_s, on_done))
+            self._wakeup.notify()
+
+    def pending(self):
+        with self._wakeup:
+            return len(self._jobs)
+
+    def stop(self):
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        while True:
+            with self._wakeup:
+                while not self._jobs and not self._stopped:
+                    self._wakeup.wait()
+                if self._stopped:
+                    return
+                jobs = list(self._jobs)
+            finished = self._advance(jobs)
+            if finished:
+                with self._wakeup:
+                    self._jobs = [job for job in self._jobs if job not in finished]
+                for job in finished:
+                    try:
+                        job.on_done()
+                    except Exception:
+                        logger.exception("power-off completion failed")
+            with self._wakeup:
+                if self._jobs and not self._stopped:
+                    self._wakeup.wait(self._poll_interval_s)
+
+    def _advance(self, jobs):
+        now = self._monotonic()
+        for job in jobs:
+            if job.phase == "new":
+                job.deadline = now + job.grace_s
+                job.phase = "script"
+                try:
+                    self._launcher.start_shutdown_script(job.guest, job.shutdown_script)
+                except OSError:
+                    logger.exception("cannot start the shutdown script of %s", job.guest.disk_dir)
+        needs_scan = any(job.phase != "script" or job.guest.shutdown is None or job.guest.shutdown.poll() is not None or now >= job.deadline for job in jobs)
+        marked = self._process_table.marked() if needs_scan else {}
+        finished = []
+        for job in jobs:
+            guest = job.guest
+            pids = marked.get(guest.marker, [])
+            if job.phase == "script":
+                if guest.shutdown is not None and guest.shutdown.poll() is None and now < job.deadline:
+                    continue
+                _signal_guest(guest, signal.SIGTERM, pids)
+                job.phase = "term"
+                job.term_deadline = max(job.deadline, now + self._term_wait_s)
+                continue
+            guest.processes_reaped()
+            if self._gone(guest, pids):
+                finished.append(job)
+                for pgid in list(guest.process_groups):
+                    self._launcher.watchdog.forget(pgid)
+                guest.process_groups.clear()
+            elif job.phase == "kill" or now >= job.term_deadline:
+                _signal_guest(guest, signal.SIGKILL, pids)
+                job.phase = "kill"
+        return finished
+
+    @staticmethod
+    def _gone(guest, marked_pids):
+        if marked_pids or not guest.processes_reaped():
+            return False
+        return not any(_group_alive(pgid) for pgid in guest.process_groups)

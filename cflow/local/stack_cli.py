@@ -1,0 +1,133 @@
+"""``cflow local up|down|env|status``: the cloud in a box as one command.
+
+``eval "$(cflow local up)"`` starts the stack (or reuses the running one) and
+sets the variables that point CFlow and the Google clients at it; only the
+``export`` lines go to stdout, progress goes to stderr.
+"""
+
+import logging
+
+from cflow.errors import StackError
+from cflow.local import DEFAULT_STACK_DIR
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers):
+    """Register ``cflow local`` and its subcommands on ``subparsers``."""
+    local = subparsers.add_parser(
+        "local",
+        help="start, inspect or stop the local cloud (Pub/Sub, Cloud Storage, Compute emulators)",
+        description="The cloud in a box: local Pub/Sub, Cloud Storage and Compute Engine on loopback ports.",
+    )
+    actions = local.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+
+    up = actions.add_parser(
+        "up",
+        help="start the local stack (or reuse the running one) and print its export lines",
+        description='Start the local stack in the background and print shell export lines: eval "$(cflow local up)".',
+    )
+    _add_dir_argument(up)
+    faults = up.add_argument_group("Compute emulator options (default: the emulator's own)")
+    faults.add_argument("--preempt-mean-s", type=float, metavar="S", help="mean seconds until a Spot VM is preempted")
+    faults.add_argument(
+        "--zone-capacity", action="append", default=[], metavar="ZONE=N",
+        help="most VMs a zone can hold; repeat for several zones",
+    )
+    faults.add_argument("--cpu-quota", type=int, metavar="N", help="CPUs the project may use")
+    faults.add_argument("--error-rate", type=float, metavar="R", help="fraction of API calls that fail transiently")
+    faults.add_argument("--boot-delay", type=float, metavar="S", help="seconds a VM takes to boot")
+    faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
+    faults.add_argument("--seed", type=int, metavar="N", help="random seed for the faults")
+    up.set_defaults(func=run_up)
+
+    down = actions.add_parser("down", help="stop the local stack and everything it started")
+    _add_dir_argument(down)
+    down.set_defaults(func=run_down)
+
+    env = actions.add_parser("env", help="print the export lines of the running local stack")
+    _add_dir_argument(env)
+    env.set_defaults(func=run_env)
+
+    status = actions.add_parser("status", help="show each service, its pid, endpoint, whether it is alive, and VMs")
+    _add_dir_argument(status)
+    status.set_defaults(func=run_status)
+
+
+def _add_dir_argument(parser):
+    parser.add_argument(
+        "--dir", default=DEFAULT_STACK_DIR, metavar="D",
+        help=f"the stack's directory: state, logs, data (default: {DEFAULT_STACK_DIR})",
+    )
+
+
+def _compute_options(args):
+    from cflow.local.stack import ComputeOptions
+
+    options = ComputeOptions(
+        preempt_mean_s=args.preempt_mean_s,
+        zone_capacity=tuple(args.zone_capacity),
+        cpu_quota=args.cpu_quota,
+        error_rate=args.error_rate,
+        boot_delay=args.boot_delay,
+        shutdown_grace=args.shutdown_grace,
+        seed=args.seed,
+    )
+    for item in options.zone_capacity:
+        zone, _, count = item.partition("=")
+        if not zone or not count.isdigit():
+            raise StackError(f"--zone-capacity {item!r} is not ZONE=N; write it like us-central1-a=10")
+    # No option given means "whatever the running stack has".
+    return None if options == ComputeOptions() else options
+
+
+def run_up(args):
+    from cflow.local.stack import LocalStack, export_lines
+
+    info, started = LocalStack(args.dir).up_reporting_start(_compute_options(args))
+    for line in export_lines(info):
+        print(line)
+    if started:
+        logger.info('stop it with `cflow local down%s`', "" if args.dir == DEFAULT_STACK_DIR else f" --dir {args.dir}")
+    return 0
+
+
+def run_env(args):
+    from cflow.local.stack import LocalStack, export_lines
+
+    info = LocalStack(args.dir).info()
+    if info is None:
+        raise StackError(f'no local stack is running in {args.dir}; start one with `eval "$(cflow local up)"`')
+    for line in export_lines(info):
+        print(line)
+    return 0
+
+
+def run_down(args):
+    from cflow.local.stack import LocalStack
+
+    stopped = LocalStack(args.dir).down()
+    if stopped:
+        logger.info("local stack in %s stopped", args.dir)
+    else:
+        logger.info("no local stack was running in %s", args.dir)
+    return 0
+
+
+def run_status(args):
+    from cflow.local.stack import LocalStack
+
+    stack = LocalStack(args.dir)
+    statuses, vm_counts = stack.status()
+    if not statuses:
+        print(f"no local stack in {stack.dir}; start one with `cflow local up`")
+        return 1
+    print(f"local stack in {stack.dir}")
+    width = max(len(status.name) for status in statuses)
+    for status in statuses:
+        state = "alive" if status.alive else f"DEAD (see {status.log})"
+        print(f"  {status.name:<{width}}  pid {status.pid:<7}  {status.endpoint:<40}  {state}")
+    if vm_counts is not None:
+        summary = ", ".join(f"{count} {state}" for state, count in sorted(vm_counts.items())) or "none"
+        print(f"  VMs: {summary}")
+    return 0 if all(status.alive for status in statuses) else 1

@@ -1,0 +1,273 @@
+"""``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result.
+
+Order matters: everything that can be checked is checked before anything is
+created (bad input never costs a VM), and the run id is printed before the
+first thing is created so an interrupted run can be resumed or cancelled.
+"""
+
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
+
+log = logging.getLogger(__name__)
+
+STEP_INTERVAL_SECONDS = 2.0
+DEFAULT_CONFIG = "const.py"
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH", help="settings file (default: ./const.py)")
+    parser.add_argument("--tasks", metavar="FILE", help="tasks file, one work item per line (overrides TASKS)")
+    parser.add_argument("--workers", type=int, metavar="N", help="number of worker VMs (overrides WORKER_NODE_CNT)")
+    parser.add_argument("--max-attempts", type=int, metavar="K", help="failed attempts per item before it is failed (overrides MAX_ATTEMPTS)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="target", action="store_const", const="local", help="run on the local cloud in a box")
+    where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="run on Google Cloud")
+    parser.add_argument("--resume", metavar="RUN_ID", help="carry on a run that was interrupted, from what it keeps in Cloud Storage")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+    parser.add_argument("--stack-dir", default=None, metavar="DIR", help="local stack folder (default: .cflow/local beside const.py)")
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "run",
+        help="run every work item on a fleet of VMs (what `python3 scheduler.py` does)",
+        description="Run TASK_MODULE_CMD once per work item on worker VMs and combine the outputs.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run_command)
+
+
+def new_run_id(now=None):
+    """Short, sortable, and valid in VM names, labels and topic names: MMDD-HHMM-xxxx."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"{now:%m%d-%H%M}-{secrets.token_hex(2)}"
+
+
+def overrides_from(args):
+    overrides = {}
+    if args.tasks is not None:
+        overrides["TASKS"] = str(Path(args.tasks).absolute())
+    if args.workers is not None:
+        overrides["WORKER_NODE_CNT"] = args.workers
+    if args.max_attempts is not None:
+        overrides["MAX_ATTEMPTS"] = args.max_attempts
+    if args.target is not None:
+        overrides["TARGET"] = args.target
+    return overrides
+
+
+def run_command(args, before_run=None):
+    from cflow.config import load_config
+
+    config = load_config(args.config, overrides_from(args))
+    if args.dry_run:
+        return dry_run(config)
+    run_id = args.resume or new_run_id()
+    print(f"run id: {run_id}", flush=True)
+    with _cloud(config, args) as clients:
+        if before_run:
+            before_run(config, clients)
+        return execute_run(config, run_id, clients, resume=bool(args.resume))
+
+
+@contextlib.contextmanager
+def _cloud(config, args):
+    """The clients for the run's target; locally, a running stack or one started for this run."""
+    from cflow.gcp.clients import build_clients
+
+    if not config.is_local:
+        yield build_clients("gcp", config.project, config.credential_file)
+        return
+    from cflow.local.stack import running_stack
+
+    stack_dir = args.stack_dir or (config.base_dir / ".cflow" / "local")
+    with running_stack(stack_dir) as info:
+        os.environ.update(info.env())
+        yield build_clients("local", config.project)
+
+
+def dry_run(config):
+    from cflow import fleet
+    from cflow.tasks import load_items
+    import json
+
+    items = load_items(config) if config.tasks_kind != "gcs" else None
+    properties = fleet.worker_instance_properties(config, "RUN_ID", f"gs://{config.bucket}/cflow/runs/RUN_ID/package/package.tar.gz", "<init.sh>")
+    count = len(items) if items is not None else "one per object under " + config.tasks
+    workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    print(f"target:        {config.target} (project {config.project})")
+    print(f"items:         {count}")
+    print(f"workers:       {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}")
+    print(f"zones:         {', '.join(config.zones)}")
+    print(f"boot:          {config.vm_boot} ({fleet.boot_image(config)})")
+    print(f"bucket:        gs://{config.bucket}")
+    print("instance body (bulkInsert instanceProperties):")
+    print(json.dumps(properties, indent=2))
+    print("dry run: nothing was created")
+    return EXIT_OK
+
+
+def execute_run(config, run_id, clients, resume=False, step_interval=STEP_INTERVAL_SECONDS, sleep=time.sleep, out=None):
+    """Run (or resume) one run with built clients. Returns the exit status."""
+    from cflow import fleet
+    from cflow.gcp.compute import Compute
+    from cflow.gcp.pubsub import PubSub, RunTopics
+    from cflow.gcp.storage import RunStorage
+    from cflow.package import build_package
+    from cflow.scheduler import Scheduler
+    from cflow.tasks import WorkItem, load_items
+
+    out = out or sys.stderr
+    started = time.monotonic()
+    storage = RunStorage(clients.storage, config.bucket, run_id)
+    compute = Compute(clients.compute, clients.project)
+    pubsub = PubSub(clients.publisher, clients.subscriber)
+
+    # Checks first: nothing is created before every one passes.
+    storage.ensure_bucket(create_if_missing=config.is_local)
+    for zone in config.zones:
+        if not compute.zone_exists(zone):
+            raise ConfigError(f"{config.config_path.name}: VM_ZONE/VM_FALLBACK_ZONES: zone {zone} does not exist in project {clients.project}; pick one from `gcloud compute zones list`")
+    compute.check_image(fleet.boot_image(config))
+
+    manifest = storage.read_manifest() if resume else None
+    if resume:
+        if manifest is None:
+            raise ConfigError(f"run {run_id} not found in gs://{config.bucket}; `cflow list` shows the runs there")
+        items = [WorkItem(id=d["id"], index=d["index"], args=tuple(d["args"])) for d in storage.read_items()]
+        topics = RunTopics.from_dict(manifest["topics"])
+    else:
+        items = load_items(config, list_objects=lambda bucket, prefix: (b.name for b in clients.storage.list_blobs(bucket, prefix=prefix)))
+        topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
+        package_url = storage.upload_package(build_package(config.base_dir))
+        manifest = {
+            "run_id": run_id,
+            "created": time.time(),
+            "target": config.target,
+            "project": clients.project,
+            "bucket": config.bucket,
+            "topics": topics.to_dict(),
+            "task_command": list(config.task_module_cmd),
+            "task_timeout": config.task_timeout,
+            "max_attempts": config.max_attempts,
+            "lease_seconds": config.lease_seconds,
+            "idle_poweroff_seconds": max(120, 3 * config.lease_seconds),
+            "item_count": len(items),
+            "package": package_url,
+            "settings": config.to_dict(),
+        }
+        storage.write_items(items)
+        storage.write_manifest(manifest)
+
+    properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
+    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
+    created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
+    scheduler.refresh_markers()
+    if created_queue:
+        # A new queue (a new run, or a resumed one whose emulator forgot its messages).
+        to_publish = scheduler.unfinished_items()
+        count = scheduler.publish_items(to_publish)
+        print(f"published {count} work item(s)", file=out, flush=True)
+
+    reporter = ProgressReporter(out)
+    try:
+        while True:
+            progress = scheduler.step()
+            reporter.show(progress, time.monotonic() - started)
+            if progress.finished:
+                break
+            sleep(step_interval)
+    finally:
+        reporter.close()
+    return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
+
+
+def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out):
+    """Combine outputs, delete the fleet and the run's topics, print the summary."""
+    from cflow.combine import combine_concat
+
+    combined = {}
+    if config.combine == "concat":
+        done_in_order = [item.id for item in scheduler.items if item.id in scheduler.done_ids]
+        dest = Path(config.result_dir) / run_id
+        combined = combine_concat(done_in_order, storage.list_output_names, storage.read_output, dest)
+        for name, path in combined.items():
+            storage.upload_combined(name, path)
+    left = scheduler.delete_fleet()
+    pubsub.delete_run_topics(topics)
+    progress = scheduler.progress
+    print_summary(config, run_id, scheduler, storage, combined, time.monotonic() - started, left, out)
+    return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
+
+
+def print_summary(config, run_id, scheduler, storage, combined, wall_seconds, vms_left, out):
+    progress = scheduler.progress
+    lines = [
+        f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
+        f"retries: {progress.retries}, preemptions: {progress.preemptions}, VM-seconds: {scheduler.vm_seconds:.0f}",
+    ]
+    price = config.hourly_price()
+    if price is not None:
+        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} ({config.vm_type}, {'Spot' if config.vm_spot else 'standard'}; prices from PRICES in const.py)")
+    for item_id in sorted(scheduler.failed_ids):
+        marker = storage.read_marker("failed", item_id) or {}
+        lines.append(f"failed: item {item_id} ({marker.get('reason', 'unknown')}); log: {marker.get('log')}")
+    for name, path in combined.items():
+        lines.append(f"combined: {path} (gs://{config.bucket}/cflow/runs/{run_id}/combined/{name})")
+    if vms_left:
+        lines.append(f"warning: VMs still listed after deletion: {', '.join(vms_left)}; delete them with `cflow cancel {run_id}`")
+    print("\n".join(lines), file=out, flush=True)
+
+
+class ProgressReporter:
+    """A live line on a terminal; plain periodic lines otherwise."""
+
+    PLAIN_EVERY_SECONDS = 10.0
+
+    def __init__(self, out):
+        self.out = out
+        self.live = hasattr(out, "isatty") and out.isatty()
+        self._last_plain = None
+
+    def _line(self, progress, elapsed):
+        vms = " ".join(f"{status.lower()}={count}" for status, count in sorted(progress.vms.items())) or "none"
+        eta = ""
+        if progress.done and not progress.finished:
+            eta = f", ~{elapsed / progress.done * progress.left:.0f} s left"
+        return (
+            f"[{elapsed:6.0f} s] done {progress.done}/{progress.total}, failed {progress.failed}, "
+            f"running {progress.running}, VMs: {vms}{eta}"
+        )
+
+    def show(self, progress, elapsed):
+        line = self._line(progress, elapsed)
+        if self.live:
+            self.out.write("\r\x1b[K" + line)
+            self.out.flush()
+        elif self._last_plain is None or elapsed - self._last_plain >= self.PLAIN_EVERY_SECONDS or progress.finished:
+            self._last_plain = elapsed
+            print(line, file=self.out, flush=True)
+
+    def close(self):
+        if self.live:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def main(argv=None):
+    """scheduler.py: the same as `cflow run`."""
+    from cflow.cli import run_entry
+
+    parser = argparse.ArgumentParser(prog="scheduler.py", description="Run every work item of const.py on a fleet of VMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    add_arguments(parser)
+    return run_entry(parser, run_command, argv)

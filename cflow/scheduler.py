@@ -1,0 +1,257 @@
+"""The scheduler: a reconcile ``step()`` that keeps a run's fleet at the size its work needs.
+
+Each step reads what happened (worker events, done and failed markers in
+Cloud Storage, the run's VMs by label in one list call) and acts on the
+difference from what is wanted: delete VMs that stopped, create what is
+missing up to ``min(WORKER_NODE_CNT, items left)``, and delete idle VMs once
+the queue is drained. Tests call ``step()`` by hand; ``run()`` loops it.
+
+Completion lives in Cloud Storage (done/failed markers), so a scheduler that
+is killed can be resumed with the run's id.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cflow import fleet, tasks
+from cflow.gcp.compute import STOCKOUT_CODES, QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
+STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
+STOCKOUT_COOLDOWN_SECONDS = 120
+QUOTA_COOLDOWN_SECONDS = 60
+
+
+@dataclass
+class Progress:
+    """What a run has reached; printed as progress and in the summary."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+    vms: dict = field(default_factory=dict)  # status -> count
+    retries: int = 0
+    preemptions: int = 0
+    duplicates: int = 0
+
+    @property
+    def finished(self):
+        return self.done + self.failed >= self.total
+
+    @property
+    def left(self):
+        return self.total - self.done - self.failed
+
+
+class Scheduler:
+    """Reconciles one run's fleet with its remaining work.
+
+    Args:
+        config: the run's ``cflow.config.Config``.
+        run_id: the run's id.
+        items: the run's ``WorkItem`` list, in item order.
+        compute: ``cflow.gcp.compute.Compute``.
+        pubsub: ``cflow.gcp.pubsub.PubSub``.
+        storage: ``cflow.gcp.storage.RunStorage`` of the run.
+        topics: ``cflow.gcp.pubsub.RunTopics`` of the run.
+        instance_properties: what ``fleet.worker_instance_properties`` returns.
+        clock: monotonic seconds (tests pass their own).
+    """
+
+    def __init__(self, config, run_id, items, compute, pubsub, storage, topics, instance_properties, clock=time.monotonic):
+        self.config = config
+        self.run_id = run_id
+        self.items = items
+        self.compute = compute
+        self.pubsub = pubsub
+        self.storage = storage
+        self.topics = topics
+        self.instance_properties = instance_properties
+        self.clock = clock
+        self.progress = Progress(total=len(items))
+        self.done_ids = set()
+        self.failed_ids = set()
+        self.pending_creations = []
+        self.zone_cooldown_until = {}
+        self.quota_cooldown_until = 0.0
+        self.quota_reported = False
+        self.create_limit = None  # lowered when the quota refuses
+        self.next_vm_number = 1
+        self.item_by_vm = {}  # VM name -> item it last started
+        self.idle_vms = set()
+        self.vm_seconds = 0.0
+        self._last_step_at = None
+
+    # -- publishing --------------------------------------------------------
+
+    def publish_items(self, items, on_progress=None):
+        """Publish a work message per item (attempt 1). Returns the count."""
+        messages = (tasks.encode_message(item, 1) for item in items)
+        return self.pubsub.publish_many(self.topics.work_topic, messages, on_progress=on_progress)
+
+    def refresh_markers(self):
+        self.done_ids = self.storage.list_done_ids()
+        self.failed_ids = self.storage.list_failed_ids() - self.done_ids
+        self.progress.done = len(self.done_ids)
+        self.progress.failed = len(self.failed_ids)
+
+    def unfinished_items(self):
+        finished = self.done_ids | self.failed_ids
+        return [item for item in self.items if item.id not in finished]
+
+    # -- the reconcile step ------------------------------------------------
+
+    def step(self):
+        """One reconcile pass. Returns the run's ``Progress``."""
+        now = self.clock()
+        self._read_events()
+        self._read_dead_letters()
+        self.refresh_markers()
+        vms = self.compute.list_run_vms(self.run_id)
+        self._account_vm_time(vms, now)
+        self._settle_creations(now)
+
+        stopped = [vm for vm in vms if vm.status in STOPPED_STATES]
+        live = [vm for vm in vms if vm.status in LIVE_STATES]
+        for vm in vms:
+            number = fleet.vm_number(self.config, self.run_id, vm.name)
+            if number is not None:
+                self.next_vm_number = max(self.next_vm_number, number + 1)
+        if stopped:
+            log.info("deleting %d stopped VM(s): %s", len(stopped), ", ".join(vm.name for vm in stopped))
+            self.compute.delete_vms(stopped)
+
+        left = self.progress.left
+        wanted = min(self.config.worker_node_cnt, left)
+        listed = {vm.name for vm in vms}
+        in_flight = sum(1 for p in self.pending_creations for name in p.names if name not in listed)
+        if left == 0:
+            if live:
+                self.compute.delete_vms(live)
+        elif len(live) + in_flight < wanted:
+            self._create(wanted - len(live) - in_flight, now)
+        elif len(live) > wanted:
+            self._delete_idle(live, len(live) - wanted)
+
+        self.progress.vms = {}
+        for vm in vms:
+            self.progress.vms[vm.status] = self.progress.vms.get(vm.status, 0) + 1
+        self.progress.running = sum(1 for vm in live if vm.name in self.item_by_vm)
+        return self.progress
+
+    def _read_events(self):
+        for event in self.pubsub.drain_events(self.topics.events_subscription):
+            kind, vm = event.get("type"), event.get("vm")
+            if kind == "started":
+                self.item_by_vm[vm] = event.get("item")
+                self.idle_vms.discard(vm)
+            elif kind in ("done", "failed", "retry", "duplicate", "preempted", "interrupted"):
+                self.item_by_vm.pop(vm, None)
+            elif kind == "idle":
+                self.idle_vms.add(vm)
+            if kind == "retry":
+                self.progress.retries += 1
+                log.info("item %s failed attempt %s (%s); retrying", event.get("item"), event.get("attempt"), event.get("reason"))
+            elif kind == "failed":
+                log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
+            elif kind == "preempted":
+                self.progress.preemptions += 1
+                log.info("VM %s preempted; item %s handed back", vm, event.get("item"))
+            elif kind == "duplicate":
+                self.progress.duplicates += 1
+
+    def _read_dead_letters(self):
+        received = self.pubsub.pull(self.topics.dead_subscription, max_messages=100, timeout=0.2)
+        for message in received:
+            try:
+                item, attempt = tasks.decode_message(message.data, message.attributes)
+            except ValueError:
+                self.pubsub.ack(self.topics.dead_subscription, [message.ack_id])
+                continue
+            # Delivered again and again without a result: its worker dies on it.
+            self.storage.write_failed_marker(
+                item.id,
+                {"item": item.id, "attempts": attempt, "reason": "delivered too many times without a result", "log": None},
+            )
+            log.warning("item %s was dead-lettered: its worker never finished it", item.id)
+            self.pubsub.ack(self.topics.dead_subscription, [message.ack_id])
+
+    def _account_vm_time(self, vms, now):
+        if self._last_step_at is not None:
+            self.vm_seconds += (now - self._last_step_at) * sum(1 for vm in vms if vm.status in LIVE_STATES)
+        self._last_step_at = now
+
+    def _settle_creations(self, now):
+        still_pending = []
+        for pending in self.pending_creations:
+            errors = self.compute.creation_result(pending)
+            if errors is None:
+                still_pending.append(pending)
+            elif STOCKOUT_CODES & set(errors):
+                self.zone_cooldown_until[pending.zone] = now + STOCKOUT_COOLDOWN_SECONDS
+                log.warning("zone %s has no capacity (stockout); trying the next zone", pending.zone)
+            elif errors:
+                log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(errors))
+        self.pending_creations = still_pending
+
+    def _pick_zone(self, now):
+        for zone in self.config.zones:
+            if self.zone_cooldown_until.get(zone, 0) <= now:
+                return zone
+        return None
+
+    def _create(self, count, now):
+        if now < self.quota_cooldown_until:
+            return
+        if self.create_limit:
+            count = min(count, self.create_limit)
+        zone = self._pick_zone(now)
+        if zone is None:
+            log.warning("every configured zone is out of capacity; retrying in a while")
+            return
+        names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(count)]
+        try:
+            pending = self.compute.bulk_insert(zone, names, self.instance_properties)
+        except QuotaExceeded as error:
+            if not self.quota_reported:
+                log.warning("quota: %s", error)
+                self.quota_reported = True
+            self.quota_cooldown_until = now + QUOTA_COOLDOWN_SECONDS
+            self.create_limit = max(1, count // 2)
+            return
+        self.next_vm_number += count
+        self.pending_creations.append(pending)
+        log.info("creating %d VM(s) in %s", count, zone)
+
+    def _delete_idle(self, live, surplus):
+        idle = [vm for vm in live if vm.name in self.idle_vms and vm.name not in self.item_by_vm][:surplus]
+        if idle:
+            log.info("queue drained; deleting %d idle VM(s)", len(idle))
+            self.compute.delete_vms(idle)
+            for vm in idle:
+                self.idle_vms.discard(vm.name)
+
+    # -- the end -----------------------------------------------------------
+
+    def delete_fleet(self, deadline_seconds=300, sleep=time.sleep):
+        """Delete every VM of the run and wait until none is listed (or the deadline passes).
+
+        Returns the names still listed at the deadline (normally none).
+        """
+        deadline = self.clock() + deadline_seconds
+        asked = set()
+        while True:
+            vms = self.compute.list_run_vms(self.run_id)
+            if not vms:
+                return []
+            fresh = [vm for vm in vms if vm.name not in asked and vm.status != "STOPPING"]
+            if fresh:
+                self.compute.delete_vms(fresh)
+                asked.update(vm.name for vm in fresh)
+            if self.clock() >= deadline:
+                return [vm.name for vm in vms]
+            sleep(1.0)

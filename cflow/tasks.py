@@ -1,0 +1,258 @@
+"""Work items: where they come from, their ids, and their Pub/Sub messages.
+
+An item is a tuple of argument strings that reaches the task's command as
+argv, never through a shell. Its id is its index among the run's items,
+zero-padded to a width that depends only on how many items there are, so a
+resumed run derives the same ids from the same source.
+"""
+
+import dataclasses
+import json
+import logging
+import re
+import shlex
+import unicodedata
+
+from cflow.config import args_problem
+from cflow.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ATTR_ITEM = "cflow_item"
+ATTR_ATTEMPT = "cflow_attempt"
+MIN_ID_WIDTH = 6
+# Pub/Sub's limit on one message's data.
+MAX_MESSAGE_BYTES = 10_000_000
+# Most filesystems' limit on one file name, and well under Cloud Storage's 1024-byte object names.
+MAX_NAME_BYTES = 255
+ITEM_ID_RE = re.compile(r"[0-9]+")
+
+
+class MessageError(ValueError):
+    """A Pub/Sub message is not a CFlow work item."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One unit of work.
+
+    Attributes:
+        id: the index zero-padded (see ``item_id``); used in object names.
+        index: position among the run's items, from 0.
+        args: the fields appended to TASK_MODULE_CMD as argv.
+    """
+
+    id: str
+    index: int
+    args: tuple[str, ...]
+
+
+def id_width(count):
+    """Digits in the ids of a run with ``count`` items: at least 6, more for over a million."""
+    return max(MIN_ID_WIDTH, len(str(max(count, 1) - 1)))
+
+
+def item_id(index, count):
+    """The id of item ``index`` in a run of ``count`` items, e.g. ``"000042"``."""
+    return str(index).zfill(id_width(count))
+
+
+def make_items(arg_lists):
+    """Number a sequence of argument lists as WorkItems, ids by position."""
+    arg_lists = list(arg_lists)
+    count = len(arg_lists)
+    return [WorkItem(item_id(index, count), index, tuple(args)) for index, args in enumerate(arg_lists)]
+
+
+def parse_tasks_text(text, source="tasks file"):
+    """Split a tasks file's text into items, one per line.
+
+    Blank lines and lines whose first non-blank character is ``#`` are
+    skipped. Fields are split as a POSIX shell splits words (quotes and
+    backslashes work), but nothing is expanded or run: ``$(rm -rf /)`` is
+    just a field. A ``#`` after a field is a field too, not a comment. Only
+    ``\\n`` (with an optional ``\\r`` before it) ends a line, so other Unicode
+    line separators stay inside fields.
+
+    Args:
+        text: the file's contents.
+        source: the file's name, for error messages.
+    Returns:
+        A list of items, each a list of strings.
+    Raises:
+        ConfigError: a line cannot be split (unbalanced quote, trailing
+            backslash) or holds a NUL; the message names source and line.
+    """
+    items = []
+    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r")
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        try:
+            args = shlex.split(line, comments=False, posix=True)
+        except ValueError as error:
+            raise ConfigError(
+                f"{source}:{lineno}: cannot split the line into fields: {error} "
+                "(balance the quotes, or escape a literal quote with a backslash)"
+            ) from None
+        problem = args_problem(args)
+        if problem:
+            raise ConfigError(f"{source}:{lineno}: the line {problem} (remove that character)")
+        items.append(args)
+    return items
+
+
+def _read_tasks_file(path):
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the tasks file: {error.strerror or error} (check TASKS in const.py)") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: the tasks file is not UTF-8 text ({error.reason} at byte {error.start}) (save it as UTF-8)") from None
+
+
+def load_items(config, list_objects=None):
+    """The run's work items, in order, from ``config.tasks``.
+
+    Args:
+        config: a ``cflow.config.Config``.
+        list_objects: ``list_objects(bucket, prefix) -> iterable of object
+            names``; required when TASKS is a ``gs://`` prefix. Names ending
+            in ``/`` (folder placeholders) are skipped; the rest are sorted so
+            a resumed run derives the same ids.
+    Returns:
+        A non-empty list of ``WorkItem``.
+    Raises:
+        ConfigError: the source cannot be read or split, or has no items.
+        TypeError: TASKS is a gs:// prefix and no ``list_objects`` was given.
+    """
+    kind = config.tasks_kind
+    if kind == "file":
+        path = config.tasks_file
+        arg_lists = parse_tasks_text(_read_tasks_file(path), source=str(path))
+        empty = f"{path}: the tasks file has no items (write one item per line; lines starting with # are comments)"
+    elif kind == "list":
+        arg_lists = [list(args) for args in config.tasks]
+        empty = f"{config.config_path.name}: TASKS is an empty list, so there are no items (add items, or point TASKS at a tasks file)"
+    else:
+        if list_objects is None:
+            raise TypeError("load_items needs list_objects for a gs:// TASKS")
+        bucket, prefix = config.tasks_gcs
+        names = sorted(name for name in list_objects(bucket, prefix) if not name.endswith("/"))
+        arg_lists = [[f"gs://{bucket}/{name}"] for name in names]
+        empty = (
+            f"{config.config_path.name}: TASKS prefix {config.tasks} has no items, no objects are under it "
+            "(upload the inputs there, or fix the prefix)"
+        )
+    if not arg_lists:
+        raise ConfigError(empty)
+    return make_items(arg_lists)
+
+
+def encode_message(item, attempt):
+    """The Pub/Sub message for one attempt at ``item``.
+
+    Args:
+        item: the WorkItem.
+        attempt: 1 on the first try, counting failed attempts only.
+    Returns:
+        ``(data, attributes)``: UTF-8 JSON ``{"id", "index", "args"}`` and
+        ``{"cflow_item": id, "cflow_attempt": str(attempt)}``.
+    Raises:
+        ValueError: attempt is not a positive int, or the message is over Pub/Sub's 10 MB.
+    """
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+        raise ValueError(f"attempt must be an integer of at least 1, got {attempt!r}")
+    data = json.dumps({"id": item.id, "index": item.index, "args": list(item.args)}, ensure_ascii=False).encode("utf-8")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"item {item.id} is {len(data)} bytes as a message; Pub/Sub allows {MAX_MESSAGE_BYTES} (shorten its fields)")
+    return data, {ATTR_ITEM: item.id, ATTR_ATTEMPT: str(attempt)}
+
+
+def decode_message(data, attributes):
+    """The WorkItem and attempt number in a message made by ``encode_message``.
+
+    Args:
+        data: the message's bytes.
+        attributes: its attributes (any mapping with ``get``).
+    Returns:
+        ``(WorkItem, attempt)``.
+    Raises:
+        MessageError (a ValueError): the message is not a well-formed CFlow item.
+    """
+    try:
+        payload = json.loads(bytes(data).decode("utf-8"))
+    except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MessageError(f"message data is not UTF-8 JSON: {error}") from None
+    if not isinstance(payload, dict) or set(payload) != {"id", "index", "args"}:
+        raise MessageError(f"message data must be a JSON object with keys id, index, args; got {str(payload)[:80]!r}")
+    raw_id, index, args = payload["id"], payload["index"], payload["args"]
+    try:
+        validate_item_id(raw_id)
+    except ValueError as error:
+        raise MessageError(f"message has a bad item id: {error}") from None
+    if not isinstance(index, int) or isinstance(index, bool) or index != int(raw_id):
+        raise MessageError(f"message index {index!r} does not match its id {raw_id!r}")
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise MessageError("message args must be a list of strings")
+    attributes = attributes or {}
+    if attributes.get(ATTR_ITEM) != raw_id:
+        raise MessageError(f"message attribute {ATTR_ITEM}={attributes.get(ATTR_ITEM)!r} does not match its id {raw_id!r}")
+    attempt_text = attributes.get(ATTR_ATTEMPT)
+    if not isinstance(attempt_text, str) or not ITEM_ID_RE.fullmatch(attempt_text) or int(attempt_text) < 1:
+        raise MessageError(f"message attribute {ATTR_ATTEMPT} must be a positive integer, got {attempt_text!r}")
+    return WorkItem(raw_id, index, tuple(args)), int(attempt_text)
+
+
+def _name_problem(name):
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder"
+    if "/" in name or "\\" in name:
+        return f"{name!r} contains a path separator"
+    if any(unicodedata.category(char) == "Cc" for char in name):
+        return f"{name!r} contains a control character"
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{name!r} is not valid Unicode text"
+    if len(encoded) > MAX_NAME_BYTES:
+        return f"is {len(encoded)} bytes long, more than {MAX_NAME_BYTES}"
+    return None
+
+
+def validate_output_name(name):
+    """Check a task's output file name is one plain file name that stays under its item's prefix.
+
+    Rejects empty names, ``.``/``..``, ``/`` and ``\\`` (so no absolute
+    paths or subfolders), control characters including NUL, invalid
+    Unicode, and names over 255 bytes.
+
+    Returns:
+        ``name`` unchanged.
+    Raises:
+        ValueError: the name is unsafe, saying why.
+    """
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"output file name {problem}")
+    return name
+
+
+def validate_item_id(value):
+    """Check an item id is one CFlow makes: ASCII digits only, at least 6 of them.
+
+    Returns:
+        ``value`` unchanged.
+    Raises:
+        ValueError: it is not such an id.
+    """
+    if not isinstance(value, str) or not value.isascii() or not ITEM_ID_RE.fullmatch(value) or len(value) < MIN_ID_WIDTH:
+        raise ValueError(f"item id must be at least {MIN_ID_WIDTH} ASCII digits, got {value!r}")
+    return value

@@ -1,0 +1,129 @@
+# CFlow settings: edit the values below, then run `python3 scheduler.py`.
+#
+# This file is plain Python data. CFlow reads every UPPERCASE name and checks
+# it; a misspelled name is an error (with a suggestion), so a typo never falls
+# back to a default silently. Names of your own helpers must start with "_".
+# Paths are relative to the directory that holds this file.
+
+# ---------------------------------------------------------------- where to run
+
+# "local": the cloud in a box on this machine (no account, no cost; VMs are
+# local processes, Pub/Sub and Cloud Storage are emulators).
+# "gcp": real Compute Engine VMs in PROJECT_NAME (billed to that project).
+TARGET = "local"
+
+# Your GCP project id, e.g. "my-project-123456". Required for TARGET = "gcp";
+# ignored for TARGET = "local", which always uses the project "cflow-local".
+PROJECT_NAME = None
+
+# Cloud Storage bucket for the run's package, outputs, logs and done markers.
+# None: "PROJECT-cflow" (locally "cflow-local-cflow", created on demand).
+# On GCP the bucket must already exist; bucket names are global, so pick your own.
+BUCKET = None
+
+# ---------------------------------------------------------------- the work
+
+# The command each worker runs once per work item: a string (split like a
+# shell splits words, never run by one) or a list of strings. The item's
+# fields are appended as extra arguments. Scripts must live under task/, the
+# only folder of yours that is sent to the workers.
+TASK_MODULE_CMD = "bash task/task.sh"
+
+# The work items, one of:
+# - a tasks file, e.g. "tasks.txt": one item per line, fields split like a shell;
+# - a list, e.g. ["a.csv 1", ["b.csv", "2"]]: each a string split like a shell, or a list of strings;
+# - "gs://BUCKET/PREFIX/": one item per object under the prefix, the item being its gs:// URL.
+TASKS = "tasks.txt"
+
+# Failed attempts (non-zero exit or timeout) before an item is recorded as
+# failed. Preemptions of Spot VMs never count against this.
+MAX_ATTEMPTS = 3
+
+# Seconds one attempt may run; after that its whole process group is killed
+# and the attempt counts as failed.
+TASK_TIMEOUT = 3600
+
+# How the per-item output files become one result:
+# "concat": each output file name is concatenated across items in item order
+#           (a CSV header shared by all items is kept once);
+# "none":   outputs stay per item under the run's folder in the bucket.
+COMBINE = "concat"
+
+# Folder (on the controller) where the combined result is written, one
+# subfolder per run.
+RESULT_DIR = "output"
+
+# ---------------------------------------------------------------- the workers
+
+# Number of worker VMs (fewer are created when fewer items are left).
+WORKER_NODE_CNT = 5
+
+# Workers are named PREFIX-RUNID-N: lowercase letters, digits and "-",
+# starting with a letter, at most 40 characters.
+VM_NAME_PREFIX = "cflow-worker"
+
+# Machine type of each worker.
+VM_TYPE = "e2-standard-2"
+
+# Zone of the workers; when it has no capacity left (a stockout), the zones
+# in VM_FALLBACK_ZONES are tried in order.
+VM_ZONE = "us-central1-a"
+VM_FALLBACK_ZONES = ["us-central1-b", "us-central1-c", "us-central1-f"]
+
+# True: Spot VMs (much cheaper, may be preempted at any time; CFlow hands
+# the item back and nothing is lost). False: standard VMs.
+VM_SPOT = True
+
+# How a worker gets its software:
+# "stock": boots VM_STOCK_IMAGE and runs init.sh as its startup script, which
+#          installs packages at every boot (simple, slower to start);
+# "image": boots your own image VM_IMAGE_NAME with init.sh already baked in.
+VM_BOOT = "stock"
+VM_STOCK_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
+
+# Your image for VM_BOOT = "image": an image name in PROJECT_NAME, or
+# "family/NAME" for the newest image of a family.
+VM_IMAGE_NAME = None
+
+# Boot disk size of each worker, in GB.
+VM_DISK_GB = 10
+
+# Service account the workers run as: "default" (the project's default
+# Compute Engine account) or an email address.
+VM_COMPUTE_SERVICE_ACCOUNT = "default"
+
+# Extra labels on every worker, e.g. {"team": "research"}. Keys starting with
+# "cflow-" are CFlow's own.
+VM_LABELS = {}
+
+# ---------------------------------------------------------------- plumbing
+
+# Name prefixes of the run's Pub/Sub topic and subscription; the run's id is
+# appended, so every run has its own and no old message leaks into a new run.
+TOPIC_NAME = "cflow-topic"
+SUBSCRIPTION_NAME = "cflow-sub"
+
+# Seconds a worker holds an item before Pub/Sub redelivers it elsewhere. The
+# worker extends it while the task runs, so this only bounds how long an item
+# waits after its VM vanished without a word. Between 10 and 600.
+LEASE_SECONDS = 60
+
+# A service-account key for the controller only, e.g. "credential/key.json";
+# None: Application Default Credentials. Never sent to the workers.
+CREDENTIAL_FILE = None
+
+# ESTIMATE ONLY, yours to update: USD per VM-hour by machine type, used for
+# the cost shown in the run's summary. These are rough us-central1 on-demand
+# and Spot figures; prices differ by region and change over time (Spot often).
+# A machine type missing here shows no cost estimate.
+PRICES = {
+    "e2-micro": {"standard": 0.0084, "spot": 0.0025},
+    "e2-small": {"standard": 0.0168, "spot": 0.0050},
+    "e2-medium": {"standard": 0.0335, "spot": 0.0101},
+    "e2-standard-2": {"standard": 0.067, "spot": 0.020},
+    "e2-standard-4": {"standard": 0.134, "spot": 0.040},
+    "e2-standard-8": {"standard": 0.268, "spot": 0.080},
+    "n2-standard-2": {"standard": 0.097, "spot": 0.029},
+    "n2-standard-4": {"standard": 0.194, "spot": 0.058},
+    "c2-standard-4": {"standard": 0.209, "spot": 0.063},
+}

@@ -1,0 +1,90 @@
+"""In-memory stand-ins for the Pub/Sub and Storage seams, recording every call in order."""
+
+import json
+from pathlib import Path
+
+from cflow.gcp.pubsub import Received
+
+
+class FakePubSub:
+    def __init__(self):
+        self.calls = []  # (method, args...) in call order
+        self.published = []  # (topic, data, attributes)
+        self.events = []
+        self.queue = []  # Received messages waiting to be pulled
+
+    def pull(self, subscription, max_messages=1, timeout=30.0):
+        self.calls.append(("pull", subscription))
+        taken, self.queue = self.queue[:max_messages], self.queue[max_messages:]
+        return taken
+
+    def publish(self, topic, data, attributes):
+        self.calls.append(("publish", topic, attributes.get("cflow_attempt")))
+        self.published.append((topic, data, dict(attributes)))
+        return str(len(self.published))
+
+    def publish_event(self, topic, event):
+        self.calls.append(("event", event["type"]))
+        self.events.append(event)
+
+    def ack(self, subscription, ack_ids):
+        self.calls.append(("ack", tuple(ack_ids)))
+
+    def nack(self, subscription, ack_id):
+        self.calls.append(("nack", ack_id))
+
+    def extend_lease(self, subscription, ack_id, seconds):
+        self.calls.append(("extend", ack_id, seconds))
+
+    def kinds(self):
+        return [call[0] for call in self.calls]
+
+
+class FakeStorage:
+    def __init__(self):
+        self.objects = {}  # relative name -> bytes
+        self.calls = []
+
+    def url(self, relative):
+        return f"gs://bucket/run/{relative}"
+
+    def is_done(self, item_id):
+        return f"done/{item_id}" in self.objects
+
+    def upload_output(self, item_id, name, local_path):
+        self.calls.append(("output", item_id, name))
+        self.objects[f"outputs/{item_id}/{name}"] = Path(local_path).read_bytes()
+
+    def upload_log(self, item_id, attempt, local_path):
+        self.calls.append(("log", item_id, attempt))
+        self.objects[f"logs/{item_id}/attempt-{attempt}.log"] = Path(local_path).read_bytes()
+        return self.url(f"logs/{item_id}/attempt-{attempt}.log")
+
+    def _create_once(self, relative, info):
+        if relative in self.objects:
+            return False
+        self.objects[relative] = json.dumps(info).encode()
+        return True
+
+    def write_done_marker(self, item_id, info):
+        self.calls.append(("done-marker", item_id))
+        return self._create_once(f"done/{item_id}", info)
+
+    def write_failed_marker(self, item_id, info):
+        self.calls.append(("failed-marker", item_id))
+        return self._create_once(f"failed/{item_id}", info)
+
+
+class FakeMetadata:
+    def __init__(self, preempted=False):
+        self.is_preempted = preempted
+
+    def preempted(self):
+        return self.is_preempted
+
+
+def received(item, attempt, ack_id="ack-1"):
+    from cflow import tasks
+
+    data, attributes = tasks.encode_message(item, attempt)
+    return Received(ack_id=ack_id, data=data, attributes=attributes, delivery_attempt=1)

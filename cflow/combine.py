@@ -87,6 +87,14 @@ class _ConcatFile:
     def _restore_dropped_headers(self):
         logger.info("%s: the items' CSV headers differ, so every item's header is kept", self.path.name)
         restored = self.path.with_name(self.path.name + ".restore")
+        try:
+            self._copy_with_headers(restored)
+        except BaseException:
+            restored.unlink(missing_ok=True)
+            raise
+        os.replace(restored, self.path)
+
+    def _copy_with_headers(self, restored):
         size = self.path.stat().st_size
         with open(self.path, "rb") as source, open(restored, "wb") as target:
             position = 0
@@ -100,7 +108,6 @@ class _ConcatFile:
                     target.write(b"\n")
                 position = offset
             shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
-        os.replace(restored, self.path)
 
 
 def _copy_bytes(source, target, count):

@@ -55,7 +55,8 @@ def new_run_id(now=None):
 def overrides_from(args):
     overrides = {}
     if args.tasks is not None:
-        overrides["TASKS"] = str(Path(args.tasks).absolute())
+        # A tasks file is relative to where the user typed it; a gs:// prefix is not a path.
+        overrides["TASKS"] = args.tasks if args.tasks.startswith("gs://") else str(Path(args.tasks).absolute())
     if args.workers is not None:
         overrides["WORKER_NODE_CNT"] = args.workers
     if args.max_attempts is not None:

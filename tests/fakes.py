@@ -88,3 +88,97 @@ def received(item, attempt, ack_id="ack-1"):
 
     data, attributes = tasks.encode_message(item, attempt)
     return Received(ack_id=ack_id, data=data, attributes=attributes, delivery_attempt=1)
+
+
+class FakeCompute:
+    """Compute seam double: VMs in a dict, creations settled by the test."""
+
+    def __init__(self):
+        from cflow.gcp.compute import Vm
+
+        self.Vm = Vm
+        self.vms = {}  # name -> Vm
+        self.calls = []
+        self.pending_results = {}  # operation -> errors (None while running)
+        self.quota_left = None  # None: no quota
+        self.stockout_zones = set()
+
+    def list_run_vms(self, run_id):
+        self.calls.append(("list", run_id))
+        return list(self.vms.values())
+
+    def bulk_insert(self, zone, names, instance_properties):
+        from cflow.gcp.compute import PendingCreation, QuotaExceeded
+
+        self.calls.append(("bulkInsert", zone, tuple(names)))
+        if self.quota_left is not None and len(names) > self.quota_left:
+            raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.")
+        operation = f"op-{len(self.calls)}"
+        if zone in self.stockout_zones:
+            self.pending_results[operation] = ["ZONE_RESOURCE_POOL_EXHAUSTED"]
+        else:
+            self.pending_results[operation] = []
+            for name in names:
+                self.vms[name] = self.Vm(name=name, zone=zone, status="RUNNING", status_message="", labels={})
+        return PendingCreation(zone=zone, operation=operation, names=tuple(names))
+
+    def creation_result(self, pending):
+        return self.pending_results.get(pending.operation)
+
+    def delete_vms(self, vms):
+        self.calls.append(("delete", tuple(sorted(vm.name for vm in vms))))
+        for vm in vms:
+            self.vms.pop(vm.name, None)
+
+    def set_status(self, name, status, message=""):
+        vm = self.vms[name]
+        self.vms[name] = self.Vm(name=vm.name, zone=vm.zone, status=status, status_message=message, labels={})
+
+    def count(self, method):
+        return sum(1 for call in self.calls if call[0] == method)
+
+
+class FakeRunStorage:
+    """Markers only, as the scheduler reads them."""
+
+    def __init__(self):
+        self.done = set()
+        self.failed = set()
+        self.failed_info = {}
+
+    def list_done_ids(self):
+        return set(self.done)
+
+    def list_failed_ids(self):
+        return set(self.failed)
+
+    def write_failed_marker(self, item_id, info):
+        if item_id in self.failed:
+            return False
+        self.failed.add(item_id)
+        self.failed_info[item_id] = info
+        return True
+
+
+class FakeSchedulerPubSub(FakePubSub):
+    def __init__(self):
+        super().__init__()
+        self.pending_events = []
+        self.dead = []
+
+    def drain_events(self, subscription, max_messages=1000):
+        events, self.pending_events = self.pending_events, []
+        return events
+
+    def pull(self, subscription, max_messages=1, timeout=30.0):
+        if "dead" in subscription:
+            taken, self.dead = self.dead, []
+            return taken
+        return super().pull(subscription, max_messages, timeout)
+
+    def publish_many(self, topic, messages, on_progress=None):
+        count = 0
+        for data, attributes in messages:
+            self.publish(topic, data, attributes)
+            count += 1
+        return count

@@ -1,0 +1,126 @@
+"""Scheduler.step() against fake seams, stepped by hand with a fake clock."""
+
+import types
+
+import pytest
+
+from cflow import tasks
+from cflow.gcp.pubsub import RunTopics
+from cflow.scheduler import Scheduler
+from tests.fakes import FakeCompute, FakeRunStorage, FakeSchedulerPubSub, received
+
+RUN = "0101-0000-abcd"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def make_scheduler(item_count=10, workers=3, zones=("us-central1-a", "us-central1-b")):
+    config = types.SimpleNamespace(worker_node_cnt=workers, zones=zones, vm_name_prefix="w")
+    items = tasks.make_items([[f"in-{i}"] for i in range(item_count)])
+    compute, pubsub, storage, clock = FakeCompute(), FakeSchedulerPubSub(), FakeRunStorage(), Clock()
+    topics = RunTopics.for_run("p", RUN, "t", "s")
+    scheduler = Scheduler(config, RUN, items, compute, pubsub, storage, topics, {"machineType": "e2-small"}, clock=clock)
+    return scheduler, compute, pubsub, storage, clock
+
+
+def test_first_step_creates_workers_with_one_list_and_one_bulk_insert():
+    scheduler, compute, *_ = make_scheduler(item_count=10, workers=3)
+    scheduler.step()
+    assert compute.count("list") == 1
+    assert compute.calls[1] == ("bulkInsert", "us-central1-a", (f"w-{RUN}-0001", f"w-{RUN}-0002", f"w-{RUN}-0003"))
+
+
+def test_fleet_is_never_larger_than_items_left():
+    scheduler, compute, *_ = make_scheduler(item_count=2, workers=5)
+    scheduler.step()
+    assert len(compute.vms) == 2
+
+
+def test_steady_fleet_makes_no_create_or_delete_calls():
+    scheduler, compute, *_ = make_scheduler()
+    scheduler.step()
+    compute.calls.clear()
+    scheduler.step()
+    assert [c[0] for c in compute.calls] == ["list"]
+
+
+def test_preempted_vm_is_deleted_and_replaced_under_a_new_name():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler.step()
+    compute.set_status(f"w-{RUN}-0001", "TERMINATED", "Instance was preempted.")
+    pubsub.pending_events.append({"type": "preempted", "vm": f"w-{RUN}-0001", "item": "000003"})
+    scheduler.step()
+    assert ("delete", (f"w-{RUN}-0001",)) in compute.calls
+    # replaced in the same step, under a name never used before in the run
+    assert f"w-{RUN}-0003" in compute.vms and len(compute.vms) == 2
+    assert scheduler.progress.preemptions == 1
+
+
+def test_stockout_moves_creation_to_the_next_zone():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    compute.stockout_zones.add("us-central1-a")
+    scheduler.step()  # asks us-central1-a
+    scheduler.step()  # sees the stockout; asks us-central1-b
+    zones = [c[1] for c in compute.calls if c[0] == "bulkInsert"]
+    assert zones == ["us-central1-a", "us-central1-b"]
+    assert {vm.zone for vm in compute.vms.values()} == {"us-central1-b"}
+
+
+def test_quota_refusal_is_retried_later_at_a_smaller_size(caplog):
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=4)
+    compute.quota_left = 2
+    scheduler.step()
+    scheduler.step()  # within the cooldown: no new attempt
+    assert compute.count("bulkInsert") == 1
+    clock.now += 61
+    scheduler.step()
+    assert len(compute.vms) == 2
+    assert sum("Quota 'CPUS' exceeded" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_done_markers_finish_the_run_and_delete_the_fleet():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=3)
+    scheduler.step()
+    storage.done.update(item.id for item in scheduler.items)
+    progress = scheduler.step()
+    assert progress.finished and progress.done == 3
+    assert compute.vms == {}
+
+
+def test_idle_vms_are_deleted_once_queue_is_drained():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4, workers=4)
+    scheduler.step()
+    names = sorted(compute.vms)
+    storage.done.update(item.id for item in scheduler.items[:3])
+    pubsub.pending_events += [
+        {"type": "started", "vm": names[0], "item": "000003"},
+        {"type": "idle", "vm": names[1]},
+        {"type": "idle", "vm": names[2]},
+        {"type": "idle", "vm": names[3]},
+    ]
+    scheduler.step()
+    assert names[0] in compute.vms  # still working on the last item
+    assert len(compute.vms) == 1
+
+
+def test_dead_lettered_item_is_recorded_failed():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2)
+    pubsub.dead.append(received(scheduler.items[1], 1, ack_id="dead-1"))
+    progress = scheduler.step()
+    assert storage.failed == {scheduler.items[1].id}
+    assert progress.failed == 1
+    assert ("ack", ("dead-1",)) in pubsub.calls
+
+
+def test_unfinished_items_skip_done_and_failed():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4)
+    storage.done.add(scheduler.items[0].id)
+    storage.failed.add(scheduler.items[2].id)
+    scheduler.refresh_markers()
+    assert [i.id for i in scheduler.unfinished_items()] == [scheduler.items[1].id, scheduler.items[3].id]

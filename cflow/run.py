@@ -134,7 +134,9 @@ def execute_run(config, run_id, clients, resume=False, step_interval=STEP_INTERV
     pubsub = PubSub(clients.publisher, clients.subscriber)
 
     # Checks first: nothing is created before every one passes.
-    storage.ensure_bucket(create_if_missing=config.is_local)
+    # Locally the default bucket is made on demand; a bucket named in const.py
+    # must exist, as on GCP, so a typo never writes results somewhere new.
+    storage.ensure_bucket(create_if_missing=config.is_local and config.bucket == f"{config.project}-cflow")
     for zone in config.zones:
         if not compute.zone_exists(zone):
             raise ConfigError(f"{config.config_path.name}: VM_ZONE/VM_FALLBACK_ZONES: zone {zone} does not exist in project {clients.project}; pick one from `gcloud compute zones list`")

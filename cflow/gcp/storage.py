@@ -20,7 +20,7 @@ import logging
 
 from google.api_core import exceptions as google_exceptions
 
-from cflow.errors import CloudError
+from cflow.errors import CloudError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,16 @@ class RunStorage:
         """Check the bucket exists; create it when ``create_if_missing`` (local mode).
 
         Raises:
-            CloudError: the bucket does not exist and may not be created here.
+            ConfigError: the bucket does not exist and may not be created here.
+            CloudError: the bucket exists but this account may not use it.
         """
         try:
             self.client.get_bucket(self.bucket_name)
             return
         except google_exceptions.NotFound:
             if not create_if_missing:
-                raise CloudError(
-                    f"bucket gs://{self.bucket_name} does not exist; create it "
+                raise ConfigError(
+                    f"BUCKET: bucket gs://{self.bucket_name} does not exist; create it "
                     f"(gcloud storage buckets create gs://{self.bucket_name}) or set BUCKET in const.py"
                 ) from None
         except google_exceptions.Forbidden as error:

@@ -7,7 +7,7 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 
 from cflow import tasks
-from cflow.errors import CloudError
+from cflow.errors import ConfigError
 from cflow.gcp.pubsub import PubSub, RunTopics
 from cflow.gcp.storage import RunStorage
 
@@ -90,7 +90,7 @@ def test_done_marker_is_created_only_once(storage_client):
 
 def test_missing_bucket_is_a_clear_error_when_it_may_not_be_created(storage_client):
     storage = RunStorage(storage_client, "absent-" + uuid.uuid4().hex[:8], "run-1")
-    with pytest.raises(CloudError, match="does not exist; create it"):
+    with pytest.raises(ConfigError, match="does not exist; create it"):
         storage.ensure_bucket(create_if_missing=False)
 
 

@@ -1,0 +1,53 @@
+"""The failures a fleet meets on GCP, on demand: stockouts, quota, API errors, preemptions."""
+
+import random
+import threading
+
+from cflow.local.compute import api_errors
+
+
+class Faults:
+    """Decides which requests and VMs fail.
+
+    Args:
+        error_rate: fraction of API requests refused with 429 rateLimitExceeded
+            or 503 backendError before anything is done.
+        zone_capacity: {zone: max live VMs}; inserts beyond it stock out.
+        cpu_quota: max vCPUs of live VMs per region (None: unlimited).
+        preempt_mean_s: mean lifetime of a Spot/preemptible VM (None: never preempted by time).
+        seed: random seed, so a faulty run can be replayed.
+    """
+
+    def __init__(self, error_rate=0.0, zone_capacity=None, cpu_quota=None, preempt_mean_s=None, seed=None):
+        self.error_rate = error_rate
+        self.zone_capacity = dict(zone_capacity or {})
+        self.cpu_quota = cpu_quota
+        self.preempt_mean_s = preempt_mean_s
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def request_error(self, project):
+        """Returns an ApiError to answer this request with, or None."""
+        if self.error_rate <= 0:
+            return None
+        with self._lock:
+            if self._random.random() >= self.error_rate:
+                return None
+            rate_limited = self._random.random() < 0.5
+        return api_errors.rate_limit_exceeded(project) if rate_limited else api_errors.backend_error()
+
+    def free_capacity(self, zone, live_in_zone):
+        """Returns how many more VMs fit in ``zone`` (None: no limit)."""
+        limit = self.zone_capacity.get(zone)
+        return None if limit is None else max(0, limit - live_in_zone)
+
+    def free_cpus(self, cpus_in_region):
+        """Returns how many more vCPUs the region's quota allows (None: no limit)."""
+        return None if self.cpu_quota is None else max(0, self.cpu_quota - cpus_in_region)
+
+    def preemption_delay(self):
+        """Returns seconds until a Spot VM that just started is preempted, or None."""
+        if not self.preempt_mean_s:
+            return None
+        with self._lock:
+            return self._random.expovariate(1.0 / self.preempt_mean_s)

@@ -1,0 +1,288 @@
+"""Request bodies checked as GCE checks them, turned into plain specs.
+
+Every function raises ``ApiError`` with GCE's status and reason for bad
+input (400 invalid/required/badRequest, 404 notFound for unknown images)
+and never anything else for anything a client can send.
+"""
+
+import re
+
+from cflow.local.compute import api_errors
+from cflow.local.compute.resources import STANDARD_SCOPES, default_service_account
+
+NAME_RULE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+LABEL_KEY_RULE = re.compile(r"[a-z][-_a-z0-9]{0,62}")
+LABEL_VALUE_RULE = re.compile(r"[-_a-z0-9]{0,63}")
+METADATA_KEY_RULE = re.compile(r"[-_a-zA-Z0-9]{1,128}")
+MAX_METADATA_VALUE_BYTES = 256 * 1024
+MAX_METADATA_BYTES = 512 * 1024
+MAX_LABELS = 64
+
+
+def check_name(name, field="resource.name"):
+    """Raises 400 unless ``name`` follows GCE's resource name rule."""
+    if name is None or name == "":
+        raise api_errors.required(field)
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise api_errors.invalid_name(field, name)
+
+
+def _expect(value, kind, field):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise api_errors.invalid_field(field, value if not isinstance(value, (dict, list)) else "", f"Expected {kind.__name__}.")
+    return value
+
+
+def parse_int64(value, field):
+    """int64 fields arrive as JSON strings (or numbers); returns an int or raises 400."""
+    if isinstance(value, bool):
+        raise api_errors.invalid_field(field, value, "Expected an integer.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    raise api_errors.invalid_field(field, value, "Expected an integer.")
+
+
+def check_labels(labels, field):
+    """Returns a validated copy of a labels map."""
+    if labels is None:
+        return {}
+    _expect(labels, dict, field)
+    if len(labels) > MAX_LABELS:
+        raise api_errors.invalid_field(field, "", f"Resources can have at most {MAX_LABELS} labels.")
+    for key, value in labels.items():
+        if not LABEL_KEY_RULE.fullmatch(key):
+            raise api_errors.invalid_field(
+                field, "", f"Label key '{key}' violates format constraints. The key must start with a lowercase character, "
+                "can only contain lowercase letters, numeric characters, underscores and dashes. The key can be at most 63 characters long."
+            )
+        if not isinstance(value, str) or not LABEL_VALUE_RULE.fullmatch(value):
+            raise api_errors.invalid_field(
+                field, "", f"Label value '{value}' violates format constraints. The value can only contain lowercase letters, "
+                "numeric characters, underscores and dashes. The value can be at most 63 characters long."
+            )
+    return dict(labels)
+
+
+def check_metadata_items(metadata, field):
+    """Returns validated metadata items ``[{key, value}]`` from a Metadata body."""
+    if metadata is None:
+        return []
+    _expect(metadata, dict, field)
+    items = metadata.get("items") or []
+    _expect(items, list, f"{field}.items")
+    seen = set()
+    total = 0
+    result = []
+    for index, item in enumerate(items):
+        _expect(item, dict, f"{field}.items[{index}]")
+        key = item.get("key")
+        if key is None:
+            raise api_errors.required(f"{field}.items[{index}].key")
+        if not isinstance(key, str) or not METADATA_KEY_RULE.fullmatch(key):
+            raise api_errors.invalid_field(f"{field}.items[{index}].key", key, "Must be a match of regex '[a-zA-Z0-9-_]{1,128}'")
+        if key in seen:
+            raise api_errors.invalid_field(field, "", f"Duplicate keys are not allowed: {key}.")
+        seen.add(key)
+        value = item.get("value", "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise api_errors.invalid_field(f"{field}.items[{index}].value", "", "Expected a string.")
+        size = len(value.encode())
+        if size > MAX_METADATA_VALUE_BYTES:
+            raise api_errors.invalid_field(f"{field}.items[{index}].value", "", f"Value exceeds the maximum size of {MAX_METADATA_VALUE_BYTES} bytes.")
+        total += size + len(key)
+        result.append({"key": key, "value": value})
+    if total > MAX_METADATA_BYTES:
+        raise api_errors.invalid_field(field, "", f"Metadata exceeds the maximum total size of {MAX_METADATA_BYTES} bytes.")
+    return result
+
+
+def _last_segment(reference):
+    return reference.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_machine_type(reference, zone, catalog, field):
+    """Returns (machine type name, vCPUs) for a full/partial URL or a bare name."""
+    if not reference:
+        raise api_errors.required(field)
+    if not isinstance(reference, str):
+        raise api_errors.invalid_field(field, "", "Expected a string.")
+    name = _last_segment(reference)
+    parts = reference.rstrip("/").split("/")
+    if "zones" in parts:
+        referenced_zone = parts[parts.index("zones") + 1] if parts.index("zones") + 1 < len(parts) else ""
+        if referenced_zone != zone:
+            raise api_errors.invalid_field(field, reference, f"Cross-zone references are not allowed; the instance is in zone '{zone}'.")
+    cpus = catalog.guest_cpus(name)
+    if cpus is None:
+        raise api_errors.invalid_field(field, reference, f"Machine type with name '{name}' does not exist in zone '{zone}'.")
+    return name, cpus
+
+
+def check_scheduling(scheduling, field):
+    """Returns the full Scheduling dict with GCE's defaults for the provisioning model."""
+    scheduling = {} if scheduling is None else _expect(scheduling, dict, field)
+    model = scheduling.get("provisioningModel", "STANDARD")
+    if model not in ("STANDARD", "SPOT"):
+        raise api_errors.invalid_field(f"{field}.provisioningModel", model, "The emulator supports STANDARD and SPOT.")
+    preemptible = scheduling.get("preemptible", False)
+    _expect(preemptible, bool, f"{field}.preemptible")
+    interruptible = model == "SPOT" or preemptible
+    automatic_restart = scheduling.get("automaticRestart", not interruptible)
+    _expect(automatic_restart, bool, f"{field}.automaticRestart")
+    on_host_maintenance = scheduling.get("onHostMaintenance", "TERMINATE" if interruptible else "MIGRATE")
+    if on_host_maintenance not in ("MIGRATE", "TERMINATE"):
+        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Must be MIGRATE or TERMINATE.")
+    if interruptible and automatic_restart:
+        raise api_errors.invalid_field(f"{field}.automaticRestart", "true", "Preemptible instances cannot be automatically restarted.")
+    if interruptible and on_host_maintenance != "TERMINATE":
+        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE.")
+    result = {
+        "onHostMaintenance": on_host_maintenance,
+        "automaticRestart": automatic_restart,
+        "preemptible": bool(interruptible),
+        "provisioningModel": model,
+    }
+    action = scheduling.get("instanceTerminationAction")
+    if action is not None:
+        if action not in ("STOP", "DELETE"):
+            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Must be STOP or DELETE.")
+        if not interruptible:
+            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Instance termination action can only be set for Spot or preemptible VMs.")
+        result["instanceTerminationAction"] = action
+    elif model == "SPOT":
+        result["instanceTerminationAction"] = "STOP"
+    return result
+
+
+def check_disks(disks, instance_name, request_project, catalog, field):
+    """Returns disk specs; the boot disk must be made from a known image (404 otherwise)."""
+    if not disks:
+        raise api_errors.invalid_field(field, "", "Boot disk must be specified.")
+    _expect(disks, list, field)
+    result = []
+    boot_seen = False
+    for index, disk in enumerate(disks):
+        _expect(disk, dict, f"{field}[{index}]")
+        boot = disk.get("boot", index == 0 and not any(isinstance(other, dict) and other.get("boot") for other in disks))
+        params = disk.get("initializeParams") or {}
+        _expect(params, dict, f"{field}[{index}].initializeParams")
+        if disk.get("source") and not params:
+            raise api_errors.not_found(str(disk["source"]).split("/compute/v1/")[-1])
+        source_image = params.get("sourceImage")
+        licenses = []
+        if boot:
+            if boot_seen:
+                raise api_errors.invalid_field(f"{field}[{index}].boot", "true", "Only one boot disk is allowed.")
+            boot_seen = True
+            if not source_image:
+                raise api_errors.invalid_field(f"{field}[{index}].initializeParams.sourceImage", "", "Source image must be specified.")
+        if source_image:
+            if not isinstance(source_image, str):
+                raise api_errors.invalid_field(f"{field}[{index}].initializeParams.sourceImage", "", "Expected a string.")
+            image = catalog.resolve_source_image(source_image, request_project)
+            licenses = [image["selfLink"].split("/global/images/")[0] + "/global/licenses/" + image.get("family", image["name"])]
+        disk_name = params.get("diskName") or (instance_name if boot else f"{instance_name}-{index}")
+        size = parse_int64(params.get("diskSizeGb", 10), f"{field}[{index}].initializeParams.diskSizeGb")
+        result.append(
+            {
+                "diskName": disk_name,
+                "deviceName": disk.get("deviceName") or disk_name,
+                "index": index,
+                "boot": bool(boot),
+                "autoDelete": bool(disk.get("autoDelete", True)),
+                "diskSizeGb": size,
+                "licenses": licenses,
+            }
+        )
+    return result
+
+
+def check_network_interfaces(interfaces, field):
+    """Returns interface specs (network and subnetwork names, access configs)."""
+    if interfaces is None:
+        interfaces = [{}]
+    _expect(interfaces, list, field)
+    result = []
+    for index, interface in enumerate(interfaces):
+        _expect(interface, dict, f"{field}[{index}]")
+        access_configs = interface.get("accessConfigs") or []
+        _expect(access_configs, list, f"{field}[{index}].accessConfigs")
+        result.append(
+            {
+                "name": f"nic{index}",
+                "network": _last_segment(interface.get("network") or "default"),
+                "subnetwork": _last_segment(interface.get("subnetwork") or interface.get("network") or "default"),
+                "accessConfigs": [dict(config) for config in access_configs if isinstance(config, dict)],
+            }
+        )
+    return result
+
+
+def check_service_accounts(accounts, project, field):
+    if not accounts:
+        return []
+    _expect(accounts, list, field)
+    result = []
+    for index, account in enumerate(accounts):
+        _expect(account, dict, f"{field}[{index}]")
+        email = account.get("email") or "default"
+        scopes = account.get("scopes") or list(STANDARD_SCOPES)
+        _expect(scopes, list, f"{field}[{index}].scopes")
+        result.append({"email": default_service_account(project) if email == "default" else email, "scopes": list(scopes)})
+    return result
+
+
+def instance_spec(body, project, zone, catalog, field="resource", name_required=True):
+    """Validates an Instance (insert) or InstanceProperties (bulkInsert) body.
+
+    Returns a dict: name, machine_type, cpus, description, labels,
+    metadata_items, scheduling, disks, network_interfaces, service_accounts,
+    tags, hostname.
+    """
+    _expect(body, dict, field)
+    name = body.get("name")
+    if name_required:
+        check_name(name, f"{field}.name")
+    machine_type, cpus = check_machine_type(body.get("machineType"), zone, catalog, f"{field}.machineType")
+    tags_body = body.get("tags") or {}
+    _expect(tags_body, dict, f"{field}.tags")
+    tags = tags_body.get("items") or []
+    _expect(tags, list, f"{field}.tags.items")
+    description = body.get("description", "")
+    if not isinstance(description, str):
+        raise api_errors.invalid_field(f"{field}.description", "", "Expected a string.")
+    return {
+        "name": name,
+        "machine_type": machine_type,
+        "cpus": cpus,
+        "description": description,
+        "labels": check_labels(body.get("labels"), f"{field}.labels"),
+        "metadata_items": check_metadata_items(body.get("metadata"), f"{field}.metadata"),
+        "scheduling": check_scheduling(body.get("scheduling"), f"{field}.scheduling"),
+        "disks": check_disks(body.get("disks"), name or "instance", project, catalog, f"{field}.disks"),
+        "network_interfaces": check_network_interfaces(body.get("networkInterfaces"), f"{field}.networkInterfaces"),
+        "service_accounts": check_service_accounts(body.get("serviceAccounts"), project, f"{field}.serviceAccounts"),
+        "tags": list(tags),
+        "hostname": body.get("hostname") if isinstance(body.get("hostname"), str) else None,
+    }
+
+
+def name_pattern_parts(pattern, field="bulkInsertInstanceResource.namePattern"):
+    """Splits a namePattern around its one run of '#' (1 to 18 of them).
+
+    Returns (prefix, digits, suffix); raises 400 invalid otherwise.
+    """
+    if not isinstance(pattern, str):
+        raise api_errors.invalid_field(field, "", "Expected a string.")
+    runs = re.findall(r"#+", pattern)
+    if len(runs) != 1 or len(runs[0]) > 18:
+        raise api_errors.invalid_field(field, pattern, "The name pattern must contain one continuous sequence of 1 to 18 '#' characters.")
+    prefix, suffix = pattern.split(runs[0])
+    example = prefix + "1" * len(runs[0]) + suffix
+    if not NAME_RULE.fullmatch(example):
+        raise api_errors.invalid_name(field, pattern)
+    return prefix, len(runs[0]), suffix

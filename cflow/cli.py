@@ -16,6 +16,7 @@ from cflow.errors import EXIT_INTERRUPTED, CflowError
 SUBCOMMAND_MODULES = [
     "cflow.run",
     "cflow.demo",
+    "cflow.ops",
     "cflow.local.compute.cli",
     "cflow.local.stack_cli",
 ]

@@ -33,6 +33,7 @@ def add_arguments(parser):
     where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="run on Google Cloud")
     parser.add_argument("--resume", metavar="RUN_ID", help="carry on a run that was interrupted, from what it keeps in Cloud Storage")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+    parser.add_argument("--yes", action="store_true", help="on Ctrl-C, cancel the run (delete its VMs, topics and subscriptions) without asking")
     parser.add_argument("--stack-dir", default=None, metavar="DIR", help="local stack folder (default: .cflow/local beside const.py)")
 
 
@@ -77,7 +78,7 @@ def run_command(args, before_run=None):
     with _cloud(config, args) as clients:
         if before_run:
             before_run(config, clients)
-        return execute_run(config, run_id, clients, resume=bool(args.resume))
+        return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
 
 
 @contextlib.contextmanager
@@ -117,7 +118,7 @@ def dry_run(config):
     return EXIT_OK
 
 
-def execute_run(config, run_id, clients, resume=False, step_interval=STEP_INTERVAL_SECONDS, sleep=time.sleep, out=None):
+def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_interval=STEP_INTERVAL_SECONDS, sleep=time.sleep, out=None):
     """Run (or resume) one run with built clients. Returns the exit status."""
     from cflow import fleet
     from cflow.gcp.compute import Compute
@@ -175,10 +176,13 @@ def execute_run(config, run_id, clients, resume=False, step_interval=STEP_INTERV
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
-    if created_queue:
-        # A new queue (a new run, or a resumed one whose emulator forgot its messages).
+    if created_queue or storage.read_json("published.json") is None:
+        # A new queue (a new run, or a resumed one whose Pub/Sub forgot its
+        # messages), or a run killed while publishing: every unfinished item
+        # goes out again. Workers ack an item already done without rerunning it.
         to_publish = scheduler.unfinished_items()
         count = scheduler.publish_items(to_publish)
+        storage.write_json("published.json", {"count": count, "time": time.time()})
         print(f"published {count} work item(s)", file=out, flush=True)
 
     reporter = ProgressReporter(out)
@@ -189,9 +193,32 @@ def execute_run(config, run_id, clients, resume=False, step_interval=STEP_INTERV
             if progress.finished:
                 break
             sleep(step_interval)
-    finally:
+    except KeyboardInterrupt:
         reporter.close()
+        _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out)
+        raise
+    reporter.close()
     return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
+
+
+def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
+    """Ctrl-C: cancel the run (asking on a terminal unless --yes), or leave it resumable."""
+    cancel = assume_yes
+    if not assume_yes and sys.stdin.isatty():
+        try:
+            answer = input(f"cancel run {run_id}: delete its VMs, topics and subscriptions (outputs and logs are kept)? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+        cancel = answer.strip().lower() in ("y", "yes")
+    if cancel:
+        left = scheduler.delete_fleet()
+        pubsub.delete_run_topics(topics)
+        storage.write_json("cancelled.json", {"time": time.time()})
+        print(f"run {run_id} cancelled: VMs, topics and subscriptions deleted; outputs and logs kept"
+              + (f" (still listed: {', '.join(left)})" if left else ""), file=out, flush=True)
+    else:
+        print(f"run {run_id} was left as it is; carry on with `python3 scheduler.py --resume {run_id}` "
+              f"or stop it with `cflow cancel {run_id}`", file=out, flush=True)
 
 
 def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out):

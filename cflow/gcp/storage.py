@@ -147,7 +147,7 @@ class RunStorage:
 
     def read_log(self, item_id, attempt):
         try:
-            return self._blob(self.log_path(item_id, attempt)).download_as_text(errors="replace")
+            return self._blob(self.log_path(item_id, attempt)).download_as_bytes().decode("utf-8", errors="replace")
         except google_exceptions.NotFound:
             return None
 

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -60,7 +61,7 @@ STOP_TIMEOUT_S = 15.0
 # The Compute emulator runs every VM's shutdown script on SIGTERM; give it
 # that grace plus this margin before we kill it.
 COMPUTE_STOP_MARGIN_S = 20.0
-COMPUTE_DEFAULT_GRACE_S = 30.0
+COMPUTE_DEFAULT_GRACE_S = 90.0  # the emulator's default for standard VMs (Spot: 30)
 _COMPUTE_READY_LINE = re.compile(r"compute emulator listening on (http://\S+/compute/v1/)")
 _POLL_INTERVAL_S = 0.1
 
@@ -157,7 +158,8 @@ class Service:
     @classmethod
     def from_json(cls, data):
         fields = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in fields and key != "argv"}, argv=tuple(data["argv"]))
+        known = {key: value for key, value in data.items() if key in fields}
+        return cls(**{**known, "argv": tuple(data["argv"])})
 
 
 def launch_background(name, argv, log_path, endpoint, env=None):
@@ -185,7 +187,9 @@ def launch_background(name, argv, log_path, endpoint, env=None):
                 close_fds=True,
             )
         except OSError as error:
-            raise StackError(f"cannot start the {name} ({argv[0]}): {error.strerror}; check the installation") from error
+            raise StackError(
+                f"cannot start the {name} ({argv[0]}): {error.strerror}; check its installation"
+            ) from error
     stat = _read_proc_stat(process.pid)
     start_time = stat[1] if stat else -1
     service = Service(name, process.pid, start_time, _boot_id(), endpoint, str(log_path), tuple(argv))
@@ -575,13 +579,20 @@ class LocalStack:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
-            raise StackError(f"{self.stack_file} is unreadable ({error}); delete it and run `cflow local up`") from error
+            raise StackError(
+                f"{self.stack_file} is unreadable ({error}); "
+                "delete it (after stopping the emulators it lists) and run `cflow local up`"
+            ) from error
         if record.get("format") != STACK_FORMAT:
-            raise StackError(f"{self.stack_file} was written by another cflow version; delete it and run `cflow local up`")
+            raise StackError(
+                f"{self.stack_file} was written by another cflow version; stop that stack with it, "
+                "or delete the file, and run `cflow local up`"
+            )
         return record
 
     def _services(self, record):
-        return {name: Service.from_json(record["services"][name]) for name in SERVICE_ORDER if name in record["services"]}
+        recorded = record["services"]
+        return {name: Service.from_json(recorded[name]) for name in SERVICE_ORDER if name in recorded}
 
     def _info_from(self, record):
         services = self._services(record)
@@ -605,11 +616,6 @@ class LocalStack:
             return None
         return self._info_from(record)
 
-    def compute_options(self):
-        """Return the ComputeOptions the running stack was started with, or None if there is no stack record."""
-        record = self._read_record()
-        return None if record is None else ComputeOptions.from_json(record["compute_options"])
-
     def up(self, compute_options=None):
         """Start the stack, or reuse the one running in ``stack_dir``; a partly dead one is restarted.
 
@@ -629,17 +635,18 @@ class LocalStack:
         with self._lock():
             record = self._read_record()
             if record is not None:
+                recorded_options = ComputeOptions.from_json(record["compute_options"])
                 if self._all_alive(record):
-                    running_options = ComputeOptions.from_json(record["compute_options"])
-                    if compute_options is not None and compute_options != running_options:
+                    if compute_options is not None and compute_options != recorded_options:
                         raise StackError(
                             f"a local stack with other compute options is running in {self.dir}; "
-                            "run `cflow local down` first"
+                            f"stop it with `cflow local down --dir {self.dir}` first"
                         )
                     logger.info("reusing the local stack running in %s", self.dir)
                     return self._info_from(record), False
                 logger.info("the local stack in %s is partly dead; restarting it", self.dir)
                 self._stop_record(record)
+                compute_options = compute_options or recorded_options
             return self._start(compute_options or ComputeOptions()), True
 
     def _start(self, compute_options):
@@ -741,23 +748,33 @@ class LocalStack:
         return statuses, vm_counts
 
 
-def count_vms(compute_endpoint, project):
-    """Count the project's VMs by status with one aggregatedList call; None if the emulator does not answer."""
+def count_vms(compute_endpoint, project, attempts=3):
+    """Count the project's VMs by status through the Compute REST aggregatedList.
+
+    Returns:
+        {status: count}, or None if the emulator does not answer.
+    """
     counts = {}
     url = f"{compute_endpoint}projects/{project}/aggregated/instances"
-    try:
-        while True:
-            page = _http_json(url)
-            for scoped in page.get("items", {}).values():
-                for instance in scoped.get("instances", []):
-                    counts[instance.get("status", "UNKNOWN")] = counts.get(instance.get("status", "UNKNOWN"), 0) + 1
-            token = page.get("nextPageToken")
-            if not token:
-                return counts
-            url = f"{compute_endpoint}projects/{project}/aggregated/instances?pageToken={token}"
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        logger.debug("aggregatedList failed: %s", error)
-        return None
+    while True:
+        page = None
+        # The emulator may be injecting transient 429/503 errors (--error-rate).
+        for _ in range(attempts):
+            try:
+                page = _http_json(url)
+                break
+            except (urllib.error.URLError, OSError, ValueError) as error:
+                logger.debug("aggregatedList failed: %s", error)
+        if page is None:
+            return None
+        for scoped in page.get("items", {}).values():
+            for instance in scoped.get("instances", []):
+                status = instance.get("status", "UNKNOWN")
+                counts[status] = counts.get(status, 0) + 1
+        token = page.get("nextPageToken")
+        if not token:
+            return counts
+        url = f"{compute_endpoint}projects/{project}/aggregated/instances?pageToken={urllib.parse.quote(token)}"
 
 
 def ensure_stack(stack_dir=DEFAULT_STACK_DIR, **compute_options):

@@ -61,6 +61,10 @@ def _add_dir_argument(parser):
     )
 
 
+def _dir_flag(args):
+    return "" if args.dir == DEFAULT_STACK_DIR else f" --dir {args.dir}"
+
+
 def _compute_options(args):
     from cflow.local.stack import ComputeOptions
 
@@ -88,7 +92,7 @@ def run_up(args):
     for line in export_lines(info):
         print(line)
     if started:
-        logger.info('stop it with `cflow local down%s`', "" if args.dir == DEFAULT_STACK_DIR else f" --dir {args.dir}")
+        logger.info("stop it with `cflow local down%s`", _dir_flag(args))
     return 0
 
 
@@ -97,7 +101,9 @@ def run_env(args):
 
     info = LocalStack(args.dir).info()
     if info is None:
-        raise StackError(f'no local stack is running in {args.dir}; start one with `eval "$(cflow local up)"`')
+        raise StackError(
+            f'no local stack is running in {args.dir}; start one with `eval "$(cflow local up{_dir_flag(args)})"`'
+        )
     for line in export_lines(info):
         print(line)
     return 0
@@ -120,7 +126,7 @@ def run_status(args):
     stack = LocalStack(args.dir)
     statuses, vm_counts = stack.status()
     if not statuses:
-        print(f"no local stack in {stack.dir}; start one with `cflow local up`")
+        print(f"no local stack in {stack.dir}; start one with `cflow local up{_dir_flag(args)}`")
         return 1
     print(f"local stack in {stack.dir}")
     width = max(len(status.name) for status in statuses)

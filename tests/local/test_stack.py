@@ -91,6 +91,25 @@ def wait_for(condition, timeout_s=30.0):
     return True
 
 
+def start_vm(compute_endpoint, startup_script):
+    """Insert one VM through the Compute REST API, as CFlow's workers are created."""
+    body = {
+        "name": "stack-test-vm",
+        "machineType": f"zones/{LOCAL_ZONE}/machineTypes/e2-small",
+        "disks": [{"boot": True, "autoDelete": True,
+                   "initializeParams": {"sourceImage": "projects/debian-cloud/global/images/family/debian-12"}}],
+        "networkInterfaces": [{"network": "global/networks/default"}],
+        "metadata": {"items": [{"key": "startup-script", "value": startup_script}]},
+    }
+    request = urllib.request.Request(
+        f"{compute_endpoint}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}/instances",
+        data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST",
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as response:
+        assert response.status == 200
+
+
 def test_up_env_status_down_through_the_command(tmp_path):
     stack_dir = tmp_path / "stack"
 
@@ -130,6 +149,12 @@ def test_up_env_status_down_through_the_command(tmp_path):
             line = next(line for line in status.stdout.splitlines() if service.name in line)
             assert f"pid {service.pid}" in line and service.endpoint in line and "alive" in line
         assert "VMs: none" in status.stdout
+
+        vm_pid_file = tmp_path / "vm.pid"
+        start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n")
+        assert wait_for(lambda: vm_pid_file.exists() and vm_pid_file.read_text().strip())
+        vm_pid = int(vm_pid_file.read_text())
+        assert wait_for(lambda: "VMs: 1 RUNNING" in cflow("local", "status", "--dir", str(stack_dir)).stdout)
     finally:
         down = cflow("local", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stderr
@@ -137,6 +162,7 @@ def test_up_env_status_down_through_the_command(tmp_path):
     assert not any(service.group_exists() for service in services.values())
     assert not answers(f"http://{exports['PUBSUB_EMULATOR_HOST']}/")
     assert processes_holding_files_under(stack_dir) == set()
+    assert not Path(f"/proc/{vm_pid}").exists(), "the VM outlived `cflow local down`"
 
     down_again = cflow("local", "down", "--dir", str(stack_dir))
     assert down_again.returncode == 0
@@ -250,3 +276,30 @@ def test_a_recycled_pid_is_never_signalled(tmp_path):
     finally:
         stop_service(service)
         process.wait(timeout=5)
+
+
+def test_shared_fixtures_serve_the_official_clients(pubsub_emulator, gcs_server, monkeypatch):
+    # Built exactly as the conftest docstring tells everyone to build them.
+    from google.api_core.exceptions import PreconditionFailed
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import pubsub_v1, storage
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+    publisher = pubsub_v1.PublisherClient()
+    subscriber = pubsub_v1.SubscriberClient()
+    topic = publisher.create_topic(name=f"projects/{LOCAL_PROJECT}/topics/stack-fixture-topic").name
+    subscription = subscriber.create_subscription(
+        name=f"projects/{LOCAL_PROJECT}/subscriptions/stack-fixture-sub", topic=topic
+    ).name
+    publisher.publish(topic, b"item-1").result(timeout=10)
+    pulled = subscriber.pull(subscription=subscription, max_messages=1, timeout=10)
+    assert [message.message.data for message in pulled.received_messages] == [b"item-1"]
+    subscriber.close()
+
+    client = storage.Client(project=LOCAL_PROJECT, credentials=AnonymousCredentials())
+    bucket = client.create_bucket("stack-fixture-bucket")
+    bucket.blob("done/item-1").upload_from_string("ok", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob("done/item-1").upload_from_string("again", if_generation_match=0)
+    assert bucket.blob("done/item-1").download_as_bytes() == b"ok"

@@ -57,8 +57,6 @@ def _to_json(node):
         return {key: _to_json(value) for key, value in node.items()}
     if isinstance(node, dict):
         return {_camel(key): _to_json(value) for key, value in node.items()}
-    if isinstance(node, str) and node.isdigit() and len(node) < 20:
-        return int(node)
     return node
 
 

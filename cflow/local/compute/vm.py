@@ -76,32 +76,55 @@ class Guest:
         return all(process.poll() is not None for process in (self.leader, self.shutdown) if process is not None)
 
 
+class ProcessScan:
+    """One look at /proc: marked processes and live members of process groups.
+
+    Attributes:
+        marked: {marker value: [pid, ...]} of live processes carrying the marker.
+        group_members: {pgid: number of live (non-zombie) processes}.
+    """
+
+    __slots__ = ("marked", "group_members")
+
+    def __init__(self, marked, group_members):
+        self.marked = marked
+        self.group_members = group_members
+
+
 class ProcessTable:
     """Finds processes by the marker variable in /proc/PID/environ."""
 
     def __init__(self, marker_prefix):
         self._needle = f"\0{MARKER_NAME}={marker_prefix}".encode()
 
-    def marked(self):
-        """Returns {marker value: [pid, ...]} for every live marked process."""
-        found = {}
+    def scan(self):
+        """Returns a ProcessScan. Zombies are left out: they hold no resources and
+        whoever inherited them (possibly a slow init) reaps them in its own time."""
+        marked = {}
+        group_members = {}
         own_pid = os.getpid()
         for entry in os.listdir("/proc"):
             if not entry.isdigit() or int(entry) == own_pid:
                 continue
             try:
+                with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                    fields = stat_file.read().rsplit(b")", 1)[1].split()
+                if fields[0] in (b"Z", b"X"):
+                    continue
                 with open(f"/proc/{entry}/environ", "rb") as environ_file:
                     environ = b"\0" + environ_file.read()
-            except OSError:
+            except (OSError, IndexError):
                 continue
+            pgid = int(fields[2])
+            group_members[pgid] = group_members.get(pgid, 0) + 1
             start = environ.find(self._needle)
             if start < 0:
                 continue
             value_start = start + len(MARKER_NAME) + 2
             value_end = environ.find(b"\0", value_start)
             value = environ[value_start : value_end if value_end >= 0 else None].decode(errors="replace")
-            found.setdefault(value, []).append(int(entry))
-        return found
+            marked.setdefault(value, []).append(int(entry))
+        return ProcessScan(marked, group_members)
 
 
 class Watchdog:
@@ -382,11 +405,11 @@ class PowerOff:
                 except OSError:
                     logger.exception("cannot start the shutdown script of %s", job.guest.disk_dir)
         needs_scan = any(job.phase != "script" or job.guest.shutdown is None or job.guest.shutdown.poll() is not None or now >= job.deadline for job in jobs)
-        marked = self._process_table.marked() if needs_scan else {}
+        scan = self._process_table.scan() if needs_scan else ProcessScan({}, {})
         finished = []
         for job in jobs:
             guest = job.guest
-            pids = marked.get(guest.marker, [])
+            pids = scan.marked.get(guest.marker, [])
             if job.phase == "script":
                 if guest.shutdown is not None and guest.shutdown.poll() is None and now < job.deadline:
                     continue
@@ -394,8 +417,7 @@ class PowerOff:
                 job.phase = "term"
                 job.term_deadline = max(job.deadline, now + self._term_wait_s)
                 continue
-            guest.processes_reaped()
-            if self._gone(guest, pids):
+            if self._gone(guest, pids, scan):
                 finished.append(job)
                 for pgid in list(guest.process_groups):
                     self._launcher.watchdog.forget(pgid)
@@ -406,7 +428,7 @@ class PowerOff:
         return finished
 
     @staticmethod
-    def _gone(guest, marked_pids):
-        if marked_pids or not guest.processes_reaped():
+    def _gone(guest, marked_pids, scan):
+        if not guest.processes_reaped() or marked_pids:
             return False
-        return not any(_group_alive(pgid) for pgid in guest.process_groups)
+        return not any(scan.group_members.get(pgid) for pgid in guest.process_groups)

@@ -1,0 +1,53 @@
+"""Compute Engine in a box: the v1 REST API, each VM a local process group.
+
+Run it::
+
+    cflow emulator compute --host 127.0.0.1 --port 0 [--state-dir D] \\
+        [--pubsub-emulator-host H:P] [--storage-emulator-host http://H:P] \\
+        [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
+        [--cpu-quota N] [--error-rate R] [--boot-delay S] [--seed N]
+
+It prints ``compute emulator listening on http://H:P/compute/v1/`` once it
+accepts requests, and serves until SIGTERM/SIGINT (then powers every VM off
+in parallel and exits 0). Clients use it unchanged::
+
+    googleapiclient.discovery.build("compute", "v1", credentials=AnonymousCredentials(),
+        client_options={"api_endpoint": "http://H:P/compute/v1/"}, static_discovery=True)
+
+Batches: ``POST http://H:P/batch/compute/v1``. googleapiclient takes a
+batch URI from the discovery document, not from ``api_endpoint``, so pass
+``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")``.
+
+Served: instances insert, bulkInsert, get, list, aggregatedList (filter,
+maxResults, pageToken), delete, stop, start, setLabels, setMetadata
+(fingerprints checked, 412 conditionNotMet), simulateMaintenanceEvent,
+getSerialPortOutput; zoneOperations get, wait, list, delete; images get,
+getFromFamily, list; machineTypes get, list; zones get, list.
+
+A VM: its disk is ``STATE_DIR/vms/NAME-ID/`` (cwd; ``home/`` is HOME,
+``tmp/`` is TMPDIR, ``bin/`` comes first on PATH, ``serial-port-1.log`` is
+the serial console). Its metadata ``startup-script`` runs on entering
+RUNNING (with bash unless it starts with ``#!``) in a process group of its
+own; the environment holds only PATH, locale and PYTHONPATH/VIRTUAL_ENV from
+the host, plus ``GCE_METADATA_HOST``/``GCE_METADATA_IP`` (its own metadata
+server, ``127.0.0.1:PORT``), ``PUBSUB_EMULATOR_HOST``,
+``STORAGE_EMULATOR_HOST``, ``CFLOW_COMPUTE_ENDPOINT``, ``CFLOW_EMULATED_VM=1``
+and ``CFLOW_VM_MARKER`` (finds its processes for cleanup).
+
+Stop, delete, preemption and guest power-off run the ``shutdown-script``
+(same environment, same process group) within the grace period (30 s for
+Spot/preemptible, 90 s standard, ``--shutdown-grace`` overrides), then
+SIGTERM, then SIGKILL every process of the VM. A watchdog process kills them
+all if the emulator itself dies (even by SIGKILL).
+
+Guest power-off: a VM powers itself off, as ``poweroff`` does on GCE, with
+``POST http://$GCE_METADATA_HOST/cflow-emulator/v1/poweroff`` and header
+``Metadata-Flavor: Google``; the ``poweroff`` command on the VM's PATH does
+exactly that. The VM runs its shutdown script and ends TERMINATED (operation
+``compute.instances.guestTerminate``). Nothing on the host is touched.
+
+Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
+base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);
+``cflow.local.compute.testing.compute_emulator_process()`` runs it as a
+subprocess for tests.
+"""

@@ -1,0 +1,93 @@
+"""``cflow emulator compute``: run the Compute Engine emulator in the foreground.
+
+``emulator`` is a group: other emulators can add their own sub-subcommands
+with ``emulator_subparsers(subparsers)``.
+"""
+
+import signal
+import sys
+import threading
+
+EMULATOR_GROUP = "emulator"
+
+
+def emulator_subparsers(subparsers):
+    """Returns the sub-subparsers of the ``emulator`` group, creating the group once."""
+    existing = subparsers.choices.get(EMULATOR_GROUP)
+    if existing is not None:
+        return existing._cflow_emulator_subparsers
+    group = subparsers.add_parser(EMULATOR_GROUP, help="run a local emulator of a Google Cloud service")
+    group_subparsers = group.add_subparsers(dest="emulator", metavar="SERVICE")
+    group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
+    group._cflow_emulator_subparsers = group_subparsers
+    return group_subparsers
+
+
+def _zone_capacity(text):
+    import argparse
+
+    zone, separator, count = text.partition("=")
+    if not separator or not zone or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not ZONE=N (e.g. us-central1-a=10)")
+    return zone, int(count)
+
+
+def add_parser(subparsers):
+    from cflow.local import LOCAL_PROJECT
+
+    parser = emulator_subparsers(subparsers).add_parser(
+        "compute",
+        help="serve Compute Engine v1 locally; each VM is a local process group",
+        description="Serve Compute Engine v1 at http://HOST:PORT/compute/v1/ until SIGTERM/SIGINT. "
+        "Prints 'compute emulator listening on URL' once requests are accepted.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (0 = pick a free one; see the printed URL)")
+    parser.add_argument("--project", default=LOCAL_PROJECT, help=f"the default project (default {LOCAL_PROJECT}; any project is served)")
+    parser.add_argument("--state-dir", help="VM disks live in DIR/vms/NAME-ID/ (default: a temporary dir deleted at exit)")
+    parser.add_argument("--pubsub-emulator-host", help="HOST:PORT given to every VM as PUBSUB_EMULATOR_HOST")
+    parser.add_argument("--storage-emulator-host", help="http://HOST:PORT given to every VM as STORAGE_EMULATOR_HOST")
+    parser.add_argument("--shutdown-grace", type=float, metavar="S", help="grace period of shutdown scripts (default 30 s Spot, 90 s standard)")
+    parser.add_argument("--preempt-mean-s", type=float, metavar="S", help="preempt each Spot VM after a random lifetime with this mean")
+    parser.add_argument("--zone-capacity", type=_zone_capacity, action="append", default=[], metavar="ZONE=N", help="at most N live VMs in ZONE (repeatable); more stock out")
+    parser.add_argument("--cpu-quota", type=int, metavar="N", help="vCPUs of live VMs allowed per region; more is 403 QUOTA_EXCEEDED")
+    parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
+    parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
+    parser.add_argument("--seed", type=int, help="random seed for faults and ids")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args):
+    """Runs the emulator until SIGTERM or SIGINT; returns 0 after every VM is down."""
+    from cflow.local.compute.emulator import ComputeEmulator, EmulatorOptions
+
+    options = EmulatorOptions(
+        host=args.host,
+        port=args.port,
+        project=args.project,
+        state_dir=args.state_dir,
+        pubsub_emulator_host=args.pubsub_emulator_host,
+        storage_emulator_host=args.storage_emulator_host,
+        shutdown_grace_s=args.shutdown_grace,
+        preempt_mean_s=args.preempt_mean_s,
+        zone_capacity=dict(args.zone_capacity),
+        cpu_quota=args.cpu_quota,
+        error_rate=args.error_rate,
+        boot_delay_s=args.boot_delay,
+        seed=args.seed,
+    )
+    stop_requested = threading.Event()
+    previous = {number: signal.signal(number, lambda *_: stop_requested.set()) for number in (signal.SIGTERM, signal.SIGINT)}
+    emulator = ComputeEmulator(options)
+    try:
+        base_url = emulator.start()
+        print(f"compute emulator listening on {base_url}", flush=True)
+        while not stop_requested.wait(0.5):
+            pass
+        print("compute emulator stopping: powering off every VM", file=sys.stderr, flush=True)
+    finally:
+        emulator.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return 0

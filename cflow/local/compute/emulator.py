@@ -1,0 +1,177 @@
+"""``ComputeEmulator``: the Compute Engine emulator assembled and run in-process."""
+
+import dataclasses
+import logging
+import os
+import random
+import resource
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+
+from cflow.errors import CflowError
+from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
+from cflow.local.compute.catalog import Catalog
+from cflow.local.compute.engine import ComputeEngine
+from cflow.local.compute.faults import Faults
+from cflow.local.compute.metadata import MetadataServers
+from cflow.local.compute.server import ApiServer, Dispatcher
+from cflow.local.compute.timers import TimerQueue
+from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, Watchdog
+
+logger = logging.getLogger(__name__)
+
+
+class EmulatorOptionError(CflowError):
+    """An option of ``cflow emulator compute`` is invalid."""
+
+
+@dataclasses.dataclass
+class EmulatorOptions:
+    """How the emulator runs; every field matches a ``cflow emulator compute`` option.
+
+    ``zone_capacity`` maps zone -> max live VMs; ``shutdown_grace_s`` None keeps
+    GCE's grace periods (30 s Spot/preemptible, 90 s standard); ``state_dir``
+    None is a temporary directory deleted at stop.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    project: str = LOCAL_PROJECT
+    state_dir: str | None = None
+    pubsub_emulator_host: str | None = None
+    storage_emulator_host: str | None = None
+    shutdown_grace_s: float | None = None
+    preempt_mean_s: float | None = None
+    zone_capacity: dict = dataclasses.field(default_factory=dict)
+    cpu_quota: int | None = None
+    error_rate: float = 0.0
+    boot_delay_s: float = 0.0
+    seed: int | None = None
+
+    def validate(self, known_zones):
+        """Raises EmulatorOptionError for values the emulator cannot honour."""
+        if not 0.0 <= self.error_rate < 1.0:
+            raise EmulatorOptionError(f"--error-rate {self.error_rate} must be in [0, 1); use e.g. 0.1 for 10% of requests")
+        for name, value in (("--shutdown-grace", self.shutdown_grace_s), ("--preempt-mean-s", self.preempt_mean_s), ("--boot-delay", self.boot_delay_s)):
+            if value is not None and value < 0:
+                raise EmulatorOptionError(f"{name} {value} must not be negative")
+        if self.cpu_quota is not None and self.cpu_quota < 0:
+            raise EmulatorOptionError(f"--cpu-quota {self.cpu_quota} must not be negative")
+        for zone, capacity in self.zone_capacity.items():
+            if zone not in known_zones:
+                raise EmulatorOptionError(f"--zone-capacity names unknown zone {zone!r}; known zones: {', '.join(sorted(known_zones))}")
+            if capacity < 0:
+                raise EmulatorOptionError(f"--zone-capacity {zone}={capacity} must not be negative")
+
+
+def _raise_open_file_limit():
+    # Each VM holds a listening socket; the default soft limit (1024) caps a fleet early.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+        except (ValueError, OSError):
+            pass
+
+
+class ComputeEmulator:
+    """Compute Engine v1 at ``http://H:P/compute/v1/``, each VM a local process group.
+
+    Args:
+        options: an EmulatorOptions.
+        wall_clock: ``time.time``-like, for resource timestamps.
+        monotonic: ``time.monotonic``-like, for delays and deadlines.
+
+    ``start()`` returns the base URL; ``stop()`` powers every VM off (shutdown
+    scripts within the grace period, then kills) and releases everything.
+    """
+
+    def __init__(self, options, wall_clock=time.time, monotonic=time.monotonic):
+        self.options = options
+        self._wall_clock = wall_clock
+        self._monotonic = monotonic
+        self._temporary_state_dir = None
+        self._server = None
+        self._server_thread = None
+        self._stopped = threading.Event()
+        self.base_url = None
+        self.engine = None
+        self.state_dir = None
+        self.watchdog = None
+
+    def start(self):
+        """Starts serving; returns the base URL ``http://H:P/compute/v1/``."""
+        options = self.options
+        options.validate(set(Catalog("").zone_names()))
+        _raise_open_file_limit()
+        if options.state_dir:
+            self.state_dir = os.path.abspath(options.state_dir)
+            os.makedirs(self.state_dir, exist_ok=True)
+        else:
+            self.state_dir = self._temporary_state_dir = tempfile.mkdtemp(prefix="cflow-compute-")
+        self._server = ApiServer((options.host, options.port))
+        host, port = self._server.server_address[:2]
+        url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.base_url = f"http://{url_host}:{port}/compute/v1/"
+        catalog = Catalog(self.base_url)
+
+        marker_prefix = f"{secrets.token_hex(6)}-"
+        self.watchdog = Watchdog(marker_prefix)
+        self.watchdog.start()
+        vm_environment = {ENV_COMPUTE: self.base_url}
+        if options.pubsub_emulator_host:
+            vm_environment[ENV_PUBSUB] = options.pubsub_emulator_host
+        if options.storage_emulator_host:
+            vm_environment[ENV_STORAGE] = options.storage_emulator_host
+        launcher = GuestLauncher(self.state_dir, marker_prefix, vm_environment, self.watchdog)
+        self._power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
+        self._timers = TimerQueue(self._monotonic)
+        faults = Faults(options.error_rate, options.zone_capacity, options.cpu_quota, options.preempt_mean_s, options.seed)
+        self.engine = ComputeEngine(
+            base_url=self.base_url,
+            catalog=catalog,
+            faults=faults,
+            launcher=launcher,
+            power_off=self._power_off,
+            timers=self._timers,
+            wall_clock=self._wall_clock,
+            boot_delay_s=options.boot_delay_s,
+            shutdown_grace_s=options.shutdown_grace_s,
+            id_random=random.Random(None if options.seed is None else options.seed + 1),
+        )
+        self._metadata_servers = MetadataServers("127.0.0.1", self.engine)
+        self.engine.bind_metadata_servers(self._metadata_servers)
+        self._server.dispatcher = Dispatcher(self.engine, faults)
+        self._metadata_servers.start()
+        self._power_off.start()
+        self._timers.start()
+        self.engine.start_reaper()
+        self._server_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="compute-api", daemon=True)
+        self._server_thread.start()
+        logger.info("compute emulator: state in %s, watchdog pid %s", self.state_dir, self.watchdog.pid)
+        return self.base_url
+
+    def stop(self):
+        """Powers off every VM (in parallel), then stops serving. Idempotent."""
+        if self._stopped.is_set() or self.engine is None:
+            return
+        self._stopped.set()
+        self.engine.shutdown()
+        self._server.shutdown()
+        self._server.server_close()
+        self._timers.stop()
+        self._power_off.stop()
+        self._metadata_servers.stop()
+        self.watchdog.close()
+        if self._temporary_state_dir:
+            shutil.rmtree(self._temporary_state_dir, ignore_errors=True)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()

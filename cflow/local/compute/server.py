@@ -1,0 +1,247 @@
+"""HTTP routing: Compute Engine v1 REST paths (and the batch endpoint) onto the engine.
+
+Serves ``/compute/v1/...`` as googleapiclient calls it with
+``client_options={"api_endpoint": "http://H:P/compute/v1/"}``, and
+``POST /batch/compute/v1`` (multipart/mixed, as ``BatchHttpRequest`` sends
+it). googleapiclient derives a service's batch URI from the discovery
+document's rootUrl, not from ``api_endpoint``: callers must pass
+``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")`` themselves.
+"""
+
+import email.parser
+import json
+import logging
+import re
+import secrets
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cflow.local.compute import api_errors
+from cflow.local.compute.engine import RawJson
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/compute/v1/"
+BATCH_PATHS = ("/batch/compute/v1", "/batch/compute/v1/", "/batch")
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+_P = r"projects/(?P<project>[^/]+)"
+_Z = _P + r"/zones/(?P<zone>[^/]+)"
+_I = _Z + r"/instances/(?P<instance>[^/]+)"
+_O = _Z + r"/operations/(?P<operation>[^/]+)"
+
+
+def _route(method, pattern, handler):
+    return method, re.compile(pattern), handler
+
+
+def _body(request):
+    return request["body"]
+
+
+ROUTES = (
+    _route("GET", _P + r"/zones", lambda engine, args, query, body: _zones(engine, args["project"], query)),
+    _route("GET", _Z, lambda engine, args, query, body: engine.catalog.zone_json(args["project"], args["zone"])),
+    _route("GET", _Z + r"/machineTypes", lambda engine, args, query, body: _machine_types(engine, args["project"], args["zone"], query)),
+    _route("GET", _Z + r"/machineTypes/(?P<name>[^/]+)", lambda engine, args, query, body: engine.catalog.machine_type_json(args["project"], args["zone"], args["name"])),
+    _route("GET", _P + r"/aggregated/instances", lambda engine, args, query, body: engine.aggregated_list_instances(args["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
+    _route("POST", _Z + r"/instances", lambda engine, args, query, body: engine.insert_instance(args["project"], args["zone"], body)),
+    _route("GET", _Z + r"/instances", lambda engine, args, query, body: engine.list_instances(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
+    _route("POST", _Z + r"/instances/bulkInsert", lambda engine, args, query, body: engine.bulk_insert(args["project"], args["zone"], body)),
+    _route("GET", _I, lambda engine, args, query, body: engine.get_instance(args["project"], args["zone"], args["instance"])),
+    _route("DELETE", _I, lambda engine, args, query, body: engine.delete_instance(args["project"], args["zone"], args["instance"])),
+    _route("POST", _I + r"/stop", lambda engine, args, query, body: engine.stop_instance(args["project"], args["zone"], args["instance"])),
+    _route("POST", _I + r"/start", lambda engine, args, query, body: engine.start_instance(args["project"], args["zone"], args["instance"])),
+    _route("POST", _I + r"/setLabels", lambda engine, args, query, body: engine.set_labels(args["project"], args["zone"], args["instance"], body)),
+    _route("POST", _I + r"/setMetadata", lambda engine, args, query, body: engine.set_metadata(args["project"], args["zone"], args["instance"], body)),
+    _route("POST", _I + r"/simulateMaintenanceEvent", lambda engine, args, query, body: engine.simulate_maintenance_event(args["project"], args["zone"], args["instance"])),
+    _route("GET", _I + r"/serialPort", lambda engine, args, query, body: engine.serial_port_output(args["project"], args["zone"], args["instance"], query.get("start"))),
+    _route("GET", _Z + r"/operations", lambda engine, args, query, body: engine.list_operations(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
+    _route("GET", _O, lambda engine, args, query, body: engine.get_operation(args["project"], args["zone"], args["operation"])),
+    _route("DELETE", _O, lambda engine, args, query, body: engine.delete_operation(args["project"], args["zone"], args["operation"])),
+    _route("POST", _O + r"/wait", lambda engine, args, query, body: engine.wait_operation(args["project"], args["zone"], args["operation"])),
+    _route("GET", _P + r"/global/images", lambda engine, args, query, body: _images(engine, args["project"])),
+    _route("GET", _P + r"/global/images/family/(?P<family>[^/]+)", lambda engine, args, query, body: engine.catalog.image_from_family(args["project"], args["family"])),
+    _route("GET", _P + r"/global/images/(?P<image>[^/]+)", lambda engine, args, query, body: engine.catalog.image_json(args["project"], args["image"])),
+)
+BODY_METHODS = ("POST", "PUT", "PATCH")
+
+
+def _zones(engine, project, query):
+    from cflow.local.compute.filters import compile_filter
+
+    predicate = compile_filter(query.get("filter"))
+    items = [zone for zone in (engine.catalog.zone_json(project, name) for name in engine.catalog.zone_names()) if predicate(zone)]
+    return {"kind": "compute#zoneList", "id": f"projects/{project}/zones", "items": items, "selfLink": f"{engine.base_url}projects/{project}/zones"}
+
+
+def _machine_types(engine, project, zone, query):
+    from cflow.local.compute.filters import compile_filter
+
+    engine.catalog.zone_json(project, zone)
+    predicate = compile_filter(query.get("filter"))
+    items = [engine.catalog.machine_type_json(project, zone, name) for name in sorted(engine.catalog.machine_types)]
+    return {
+        "kind": "compute#machineTypeList",
+        "id": f"projects/{project}/zones/{zone}/machineTypes",
+        "items": [item for item in items if predicate(item)],
+        "selfLink": f"{engine.base_url}projects/{project}/zones/{zone}/machineTypes",
+    }
+
+
+def _images(engine, project):
+    return {"kind": "compute#imageList", "id": f"projects/{project}/global/images", "items": engine.catalog.images_of(project), "selfLink": f"{engine.base_url}projects/{project}/global/images"}
+
+
+class Dispatcher:
+    """Answers one API call: (method, path, query string, body bytes) -> (status, JSON text or None).
+
+    Args:
+        engine: the ComputeEngine.
+        faults: the Faults (``--error-rate`` answers come before any work).
+    """
+
+    def __init__(self, engine, faults):
+        self.engine = engine
+        self.faults = faults
+
+    def dispatch(self, method, path, query_string, body_bytes):
+        try:
+            return 200, self._dispatch(method, path, query_string, body_bytes)
+        except api_errors.ApiError as error:
+            return error.code, json.dumps(error.to_json())
+        except Exception:
+            logger.exception("compute emulator failed on %s %s", method, path)
+            error = api_errors.ApiError(500, "internalError", "Internal error. Please try again or contact Google Support.")
+            return 500, json.dumps(error.to_json())
+
+    def _dispatch(self, method, path, query_string, body_bytes):
+        if not path.startswith(API_PREFIX):
+            raise api_errors.unknown_url(path)
+        relative = urllib.parse.unquote(path[len(API_PREFIX) :]).strip("/")
+        for route_method, pattern, handler in ROUTES:
+            match = pattern.fullmatch(relative)
+            if match is None or route_method != method:
+                continue
+            fault = self.faults.request_error(match.groupdict().get("project", ""))
+            if fault is not None:
+                raise fault
+            query = dict(urllib.parse.parse_qsl(query_string, keep_blank_values=True))
+            body = self._parse_body(body_bytes) if method in BODY_METHODS else None
+            result = handler(self.engine, match.groupdict(), query, body)
+            if result is None:
+                return None
+            return result if isinstance(result, RawJson) else json.dumps(result)
+        raise api_errors.unknown_url(path)
+
+    @staticmethod
+    def _parse_body(body_bytes):
+        if not body_bytes or not body_bytes.strip():
+            return {}
+        try:
+            body = json.loads(body_bytes)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise api_errors.parse_error(str(error)) from None
+        if not isinstance(body, dict):
+            raise api_errors.parse_error("The request body must be a JSON object.")
+        return body
+
+
+_STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def answer_batch(dispatcher, content_type, body_bytes):
+    """Answers a multipart/mixed batch; returns (status, content type, body bytes).
+
+    Each part is an ``application/http`` request; the answer has one
+    ``application/http`` part per request, ``Content-ID: <response-ID>``.
+    """
+    if "multipart/mixed" not in (content_type or ""):
+        error = api_errors.bad_request("A batch request must be multipart/mixed.")
+        return 400, "application/json; charset=UTF-8", json.dumps(error.to_json()).encode()
+    message = email.parser.Parser().parsestr(f"Content-Type: {content_type}\r\n\r\n" + body_bytes.decode("utf-8", errors="replace"))
+    if not message.is_multipart():
+        error = api_errors.bad_request("The batch request has no parts.")
+        return 400, "application/json; charset=UTF-8", json.dumps(error.to_json()).encode()
+    boundary = "batch_" + secrets.token_hex(12)
+    chunks = []
+    for part in message.get_payload():
+        # googleapiclient's MIME generator folds long headers; unfold (RFC 5322 2.2.3).
+        content_id = re.sub(r"\r?\n", "", part.get("Content-ID") or "").strip()
+        status, text = _answer_part(dispatcher, part.get_payload())
+        response_id = f"<response-{content_id[1:]}" if content_id.startswith("<") else f"response-{content_id}"
+        inner = text.encode() if text is not None else b""
+        chunks.append(
+            f"--{boundary}\r\nContent-Type: application/http\r\nContent-ID: {response_id}\r\n\r\n"
+            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Status')}\r\n"
+            f"Content-Type: application/json; charset=UTF-8\r\nContent-Length: {len(inner)}\r\n\r\n".encode()
+            + inner
+            + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return 200, f"multipart/mixed; boundary={boundary}", b"".join(chunks)
+
+
+def _answer_part(dispatcher, payload):
+    if isinstance(payload, list):
+        return 400, json.dumps(api_errors.bad_request("Nested multipart parts are not supported.").to_json())
+    request_line, _, rest = payload.lstrip("\r\n").partition("\n")
+    pieces = request_line.strip().split(" ")
+    if len(pieces) < 2:
+        return 400, json.dumps(api_errors.bad_request("Malformed request line in batch part.").to_json())
+    method, target = pieces[0].upper(), pieces[1]
+    separator = re.search(r"\r?\n\r?\n", rest)
+    body = rest[separator.end() :] if separator else ""
+    parsed = urllib.parse.urlsplit(target)
+    return dispatcher.dispatch(method, parsed.path, parsed.query, body.encode())
+
+
+class ApiServer(ThreadingHTTPServer):
+    """The emulator's HTTP server; ``dispatcher`` is set before serving."""
+
+    daemon_threads = True
+    request_queue_size = 256
+    allow_reuse_address = True
+
+    def __init__(self, address):
+        super().__init__(address, ApiRequestHandler)
+        self.dispatcher = None
+
+
+class ApiRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "cflow-compute-emulator"
+    sys_version = ""
+
+    def log_message(self, format, *args):
+        logger.debug("api: " + format, *args)
+
+    def _handle(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._reply(413, "application/json; charset=UTF-8", json.dumps(api_errors.bad_request("Request too large.").to_json()).encode())
+            self.close_connection = True
+            return
+        body = self.rfile.read(length) if length else b""
+        parsed = urllib.parse.urlsplit(self.path)
+        dispatcher = self.server.dispatcher
+        if self.command == "POST" and parsed.path in BATCH_PATHS:
+            status, content_type, data = answer_batch(dispatcher, self.headers.get("Content-Type"), body)
+            self._reply(status, content_type, data)
+            return
+        status, text = dispatcher.dispatch(self.command, parsed.path, parsed.query, body)
+        if text is None:
+            self._reply(204, None, b"")
+        else:
+            self._reply(status, "application/json; charset=UTF-8", text.encode())
+
+    def _reply(self, status, content_type, data):
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle

@@ -127,6 +127,7 @@ class Service:
     endpoint: str
     log: str
     argv: tuple
+    log_offset: int = 0  # where this run's output starts in ``log``
 
     @property
     def pgid(self):
@@ -176,6 +177,7 @@ def launch_background(name, argv, log_path, endpoint, env=None):
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        log_offset = log.seek(0, os.SEEK_END)
         try:
             process = subprocess.Popen(
                 argv,
@@ -192,7 +194,7 @@ def launch_background(name, argv, log_path, endpoint, env=None):
             ) from error
     stat = _read_proc_stat(process.pid)
     start_time = stat[1] if stat else -1
-    service = Service(name, process.pid, start_time, _boot_id(), endpoint, str(log_path), tuple(argv))
+    service = Service(name, process.pid, start_time, _boot_id(), endpoint, str(log_path), tuple(argv), log_offset)
     logger.debug("started %s: pid %d, log %s", name, process.pid, log_path)
     return service, process
 
@@ -213,9 +215,12 @@ def _http_json(url, timeout_s=5.0):
         return json.load(response)
 
 
-def _log_tail(log_path, lines=3):
+def _log_tail(service, lines=3):
+    """The last ``lines`` lines the service wrote, joined on one line."""
     try:
-        text = Path(log_path).read_text(errors="replace").strip().splitlines()
+        with open(service.log, "rb") as log:
+            log.seek(service.log_offset)
+            text = log.read().decode(errors="replace").strip().splitlines()
     except OSError:
         return ""
     return " | ".join(line.strip() for line in text[-lines:])
@@ -234,7 +239,7 @@ def wait_until_ready(service, is_ready, deadline_s, clock=time.monotonic, sleep=
             return
         if not service.is_alive():
             raise StackError(
-                f"the {service.name} exited while starting; see {service.log} ({_log_tail(service.log)})"
+                f"the {service.name} exited while starting; see {service.log} ({_log_tail(service)})"
             )
         if clock() > deadline:
             raise StackError(
@@ -260,11 +265,11 @@ def stop_service(service, timeout_s=STOP_TIMEOUT_S, terminate_leader_only=False,
     if not service.group_exists():
         return False
     logger.debug("stopping %s (pgid %d)", service.name, service.pgid)
-    if terminate_leader_only:
-        if service.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(service.pid, signal.SIGTERM)
+    if terminate_leader_only and service.is_alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service.pid, signal.SIGTERM)
     else:
+        # Also when the leader is gone: nobody is left to stop the rest in order.
         _signal_group(service, signal.SIGTERM)
     deadline = clock() + timeout_s
     while clock() < deadline:
@@ -359,7 +364,7 @@ def _launch_with_port_retry(name, build_argv, log_path, ready_url, deadline_s, e
             wait_until_ready(service, lambda: _http_ok(ready_url(port)), deadline_s, clock, sleep)
             return service, process
         except StackError:
-            in_use = "in use" in _log_tail(log_path, lines=20).lower()
+            in_use = "in use" in _log_tail(service, lines=20).lower()
             stop_service(service, clock=clock, sleep=sleep)
             process.wait()
             if not in_use or attempt == attempts - 1:
@@ -480,17 +485,15 @@ def launch_compute_emulator(state_dir, log_path, pubsub_host, storage_url, optio
     env["PYTHONUNBUFFERED"] = "1"
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    log_path = Path(log_path)
-    log_offset = log_path.stat().st_size if log_path.exists() else 0
     service, process = launch_background("Compute emulator", argv, log_path, "", env)
     endpoint = None
 
     def answers():
         nonlocal endpoint
         if endpoint is None:
-            with open(log_path, errors="replace") as log:
-                log.seek(log_offset)
-                match = _COMPUTE_READY_LINE.search(log.read())
+            with open(log_path, "rb") as log:
+                log.seek(service.log_offset)
+                match = _COMPUTE_READY_LINE.search(log.read().decode(errors="replace"))
             if match is None:
                 return False
             endpoint = match.group(1)

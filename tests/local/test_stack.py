@@ -215,12 +215,14 @@ def test_up_refuses_other_compute_options_on_a_running_stack(local_stack):
 
 
 def assert_one_line_error_and_nothing_started(result, stack_dir, *expected):
+    """The command failed with one error line (after progress lines, if any) and left nothing behind."""
     assert result.returncode != 0
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert lines[-1].startswith("cflow: error: ") and "Traceback" not in result.stderr, result.stderr
+    assert not any(line.startswith("cflow: error: ") for line in lines[:-1]), result.stderr
     for text in expected:
-        assert text in lines[0]
+        assert text in lines[-1]
     assert not (stack_dir / "stack.json").exists()
     assert processes_holding_files_under(stack_dir) == set()
 
@@ -228,6 +230,7 @@ def assert_one_line_error_and_nothing_started(result, stack_dir, *expected):
 def test_missing_pubsub_emulator_is_a_one_line_error_with_the_install_hint(tmp_path):
     env = dict(os.environ, CFLOW_PUBSUB_EMULATOR=str(tmp_path / "no-such-emulator"))
     result = cflow("local", "up", "--dir", str(tmp_path / "stack"), env=env)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert_one_line_error_and_nothing_started(
         result, tmp_path / "stack", "no-such-emulator", "google-cloud-cli-pubsub-emulator",
         "gcloud components install pubsub-emulator",
@@ -243,7 +246,16 @@ def test_missing_java_is_a_one_line_error_with_the_install_hint(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "JAVA_HOME"}
     env.update(PATH=str(empty_path), CFLOW_PUBSUB_EMULATOR=str(emulator))
     result = cflow("local", "up", "--dir", str(tmp_path / "stack"), env=env)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert_one_line_error_and_nothing_started(result, tmp_path / "stack", "Java", "openjdk-17-jre-headless")
+
+
+def test_a_compute_emulator_that_fails_to_start_leaves_nothing_running(tmp_path):
+    stack_dir = tmp_path / "stack"
+    for _ in range(2):  # the second failure must quote its own log lines, not the first's
+        result = cflow("local", "up", "--dir", str(stack_dir), "--error-rate", "5")
+        assert_one_line_error_and_nothing_started(result, stack_dir, "Compute emulator", "compute.log", "--error-rate")
+        assert result.stderr.count("--error-rate") == 1
 
 
 def test_a_service_that_dies_while_starting_names_its_log(tmp_path):

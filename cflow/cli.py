@@ -45,6 +45,9 @@ def configure_logging(debug):
         # The Google clients are chatty at INFO; their news is ours to tell.
         for noisy in ("googleapiclient", "google", "urllib3", "grpc"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # google-auth warns at every failed metadata-server probe while looking
+        # for credentials; when none are found our own one line says so.
+        logging.getLogger("google.auth").setLevel(logging.ERROR)
 
 
 def run_entry(parser, default_func=None, argv=None):

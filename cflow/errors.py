@@ -31,3 +31,9 @@ class CloudError(CflowError):
     """A Google API refused a request in a way retrying will not fix."""
 
     exit_status = 1
+
+
+class CloudSetupError(CloudError):
+    """The cloud project is not set up for the run (API off, role missing, no credentials)."""
+
+    exit_status = EXIT_USAGE

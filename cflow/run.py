@@ -75,10 +75,17 @@ def run_command(args, before_run=None):
         return dry_run(config)
     run_id = args.resume or new_run_id()
     print(f"run id: {run_id}", flush=True)
-    with _cloud(config, args) as clients:
-        if before_run:
-            before_run(config, clients)
-        return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
+    from cflow.gcp.errors import google_error_types, translate
+
+    try:
+        with _cloud(config, args) as clients:
+            if before_run:
+                before_run(config, clients)
+            return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
+    except google_error_types() as error:
+        if args.debug:
+            raise
+        raise translate(error, config.project) from None
 
 
 @contextlib.contextmanager
@@ -97,25 +104,53 @@ def _cloud(config, args):
         yield build_clients("local", config.project)
 
 
-def dry_run(config):
-    from cflow import fleet
-    from cflow.tasks import load_items
+def dry_run(config, out=None):
+    """Print the plan: items, VMs, zones, boot, the instance body and a cost range. Creates nothing."""
     import json
 
+    from cflow import fleet
+    from cflow.tasks import load_items
+
+    out = out or sys.stdout
+    # A gs:// prefix would need a listing; the dry run talks to no service at all.
     items = load_items(config) if config.tasks_kind != "gcs" else None
-    properties = fleet.worker_instance_properties(config, "RUN_ID", f"gs://{config.bucket}/cflow/runs/RUN_ID/package/package.tar.gz", "<init.sh>")
-    count = len(items) if items is not None else "one per object under " + config.tasks
+    properties = fleet.worker_instance_properties(
+        config, "RUN_ID", f"gs://{config.bucket}/cflow/runs/RUN_ID/package/package.tar.gz", fleet.read_init_script(config)
+    )
+    for entry in properties["metadata"]["items"]:
+        if entry["key"] in ("startup-script", "shutdown-script"):
+            entry["value"] = f"<{len(entry['value'])} bytes: {'init.sh' if entry['key'] == 'startup-script' else 'runs shutdown-signal.py'}>"
     workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
-    print(f"target:        {config.target} (project {config.project})")
-    print(f"items:         {count}")
-    print(f"workers:       {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}")
-    print(f"zones:         {', '.join(config.zones)}")
-    print(f"boot:          {config.vm_boot} ({fleet.boot_image(config)})")
-    print(f"bucket:        gs://{config.bucket}")
-    print("instance body (bulkInsert instanceProperties):")
-    print(json.dumps(properties, indent=2))
-    print("dry run: nothing was created")
+    lines = [
+        f"target:       {config.target} (project {config.project})",
+        f"items:        {len(items) if items is not None else 'one per object under ' + config.tasks}",
+        f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
+        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
+        f"zones:        {', '.join(config.zones)}",
+        f"boot:         {config.vm_boot} ({fleet.boot_image(config)})",
+        f"bucket:       gs://{config.bucket}",
+        f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
+        f"cost:         {cost_range(config, workers, len(items) if items is not None else None)}",
+        "instance body (bulkInsert instanceProperties, names RUN_ID and scripts elided):",
+        json.dumps(properties, indent=2),
+        "dry run: nothing was created",
+    ]
+    print("\n".join(lines), file=out)
     return EXIT_OK
+
+
+def cost_range(config, workers, item_count):
+    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT."""
+    price = config.hourly_price()
+    if price is None:
+        return f"no estimate: add {config.vm_type} to PRICES in const.py"
+    hourly = price * workers
+    text = f"${hourly:.3f}/hour for the fleet"
+    if item_count:
+        rounds = -(-item_count // max(workers, 1))  # items per worker, rounded up
+        worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
+        text += f"; at most ${hourly * worst_hours:.2f} if every attempt ran to TASK_TIMEOUT"
+    return text + " (estimate from PRICES in const.py)"
 
 
 def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_interval=STEP_INTERVAL_SECONDS, sleep=time.sleep, out=None):

@@ -9,7 +9,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from cflow.errors import CloudError
+from cflow.errors import CloudError, CloudSetupError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def credentials_for(target, credential_file=None):
     try:
         return google.auth.default(scopes=COMPUTE_SCOPES)
     except DefaultCredentialsError:
-        raise CloudError(
+        raise CloudSetupError(
             "no Google credentials found; run `gcloud auth application-default login` "
             "or put a service-account key in credential/ and set CREDENTIAL_FILE in const.py"
         ) from None

@@ -4,6 +4,7 @@
 with ``emulator_subparsers(subparsers)``.
 """
 
+import argparse
 import signal
 import sys
 import threading
@@ -24,8 +25,6 @@ def emulator_subparsers(subparsers):
 
 
 def _zone_capacity(text):
-    import argparse
-
     zone, separator, count = text.partition("=")
     if not separator or not zone or not count.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not ZONE=N (e.g. us-central1-a=10)")

@@ -242,11 +242,11 @@ class ComputeEngine:
             interface = dict(interface, networkIP=self._next_address())
             interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
             interfaces.append(interface)
-        disks = []
-        for disk in spec["disks"]:
-            disk_name = name if disk["boot"] else f"{name}-{disk['index']}"
-            disk_name = disk["diskName"] if spec["name"] == name else disk_name
-            disks.append(dict(disk, diskName=disk_name, deviceName=disk["deviceName"] if spec["name"] == name else disk_name))
+        disks = [dict(disk) for disk in spec["disks"]]
+        if spec["name"] is None:
+            # bulkInsert: one properties block for many VMs, so disk names follow each VM's name.
+            for disk in disks:
+                disk["diskName"] = disk["deviceName"] = name if disk["boot"] else f"{name}-{disk['index']}"
         metadata_items = copy.deepcopy(spec["metadata_items"])
         instance = Instance(
             id=instance_id,
@@ -798,7 +798,7 @@ class ComputeEngine:
 
             self.metadata_changed.wait_for(changed, timeout_s)
             instance = self.instances_by_id.get(vm_key)
-            return -1 if instance is None else instance.metadata_version
+            return None if instance is None or self.closing else instance.metadata_version
 
     def metadata_token(self, vm_key):
         with self.lock:

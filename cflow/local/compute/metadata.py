@@ -43,7 +43,7 @@ class MetadataSource:
     the VM is gone; ``metadata_token(vm_key)`` returns the token JSON;
     ``wait_metadata_change(vm_key, version, timeout_s)`` blocks until the VM's
     metadata version differs from ``version`` (or timeout) and returns the
-    current version; ``metadata_version(vm_key)``; ``guest_poweroff(vm_key)``.
+    current version, or None once the VM is gone or the emulator stops; ``metadata_version(vm_key)``; ``guest_poweroff(vm_key)``.
     """
 
 
@@ -196,6 +196,9 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             if remaining <= 0:
                 break
             version = self.server.source.wait_metadata_change(self.server.vm_key, version, remaining)
+            if version is None:
+                # The VM is gone or the emulator is stopping: answer now, do not spin.
+                return self._lookup(relative, recursive, as_json)
             answer = self._lookup(relative, recursive, as_json)
             if answer is None:
                 return None

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cflow.local.compute import api_errors
 from cflow.local.compute.engine import RawJson
+from cflow.local.compute.filters import compile_filter
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ _O = _Z + r"/operations/(?P<operation>[^/]+)"
 
 def _route(method, pattern, handler):
     return method, re.compile(pattern), handler
-
-
-def _body(request):
-    return request["body"]
 
 
 ROUTES = (
@@ -68,16 +65,12 @@ BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 def _zones(engine, project, query):
-    from cflow.local.compute.filters import compile_filter
-
     predicate = compile_filter(query.get("filter"))
     items = [zone for zone in (engine.catalog.zone_json(project, name) for name in engine.catalog.zone_names()) if predicate(zone)]
     return {"kind": "compute#zoneList", "id": f"projects/{project}/zones", "items": items, "selfLink": f"{engine.base_url}projects/{project}/zones"}
 
 
 def _machine_types(engine, project, zone, query):
-    from cflow.local.compute.filters import compile_filter
-
     engine.catalog.zone_json(project, zone)
     predicate = compile_filter(query.get("filter"))
     items = [engine.catalog.machine_type_json(project, zone, name) for name in sorted(engine.catalog.machine_types)]

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+from cflow.errors import StackError
+
 READY_LINE = re.compile(r"compute emulator listening on (http://\S+/compute/v1/)")
 
 
-class EmulatorStartError(RuntimeError):
+class EmulatorStartError(StackError):
     """The emulator subprocess exited or stayed silent instead of printing its URL."""
 
 

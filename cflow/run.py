@@ -276,18 +276,23 @@ def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
 
 def print_summary(config, run_id, scheduler, storage, combined, wall_seconds, vms_left, out):
     progress = scheduler.progress
+    attempts = progress.done + progress.failed + progress.retries + progress.preemptions
+    kind = "Spot" if config.vm_spot else "standard"
     lines = [
         f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
-        f"retries: {progress.retries}, preemptions: {progress.preemptions}, VM-seconds: {scheduler.vm_seconds:.0f}",
+        f"attempts: {attempts}, retries: {progress.retries}, preemptions: {progress.preemptions}",
+        f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind})",
     ]
     price = config.hourly_price()
     if price is not None:
-        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} ({config.vm_type}, {'Spot' if config.vm_spot else 'standard'}; prices from PRICES in const.py)")
+        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} (from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
     for item_id in sorted(scheduler.failed_ids):
         marker = storage.read_marker("failed", item_id) or {}
         lines.append(f"failed: item {item_id} ({marker.get('reason', 'unknown')}); log: {marker.get('log')}")
     for name, path in combined.items():
         lines.append(f"combined: {path} (gs://{config.bucket}/cflow/runs/{run_id}/combined/{name})")
+    if config.combine == "none":
+        lines.append(f"outputs: gs://{config.bucket}/cflow/runs/{run_id}/outputs/ITEM/ (COMBINE = \"none\")")
     if vms_left:
         lines.append(f"warning: VMs still listed after deletion: {', '.join(vms_left)}; delete them with `cflow cancel {run_id}`")
     print("\n".join(lines), file=out, flush=True)
@@ -303,15 +308,21 @@ class ProgressReporter:
         self.live = hasattr(out, "isatty") and out.isatty()
         self._last_plain = None
 
+    BAR_WIDTH = 24
+
     def _line(self, progress, elapsed):
         vms = " ".join(f"{status.lower()}={count}" for status, count in sorted(progress.vms.items())) or "none"
         eta = ""
         if progress.done and not progress.finished:
             eta = f", ~{elapsed / progress.done * progress.left:.0f} s left"
-        return (
-            f"[{elapsed:6.0f} s] done {progress.done}/{progress.total}, failed {progress.failed}, "
+        counts = (
+            f"done {progress.done}/{progress.total}, failed {progress.failed}, "
             f"running {progress.running}, VMs: {vms}{eta}"
         )
+        if not self.live:
+            return f"[{elapsed:6.0f} s] {counts}"
+        filled = int(self.BAR_WIDTH * (progress.done + progress.failed) / max(progress.total, 1))
+        return f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {elapsed:.0f} s {counts}"
 
     def show(self, progress, elapsed):
         line = self._line(progress, elapsed)

@@ -1,0 +1,137 @@
+"""Benchmark 1: CFlow on the local stack against GNU parallel, same task, same worker count.
+
+    python3 bench/bench_efficiency.py [--items 240] [--seconds 1] [--workers 12]
+
+task.sh sleeps SECONDS, writes a small CSV and appends its start and end
+times to a stamp file. GNU parallel -jW runs it over the items first (nothing
+else of ours running), then a local stack is started and CFlow runs the same
+items with WORKER_NODE_CNT=W through `python3 scheduler.py`, as a user does.
+
+Prints the wall times and their ratio (CFlow's counted with and without the
+stack start) and the steady-state efficiency of each,
+(N*T/W) / (last task end - first task start).
+Targets at N=240, T=1, W=12: CFlow / parallel <= 1.5 including the stack and
+VM boot; CFlow efficiency >= 0.95.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, write_json_result  # noqa: E402
+
+
+def ensure_gnu_parallel():
+    """Returns the path of GNU parallel, installing the Debian package if it is missing.
+
+    Raises:
+        SystemExit: it is missing and cannot be installed (the message says how).
+    """
+    found = shutil.which("parallel")
+    if found:
+        return found
+    print("GNU parallel is missing; installing it with `apt-get install -y parallel`", flush=True)
+    try:
+        subprocess.run(["apt-get", "install", "-y", "-q", "parallel"], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise SystemExit(
+            f"bench_efficiency: cannot install GNU parallel ({error}); install it yourself "
+            "(`sudo apt-get install parallel`) or pass --skip-parallel"
+        ) from None
+    found = shutil.which("parallel")
+    if not found:
+        raise SystemExit("bench_efficiency: `apt-get install parallel` ran but no `parallel` is on PATH; install it yourself")
+    return found
+
+
+def task_lines(items, seconds, stamp_file):
+    return [f"item-{number:05d} {seconds:g} {stamp_file}" for number in range(1, items + 1)]
+
+
+def run_gnu_parallel(parallel, work_dir, lines, workers):
+    """Run task.sh over ``lines`` with ``parallel -jW``; returns wall seconds."""
+    work_dir.mkdir(parents=True)
+    task = work_dir / "task.sh"
+    task.write_text(SLEEP_TASK)
+    tasks_file = work_dir / "tasks.txt"
+    tasks_file.write_text("".join(line + "\n" for line in lines))
+    started = time.monotonic()
+    subprocess.run(
+        [parallel, "--will-cite", "-j", str(workers), "--colsep", " ", "bash", str(task), "{1}", "{2}", "{3}", "::::", str(tasks_file)],
+        cwd=work_dir, check=True, stdout=subprocess.DEVNULL,
+    )
+    return time.monotonic() - started
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=240, help="work items N (default 240)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="seconds each task sleeps T (default 1)")
+    parser.add_argument("--workers", type=int, default=12, help="workers W: VMs for CFlow, -j for parallel (default 12)")
+    parser.add_argument("--skip-parallel", action="store_true", help="run CFlow only (no GNU parallel needed)")
+    parser.add_argument("--shutdown-grace", type=float, default=None, help="the Compute emulator's shutdown grace (default: its own, 30 s Spot)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stamps) and print its path")
+    parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
+    args = parser.parse_args(argv)
+
+    banner(f"bench_efficiency: N={args.items} items, T={args.seconds:g} s, W={args.workers} workers")
+    parallel = None if args.skip_parallel else ensure_gnu_parallel()
+    temporary = Path(tempfile.mkdtemp(prefix="cflow-bench-efficiency-"))
+    figures = {"bench": "efficiency", "items": args.items, "seconds": args.seconds, "workers": args.workers}
+    try:
+        ideal = args.items * args.seconds / args.workers
+        print(f"ideal (N*T/W): {ideal:.2f} s", flush=True)
+        if parallel:
+            stamps = temporary / "parallel-stamps.txt"
+            parallel_wall = run_gnu_parallel(parallel, temporary / "parallel", task_lines(args.items, args.seconds, stamps), args.workers)
+            parallel_spans = Spans.read(stamps)
+            figures.update(parallel_wall=parallel_wall, parallel_efficiency=parallel_spans.efficiency(args.items, args.seconds, args.workers))
+            print(f"GNU parallel -j{args.workers}: wall {parallel_wall:.2f} s, efficiency {figures['parallel_efficiency']:.3f}", flush=True)
+
+        stack_dir = temporary / "stack"
+        compute_options = {} if args.shutdown_grace is None else {"shutdown_grace": args.shutdown_grace}
+        with bench_stack(stack_dir, **compute_options) as (info, stack_seconds):
+            print(f"local stack up in {stack_seconds:.2f} s", flush=True)
+            stamps = temporary / "cflow-stamps.txt"
+            project = BenchProject(temporary / "project", SLEEP_TASK, WORKER_NODE_CNT=args.workers, VM_TYPE="e2-small",
+                                   TASK_TIMEOUT=max(60, int(args.seconds * 10)))
+            project.write(task_lines(args.items, args.seconds, stamps))
+            run = project.run(stack_dir).check()
+        spans = Spans.read(stamps)
+        cflow_efficiency = spans.efficiency(args.items, args.seconds, args.workers)
+        figures.update(
+            cflow_wall=run.wall_seconds, stack_seconds=stack_seconds, cflow_efficiency=cflow_efficiency,
+            cflow_task_runs=len(spans.lines), cflow_distinct_items=spans.distinct_items(),
+        )
+        print(f"CFlow W={args.workers}: scheduler.py wall {run.wall_seconds:.2f} s (+ stack start {stack_seconds:.2f} s), "
+              f"task runs {len(spans.lines)} for {spans.distinct_items()} items")
+        before, after = spans.first_start - run.started_at, run.started_at + run.wall_seconds - spans.last_end
+        figures.update(before_first_task=before, after_last_task=after)
+        print(f"  where CFlow's wall goes: {before:.2f} s to the first task start (package, publish, VM boot), "
+              f"{spans.span:.2f} s of tasks, {after:.2f} s after the last task end (last done, combine, fleet deletion)")
+        print(f"CFlow steady-state efficiency: {cflow_efficiency:.3f} (span {spans.span:.2f} s vs ideal {ideal:.2f} s; target >= 0.95)")
+        if parallel:
+            with_stack = (run.wall_seconds + stack_seconds) / figures["parallel_wall"]
+            without_stack = run.wall_seconds / figures["parallel_wall"]
+            figures.update(ratio_with_stack=with_stack, ratio_without_stack=without_stack)
+            print(f"CFlow / GNU parallel wall: {with_stack:.2f}x including stack start (target <= 1.5), "
+                  f"{without_stack:.2f}x with the stack already up")
+        print(f"load avg after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        write_json_result(args.json, figures)
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept: {temporary}")
+        else:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Shared helpers of the benchmarks under bench/ (not a test module).
+
+Each benchmark starts what it needs on 127.0.0.1 (a local stack in a
+temporary folder), stops it in a ``finally``, and prints its figures. What is
+shared lives here:
+
+- ``bench_stack(dir, **compute_options)``: ``LocalStack(dir).up(...)`` and
+  ``.down()`` as a context manager, with the start time measured.
+- ``BenchProject``: a throwaway CFlow project folder (const.py, tasks.txt,
+  task/task.sh and the worker scripts copied from this checkout), run with
+  ``python3 scheduler.py`` as a user runs it.
+- statistics (``percentile``, ``describe``), task time-stamp files, the
+  machine line (nproc, memory, load, date) printed with every result.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cflow.local.stack import ComputeOptions, LocalStack  # noqa: E402
+
+WORKER_SCRIPTS = ("init.sh", "startup-signal.py", "shutdown-signal.py")
+
+# One task for the efficiency benchmarks: argv is ITEM SECONDS STAMP_FILE. It
+# appends "ITEM START END" (epoch seconds) to STAMP_FILE, a host path: the
+# emulated VMs are local processes, so every worker writes to the same file.
+# One line is far below PIPE_BUF, so concurrent appends do not interleave.
+SLEEP_TASK = r"""#!/bin/bash
+# Benchmark task: sleep SECONDS, write a small CSV, record start and end.
+set -eu
+item="$1" seconds="$2" stamps="$3"
+start=$(date +%s.%N)
+sleep "$seconds"
+out="${CFLOW_OUTPUT_DIR:-$PWD/out/$item}"
+mkdir -p "$out"
+printf 'item,seconds\n%s,%s\n' "$item" "$seconds" > "$out/result.csv"
+end=$(date +%s.%N)
+echo "$item $start $end" >> "$stamps"
+"""
+
+
+# ---------------------------------------------------------------- machine
+
+
+def machine_summary():
+    """One line: date, nproc, memory, load average, Python; printed with every result."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{now}; nproc {os.cpu_count()}; memory {memory_gib:.1f} GiB; load avg {load}; Python {platform.python_version()}"
+
+
+def rss_mib(pid=None):
+    """Resident memory of ``pid`` (default: this process) in MiB, from /proc."""
+    with open(f"/proc/{pid or os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def banner(title):
+    print(f"== {title}")
+    print(f"machine: {machine_summary()}", flush=True)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile (``fraction`` in 0..1) of a non-empty sequence."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    rank = max(1, min(len(ordered), int(-(-fraction * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def describe(values, unit_scale=1000.0, unit="ms"):
+    """'median X, p99 Y, max Z (n=N)' of seconds, shown in ``unit``."""
+    if not values:
+        return "no samples"
+    return (
+        f"median {percentile(values, 0.5) * unit_scale:.1f} {unit}, p99 {percentile(values, 0.99) * unit_scale:.1f} {unit}, "
+        f"max {max(values) * unit_scale:.1f} {unit} (n={len(values)})"
+    )
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Task start/end times read from a stamp file (one 'ITEM START END' line per run of the task)."""
+
+    lines: tuple  # (item, start, end)
+
+    @classmethod
+    def read(cls, path):
+        lines = []
+        for text in Path(path).read_text().splitlines():
+            item, start, end = text.split()
+            lines.append((item, float(start), float(end)))
+        return cls(tuple(lines))
+
+    @property
+    def first_start(self):
+        return min(start for _, start, _ in self.lines)
+
+    @property
+    def last_end(self):
+        return max(end for _, _, end in self.lines)
+
+    @property
+    def span(self):
+        return self.last_end - self.first_start
+
+    def distinct_items(self):
+        return len({item for item, _, _ in self.lines})
+
+    def efficiency(self, items, seconds, workers):
+        """(N*T/W) / (last task end - first task start): 1.0 is every worker busy all the time."""
+        return (items * seconds / workers) / self.span
+
+
+# ---------------------------------------------------------------- stack
+
+
+@contextlib.contextmanager
+def bench_stack(stack_dir, **compute_options):
+    """Start a local stack in ``stack_dir`` for the ``with`` block; stop it after, whatever happens.
+
+    Yields:
+        (StackInfo, seconds the start took).
+    Raises:
+        cflow.errors.StackError: a service is missing or did not start.
+    """
+    stack = LocalStack(stack_dir)
+    started = time.monotonic()
+    try:
+        info = stack.up(ComputeOptions(**compute_options))
+        yield info, time.monotonic() - started
+    finally:
+        stack.down()
+
+
+def use_stack_environment(info):
+    """Point this process's Google clients at the stack (they read the variables themselves)."""
+    os.environ.update(info.env())
+
+
+def vm_disk_dirs(stack_dir):
+    """The disk folders of every VM the stack's Compute emulator booted (``compute/vms/NAME-ID``)."""
+    root = Path(stack_dir) / "compute" / "vms"
+    return sorted(root.iterdir()) if root.is_dir() else []
+
+
+# ---------------------------------------------------------------- project
+
+
+@dataclass
+class SchedulerRun:
+    """What one ``python3 scheduler.py`` run left: exit status, wall seconds, output, run id."""
+
+    exit_status: int
+    started_at: float  # epoch seconds, comparable with task stamps
+    wall_seconds: float
+    stdout: str
+    stderr: str
+
+    @property
+    def run_id(self):
+        for line in self.stdout.splitlines():
+            if line.startswith("run id: "):
+                return line[len("run id: "):].strip()
+        return None
+
+    def check(self):
+        """Raises RuntimeError (with the scheduler's stderr tail) unless the run ended with status 0."""
+        if self.exit_status != 0:
+            tail = "\n".join(self.stderr.splitlines()[-20:])
+            raise RuntimeError(f"scheduler.py exited with status {self.exit_status}:\n{tail}")
+        return self
+
+
+class BenchProject:
+    """A throwaway CFlow project folder, as a user has one.
+
+    Args:
+        root: the folder (created).
+        task_script: text of task/task.sh.
+        settings: const.py values (UPPERCASE names), written as Python literals.
+    """
+
+    def __init__(self, root, task_script, **settings):
+        self.root = Path(root)
+        (self.root / "task").mkdir(parents=True, exist_ok=True)
+        for name in WORKER_SCRIPTS:
+            shutil.copy2(REPO / name, self.root / name)
+        task = self.root / "task" / "task.sh"
+        task.write_text(task_script)
+        task.chmod(0o755)
+        self.settings = {"TASK_MODULE_CMD": "bash task/task.sh", "TASKS": "tasks.txt", "COMBINE": "concat"}
+        self.settings.update(settings)
+
+    def write(self, task_lines):
+        """Write const.py and tasks.txt (one item per line)."""
+        text = "".join(f"{name} = {value!r}\n" for name, value in self.settings.items())
+        (self.root / "const.py").write_text(text)
+        (self.root / "tasks.txt").write_text("".join(line + "\n" for line in task_lines))
+
+    def run(self, stack_dir, *extra, timeout=1800):
+        """Run scheduler.py against the stack in ``stack_dir``; returns a SchedulerRun."""
+        command = [sys.executable, str(REPO / "scheduler.py"), "--config", str(self.root / "const.py"),
+                   "--stack-dir", str(stack_dir), *extra]
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), environment.get("PYTHONPATH")]))
+        started_at, started = time.time(), time.monotonic()
+        result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=timeout, env=environment)
+        return SchedulerRun(result.returncode, started_at, time.monotonic() - started, result.stdout, result.stderr)
+
+
+def write_json_result(path, document):
+    """Append one benchmark result as a JSON line (for RESULTS.md bookkeeping)."""
+    if path:
+        with open(path, "a") as stream:
+            stream.write(json.dumps({"machine": machine_summary(), **document}, sort_keys=True) + "\n")

@@ -57,11 +57,12 @@ def run_entry(parser, default_func=None, argv=None):
     if func is None:
         parser.print_help()
         return 2
-    configure_logging(args.debug)
+    debug = getattr(args, "debug", False)
+    configure_logging(debug)
     try:
         return func(args) or 0
     except CflowError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return error.exit_status

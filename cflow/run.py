@@ -24,6 +24,9 @@ DEFAULT_CONFIG = "const.py"
 
 
 def add_arguments(parser):
+    # SUPPRESS: `cflow --debug run` and `cflow run --debug` both work; a
+    # subcommand default must not overwrite the top-level flag.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH", help="settings file (default: ./const.py)")
     parser.add_argument("--tasks", metavar="FILE", help="tasks file, one work item per line (overrides TASKS)")
     parser.add_argument("--workers", type=int, metavar="N", help="number of worker VMs (overrides WORKER_NODE_CNT)")
@@ -83,7 +86,7 @@ def run_command(args, before_run=None):
                 before_run(config, clients)
             return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
     except google_error_types() as error:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         raise translate(error, config.project) from None
 
@@ -344,6 +347,5 @@ def main(argv=None):
     from cflow.cli import run_entry
 
     parser = argparse.ArgumentParser(prog="scheduler.py", description="Run every work item of const.py on a fleet of VMs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     add_arguments(parser)
     return run_entry(parser, run_command, argv)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, write_json_result  # noqa: E402
+from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, describe, percentile, write_json_result  # noqa: E402
 
 
 def ensure_gnu_parallel():
@@ -116,6 +116,10 @@ def main(argv=None):
         figures.update(before_first_task=before, after_last_task=after)
         print(f"  where CFlow's wall goes: {before:.2f} s to the first task start (package, publish, VM boot), "
               f"{spans.span:.2f} s of tasks, {after:.2f} s after the last task end (last done, combine, fleet deletion)")
+        gaps, firsts = spans.gaps(), spans.first_starts()
+        figures.update(gap_median=percentile(gaps, 0.5) if gaps else None, gap_p99=percentile(gaps, 0.99) if gaps else None,
+                       fleet_stagger=firsts[-1] - firsts[0])
+        print(f"  per-worker gap between tasks: {describe(gaps)}; last worker's first task {firsts[-1] - firsts[0]:.2f} s after the first's")
         print(f"CFlow steady-state efficiency: {cflow_efficiency:.3f} (span {spans.span:.2f} s vs ideal {ideal:.2f} s; target >= 0.95)")
         if parallel:
             with_stack = (run.wall_seconds + stack_seconds) / figures["parallel_wall"]

@@ -34,8 +34,9 @@ from cflow.local.stack import ComputeOptions, LocalStack  # noqa: E402
 WORKER_SCRIPTS = ("init.sh", "startup-signal.py", "shutdown-signal.py")
 
 # One task for the efficiency benchmarks: argv is ITEM SECONDS STAMP_FILE. It
-# appends "ITEM START END" (epoch seconds) to STAMP_FILE, a host path: the
-# emulated VMs are local processes, so every worker writes to the same file.
+# appends "ITEM START END WORKER" (epoch seconds; WORKER is $HOME, which is
+# per VM on the Compute emulator) to STAMP_FILE, a host path: the emulated
+# VMs are local processes, so every worker writes to the same file.
 # One line is far below PIPE_BUF, so concurrent appends do not interleave.
 SLEEP_TASK = r"""#!/bin/bash
 # Benchmark task: sleep SECONDS, write a small CSV, record start and end.
@@ -47,7 +48,7 @@ out="${CFLOW_OUTPUT_DIR:-$PWD/out/$item}"
 mkdir -p "$out"
 printf 'item,seconds\n%s,%s\n' "$item" "$seconds" > "$out/result.csv"
 end=$(date +%s.%N)
-echo "$item $start $end" >> "$stamps"
+echo "$item $start $end $HOME" >> "$stamps"
 """
 
 
@@ -100,17 +101,37 @@ def describe(values, unit_scale=1000.0, unit="ms"):
 
 @dataclass(frozen=True)
 class Spans:
-    """Task start/end times read from a stamp file (one 'ITEM START END' line per run of the task)."""
+    """Task start/end times read from a stamp file (one 'ITEM START END WORKER' line per run of the task)."""
 
     lines: tuple  # (item, start, end)
+    workers: tuple  # the WORKER of each line
 
     @classmethod
     def read(cls, path):
-        lines = []
+        lines, workers = [], []
         for text in Path(path).read_text().splitlines():
-            item, start, end = text.split()
+            item, start, end, worker = text.split(maxsplit=3)
             lines.append((item, float(start), float(end)))
-        return cls(tuple(lines))
+            workers.append(worker)
+        return cls(tuple(lines), tuple(workers))
+
+    def gaps(self):
+        """Seconds each worker spent between one task's end and its next task's start (dispatch overhead)."""
+        by_worker = {}
+        for (_, start, end), worker in zip(self.lines, self.workers):
+            by_worker.setdefault(worker, []).append((start, end))
+        gaps = []
+        for runs in by_worker.values():
+            runs.sort()
+            gaps.extend(later[0] - earlier[1] for earlier, later in zip(runs, runs[1:]))
+        return gaps
+
+    def first_starts(self):
+        """Each worker's first task start, sorted (how staggered the fleet came up)."""
+        firsts = {}
+        for (_, start, _), worker in zip(self.lines, self.workers):
+            firsts[worker] = min(start, firsts.get(worker, start))
+        return sorted(firsts.values())
 
     @property
     def first_start(self):

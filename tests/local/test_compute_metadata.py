@@ -106,14 +106,15 @@ def test_token_is_a_fake_bearer_token(vm):
 
 def test_wait_for_change_returns_the_new_value_when_metadata_changes(compute, vm):
     results = {}
+    status, headers, body = fetch(vm["host"], "instance/attributes/role")
+    assert (status, body) == (200, "worker")
 
     def waiter():
-        results["answer"] = fetch(vm["host"], "instance/attributes/role?wait_for_change=true&timeout_sec=20", timeout_s=30)
+        # last_etag: a change that lands before this request is sent still counts.
+        results["answer"] = fetch(vm["host"], f"instance/attributes/role?wait_for_change=true&last_etag={headers['ETag']}&timeout_sec=20", timeout_s=30)
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.3)  # let the waiter block first; correctness does not depend on it
-    assert "answer" not in results
     current = compute.instances().get(project=PROJECT, zone=ZONE, instance=VM).execute()["metadata"]
     items = [item if item["key"] != "role" else {"key": "role", "value": "leader"} for item in current["items"]]
     wait_operation(compute, PROJECT, ZONE, compute.instances().setMetadata(project=PROJECT, zone=ZONE, instance=VM, body={"fingerprint": current["fingerprint"], "items": items}).execute())

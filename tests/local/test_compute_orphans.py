@@ -62,7 +62,7 @@ def test_sigterm_powers_every_vm_off_in_parallel_and_exits_zero(tmp_path):
 def test_sigkill_of_the_emulator_leaves_no_vm_process(tmp_path):
     with compute_emulator_process("--state-dir", tmp_path) as emulator:
         needle = boot_fleet(emulator, tmp_path, 2)
-        watchdogs = [pid for pid in processes_with("") if pid != emulator.pid and _parent(pid) == emulator.pid and b"watchdog.py" in _cmdline(pid)]
+        watchdogs = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == emulator.pid and b"watchdog.py" in _cmdline(pid)]
         assert len(watchdogs) == 1
         emulator.process.send_signal(signal.SIGKILL)
         emulator.process.wait(10)
@@ -92,3 +92,21 @@ def _cmdline(pid):
             return cmdline.read()
     except OSError:
         return b""
+
+
+def test_the_in_process_api_stops_its_vms_too(tmp_path):
+    from cflow.local.compute.emulator import ComputeEmulator, EmulatorOptions
+
+    emulator = ComputeEmulator(EmulatorOptions(state_dir=str(tmp_path), shutdown_grace_s=1))
+    base_url = emulator.start()
+    try:
+        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/compute/v1/")
+        compute = compute_client(base_url)
+        body = instance_body("in-process", zone=ZONE, startup_script=STARTUP)
+        wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute())
+        needle = f"HOME={tmp_path}"
+        wait_until(lambda: len(processes_with(needle)) >= 4, what="VM processes")
+    finally:
+        emulator.stop()
+    assert processes_with(needle) == []
+    assert emulator.watchdog.pid is not None and _state(emulator.watchdog.pid) in ("gone", "Z")

@@ -57,11 +57,14 @@ def test_a_spot_vm_is_preempted_runs_its_shutdown_script_and_terminates(compute,
     assert get(compute, "spot-1")["scheduling"]["provisioningModel"] == "SPOT"
     host = vm_file(state_dir, "spot-1", "mds.txt")
     seen = {}
+    url = f"http://{host}/computeMetadata/v1/instance/preempted"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=10) as current:
+        assert current.read() == b"FALSE"
+        etag = current.headers["ETag"]
 
     def watch_preempted():
-        request = urllib.request.Request(
-            f"http://{host}/computeMetadata/v1/instance/preempted?wait_for_change=true&timeout_sec=30", headers={"Metadata-Flavor": "Google"}
-        )
+        # With last_etag the watch cannot miss a change that lands before it is sent.
+        request = urllib.request.Request(f"{url}?wait_for_change=true&last_etag={etag}&timeout_sec=30", headers={"Metadata-Flavor": "Google"})
         seen["preempted"] = urllib.request.urlopen(request, timeout=40).read().decode()
 
     watcher = threading.Thread(target=watch_preempted)

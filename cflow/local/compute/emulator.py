@@ -107,12 +107,15 @@ class ComputeEmulator:
         options = self.options
         options.validate(set(Catalog("").zone_names()))
         _raise_open_file_limit()
+        try:
+            self._server = ApiServer((options.host, options.port))
+        except OSError as error:
+            raise EmulatorOptionError(f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port") from None
         if options.state_dir:
             self.state_dir = os.path.abspath(options.state_dir)
             os.makedirs(self.state_dir, exist_ok=True)
         else:
             self.state_dir = self._temporary_state_dir = tempfile.mkdtemp(prefix="cflow-compute-")
-        self._server = ApiServer((options.host, options.port))
         host, port = self._server.server_address[:2]
         url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         self.base_url = f"http://{url_host}:{port}/compute/v1/"

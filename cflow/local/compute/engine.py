@@ -31,12 +31,14 @@ from cflow.local.compute import api_errors, validation
 from cflow.local.compute.filters import compile_filter
 from cflow.local.compute.metadata import Verbatim
 from cflow.local.compute.resources import Instance, Operation, fingerprint, project_number, rfc3339
+from cflow.local.compute.vm import SERIAL_LOG_NAME
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_RESULTS = 500
 OPERATION_WAIT_S = 120
 MAX_KEPT_OPERATIONS = 20000
+MAX_BULK_COUNT = 1000
 STANDARD_GRACE_S = 90
 INTERRUPTIBLE_GRACE_S = 30
 REAP_INTERVAL_S = 1.0
@@ -442,8 +444,8 @@ class ComputeEngine:
             count = len(per_instance)
         else:
             count = validation.parse_int64(body["count"], f"{field}.count")
-        if count < 1:
-            raise api_errors.invalid_field(f"{field}.count", count, "Must be greater than 0.")
+        if not 1 <= count <= MAX_BULK_COUNT:
+            raise api_errors.invalid_field(f"{field}.count", count, f"Must be between 1 and {MAX_BULK_COUNT}.")
         min_count = validation.parse_int64(body["minCount"], f"{field}.minCount") if body.get("minCount") is not None else count
         if min_count < 1 or min_count > count:
             raise api_errors.invalid_field(f"{field}.minCount", min_count, "Must be between 1 and count.")
@@ -683,7 +685,7 @@ class ComputeEngine:
         offset = validation.parse_int64(start, "start") if start not in (None, "") else 0
         with self.lock:
             instance = self._instance(project, zone, name)
-            path = os.path.join(self.launcher.disk_dir(instance.name, instance.id), "serial-port-1.log")
+            path = os.path.join(self.launcher.disk_dir(instance.name, instance.id), SERIAL_LOG_NAME)
             self_link = instance.self_link(self.base_url) + "/serialPort"
         try:
             with open(path, "rb") as serial:

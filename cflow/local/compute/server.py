@@ -32,58 +32,125 @@ _I = _Z + r"/instances/(?P<instance>[^/]+)"
 _O = _Z + r"/operations/(?P<operation>[^/]+)"
 
 
-def _route(method, pattern, handler):
-    return method, re.compile(pattern), handler
-
-
-ROUTES = (
-    _route("GET", _P + r"/zones", lambda engine, args, query, body: _zones(engine, args["project"], query)),
-    _route("GET", _Z, lambda engine, args, query, body: engine.catalog.zone_json(args["project"], args["zone"])),
-    _route("GET", _Z + r"/machineTypes", lambda engine, args, query, body: _machine_types(engine, args["project"], args["zone"], query)),
-    _route("GET", _Z + r"/machineTypes/(?P<name>[^/]+)", lambda engine, args, query, body: engine.catalog.machine_type_json(args["project"], args["zone"], args["name"])),
-    _route("GET", _P + r"/aggregated/instances", lambda engine, args, query, body: engine.aggregated_list_instances(args["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
-    _route("POST", _Z + r"/instances", lambda engine, args, query, body: engine.insert_instance(args["project"], args["zone"], body)),
-    _route("GET", _Z + r"/instances", lambda engine, args, query, body: engine.list_instances(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
-    _route("POST", _Z + r"/instances/bulkInsert", lambda engine, args, query, body: engine.bulk_insert(args["project"], args["zone"], body)),
-    _route("GET", _I, lambda engine, args, query, body: engine.get_instance(args["project"], args["zone"], args["instance"])),
-    _route("DELETE", _I, lambda engine, args, query, body: engine.delete_instance(args["project"], args["zone"], args["instance"])),
-    _route("POST", _I + r"/stop", lambda engine, args, query, body: engine.stop_instance(args["project"], args["zone"], args["instance"])),
-    _route("POST", _I + r"/start", lambda engine, args, query, body: engine.start_instance(args["project"], args["zone"], args["instance"])),
-    _route("POST", _I + r"/setLabels", lambda engine, args, query, body: engine.set_labels(args["project"], args["zone"], args["instance"], body)),
-    _route("POST", _I + r"/setMetadata", lambda engine, args, query, body: engine.set_metadata(args["project"], args["zone"], args["instance"], body)),
-    _route("POST", _I + r"/simulateMaintenanceEvent", lambda engine, args, query, body: engine.simulate_maintenance_event(args["project"], args["zone"], args["instance"])),
-    _route("GET", _I + r"/serialPort", lambda engine, args, query, body: engine.serial_port_output(args["project"], args["zone"], args["instance"], query.get("start"))),
-    _route("GET", _Z + r"/operations", lambda engine, args, query, body: engine.list_operations(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))),
-    _route("GET", _O, lambda engine, args, query, body: engine.get_operation(args["project"], args["zone"], args["operation"])),
-    _route("DELETE", _O, lambda engine, args, query, body: engine.delete_operation(args["project"], args["zone"], args["operation"])),
-    _route("POST", _O + r"/wait", lambda engine, args, query, body: engine.wait_operation(args["project"], args["zone"], args["operation"])),
-    _route("GET", _P + r"/global/images", lambda engine, args, query, body: _images(engine, args["project"])),
-    _route("GET", _P + r"/global/images/family/(?P<family>[^/]+)", lambda engine, args, query, body: engine.catalog.image_from_family(args["project"], args["family"])),
-    _route("GET", _P + r"/global/images/(?P<image>[^/]+)", lambda engine, args, query, body: engine.catalog.image_json(args["project"], args["image"])),
+ROUTES = tuple(
+    (method, re.compile(pattern), handler)
+    for method, pattern, handler in (
+        ("GET", _P + r"/zones", "list_zones"),
+        ("GET", _Z, "get_zone"),
+        ("GET", _Z + r"/machineTypes", "list_machine_types"),
+        ("GET", _Z + r"/machineTypes/(?P<name>[^/]+)", "get_machine_type"),
+        ("GET", _P + r"/aggregated/instances", "aggregated_list_instances"),
+        ("POST", _Z + r"/instances", "insert_instance"),
+        ("GET", _Z + r"/instances", "list_instances"),
+        ("POST", _Z + r"/instances/bulkInsert", "bulk_insert"),
+        ("GET", _I, "get_instance"),
+        ("DELETE", _I, "delete_instance"),
+        ("POST", _I + r"/stop", "stop_instance"),
+        ("POST", _I + r"/start", "start_instance"),
+        ("POST", _I + r"/setLabels", "set_labels"),
+        ("POST", _I + r"/setMetadata", "set_metadata"),
+        ("POST", _I + r"/simulateMaintenanceEvent", "simulate_maintenance_event"),
+        ("GET", _I + r"/serialPort", "serial_port_output"),
+        ("GET", _Z + r"/operations", "list_operations"),
+        ("GET", _O, "get_operation"),
+        ("DELETE", _O, "delete_operation"),
+        ("POST", _O + r"/wait", "wait_operation"),
+        ("GET", _P + r"/global/images", "list_images"),
+        ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "get_image_from_family"),
+        ("GET", _P + r"/global/images/(?P<image>[^/]+)", "get_image"),
+    )
 )
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
-def _zones(engine, project, query):
-    predicate = compile_filter(query.get("filter"))
-    items = [zone for zone in (engine.catalog.zone_json(project, name) for name in engine.catalog.zone_names()) if predicate(zone)]
-    return {"kind": "compute#zoneList", "id": f"projects/{project}/zones", "items": items, "selfLink": f"{engine.base_url}projects/{project}/zones"}
+class Handlers:
+    """One method per route: (path arguments, query dict, parsed body) -> JSON-ready result.
 
+    Args:
+        engine: the ComputeEngine (instances, operations) and its catalog.
+    """
 
-def _machine_types(engine, project, zone, query):
-    engine.catalog.zone_json(project, zone)
-    predicate = compile_filter(query.get("filter"))
-    items = [engine.catalog.machine_type_json(project, zone, name) for name in sorted(engine.catalog.machine_types)]
-    return {
-        "kind": "compute#machineTypeList",
-        "id": f"projects/{project}/zones/{zone}/machineTypes",
-        "items": [item for item in items if predicate(item)],
-        "selfLink": f"{engine.base_url}projects/{project}/zones/{zone}/machineTypes",
-    }
+    def __init__(self, engine):
+        self.engine = engine
+        self.catalog = engine.catalog
 
+    def _list(self, kind, project, path, items):
+        return {"kind": kind, "id": f"projects/{project}/{path}", "items": items, "selfLink": f"{self.engine.base_url}projects/{project}/{path}"}
 
-def _images(engine, project):
-    return {"kind": "compute#imageList", "id": f"projects/{project}/global/images", "items": engine.catalog.images_of(project), "selfLink": f"{engine.base_url}projects/{project}/global/images"}
+    def list_zones(self, args, query, body):
+        predicate = compile_filter(query.get("filter"))
+        zones = (self.catalog.zone_json(args["project"], name) for name in self.catalog.zone_names())
+        return self._list("compute#zoneList", args["project"], "zones", [zone for zone in zones if predicate(zone)])
+
+    def get_zone(self, args, query, body):
+        return self.catalog.zone_json(args["project"], args["zone"])
+
+    def list_machine_types(self, args, query, body):
+        project, zone = args["project"], args["zone"]
+        self.catalog.zone_json(project, zone)
+        predicate = compile_filter(query.get("filter"))
+        types = (self.catalog.machine_type_json(project, zone, name) for name in sorted(self.catalog.machine_types))
+        return self._list("compute#machineTypeList", project, f"zones/{zone}/machineTypes", [item for item in types if predicate(item)])
+
+    def get_machine_type(self, args, query, body):
+        return self.catalog.machine_type_json(args["project"], args["zone"], args["name"])
+
+    def list_images(self, args, query, body):
+        return self._list("compute#imageList", args["project"], "global/images", self.catalog.images_of(args["project"]))
+
+    def get_image(self, args, query, body):
+        return self.catalog.image_json(args["project"], args["image"])
+
+    def get_image_from_family(self, args, query, body):
+        return self.catalog.image_from_family(args["project"], args["family"])
+
+    def aggregated_list_instances(self, args, query, body):
+        return self.engine.aggregated_list_instances(args["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
+
+    def list_instances(self, args, query, body):
+        return self.engine.list_instances(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
+
+    def insert_instance(self, args, query, body):
+        return self.engine.insert_instance(args["project"], args["zone"], body)
+
+    def bulk_insert(self, args, query, body):
+        return self.engine.bulk_insert(args["project"], args["zone"], body)
+
+    def get_instance(self, args, query, body):
+        return self.engine.get_instance(args["project"], args["zone"], args["instance"])
+
+    def delete_instance(self, args, query, body):
+        return self.engine.delete_instance(args["project"], args["zone"], args["instance"])
+
+    def stop_instance(self, args, query, body):
+        return self.engine.stop_instance(args["project"], args["zone"], args["instance"])
+
+    def start_instance(self, args, query, body):
+        return self.engine.start_instance(args["project"], args["zone"], args["instance"])
+
+    def set_labels(self, args, query, body):
+        return self.engine.set_labels(args["project"], args["zone"], args["instance"], body)
+
+    def set_metadata(self, args, query, body):
+        return self.engine.set_metadata(args["project"], args["zone"], args["instance"], body)
+
+    def simulate_maintenance_event(self, args, query, body):
+        return self.engine.simulate_maintenance_event(args["project"], args["zone"], args["instance"])
+
+    def serial_port_output(self, args, query, body):
+        return self.engine.serial_port_output(args["project"], args["zone"], args["instance"], query.get("start"))
+
+    def list_operations(self, args, query, body):
+        return self.engine.list_operations(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
+
+    def get_operation(self, args, query, body):
+        return self.engine.get_operation(args["project"], args["zone"], args["operation"])
+
+    def delete_operation(self, args, query, body):
+        return self.engine.delete_operation(args["project"], args["zone"], args["operation"])
+
+    def wait_operation(self, args, query, body):
+        return self.engine.wait_operation(args["project"], args["zone"], args["operation"])
 
 
 class Dispatcher:
@@ -95,7 +162,7 @@ class Dispatcher:
     """
 
     def __init__(self, engine, faults):
-        self.engine = engine
+        self.handlers = Handlers(engine)
         self.faults = faults
 
     def dispatch(self, method, path, query_string, body_bytes):
@@ -121,7 +188,7 @@ class Dispatcher:
                 raise fault
             query = dict(urllib.parse.parse_qsl(query_string, keep_blank_values=True))
             body = self._parse_body(body_bytes) if method in BODY_METHODS else None
-            result = handler(self.engine, match.groupdict(), query, body)
+            result = getattr(self.handlers, handler)(match.groupdict(), query, body)
             if result is None:
                 return None
             return result if isinstance(result, RawJson) else json.dumps(result)

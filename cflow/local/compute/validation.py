@@ -27,9 +27,13 @@ def check_name(name, field="resource.name"):
         raise api_errors.invalid_name(field, name)
 
 
+_JSON_TYPE_NAMES = {dict: "an object", list: "an array", bool: "a boolean", str: "a string", int: "an integer"}
+
+
 def _expect(value, kind, field):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise api_errors.invalid_field(field, value if not isinstance(value, (dict, list)) else "", f"Expected {kind.__name__}.")
+        shown = value if not isinstance(value, (dict, list)) else ""
+        raise api_errors.invalid_field(field, shown, f"Expected {_JSON_TYPE_NAMES[kind]}.")
     return value
 
 

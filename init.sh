@@ -12,22 +12,25 @@
 set -u
 
 CFLOW_DIR="${HOME:-/root}/cflow"
-VENV=/opt/cflow/venv
+# An emulated VM shares the host's filesystem; CFLOW_VM_ROOT is its root there.
+VENV="${CFLOW_VM_ROOT:-}/opt/cflow/venv"
 METADATA="${GCE_METADATA_HOST:-metadata.google.internal}"
 mkdir -p "$CFLOW_DIR"
 exec >>"$CFLOW_DIR/init.log" 2>&1
 # Millisecond time stamps: bench/bench_boot.py reads where boot time goes from them.
 echo "cflow init: $(date -u +%FT%T.%3NZ) starting"
 
-# A stock image needs the Google client packages; an emulated VM has the host's.
+# An image from `cflow image build` has the Google client packages in $VENV;
+# a stock image needs them installed; an emulated VM has the host's.
 PYTHON=python3
-if [ "${CFLOW_EMULATED_VM:-}" != "1" ]; then
-  if [ ! -x "$VENV/bin/python3" ]; then
-    echo "cflow init: installing packages"
-    until apt-get update -q && apt-get install -y -q python3-venv; do sleep 10; done
-    python3 -m venv "$VENV"
-    until "$VENV/bin/pip" install -q google-cloud-pubsub google-cloud-storage google-auth; do sleep 10; done
-  fi
+if [ -x "$VENV/bin/python3" ]; then
+  echo "cflow init: using the preinstalled packages in $VENV"
+  PYTHON="$VENV/bin/python3"
+elif [ "${CFLOW_EMULATED_VM:-}" != "1" ]; then
+  echo "cflow init: installing packages"
+  until apt-get update -q && apt-get install -y -q python3-venv; do sleep 10; done
+  python3 -m venv "$VENV"
+  until "$VENV/bin/pip" install -q google-cloud-pubsub google-cloud-storage google-auth; do sleep 10; done
   PYTHON="$VENV/bin/python3"
 fi
 

@@ -81,6 +81,11 @@ class CallRecorder:
                 totals[key] = totals.get(key, 0.0) + min(call_end, end) - call_start
         return totals
 
+    def latest_end_before(self, seam, method, moment):
+        """End time of the last ``seam.method`` call that ended before ``moment``."""
+        with self._lock:
+            return max(e for s, m, _, e in self.calls if s == seam and m == method and e <= moment)
+
     def last_end(self, seam, method, after):
         """End time of the first ``seam.method`` call that began after ``after``, or None."""
         with self._lock:
@@ -198,18 +203,26 @@ def measure(info, temporary, args):
     try:
         # Phase 1: one item at a time to a worker waiting in its pull.
         to_start, to_done, to_ack = [], [], []
+        publish_calls, deliveries, pulled_to_start = [], [], []
         for number in range(args.idle_items):
             # This phase measures a worker that waits in its pull, so publish only once it does.
             wait_for(lambda: recorder.is_running("pubsub", "pull"), 30, "the worker to wait in its pull")
             published_at = time.time()
             item_id = publish(number)
+            publish_calls.append(time.time() - published_at)
             start, end = wait_for(lambda: read_stamps(stamps_file).get(item_id), 30, f"task {item_id} to run")
+            pulled_at = recorder.latest_end_before("pubsub", "pull", start)
+            deliveries.append(pulled_at - published_at)
+            pulled_to_start.append(start - pulled_at)
             done_at = wait_for(lambda: recorder.last_end("storage", "write_done_marker", end), 30, f"done marker of {item_id}")
             acked_at = wait_for(lambda: recorder.last_end("pubsub", "ack", end), 30, f"ack of {item_id}")
             to_start.append(start - published_at)
             to_done.append(done_at - end)
             to_ack.append(acked_at - end)
         print(f"idle worker, publish -> task start:      {describe(to_start)}")
+        print(f"    publish call returned:               {describe(publish_calls)}")
+        print(f"    waiting pull returned (from publish): {describe(deliveries)}")
+        print(f"    pull returned -> task start:          {describe(pulled_to_start)}")
         print(f"idle worker, task end -> done recorded:  {describe(to_done)}")
         print(f"idle worker, task end -> ack:            {describe(to_ack)}")
         figures.update(idle_publish_to_start_median=percentile(to_start, 0.5), idle_publish_to_start_p99=percentile(to_start, 0.99),

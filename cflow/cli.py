@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "cflow.ops",
     "cflow.local.compute.cli",
     "cflow.local.stack_cli",
+    "cflow.image",
 ]
 
 

@@ -19,7 +19,8 @@ SHUTDOWN_SCRIPT = """#!/bin/bash
 # CFlow: hand the in-flight work item back before this VM goes (see shutdown-signal.py).
 CFLOW_DIR="${HOME:-/root}/cflow"
 PYTHON=python3
-if [ "${CFLOW_EMULATED_VM:-}" != "1" ] && [ -x /opt/cflow/venv/bin/python3 ]; then PYTHON=/opt/cflow/venv/bin/python3; fi
+VENV="${CFLOW_VM_ROOT:-}/opt/cflow/venv"
+if [ -x "$VENV/bin/python3" ]; then PYTHON="$VENV/bin/python3"; fi
 exec "$PYTHON" "$CFLOW_DIR/package/shutdown-signal.py" >>"$CFLOW_DIR/shutdown.log" 2>&1
 """
 
@@ -36,13 +37,16 @@ def vm_number(config, run_id, name):
 
 
 def boot_image(config):
+    """The boot disk's ``sourceImage``: a ``projects/...`` path, or the full URL as written in const.py.
+
+    VM_IMAGE_NAME "family/NAME" (the newest image of the family) and a plain
+    image name both live in the run's project.
+    """
     if config.vm_boot == "stock":
         return config.vm_stock_image
     name = config.vm_image_name
-    if name.startswith("projects/"):
+    if name.startswith(("projects/", "https://")):
         return name
-    if name.startswith("family/"):
-        return f"projects/{config.project}/global/images/{name}"
     return f"projects/{config.project}/global/images/{name}"
 
 

@@ -163,7 +163,7 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
     from cflow.package import build_package
-    from cflow.scheduler import Scheduler
+    from cflow.scheduler import CANCELLED_FILE, RunCancelled, Scheduler
     from cflow.tasks import WorkItem, load_items
 
     out = out or sys.stderr
@@ -185,6 +185,9 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
     if resume:
         if manifest is None:
             raise ConfigError(f"run {run_id} not found in gs://{config.bucket}; `cflow list` shows the runs there")
+        if storage.read_json(CANCELLED_FILE) is not None:
+            raise RunCancelled(f"run {run_id} was cancelled and cannot be resumed; start a new run for the items left "
+                               f"(`cflow status {run_id}` shows them)")
         items = [WorkItem(id=d["id"], index=d["index"], args=tuple(d["args"])) for d in storage.read_items()]
         topics = RunTopics.from_dict(manifest["topics"])
     else:
@@ -231,6 +234,9 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
             if progress.finished:
                 break
             sleep(step_interval)
+    except RunCancelled:
+        reporter.close()  # the error line goes below the progress line, not over it
+        raise
     except KeyboardInterrupt:
         reporter.close()
         _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out)
@@ -241,6 +247,8 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
 
 def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
     """Ctrl-C: cancel the run (asking on a terminal unless --yes), or leave it resumable."""
+    from cflow.scheduler import CANCELLED_FILE
+
     cancel = assume_yes
     if not assume_yes and sys.stdin.isatty():
         try:
@@ -249,9 +257,10 @@ def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
             answer = ""
         cancel = answer.strip().lower() in ("y", "yes")
     if cancel:
+        # Marked first, as `cflow cancel` does: a cancel cut short still shows as cancelled.
+        storage.write_json(CANCELLED_FILE, {"time": time.time()})
         left = scheduler.delete_fleet()
         pubsub.delete_run_topics(topics)
-        storage.write_json("cancelled.json", {"time": time.time()})
         print(f"run {run_id} cancelled: VMs, topics and subscriptions deleted; outputs and logs kept"
               + (f" (still listed: {', '.join(left)})" if left else ""), file=out, flush=True)
     else:

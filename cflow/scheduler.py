@@ -7,22 +7,38 @@ missing up to ``min(WORKER_NODE_CNT, items left)``, and delete idle VMs once
 the queue is drained. Tests call ``step()`` by hand; ``run()`` loops it.
 
 Completion lives in Cloud Storage (done/failed markers), so a scheduler that
-is killed can be resumed with the run's id.
+is killed can be resumed with the run's id. A run cancelled from elsewhere
+(``cflow cancel`` writes cancelled.json, then deletes topics and VMs) makes
+the next step raise ``RunCancelled``; a run whose topics vanished without a
+cancel (a Pub/Sub emulator restarted) gets them back, with its unfinished
+items published again.
 """
 
 import logging
 import time
 from dataclasses import dataclass, field
 
+from google.api_core import exceptions as google_exceptions
+from googleapiclient.errors import HttpError
+
 from cflow import fleet, tasks
-from cflow.gcp.compute import STOCKOUT_CODES, QuotaExceeded
+from cflow.errors import EXIT_ITEMS_FAILED, CflowError
+from cflow.gcp.compute import STOCKOUT_CODES, QuotaExceeded, ZoneStockout, error_message
 
 log = logging.getLogger(__name__)
+
+CANCELLED_FILE = "cancelled.json"
 
 LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
 STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
 STOCKOUT_COOLDOWN_SECONDS = 120
 QUOTA_COOLDOWN_SECONDS = 60
+
+
+class RunCancelled(CflowError):
+    """The run was cancelled (``cflow cancel`` or Ctrl-C elsewhere) while this scheduler ran it."""
+
+    exit_status = EXIT_ITEMS_FAILED
 
 
 @dataclass
@@ -79,6 +95,8 @@ class Scheduler:
         self.zone_cooldown_until = {}
         self.quota_cooldown_until = 0.0
         self.quota_reported = False
+        self.zones_out_reported = False
+        self.last_create_error = None
         self.create_limit = None  # lowered when the quota refuses
         self.next_vm_number = 1
         self.item_by_vm = {}  # VM name -> item it last started
@@ -105,11 +123,29 @@ class Scheduler:
 
     # -- the reconcile step ------------------------------------------------
 
+    def check_not_cancelled(self):
+        """Raises RunCancelled if the run has cancelled.json."""
+        if self.storage.read_json(CANCELLED_FILE) is not None:
+            raise RunCancelled(
+                f"run {self.run_id} was cancelled; its VMs, topics and subscriptions are deleted by the cancel, "
+                "outputs and logs are kept; start a new run for the items left"
+            )
+
     def step(self):
-        """One reconcile pass. Returns the run's ``Progress``."""
+        """One reconcile pass. Returns the run's ``Progress``.
+
+        Raises:
+            RunCancelled: the run was cancelled meanwhile; nothing was created.
+        """
         now = self.clock()
-        self._read_events()
-        self._read_dead_letters()
+        self.check_not_cancelled()
+        try:
+            self._read_events()
+            self._read_dead_letters()
+        except google_exceptions.NotFound:
+            self.check_not_cancelled()  # a cancel deletes the topics after marking the run
+            self.refresh_markers()
+            self._recover_queue()
         self.refresh_markers()
         vms = self.compute.list_run_vms(self.run_id)
         self._account_vm_time(vms, now)
@@ -142,6 +178,14 @@ class Scheduler:
             self.progress.vms[vm.status] = self.progress.vms.get(vm.status, 0) + 1
         self.progress.running = sum(1 for vm in live if vm.name in self.item_by_vm)
         return self.progress
+
+    def _recover_queue(self):
+        """The run's topics or subscriptions are gone without a cancel: make them again, republish what is unfinished."""
+        unfinished = self.unfinished_items()
+        log.warning("the run's Pub/Sub topics or subscriptions are gone (was the Pub/Sub service restarted?); "
+                    "recreating them and publishing the %d unfinished item(s) again", len(unfinished))
+        self.pubsub.create_run_topics(self.topics, ack_deadline_seconds=self.config.lease_seconds)
+        self.publish_items(unfinished)
 
     def _read_events(self):
         for event in self.pubsub.drain_events(self.topics.events_subscription):
@@ -211,17 +255,33 @@ class Scheduler:
             count = min(count, self.create_limit)
         zone = self._pick_zone(now)
         if zone is None:
-            log.warning("every configured zone is out of capacity; retrying in a while")
+            if not self.zones_out_reported:
+                log.warning("every configured zone is out of capacity; trying again every %d s "
+                            "(add zones to VM_FALLBACK_ZONES to widen the search)", STOCKOUT_COOLDOWN_SECONDS)
+                self.zones_out_reported = True
             return
+        self.zones_out_reported = False
         names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(count)]
         try:
             pending = self.compute.bulk_insert(zone, names, self.instance_properties)
         except QuotaExceeded as error:
             if not self.quota_reported:
-                log.warning("quota: %s", error)
+                log.warning("quota: %s; carrying on with the VMs it allows and asking for more every %d s",
+                            error, QUOTA_COOLDOWN_SECONDS)
                 self.quota_reported = True
             self.quota_cooldown_until = now + QUOTA_COOLDOWN_SECONDS
             self.create_limit = max(1, count // 2)
+            return
+        except ZoneStockout:
+            self.zone_cooldown_until[zone] = now + STOCKOUT_COOLDOWN_SECONDS
+            log.warning("zone %s has no capacity (stockout); trying the next zone", zone)
+            return
+        except HttpError as error:
+            # Retried by the client already; the next step asks again.
+            message = error_message(error)
+            if message != self.last_create_error:
+                log.warning("creating VMs in %s failed: %s; trying again on the next step", zone, message)
+                self.last_create_error = message
             return
         self.next_vm_number += count
         self.pending_creations.append(pending)

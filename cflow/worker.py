@@ -2,19 +2,34 @@
 
 A worker pulls one item at a time. While the task runs, a keeper thread
 extends the item's lease and uploads its log. Then, in this order: outputs,
-log, done marker (create-only), done event, ack. A crash anywhere before the
-ack lets the lease expire and Pub/Sub redeliver; a redelivered item that is
-already done is acked without running again.
+log, done marker (create-only), done event, ack. A failed attempt is
+republished with its attempt count raised, then recorded (an attempt marker,
+create-only), then acked. A VM that dies anywhere before the ack loses
+nothing: the lease expires and Pub/Sub redelivers; a redelivered item that is
+already done, or an attempt whose failure is already recorded, is acked
+without running again.
 
-The shutdown hook and the worker share two files in the work directory:
-``inflight.json`` (the item, attempt and ack id being worked on) and
-``stopping`` (set by the hook so the worker neither acks nor counts a task
-killed by the shutdown as a failed attempt).
+The shutdown hook and the worker share files in the work directory:
+
+- ``stopping``: set by the hook first thing; from then on the worker takes no
+  new item and does not count a task that dies as a failed attempt.
+- ``inflight.json``: the item, attempt and ack id being worked on, the task's
+  process group, and ``settling`` once the worker has started recording the
+  item's result.
+- ``handback.lock``: an exclusive lock held while either side reads and
+  changes ``inflight.json`` and acts on it (nack, lease extension, marking
+  the item settling). So each item is either settled by the worker or handed
+  back (nacked) by exactly one of worker and hook, never both: the hook never
+  nacks an item whose failure the worker is republishing, and no lease
+  extension lands after a hand back.
 """
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +44,12 @@ log = logging.getLogger(__name__)
 
 LOG_UPLOAD_INTERVAL_SECONDS = 30
 TASK_KILL_GRACE_SECONDS = 5
+# How often the worker looks for the hook's stop flag while a task runs.
+STOP_POLL_SECONDS = 0.25
+# The hook waits this long for a worker that is recording a result; GCE gives
+# a Spot VM's shutdown script 30 s in all.
+HOOK_SETTLE_WAIT_SECONDS = 25.0
+PULL_ERROR_BACKOFF_MAX_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,16 +85,25 @@ class WorkerSettings:
 
 
 class WorkDir:
-    """The worker's local files: package, per-attempt outputs and logs, and the hook's two files."""
+    """The worker's local files: package, per-attempt outputs and logs, and the files shared with the hook."""
 
     def __init__(self, root):
         self.root = Path(root)
         self.inflight = self.root / "inflight.json"
         self.stopping = self.root / "stopping"
+        self.lock_file = self.root / "handback.lock"
         self.package = self.root / "package"
 
     def attempt_dir(self, item_id, attempt):
         return self.root / "attempts" / f"{item_id}-{attempt}"
+
+    def fresh_attempt_dir(self, item_id, attempt):
+        """An empty attempt folder (a killed predecessor's leftovers removed). Returns its path."""
+        tasks.validate_item_id(item_id)  # the id names a local folder: nothing may escape the work dir
+        path = self.attempt_dir(item_id, attempt)
+        shutil.rmtree(path, ignore_errors=True)
+        (path / "output").mkdir(parents=True)
+        return path
 
     def write_inflight(self, record):
         partial = self.inflight.with_suffix(".tmp")
@@ -92,6 +122,26 @@ class WorkDir:
     def is_stopping(self):
         return self.stopping.exists()
 
+    def request_stop(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stopping.touch()
+
+    @contextlib.contextmanager
+    def handback_lock(self):
+        """Hold the exclusive hand-back lock (between processes, and between threads of one).
+
+        Each use opens the file anew: flock conflicts between open file
+        descriptions, so the keeper thread and the main thread exclude each
+        other too. The kernel drops the lock when its holder dies.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 class Worker:
     """Pulls and runs work items until the queue stays empty.
@@ -104,9 +154,10 @@ class Worker:
         work_dir: ``WorkDir``.
         vm_name: this VM's name, recorded in events and markers.
         clock: monotonic seconds (tests pass their own).
+        sleep: how to wait between failed pulls (tests pass their own).
     """
 
-    def __init__(self, settings, pubsub, storage, metadata, work_dir, vm_name, clock=time.monotonic):
+    def __init__(self, settings, pubsub, storage, metadata, work_dir, vm_name, clock=time.monotonic, sleep=time.sleep):
         self.settings = settings
         self.pubsub = pubsub
         self.storage = storage
@@ -114,15 +165,31 @@ class Worker:
         self.work_dir = work_dir
         self.vm_name = vm_name
         self.clock = clock
+        self.sleep = sleep
 
     # -- loop --------------------------------------------------------------
 
     def run(self, pull_timeout=10.0):
-        """Work until idle for ``idle_poweroff_seconds`` or told to stop. Returns the reason."""
+        """Work until idle for ``idle_poweroff_seconds`` or told to stop. Returns "idle" or "stopping".
+
+        A pull that fails (the run's subscription deleted by a cancel, or
+        recreated by a resumed scheduler, or the service down) counts as no
+        work: the worker backs off and tries again, and powers off once idle.
+        An item whose processing raises is handed back and the loop goes on.
+        """
         idle_since = self.clock()
         announced_idle = False
+        pull_failures = 0
         while not self.work_dir.is_stopping():
-            received = self.pubsub.pull(self.settings.work_subscription, max_messages=1, timeout=pull_timeout)
+            try:
+                received = self.pubsub.pull(self.settings.work_subscription, max_messages=1, timeout=pull_timeout)
+                pull_failures = 0
+            except Exception as error:
+                pull_failures += 1
+                if pull_failures == 1:
+                    log.warning("pulling work failed (%s); retrying with backoff", error)
+                received = []
+                self.sleep(min(PULL_ERROR_BACKOFF_MAX_SECONDS, 0.5 * 2 ** min(pull_failures, 5)))
             if not received:
                 if not announced_idle:
                     self._event("idle")
@@ -130,47 +197,88 @@ class Worker:
                 if self.clock() - idle_since >= self.settings.idle_poweroff_seconds:
                     return "idle"
                 continue
-            self.process(received[0])
+            try:
+                self.process(received[0])
+            except Exception:
+                log.exception("processing a work item failed; handing it back")
+                hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
+                                   self.vm_name, reason="worker error", take_settling=True)
+                self.sleep(1.0)
             idle_since = self.clock()
             announced_idle = False
         return "stopping"
 
     def process(self, received):
-        """Run one pulled item to its end. Returns the outcome name."""
+        """Run one pulled item to its end.
+
+        Returns the outcome: "done", "duplicate" (already done or this attempt
+        already recorded; acked without running), "retry", "failed",
+        "interrupted" (handed back: shutdown or preemption; no attempt used),
+        "stopping" (not started: the VM is going down) or "malformed".
+        """
         try:
             item, attempt = tasks.decode_message(received.data, received.attributes)
         except ValueError as error:
             # Not ours to run; acking keeps it from looping, the event lets the user see it.
             log.error("dropping a malformed work message: %s", error)
             self._event("malformed", detail=str(error)[:200])
-            self.pubsub.ack(self.settings.work_subscription, [received.ack_id])
+            self._settle_message(received.ack_id)
             return "malformed"
-        if self.storage.is_done(item.id):
+        if self.storage.is_done(item.id) or self.storage.attempt_recorded(item.id, attempt):
+            log.info("item %s attempt %s is already recorded; acked without running it again", item.id, attempt)
             self._event("duplicate", item=item.id, attempt=attempt)
-            self.pubsub.ack(self.settings.work_subscription, [received.ack_id])
+            self._settle_message(received.ack_id)
             return "duplicate"
 
-        attempt_dir = self.work_dir.attempt_dir(item.id, attempt)
+        attempt_dir = self.work_dir.fresh_attempt_dir(item.id, attempt)
         output_dir = attempt_dir / "output"
-        output_dir.mkdir(parents=True, exist_ok=True)
         log_file = attempt_dir / "task.log"
-        self.work_dir.write_inflight(
-            {"item": item.id, "attempt": attempt, "ack_id": received.ack_id, "log": str(log_file)}
-        )
+        log_file.touch()
+        with self.work_dir.handback_lock():
+            if self.work_dir.is_stopping():
+                self._nack(received.ack_id, item.id)
+                return "stopping"
+            self.work_dir.write_inflight(
+                {"item": item.id, "attempt": attempt, "ack_id": received.ack_id, "log": str(log_file)}
+            )
         self._event("started", item=item.id, attempt=attempt)
-        started = time.time()
-        exit_status, timed_out = self._run_task(item, attempt, output_dir, log_file, received.ack_id)
-        elapsed = round(time.time() - started, 3)
-
-        if self.work_dir.is_stopping() or (exit_status != 0 and self.metadata.preempted()):
-            # The shutdown hook hands the item back; a task killed by the shutdown is no failed attempt.
-            return "interrupted"
+        keeper = _LeaseKeeper(self, item, attempt, log_file, received.ack_id)
+        keeper.start()
         try:
+            started = time.time()
+            exit_status, ending = self._run_task(item, attempt, output_dir, log_file, received.ack_id)
+            elapsed = round(time.time() - started, 3)
+            if ending == "stopped":
+                return "interrupted"
+            interrupted = handed_back = False
+            with self.work_dir.handback_lock():
+                record = self.work_dir.read_inflight()
+                ours = record is not None and record.get("ack_id") == received.ack_id
+                if exit_status != 0 and (self.work_dir.is_stopping() or self.metadata.preempted()):
+                    # A task killed by the shutdown is no failed attempt: hand it back.
+                    interrupted = True
+                    if ours:
+                        _hand_back_record(self.settings, self.pubsub, self.metadata, self.work_dir, self.vm_name, record)
+                        handed_back = True
+                elif ours:
+                    # From here the hook leaves the item to us (it waits instead of nacking).
+                    record["settling"] = True
+                    self.work_dir.write_inflight(record)
+            if interrupted:
+                if handed_back:
+                    self._upload_partial_log(item, attempt, log_file, "shut down")
+                return "interrupted"
             if exit_status == 0:
-                return self._finish_done(item, attempt, output_dir, log_file, received.ack_id, elapsed)
-            return self._finish_failed(item, attempt, log_file, received.ack_id, exit_status, timed_out, elapsed)
+                outcome = self._finish_done(item, attempt, output_dir, log_file, received.ack_id, elapsed)
+            else:
+                outcome = self._finish_failed(item, attempt, log_file, received.ack_id, exit_status,
+                                              ending == "timed out", elapsed)
+            with self.work_dir.handback_lock():
+                self.work_dir.clear_inflight()
+            shutil.rmtree(attempt_dir, ignore_errors=True)
+            return outcome
         finally:
-            self.work_dir.clear_inflight()
+            keeper.stop()
 
     # -- the task ----------------------------------------------------------
 
@@ -189,9 +297,14 @@ class Worker:
         return environment
 
     def _run_task(self, item, attempt, output_dir, log_file, ack_id):
-        """Run the task with the item's fields as argv (no shell). Returns (exit status, timed out)."""
+        """Run the task with the item's fields as argv (no shell).
+
+        Returns ``(exit status, ending)``; ending is "exited", "timed out"
+        (its process group was killed), or "stopped" (the VM is going down:
+        the item was handed back first, then the task's group was killed).
+        """
         command = list(self.settings.task_command) + list(item.args)
-        with open(log_file, "wb") as log_stream:
+        with open(log_file, "ab") as log_stream:
             try:
                 process = subprocess.Popen(
                     command,
@@ -204,25 +317,41 @@ class Worker:
                 )
             except OSError as error:
                 log_stream.write(f"cflow: cannot start {command[0]!r}: {error}\n".encode())
-                return 127, False
-            record = self.work_dir.read_inflight() or {}
-            record["task_pgid"] = process.pid
-            self.work_dir.write_inflight(record)
-            keeper = _LeaseKeeper(self, item, attempt, log_file, ack_id)
-            keeper.start()
-            try:
+                return 127, "exited"
+            with self.work_dir.handback_lock():
+                record = self.work_dir.read_inflight()
+                if record is not None and record.get("ack_id") == ack_id:
+                    # So the hook, or a worker restarted after this one is killed, can stop an orphaned task.
+                    record.update(task_pgid=process.pid, task_start=_process_start(process.pid), boot_id=_boot_id())
+                    self.work_dir.write_inflight(record)
+            deadline = time.monotonic() + self.settings.task_timeout
+            while True:
                 try:
-                    return process.wait(timeout=self.settings.task_timeout), False
+                    return process.wait(timeout=min(STOP_POLL_SECONDS, max(0.0, deadline - time.monotonic()))), "exited"
                 except subprocess.TimeoutExpired:
+                    pass
+                if self.work_dir.is_stopping():
+                    # Hand back before the kill: a Spot VM's grace is short, and the nack is what matters.
+                    hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
+                                       self.vm_name, reason="shut down", kill_task=False, upload_log=False)
                     _kill_group(process)
-                    log_stream.write(f"\ncflow: task timed out after {self.settings.task_timeout:g} s; killed\n".encode())
-                    return process.returncode, True
-            finally:
-                keeper.stop()
+                    log_stream.flush()
+                    self._upload_partial_log(item, attempt, log_file, "shut down")
+                    return process.returncode, "stopped"
+                if time.monotonic() >= deadline:
+                    _kill_group(process)
+                    log_stream.write(f"\ncflow: task timed out after {self.settings.task_timeout:g} s; "
+                                     "its process group was killed\n".encode())
+                    return process.returncode, "timed out"
 
     # -- endings -----------------------------------------------------------
 
     def _finish_done(self, item, attempt, output_dir, log_file, ack_id, elapsed):
+        if self.storage.is_done(item.id):
+            # Another attempt finished first (a duplicate delivery ran in parallel): keep its outputs.
+            self._event("duplicate", item=item.id, attempt=attempt, seconds=elapsed)
+            self._settle_message(ack_id)
+            return "duplicate"
         outputs = self._upload_outputs(item, output_dir, log_file)
         log_url = self.storage.upload_log(item.id, attempt, log_file)
         first = self.storage.write_done_marker(
@@ -230,24 +359,28 @@ class Worker:
             {"item": item.id, "attempt": attempt, "vm": self.vm_name, "seconds": elapsed, "outputs": outputs, "log": log_url},
         )
         self._event("done" if first else "duplicate", item=item.id, attempt=attempt, seconds=elapsed)
-        self.pubsub.ack(self.settings.work_subscription, [ack_id])
+        self._settle_message(ack_id)
         return "done" if first else "duplicate"
 
     def _finish_failed(self, item, attempt, log_file, ack_id, exit_status, timed_out, elapsed):
         log_url = self.storage.upload_log(item.id, attempt, log_file)
         reason = "timed out" if timed_out else f"exit status {exit_status}"
+        info = {"item": item.id, "attempt": attempt, "reason": reason, "log": log_url, "vm": self.vm_name}
         if attempt >= self.settings.max_attempts:
-            self.storage.write_failed_marker(
-                item.id, {"item": item.id, "attempts": attempt, "reason": reason, "log": log_url, "vm": self.vm_name}
-            )
+            self.storage.write_failed_marker(item.id, {**info, "attempts": attempt})
+            outcome = "failed"
             self._event("failed", item=item.id, attempt=attempt, reason=reason, log=log_url)
-            self.pubsub.ack(self.settings.work_subscription, [ack_id])
-            return "failed"
-        data, attributes = tasks.encode_message(item, attempt + 1)
-        self.pubsub.publish(self.settings.work_topic, data, attributes)
-        self._event("retry", item=item.id, attempt=attempt, reason=reason, log=log_url, seconds=elapsed)
-        self.pubsub.ack(self.settings.work_subscription, [ack_id])
-        return "retry"
+        else:
+            # Successor first, then the record that this attempt is settled: a
+            # redelivered copy of this attempt that finds the record knows its
+            # successor is queued; a crash in between at worst duplicates it.
+            data, attributes = tasks.encode_message(item, attempt + 1)
+            self.pubsub.publish(self.settings.work_topic, data, attributes)
+            outcome = "retry"
+            self._event("retry", item=item.id, attempt=attempt, reason=reason, log=log_url, seconds=elapsed)
+        self.storage.write_attempt_marker(item.id, attempt, info)
+        self._settle_message(ack_id)
+        return outcome
 
     def _upload_outputs(self, item, output_dir, log_file):
         names = []
@@ -266,16 +399,38 @@ class Worker:
             names.append(name)
         return names
 
-    def _event(self, kind, **fields):
-        event = {"type": kind, "vm": self.vm_name, "time": time.time(), **fields}
+    def _upload_partial_log(self, item, attempt, log_file, why):
         try:
-            self.pubsub.publish_event(self.settings.events_topic, event)
-        except Exception as error:  # events are progress news; losing one must not lose work
-            log.warning("could not publish %s event: %s", kind, error)
+            with open(log_file, "a") as stream:
+                stream.write(f"\ncflow: {why}; item handed back\n")
+            self.storage.upload_log(item.id, attempt, log_file)
+        except Exception as error:  # the log is news; the item is already handed back
+            log.warning("could not upload the partial log of %s: %s", item.id, error)
+
+    def _settle_message(self, ack_id):
+        try:
+            self.pubsub.ack(self.settings.work_subscription, [ack_id])
+        except Exception as error:
+            # The result is recorded in Cloud Storage; a redelivery is acked as a duplicate.
+            log.warning("ack failed (%s); a redelivery will be acked as a duplicate", error)
+
+    def _nack(self, ack_id, item_id):
+        try:
+            self.pubsub.nack(self.settings.work_subscription, ack_id)
+        except Exception as error:
+            log.warning("nack of %s failed (%s); its lease expiry will redeliver it", item_id, error)
+
+    def _event(self, kind, **fields):
+        _publish_event(self.pubsub, self.settings, kind, self.vm_name, **fields)
 
 
 class _LeaseKeeper:
-    """Keeps a running item's lease alive and its log uploaded, until stopped."""
+    """Keeps a running item's lease alive and its log uploaded, until stopped.
+
+    An extension happens under the hand-back lock and never once the VM is
+    stopping (unless the worker is already recording the result), so it can
+    not undo a nack.
+    """
 
     def __init__(self, worker, item, attempt, log_file, ack_id):
         self.worker = worker
@@ -295,14 +450,21 @@ class _LeaseKeeper:
 
     def _keep(self):
         settings = self.worker.settings
+        work_dir = self.worker.work_dir
         extend_every = max(1.0, settings.lease_seconds / 3)
         last_log_upload = time.monotonic()
         while not self.stopped.wait(extend_every):
-            try:
-                self.worker.pubsub.extend_lease(settings.work_subscription, self.ack_id, settings.lease_seconds)
-            except Exception as error:
-                log.warning("lease extension for %s failed: %s", self.item.id, error)
-            if time.monotonic() - last_log_upload >= LOG_UPLOAD_INTERVAL_SECONDS:
+            with work_dir.handback_lock():
+                record = work_dir.read_inflight()
+                if record is None or record.get("ack_id") != self.ack_id:
+                    return  # settled or handed back
+                if work_dir.is_stopping() and not record.get("settling"):
+                    return  # being handed back: an extension now could land after the nack
+                try:
+                    self.worker.pubsub.extend_lease(settings.work_subscription, self.ack_id, settings.lease_seconds)
+                except Exception as error:
+                    log.warning("lease extension for %s failed: %s", self.item.id, error)
+            if time.monotonic() - last_log_upload >= LOG_UPLOAD_INTERVAL_SECONDS and not record.get("settling"):
                 last_log_upload = time.monotonic()
                 try:
                     self.worker.storage.upload_log(self.item.id, self.attempt, self.log_file)
@@ -322,42 +484,159 @@ def _kill_group(process):
                 process.wait(timeout=TASK_KILL_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 pass
+            # The leader may have exited while its children linger in the group.
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
     process.wait()
 
 
-def hand_back(settings, pubsub, storage, metadata, work_dir, vm_name):
-    """The shutdown hook: hand the in-flight item back at once and save its partial log.
+# -- processes, identified across restarts ------------------------------------
 
-    Called on preemption, stop or delete, within GCE's 30 s Spot grace. The
-    message is nacked, so it keeps its attempt count: a preemption never uses
-    up an attempt. Returns the item id handed back, or None.
-    """
-    work_dir.stopping.touch()
-    record = work_dir.read_inflight()
-    if not record:
+
+def _boot_id():
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _process_start(pid):
+    """The process's start time in clock ticks since boot, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return None
+    return int(stat[stat.rfind(")") + 2 :].split()[19])
+
+
+def _process_started_at(pid):
+    """The process's start as epoch seconds, or None."""
+    ticks = _process_start(pid)
+    if ticks is None:
+        return None
+    try:
+        boot_line = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    return int(boot_line.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _kill_recorded_task(record, sig=signal.SIGTERM):
+    """Signal the task group named in an in-flight record, if it is still the one we started.
+
+    A recycled pid is left alone: the record's boot id and start time must match
+    a live leader (or the leader is gone, and then the kernel has not reused its
+    pid as long as any member of its group lives).
+    """
+    pgid = record.get("task_pgid")
+    if not pgid:
+        return False
+    if record.get("boot_id") != _boot_id():
+        return False
+    start = _process_start(pgid)
+    if start is not None and start != record.get("task_start"):
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# -- handing an item back (worker, restarted worker, shutdown hook) -----------
+
+
+def _publish_event(pubsub, settings, kind, vm_name, **fields):
+    event = {"type": kind, "vm": vm_name, "time": time.time(), **fields}
+    try:
+        pubsub.publish_event(settings.events_topic, event)
+    except Exception as error:  # events are progress news; losing one must not lose work
+        log.warning("could not publish %s event: %s", kind, error)
+
+
+def _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record):
+    """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held."""
     item_id, attempt = record["item"], record["attempt"]
     try:
         pubsub.nack(settings.work_subscription, record["ack_id"])
     except Exception as error:  # the lease expiry brings it back anyway
         log.warning("nack of %s failed (%s); its lease expiry will redeliver it", item_id, error)
     preempted = metadata.preempted()
-    pubsub.publish_event(
-        settings.events_topic,
-        {"type": "preempted" if preempted else "interrupted", "item": item_id, "attempt": attempt, "vm": vm_name, "time": time.time()},
-    )
-    pgid = record.get("task_pgid")
-    if pgid:
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    _publish_event(pubsub, settings, "preempted" if preempted else "interrupted", vm_name, item=item_id, attempt=attempt)
+    work_dir.clear_inflight()
+
+
+def hand_back_inflight(settings, pubsub, storage, metadata, work_dir, vm_name, reason, settle_wait_seconds=0.0,
+                       take_settling=False, kill_task=True, upload_log=True, sleep=time.sleep, clock=time.monotonic):
+    """Hand the in-flight item back at once: nack (it keeps its attempt count), event, partial log.
+
+    Used by the shutdown hook, by a worker that sees the stop flag, and by a
+    worker restarted after its predecessor died. An item the worker is
+    already recording (``settling``) is left to it: we wait up to
+    ``settle_wait_seconds`` for it to finish, then leave it to the lease.
+
+    Args:
+        reason: a few words for the partial log ("preempted", "shut down").
+        take_settling: hand back even an item being recorded (its recorder
+            is dead or failed).
+        kill_task: SIGTERM the recorded task group (verified to be ours).
+        upload_log: append a note to the partial log and upload it.
+    Returns:
+        The item id handed back, or None (nothing in flight, or left to the worker).
+    """
+    deadline = clock() + settle_wait_seconds
+    while True:
+        with work_dir.handback_lock():
+            record = work_dir.read_inflight()
+            if record is None:
+                return None
+            if take_settling or not record.get("settling"):
+                _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record)
+                break
+        if clock() >= deadline:
+            log.info("item %s is being recorded by the worker; leaving it to finish (or to its lease)", record["item"])
+            return None
+        sleep(0.2)
+    if kill_task:
+        _kill_recorded_task(record)
     log_file = Path(record["log"])
-    if log_file.exists():
-        with open(log_file, "a") as stream:
-            stream.write(f"\ncflow: {'preempted' if preempted else 'shut down'}; item handed back\n")
-        storage.upload_log(item_id, attempt, log_file)
-    return item_id
+    if upload_log and log_file.exists():
+        try:
+            with open(log_file, "a") as stream:
+                stream.write(f"\ncflow: {reason}; item handed back\n")
+            storage.upload_log(record["item"], record["attempt"], log_file)
+        except Exception as error:
+            log.warning("could not upload the partial log of %s: %s", record["item"], error)
+    return record["item"]
+
+
+def hand_back(settings, pubsub, storage, metadata, work_dir, vm_name, settle_wait_seconds=HOOK_SETTLE_WAIT_SECONDS):
+    """The shutdown hook: stop the worker taking work, hand the in-flight item back, save its partial log.
+
+    Called on preemption, stop or delete, within GCE's 30 s Spot grace. The
+    message is nacked, so it keeps its attempt count: a preemption never uses
+    up an attempt. Returns the item id handed back, or None.
+    """
+    work_dir.request_stop()
+    reason = "preempted" if metadata.preempted() else "shut down"
+    return hand_back_inflight(settings, pubsub, storage, metadata, work_dir, vm_name, reason,
+                              settle_wait_seconds=settle_wait_seconds)
+
+
+def stop_flag_is_stale(work_dir, boot_started_at):
+    """True if the stop flag was left by an earlier boot of this VM (a stopped VM started again).
+
+    Args:
+        boot_started_at: epoch seconds when this boot's startup script began
+            (None if unknown: the flag is then taken as stale).
+    """
+    try:
+        flagged_at = work_dir.stopping.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return boot_started_at is None or flagged_at < boot_started_at
 
 
 # -- entry points (startup-signal.py, shutdown-signal.py) -----------------
@@ -396,8 +675,20 @@ def main(work_root=None):
     """startup-signal.py: work until the queue stays empty, then power the VM off."""
     _configure_logging()
     work_root = Path(work_root or Path(__file__).resolve().parent.parent.parent)
+    work_dir = WorkDir(work_root)
+    if work_dir.is_stopping():
+        # init.sh started us in the parent's boot: a flag from this boot means the VM is going down.
+        if not stop_flag_is_stale(work_dir, _process_started_at(os.getppid())):
+            log.info("this VM is shutting down; not taking work")
+            return 0
+        work_dir.stopping.unlink(missing_ok=True)
     settings, pubsub, storage, metadata, work_dir, vm_name = _vm_context(work_root)
-    work_dir.stopping.unlink(missing_ok=True)
+    # A predecessor killed mid-item (SIGKILL, OOM) left its record: stop its
+    # orphaned task and hand the item back now rather than after its lease.
+    recovered = hand_back_inflight(settings, pubsub, storage, metadata, work_dir, vm_name, reason="worker died",
+                                   take_settling=True)
+    if recovered:
+        log.info("handed back item %s left by a worker that died", recovered)
     log.info("worker %s on run %s", vm_name, settings.run_id)
     reason = Worker(settings, pubsub, storage, metadata, work_dir, vm_name).run()
     if reason == "idle":
@@ -408,9 +699,10 @@ def main(work_root=None):
 
 
 def shutdown_main(work_root=None):
-    """shutdown-signal.py: hand the in-flight item back."""
-    _configure_logging()
+    """shutdown-signal.py: stop the worker taking work (first, before anything slow), then hand the in-flight item back."""
     work_root = Path(work_root or Path(__file__).resolve().parent.parent.parent)
+    WorkDir(work_root).request_stop()
+    _configure_logging()
     settings, pubsub, storage, metadata, work_dir, vm_name = _vm_context(work_root)
     item_id = hand_back(settings, pubsub, storage, metadata, work_dir, vm_name)
     log.info("shutdown: %s", f"handed back {item_id}" if item_id else "nothing in flight")

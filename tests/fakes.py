@@ -74,6 +74,13 @@ class FakeStorage:
         self.calls.append(("failed-marker", item_id))
         return self._create_once(f"failed/{item_id}", info)
 
+    def write_attempt_marker(self, item_id, attempt, info):
+        self.calls.append(("attempt-marker", item_id, attempt))
+        return self._create_once(f"attempts/{item_id}/{attempt}", info)
+
+    def attempt_recorded(self, item_id, attempt):
+        return f"attempts/{item_id}/{attempt}" in self.objects
+
 
 class FakeMetadata:
     def __init__(self, preempted=False):
@@ -145,6 +152,10 @@ class FakeRunStorage:
         self.done = set()
         self.failed = set()
         self.failed_info = {}
+        self.documents = {}  # relative name -> JSON document (cancelled.json...)
+
+    def read_json(self, relative):
+        return self.documents.get(relative)
 
     def list_done_ids(self):
         return set(self.done)
@@ -165,8 +176,19 @@ class FakeSchedulerPubSub(FakePubSub):
         super().__init__()
         self.pending_events = []
         self.dead = []
+        self.subscriptions_exist = True
+
+    def create_run_topics(self, topics, ack_deadline_seconds):
+        self.calls.append(("create-topics", ack_deadline_seconds))
+        created = not self.subscriptions_exist
+        self.subscriptions_exist = True
+        return created
 
     def drain_events(self, subscription, max_messages=1000):
+        if not self.subscriptions_exist:
+            from google.api_core import exceptions
+
+            raise exceptions.NotFound("Subscription does not exist")
         events, self.pending_events = self.pending_events, []
         return events
 

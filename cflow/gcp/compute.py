@@ -2,11 +2,14 @@
 
 Talks Compute Engine v1 through googleapiclient; locally the same calls go to
 the Compute emulator. Transient answers (429, 5xx) are retried with backoff by
-the client itself (``num_retries``).
+the client itself (``num_retries``); batched deletes, which the client does
+not retry, are retried here call by call.
 """
 
 import json
 import logging
+import random
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -24,6 +27,19 @@ NUM_RETRIES = 6
 
 class QuotaExceeded(CloudError):
     """The project's quota does not allow more VMs now."""
+
+
+class ZoneStockout(CloudError):
+    """The zone has no capacity for the VMs asked for; another zone may."""
+
+
+def is_transient(error):
+    """True for answers worth retrying: 429, 5xx, and 403 rate limits (as googleapiclient's own retry)."""
+    status = getattr(getattr(error, "resp", None), "status", None)
+    if status is None:
+        return False
+    status = int(status)
+    return status == 429 or status >= 500 or (status == 403 and error_reason(error) in ("rateLimitExceeded", "userRateLimitExceeded"))
 
 
 @dataclass(frozen=True)
@@ -82,9 +98,10 @@ class Compute:
         project: the project id.
     """
 
-    def __init__(self, service, project):
+    def __init__(self, service, project, sleep=time.sleep):
         self.service = service
         self.project = project
+        self.sleep = sleep
 
     def _execute(self, request):
         return request.execute(num_retries=NUM_RETRIES)
@@ -152,11 +169,19 @@ class Compute:
         except HttpError as error:
             if error_reason(error) == "QUOTA_EXCEEDED" or "quota" in error_message(error).lower():
                 raise QuotaExceeded(f"{error_message(error)} (ask for more quota or lower WORKER_NODE_CNT)") from None
+            if error_reason(error) in STOCKOUT_CODES:
+                raise ZoneStockout(f"zone {zone}: {error_message(error)}") from None
+            if error.resp.status == 409:
+                # A retried request whose first try went through: the VMs exist.
+                log.info("VMs %s already exist in %s", ", ".join(names), zone)
+                return PendingCreation(zone=zone, operation="", names=tuple(names))
             raise
         return PendingCreation(zone=zone, operation=operation["name"], names=tuple(names))
 
     def creation_result(self, pending):
         """Returns None while the operation runs, else a list of its error codes ([] = success)."""
+        if not pending.operation:
+            return []
         operation = self._execute(
             self.service.zoneOperations().get(project=self.project, zone=pending.zone, operation=pending.operation)
         )
@@ -173,10 +198,29 @@ class Compute:
         return urllib.parse.urljoin(self.service._baseUrl, "/batch/compute/v1")
 
     def delete_vms(self, vms):
-        """Delete VMs in one batch HTTP request; already-gone VMs are a warning, not an error."""
-        if not vms:
-            return
-        failures = []
+        """Delete VMs in batch HTTP requests; already-gone VMs are a warning, not an error.
+
+        Calls answered 429/5xx are sent again with backoff (up to ``NUM_RETRIES``
+        rounds); what still fails is logged, for the caller's next pass.
+        """
+        by_name = {vm.name: vm for vm in vms}
+        to_delete = list(by_name)
+        given_up = {}
+        for round_number in range(NUM_RETRIES + 1):
+            if not to_delete:
+                break
+            if round_number:
+                self.sleep(min(8.0, 0.5 * 2 ** (round_number - 1)) * (0.5 + random.random() / 2))
+            failures = self._delete_batch([by_name[name] for name in to_delete])
+            to_delete = [name for name, exception in failures.items() if is_transient(exception)]
+            given_up.update((name, exception) for name, exception in failures.items() if name not in to_delete)
+        given_up.update((name, failures[name]) for name in to_delete)
+        for name, exception in given_up.items():
+            log.warning("deleting VM %s failed (%s); the next reconcile step tries again", name, exception)
+
+    def _delete_batch(self, vms):
+        """One pass of batched deletes. Returns {name: exception} of the calls that failed."""
+        failures = {}
 
         def on_response(request_id, response, exception):
             if exception is None:
@@ -184,15 +228,70 @@ class Compute:
             if isinstance(exception, HttpError) and exception.resp.status == 404:
                 log.warning("VM %s was already gone", request_id)
             else:
-                failures.append((request_id, exception))
+                failures[request_id] = exception
 
         for start in range(0, len(vms), 500):  # Compute batch requests hold at most 1,000 calls
+            chunk = vms[start : start + 500]
             batch = BatchHttpRequest(callback=on_response, batch_uri=self._batch_uri())
-            for vm in vms[start : start + 500]:
+            for vm in chunk:
                 batch.add(
                     self.service.instances().delete(project=self.project, zone=vm.zone, instance=vm.name),
                     request_id=vm.name,
                 )
-            batch.execute()
-        for name, exception in failures:
-            log.warning("deleting VM %s failed (%s); the next reconcile step tries again", name, exception)
+            try:
+                batch.execute()
+            except HttpError as error:  # the whole batch refused: every call in it failed
+                failures.update((vm.name, error) for vm in chunk)
+        return failures
+
+    # -- one VM, and images (cflow image build) -----------------------------
+
+    def image_exists(self, name):
+        """True if the project has an image called ``name``."""
+        try:
+            self._execute(self.service.images().get(project=self.project, image=name))
+            return True
+        except HttpError as error:
+            if error.resp.status == 404:
+                return False
+            raise
+
+    def get_image(self, name):
+        """The project's image ``name`` (compute#image JSON)."""
+        return self._execute(self.service.images().get(project=self.project, image=name))
+
+    def insert_vm(self, zone, body):
+        """instances.insert of one VM; returns the zone operation's name."""
+        return self._execute(self.service.instances().insert(project=self.project, zone=zone, body=body))["name"]
+
+    def stop_vm(self, zone, name):
+        """instances.stop; returns the zone operation's name."""
+        return self._execute(self.service.instances().stop(project=self.project, zone=zone, instance=name))["name"]
+
+    def delete_vm(self, zone, name):
+        """instances.delete; returns the zone operation's name, or None if the VM was already gone."""
+        try:
+            return self._execute(self.service.instances().delete(project=self.project, zone=zone, instance=name))["name"]
+        except HttpError as error:
+            if error.resp.status == 404:
+                return None
+            raise
+
+    def serial_output(self, zone, name, start=0):
+        """The VM's serial console from byte ``start``: returns (text, the ``start`` of the next read)."""
+        answer = self._execute(self.service.instances().getSerialPortOutput(project=self.project, zone=zone, instance=name, start=start))
+        return answer.get("contents", ""), int(answer.get("next", start))
+
+    def insert_image_from_disk(self, name, family, zone, disk, description=""):
+        """images.insert from the (detached or stopped VM's) disk ``disk`` of ``zone``; returns the global operation's name."""
+        body = {"name": name, "family": family, "description": description, "sourceDisk": f"projects/{self.project}/zones/{zone}/disks/{disk}"}
+        return self._execute(self.service.images().insert(project=self.project, body=body))["name"]
+
+    def wait_operation(self, operation, zone=None):
+        """One operations.wait (zonal, or global when ``zone`` is None): returns the operation, DONE or not.
+
+        The service holds the call until the operation is DONE or about two minutes pass.
+        """
+        if zone is None:
+            return self._execute(self.service.globalOperations().wait(project=self.project, operation=operation))
+        return self._execute(self.service.zoneOperations().wait(project=self.project, zone=zone, operation=operation))

@@ -9,6 +9,7 @@ Everything of a run lives under ``gs://BUCKET/cflow/runs/RUN_ID/``:
     logs/ITEM/attempt-N.log a task's stdout+stderr, one per attempt
     done/ITEM              done marker, created once (ifGenerationMatch=0)
     failed/ITEM            failed marker, created once
+    attempts/ITEM/N        attempt N failed and was settled (successor queued), created once
     combined/NAME          the combined result
 
 Done and failed markers are the source of truth for completion: a scheduler
@@ -20,11 +21,17 @@ import logging
 
 from google.api_core import exceptions as google_exceptions
 
+from cflow import tasks
 from cflow.errors import CloudError, ConfigError
 
 log = logging.getLogger(__name__)
 
 RUNS_PREFIX = "cflow/runs/"
+
+
+def _check_item_id(item_id):
+    # Ids name objects: one that is not CFlow's own could climb out of the run's prefix.
+    return tasks.validate_item_id(item_id)
 
 
 def run_prefix(run_id):
@@ -129,6 +136,9 @@ class RunStorage:
     # -- outputs and logs --------------------------------------------------
 
     def upload_output(self, item_id, name, local_path):
+        """Raises ValueError if the item id or name could leave the item's folder (``../``, ``/``, NUL)."""
+        _check_item_id(item_id)
+        tasks.validate_output_name(name)
         self._blob(f"outputs/{item_id}/{name}").upload_from_filename(str(local_path))
 
     def list_output_names(self, item_id):
@@ -142,6 +152,7 @@ class RunStorage:
         return f"logs/{item_id}/attempt-{attempt}.log"
 
     def upload_log(self, item_id, attempt, local_path):
+        _check_item_id(item_id)
         self._blob(self.log_path(item_id, attempt)).upload_from_filename(str(local_path), content_type="text/plain")
         return self.url(self.log_path(item_id, attempt))
 
@@ -169,11 +180,19 @@ class RunStorage:
 
     def write_done_marker(self, item_id, info):
         """Record the item done. Returns False if another attempt already did."""
-        return self._create_once(f"done/{item_id}", info)
+        return self._create_once(f"done/{_check_item_id(item_id)}", info)
 
     def write_failed_marker(self, item_id, info):
         """Record the item failed for good. Returns False if already recorded."""
-        return self._create_once(f"failed/{item_id}", info)
+        return self._create_once(f"failed/{_check_item_id(item_id)}", info)
+
+    def write_attempt_marker(self, item_id, attempt, info):
+        """Record that failed attempt ``attempt`` was settled. Returns False if already recorded."""
+        return self._create_once(f"attempts/{_check_item_id(item_id)}/{int(attempt)}", info)
+
+    def attempt_recorded(self, item_id, attempt):
+        """True once ``write_attempt_marker`` recorded this attempt: a redelivery of it must not run."""
+        return self._blob(f"attempts/{item_id}/{int(attempt)}").exists()
 
     def is_done(self, item_id):
         return self._blob(f"done/{item_id}").exists()

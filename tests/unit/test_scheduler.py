@@ -21,7 +21,7 @@ class Clock:
 
 
 def make_scheduler(item_count=10, workers=3, zones=("us-central1-a", "us-central1-b")):
-    config = types.SimpleNamespace(worker_node_cnt=workers, zones=zones, vm_name_prefix="w")
+    config = types.SimpleNamespace(worker_node_cnt=workers, zones=zones, vm_name_prefix="w", lease_seconds=30)
     items = tasks.make_items([[f"in-{i}"] for i in range(item_count)])
     compute, pubsub, storage, clock = FakeCompute(), FakeSchedulerPubSub(), FakeRunStorage(), Clock()
     topics = RunTopics.for_run("p", RUN, "t", "s")
@@ -124,3 +124,89 @@ def test_unfinished_items_skip_done_and_failed():
     storage.failed.add(scheduler.items[2].id)
     scheduler.refresh_markers()
     assert [i.id for i in scheduler.unfinished_items()] == [scheduler.items[1].id, scheduler.items[3].id]
+
+
+# -- cancel, lost queues, and Compute faults ----------------------------------
+
+import json  # noqa: E402
+
+from google.api_core import exceptions as google_exceptions  # noqa: E402
+from googleapiclient.errors import HttpError  # noqa: E402
+
+from cflow.gcp.compute import ZoneStockout  # noqa: E402
+from cflow.scheduler import RunCancelled  # noqa: E402
+
+
+def test_cancelled_run_stops_the_step_before_anything_is_created():
+    scheduler, compute, pubsub, storage, clock = make_scheduler()
+    storage.documents["cancelled.json"] = {"time": 1.0}
+    with pytest.raises(RunCancelled, match=f"run {RUN} was cancelled"):
+        scheduler.step()
+    assert compute.count("bulkInsert") == 0
+
+
+def test_cancel_landing_mid_step_is_reported_as_cancelled_not_as_a_lost_queue():
+    scheduler, compute, pubsub, storage, clock = make_scheduler()
+
+    def cancelled_meanwhile(subscription, max_messages=1000):
+        storage.documents["cancelled.json"] = {"time": 1.0}
+        raise google_exceptions.NotFound("Subscription does not exist")
+
+    pubsub.drain_events = cancelled_meanwhile
+    with pytest.raises(RunCancelled):
+        scheduler.step()
+    assert ("create-topics", 30) not in pubsub.calls and pubsub.published == []
+
+
+def test_lost_queue_is_recreated_and_unfinished_items_published_again():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4)
+    storage.done.add(scheduler.items[0].id)
+    storage.failed.add(scheduler.items[1].id)
+    pubsub.subscriptions_exist = False
+
+    scheduler.step()
+
+    assert ("create-topics", 30) in pubsub.calls
+    republished = [tasks.decode_message(data, attributes) for _, data, attributes in pubsub.published]
+    assert republished == [(scheduler.items[2], 1), (scheduler.items[3], 1)]
+    assert compute.count("bulkInsert") == 1  # the step carried on
+
+
+def test_every_zone_out_of_capacity_is_reported_once(caplog):
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    compute.stockout_zones.update({"us-central1-a", "us-central1-b"})
+    for _ in range(6):
+        scheduler.step()
+        clock.now += 2
+    assert sum("every configured zone is out of capacity" in r.getMessage() for r in caplog.records) == 1
+    assert [c[1] for c in compute.calls if c[0] == "bulkInsert"] == ["us-central1-a", "us-central1-b"]
+    clock.now += 121
+    compute.stockout_zones.clear()
+    scheduler.step()
+    assert len(compute.vms) == 2
+
+
+def test_stockout_refused_at_once_moves_to_the_next_zone():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    insert = compute.bulk_insert
+
+    def refuse_in_a(zone, names, properties):
+        if zone == "us-central1-a":
+            compute.calls.append(("bulkInsert", zone, tuple(names)))
+            raise ZoneStockout("zone us-central1-a: does not have enough resources")
+        return insert(zone, names, properties)
+
+    compute.bulk_insert = refuse_in_a
+    scheduler.step()
+    scheduler.step()
+    assert {vm.zone for vm in compute.vms.values()} == {"us-central1-b"}
+
+
+def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
+    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    response = types.SimpleNamespace(status=503, reason="Service Unavailable")
+    body = json.dumps({"error": {"message": "Backend error", "errors": [{"reason": "backendError"}]}}).encode()
+    compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(HttpError(response, body))
+    scheduler.step()
+    scheduler.step()
+    assert sum("Backend error" in r.getMessage() for r in caplog.records) == 1

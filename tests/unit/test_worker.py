@@ -212,3 +212,297 @@ def test_hand_back_with_nothing_in_flight_only_sets_stopping(work_dir):
     pubsub, storage = FakePubSub(), FakeStorage()
     assert hand_back(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1") is None
     assert pubsub.calls == [] and work_dir.is_stopping()
+
+
+# -- preemption at any moment, and the races between hook and worker ----------
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+from cflow.worker import _boot_id, _kill_recorded_task, _process_start, hand_back_inflight, stop_flag_is_stale  # noqa: E402
+
+COUNTING_TASK = """
+import os, sys
+with open(sys.argv[1], "a") as runs:
+    runs.write(os.environ["CFLOW_TASK_ID"] + "\\n")
+open(os.path.join(os.environ["CFLOW_OUTPUT_DIR"], "result.txt"), "w").write("result of " + os.environ["CFLOW_TASK_ID"])
+"""
+
+
+class VmDied(BaseException):
+    """The VM vanished at this point (a BaseException, so no handler in the worker can catch it)."""
+
+
+class DyingStorage(FakeStorage):
+    def __init__(self, die_at):
+        super().__init__()
+        self.die_at = die_at
+
+    def _maybe_die(self, operation):
+        if operation == self.die_at:
+            self.die_at = None
+            raise VmDied(operation)
+
+    def upload_output(self, item_id, name, local_path):
+        self._maybe_die("output")
+        super().upload_output(item_id, name, local_path)
+
+    def upload_log(self, item_id, attempt, local_path):
+        self._maybe_die("log")
+        return super().upload_log(item_id, attempt, local_path)
+
+    def write_done_marker(self, item_id, info):
+        self._maybe_die("marker")
+        return super().write_done_marker(item_id, info)
+
+
+class DyingPubSub(FakePubSub):
+    def __init__(self, die_at):
+        super().__init__()
+        self.die_at = die_at
+
+    def publish_event(self, topic, event):
+        if event["type"] == "done" and self.die_at == "event":
+            self.die_at = None
+            raise VmDied("event")
+        super().publish_event(topic, event)
+
+    def ack(self, subscription, ack_ids):
+        if self.die_at == "ack":
+            self.die_at = None
+            raise VmDied("ack")
+        super().ack(subscription, ack_ids)
+
+
+@pytest.mark.parametrize("dies_before", ["output", "log", "marker", "event", "ack", None])
+def test_vm_dying_between_any_two_steps_loses_nothing_and_records_once(tmp_path, dies_before):
+    runs = tmp_path / "runs.txt"
+    storage = DyingStorage(dies_before)
+    pubsub = DyingPubSub(dies_before)
+    item = tasks.WorkItem(id="000011", index=11, args=(str(runs),))
+    first_vm = WorkDir(tmp_path / "vm-a")
+    first_vm.package.mkdir(parents=True)
+    command = write_task(first_vm, COUNTING_TASK)
+    settings = make_settings(command)
+
+    first = Worker(settings, pubsub, storage, FakeMetadata(), first_vm, "vm-a")
+    if dies_before is None:
+        assert first.process(received(item, 1, ack_id="ack-a")) == "done"
+    else:
+        with pytest.raises(VmDied):
+            first.process(received(item, 1, ack_id="ack-a"))
+    marker_before_redelivery = "done/000011" in storage.objects
+
+    # The lease runs out (or the hook nacked): the same message reaches another VM.
+    second_vm = WorkDir(tmp_path / "vm-b")
+    second_vm.package.mkdir(parents=True)
+    second = Worker(settings, pubsub, storage, FakeMetadata(), second_vm, "vm-b")
+    outcome = second.process(received(item, 1, ack_id="ack-b"))
+
+    assert outcome == ("duplicate" if marker_before_redelivery else "done")
+    assert runs.read_text().splitlines() == ["000011"] * (1 if marker_before_redelivery else 2)
+    assert storage.objects["outputs/000011/result.txt"] == b"result of 000011"
+    assert json.loads(storage.objects["done/000011"])["vm"] == ("vm-a" if marker_before_redelivery else "vm-b")
+    assert ("ack", ("ack-b",)) in pubsub.calls
+
+
+def wait_until(condition, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+BLOCKING_TASK = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # dies only by SIGKILL, after the kill grace
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(600)
+"""
+
+
+def test_stop_flag_mid_task_hands_back_before_killing_and_never_extends_after_the_nack(work_dir, tmp_path, monkeypatch):
+    # The keeper ticks every second and the kill grace lasts 1.5 s: an unguarded keeper would extend after the nack.
+    monkeypatch.setattr("cflow.worker.TASK_KILL_GRACE_SECONDS", 1.5)
+    pid_file = tmp_path / "child.pid"
+    command = write_task(work_dir, BLOCKING_TASK)
+    worker, pubsub, storage = make_worker(work_dir, command, lease_seconds=1)  # the keeper extends every second
+    item = tasks.WorkItem(id="000012", index=12, args=(str(pid_file),))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-12"))))
+    thread.start()
+    wait_until(pid_file.exists, what="the task to start")
+    wait_until(lambda: ("extend", "ack-12", 1) in pubsub.calls, what="a lease extension")
+
+    work_dir.request_stop()  # what the shutdown hook does first
+    thread.join(timeout=20)
+
+    assert outcome["value"] == "interrupted"
+    calls = pubsub.calls
+    nack_at = calls.index(("nack", "ack-12"))
+    assert ("extend", "ack-12", 1) not in calls[nack_at:]
+    assert pubsub.published == [] and ("ack", ("ack-12",)) not in calls  # no failed attempt counted
+    assert [e["type"] for e in pubsub.events] == ["started", "interrupted"]
+    assert b"handed back" in storage.objects["logs/000012/attempt-1.log"]
+    child = int(pid_file.read_text())
+    wait_until(lambda: not process_alive(child), what="the task's child to die")
+    assert not work_dir.inflight.exists()
+
+
+def test_task_failing_as_the_shutdown_begins_is_handed_back_not_republished(work_dir):
+    # The task sets the stop flag itself just before failing: the hook's flag and the failure race.
+    command = write_task(work_dir, "import os, sys; open(os.path.join(sys.argv[1], 'stopping'), 'w'); sys.exit(1)")
+    worker, pubsub, storage = make_worker(work_dir, command)
+    item = tasks.WorkItem(id="000013", index=13, args=(str(work_dir.root),))
+
+    assert worker.process(received(item, 1, ack_id="ack-13")) == "interrupted"
+
+    assert ("nack", "ack-13") in pubsub.calls
+    assert pubsub.published == [] and "ack" not in pubsub.kinds()
+    assert not any(name.startswith(("attempts/", "failed/")) for name in storage.objects)
+
+
+class GatedStorage(FakeStorage):
+    """upload_output blocks until the test opens the gate: a worker caught mid-upload."""
+
+    def __init__(self):
+        super().__init__()
+        self.uploading = threading.Event()
+        self.gate = threading.Event()
+
+    def upload_output(self, item_id, name, local_path):
+        self.uploading.set()
+        assert self.gate.wait(20)
+        super().upload_output(item_id, name, local_path)
+
+
+def test_hook_waits_for_a_worker_recording_its_result_instead_of_nacking(work_dir, tmp_path):
+    command = write_task(work_dir, COUNTING_TASK)
+    pubsub, storage = FakePubSub(), GatedStorage()
+    worker = Worker(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
+    item = tasks.WorkItem(id="000014", index=14, args=(str(tmp_path / "runs.txt"),))
+    outcome, hook = {}, {}
+    worker_thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-14"))))
+    worker_thread.start()
+    assert storage.uploading.wait(20)
+
+    hook_thread = threading.Thread(target=lambda: hook.update(
+        value=hand_back(make_settings(command), pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1",
+                        settle_wait_seconds=20)))
+    hook_thread.start()
+    wait_until(work_dir.is_stopping, what="the hook's stop flag")
+    storage.gate.set()
+    worker_thread.join(20)
+    hook_thread.join(20)
+
+    assert outcome["value"] == "done" and hook["value"] is None
+    assert ("nack", "ack-14") not in pubsub.calls
+    assert pubsub.kinds()[-1] == "ack"
+
+
+def test_redelivered_attempt_whose_failure_is_recorded_is_acked_without_running(work_dir, tmp_path):
+    sentinel = tmp_path / "ran"
+    command = write_task(work_dir, f"open({str(sentinel)!r}, 'w').write('x')")
+    worker, pubsub, storage = make_worker(work_dir, command)
+    storage.objects["attempts/000015/1"] = b"{}"  # attempt 1 failed and attempt 2 is queued
+
+    assert worker.process(received(tasks.WorkItem(id="000015", index=15, args=()), 1)) == "duplicate"
+    assert not sentinel.exists() and pubsub.published == []
+    assert pubsub.kinds() == ["event", "ack"]
+
+
+def test_failed_attempt_is_recorded_after_its_successor_is_published(work_dir):
+    command = write_task(work_dir, "import sys; sys.exit(2)")
+    worker, pubsub, storage = make_worker(work_dir, command)
+    order = []
+    storage_marker, pubsub_publish = storage.write_attempt_marker, pubsub.publish
+    storage.write_attempt_marker = lambda *a: (order.append("marker"), storage_marker(*a))[1]
+    pubsub.publish = lambda *a: (order.append("publish"), pubsub_publish(*a))[1]
+
+    assert worker.process(received(tasks.WorkItem(id="000016", index=16, args=()), 1)) == "retry"
+    assert order == ["publish", "marker"]
+    assert "attempts/000016/1" in storage.objects
+
+
+def start_orphan_group():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    wait_until(lambda: _process_start(process.pid) is not None)
+    return process
+
+
+def test_restarted_worker_kills_the_orphaned_task_and_hands_its_item_back(work_dir):
+    orphan = start_orphan_group()
+    try:
+        log_file = work_dir.root / "orphan.log"
+        log_file.write_text("half way\n")
+        work_dir.write_inflight({"item": "000017", "attempt": 1, "ack_id": "ack-17", "log": str(log_file),
+                                 "task_pgid": orphan.pid, "task_start": _process_start(orphan.pid),
+                                 "boot_id": _boot_id(), "settling": True})
+        pubsub, storage = FakePubSub(), FakeStorage()
+
+        item_id = hand_back_inflight(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1",
+                                     reason="worker died", take_settling=True)
+
+        assert item_id == "000017"
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+        assert ("nack", "ack-17") in pubsub.calls and pubsub.events[-1]["type"] == "interrupted"
+        assert b"worker died" in storage.objects["logs/000017/attempt-1.log"]
+        assert not work_dir.inflight.exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_a_recycled_pid_is_never_signalled():
+    stranger = start_orphan_group()
+    try:
+        record = {"task_pgid": stranger.pid, "task_start": _process_start(stranger.pid), "boot_id": _boot_id()}
+        assert not _kill_recorded_task({**record, "task_start": record["task_start"] - 1}, signal.SIGKILL)
+        assert not _kill_recorded_task({**record, "boot_id": "another-boot"}, signal.SIGKILL)
+        assert stranger.poll() is None
+        assert _kill_recorded_task(record, signal.SIGKILL)
+        assert stranger.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_stop_flag_from_an_earlier_boot_is_stale(work_dir):
+    work_dir.request_stop()
+    flagged_at = work_dir.stopping.stat().st_mtime
+    assert stop_flag_is_stale(work_dir, boot_started_at=flagged_at + 5)
+    assert not stop_flag_is_stale(work_dir, boot_started_at=flagged_at - 5)
+
+
+def test_failing_pulls_back_off_and_end_idle(work_dir):
+    class BrokenPubSub(FakePubSub):
+        def pull(self, subscription, max_messages=1, timeout=30.0):
+            from google.api_core import exceptions
+
+            self.calls.append(("pull", subscription))
+            raise exceptions.NotFound("Subscription does not exist")
+
+    now = [0.0]
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    worker = Worker(make_settings(["true"], idle_poweroff_seconds=30), BrokenPubSub(), FakeStorage(), FakeMetadata(),
+                    work_dir, "vm-1", clock=lambda: now[0], sleep=sleep)
+    assert worker.run(pull_timeout=0.01) == "idle"
+    assert waits == sorted(waits) and waits[0] < waits[-1] <= 10
+
+
+def test_hook_with_nothing_in_flight_sets_stop_and_the_worker_takes_no_new_item(work_dir):
+    command = write_task(work_dir, "pass")
+    worker, pubsub, storage = make_worker(work_dir, command)
+    hand_back(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
+    pubsub.queue.append(received(tasks.WorkItem(id="000019", index=19, args=()), 1))
+
+    assert worker.run(pull_timeout=0.01) == "stopping"
+    assert pubsub.queue  # left for another VM

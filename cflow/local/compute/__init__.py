@@ -21,18 +21,39 @@ batch URI from the discovery document, not from ``api_endpoint``, so pass
 Served: instances insert, bulkInsert, get, list, aggregatedList (filter,
 maxResults, pageToken), delete, stop, start, setLabels, setMetadata
 (fingerprints checked, 412 conditionNotMet), simulateMaintenanceEvent,
-getSerialPortOutput; zoneOperations get, wait, list, delete; images get,
-getFromFamily, list; machineTypes get, list; zones get, list.
+getSerialPortOutput (contents, start, next; 1 MB at most); zoneOperations
+and globalOperations get, wait, list, delete; disks get, list, delete
+(detached disks only); images insert (from a ``sourceDisk``; 400
+resourceInUseByAnotherResource for a disk of a VM that is not TERMINATED
+unless ``forceCreate=true``; 409 for a taken name), get, getFromFamily (the
+newest READY image of the family that is not deprecated), list (filter),
+delete, deprecate; machineTypes get, list; zones get, list. Public images
+(debian-cloud, ubuntu-os-cloud, cos-cloud) are read-only: changing them is
+403 forbidden.
 
-A VM: its disk is ``STATE_DIR/vms/NAME-ID/`` (cwd; ``home/`` is HOME,
+A VM: its boot disk is ``STATE_DIR/vms/NAME-ID/`` (cwd; ``home/`` is HOME,
 ``tmp/`` is TMPDIR, ``bin/`` comes first on PATH, ``serial-port-1.log`` is
 the serial console). Its metadata ``startup-script`` runs on entering
 RUNNING (with bash unless it starts with ``#!``) in a process group of its
 own; the environment holds only PATH, locale and PYTHONPATH/VIRTUAL_ENV from
 the host, plus ``GCE_METADATA_HOST``/``GCE_METADATA_IP`` (its own metadata
 server, ``127.0.0.1:PORT``), ``PUBSUB_EMULATOR_HOST``,
-``STORAGE_EMULATOR_HOST``, ``CFLOW_COMPUTE_ENDPOINT``, ``CFLOW_EMULATED_VM=1``
-and ``CFLOW_VM_MARKER`` (finds its processes for cleanup).
+``STORAGE_EMULATOR_HOST``, ``CFLOW_COMPUTE_ENDPOINT``, ``CFLOW_EMULATED_VM=1``,
+``CFLOW_VM_MARKER`` (finds its processes for cleanup) and ``CFLOW_VM_ROOT``.
+
+``CFLOW_VM_ROOT`` is the VM's filesystem root for absolute guest paths:
+emulated VMs share the host's filesystem, so a guest that writes
+``/opt/cflow`` on GCE writes ``$CFLOW_VM_ROOT/opt/cflow`` here (scripts
+that run on both write ``${CFLOW_VM_ROOT:-}/opt/cflow``).
+
+Disks and images: every disk of a VM is a resource of its zone, named as
+GCE names it (the VM's name for the boot disk unless
+``initializeParams.diskName``), deleted with the VM when ``autoDelete``.
+``images.insert`` copies the boot disk's directory tree (without the serial
+log, the script files and the poweroff shim) to
+``STATE_DIR/images/PROJECT/NAME-ID/``; a VM made from that image starts
+with a copy of it in its disk directory, before its startup script runs.
+Nothing is kept across emulator restarts but those directories.
 
 Stop, delete, preemption and guest power-off run the ``shutdown-script``
 (same environment, same process group) within the grace period (30 s for

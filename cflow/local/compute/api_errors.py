@@ -72,6 +72,18 @@ def resource_not_ready(resource_path):
     return ApiError(400, "resourceNotReady", f"The resource '{resource_path}' is not ready")
 
 
+def resource_in_use(resource_path, user_path):
+    return ApiError(400, "resourceInUseByAnotherResource", f"The disk resource '{resource_path}' is already being used by '{user_path}'")
+
+
+def invalid_resource_usage(detail):
+    return ApiError(400, "invalidResourceUsage", f"Invalid resource usage: '{detail}'.")
+
+
+def permission_denied(permission, resource_path):
+    return ApiError(403, "forbidden", f"Required '{permission}' permission for '{resource_path}'")
+
+
 def condition_not_met(message):
     return ApiError(412, "conditionNotMet", message)
 

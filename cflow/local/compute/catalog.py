@@ -1,7 +1,8 @@
 """What exists before any VM does: zones, machine types and images.
 
-One ``Catalog`` holds every table, so adding a project image later
-(``images.insert``) or a zone is a change in one place.
+One ``Catalog`` holds every table. Public images (``PUBLIC_IMAGES``) are
+there from the start and read-only; project images come and go with
+``images.insert`` and ``images.delete`` (the engine keeps their content).
 """
 
 import hashlib
@@ -48,6 +49,8 @@ PUBLIC_IMAGES = (
     ("ubuntu-os-cloud", "ubuntu-2204-jammy-v20240110", "ubuntu-2204-lts", "Canonical, Ubuntu, 22.04 LTS, amd64 jammy image built on 2024-01-10"),
     ("cos-cloud", "cos-109-17800-66-54", "cos-109-lts", "Google, Container-Optimized OS, 109-17800.66.54 LTS"),
 )
+PUBLIC_PROJECTS = frozenset(project for project, _, _, _ in PUBLIC_IMAGES)
+DEPRECATION_STATES = ("DEPRECATED", "OBSOLETE", "DELETED")
 
 
 def stable_id(text):
@@ -165,16 +168,55 @@ class Catalog:
         return image
 
     def image_from_family(self, project, family):
-        """Returns the newest image of ``family``; raises ApiError 404 if none."""
+        """Returns the newest READY, non-deprecated image of ``family``; raises ApiError 404 if none."""
         with self._images_lock:
-            matches = [image for (owner, _), image in self._images.items() if owner == project and image.get("family") == family]
+            matches = [
+                image
+                for (owner, _), image in self._images.items()
+                if owner == project
+                and image.get("family") == family
+                and image["status"] == "READY"
+                and image.get("deprecated", {}).get("state") not in DEPRECATION_STATES
+            ]
         if not matches:
             raise api_errors.not_found(f"projects/{project}/global/images/family/{family}")
+        # Insertion order is creation order: a project image is added when it is created.
         return matches[-1]
 
     def images_of(self, project):
         with self._images_lock:
             return [image for (owner, _), image in self._images.items() if owner == project]
+
+    @staticmethod
+    def is_public_project(project):
+        """True for the projects of the public images, which no caller may change."""
+        return project in PUBLIC_PROJECTS
+
+    def insert_image(self, project, image):
+        """Adds a project image (its JSON); raises ApiError 409 if the name is taken."""
+        with self._images_lock:
+            if (project, image["name"]) in self._images:
+                raise api_errors.already_exists(f"projects/{project}/global/images/{image['name']}")
+            self._images[(project, image["name"])] = image
+
+    def update_image(self, project, name, **fields):
+        """Replaces fields of an image (a value of None removes the field); returns the new JSON.
+
+        The JSON is replaced, never mutated, so answers already handed out stay as they were.
+        """
+        with self._images_lock:
+            image = dict(self._images[(project, name)])
+            for field, value in fields.items():
+                if value is None:
+                    image.pop(field, None)
+                else:
+                    image[field] = value
+            self._images[(project, name)] = image
+            return image
+
+    def remove_image(self, project, name):
+        with self._images_lock:
+            self._images.pop((project, name), None)
 
     def resolve_source_image(self, source, request_project):
         """Resolves a ``sourceImage`` reference as GCE accepts them.

@@ -14,6 +14,7 @@ import time
 from cflow.errors import CflowError
 from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
 from cflow.local.compute.catalog import Catalog
+from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
 from cflow.local.compute.metadata import MetadataServers
@@ -139,6 +140,7 @@ class ComputeEmulator:
             faults=faults,
             launcher=launcher,
             power_off=self._power_off,
+            disk_images=DiskImages(self.state_dir),
             timers=self._timers,
             wall_clock=self._wall_clock,
             boot_delay_s=options.boot_delay_s,

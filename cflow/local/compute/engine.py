@@ -12,6 +12,14 @@ Instance states, as on GCE:
   ``instanceTerminationAction: DELETE`` deletes the VM instead.
 - delete: STOPPING -> gone (404).
 
+Disks: each disk of a VM is a resource of its zone (named as GCE names
+them: the VM's name for the boot disk unless ``initializeParams.diskName``);
+it goes with its VM when ``autoDelete`` is true, else it stays, detached.
+A boot disk's content is the VM's disk directory. ``images.insert`` copies
+that tree (``disk_images.DiskImages``) on a thread of its own and answers a
+global operation that is DONE when the image is READY; a VM made from a
+project image starts with a copy of the image's tree.
+
 Everything mutable sits behind ``self.lock``; ``changed`` is notified on
 every state change (operations.wait), ``metadata_changed`` when what a guest
 sees changes (metadata ``wait_for_change``). Slow work (waiting for guest
@@ -28,9 +36,10 @@ import re
 import threading
 
 from cflow.local.compute import api_errors, validation
+from cflow.local.compute.catalog import PUBLIC_PROJECTS
 from cflow.local.compute.filters import compile_filter
 from cflow.local.compute.metadata import Verbatim
-from cflow.local.compute.resources import Instance, Operation, fingerprint, project_number, rfc3339
+from cflow.local.compute.resources import Disk, Instance, Operation, fingerprint, project_number, rfc3339
 from cflow.local.compute.vm import SERIAL_LOG_NAME
 
 logger = logging.getLogger(__name__)
@@ -84,6 +93,7 @@ class ComputeEngine:
         faults: a Faults.
         launcher: a vm.GuestLauncher.
         power_off: a vm.PowerOff.
+        disk_images: a disk_images.DiskImages (image content on the host).
         timers: a timers.TimerQueue.
         wall_clock: ``time.time``-like (timestamps).
         boot_delay_s: time spent in PROVISIONING + STAGING.
@@ -95,12 +105,13 @@ class ComputeEngine:
     return JSON-ready dicts (or RawJson) and raise ``ApiError``.
     """
 
-    def __init__(self, *, base_url, catalog, faults, launcher, power_off, timers, wall_clock, boot_delay_s=0.0, shutdown_grace_s=None, id_random, metadata_host="127.0.0.1"):
+    def __init__(self, *, base_url, catalog, faults, launcher, power_off, disk_images, timers, wall_clock, boot_delay_s=0.0, shutdown_grace_s=None, id_random, metadata_host="127.0.0.1"):
         self.base_url = base_url
         self.catalog = catalog
         self.faults = faults
         self.launcher = launcher
         self.power_off = power_off
+        self.disk_images = disk_images
         self.timers = timers
         self.wall_clock = wall_clock
         self.boot_delay_s = boot_delay_s
@@ -114,6 +125,8 @@ class ComputeEngine:
         self.instances = {}
         self.instances_by_id = {}
         self.operations = {}
+        self.disks = {}
+        self.image_trees = {}  # (project, image name) -> its tree on the host
         self.closing = False
         self._used_ids = set()
         self._addresses_given = 0
@@ -244,11 +257,7 @@ class ComputeEngine:
             interface = dict(interface, networkIP=self._next_address())
             interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
             interfaces.append(interface)
-        disks = [dict(disk) for disk in spec["disks"]]
-        if spec["name"] is None:
-            # bulkInsert: one properties block for many VMs, so disk names follow each VM's name.
-            for disk in disks:
-                disk["diskName"] = disk["deviceName"] = name if disk["boot"] else f"{name}-{disk['index']}"
+        disks = self._disk_specs(spec, name)
         metadata_items = copy.deepcopy(spec["metadata_items"])
         instance = Instance(
             id=instance_id,
@@ -274,10 +283,71 @@ class ComputeEngine:
         )
         instance.metadata_port = self.metadata_servers.open(instance_id)
         self.instances[instance.key] = instance
+        self._attach_new_disks(instance)
         self.instances_by_id[instance_id] = instance
         self._schedule_boot(instance)
         self.changed.notify_all()
         return instance
+
+    @staticmethod
+    def _disk_specs(spec, name):
+        disks = [dict(disk) for disk in spec["disks"]]
+        if spec["name"] is None:
+            # bulkInsert: one properties block for many VMs, so disk names follow each VM's name.
+            for disk in disks:
+                disk["diskName"] = disk["deviceName"] = name if disk["boot"] else f"{name}-{disk['index']}"
+        return disks
+
+    def _refuse_taken_disk_names(self, project, zone, spec, names):
+        for name in names:
+            for disk in self._disk_specs(spec, name):
+                if (project, zone, disk["diskName"]) in self.disks:
+                    raise api_errors.already_exists(f"projects/{project}/zones/{zone}/disks/{disk['diskName']}")
+
+    def _attach_new_disks(self, instance):
+        """Creates the disk resources of a new VM; a boot disk from a project image holds that image's tree."""
+        for spec in instance.disks:
+            disk = Disk(
+                id=self._new_id(),
+                name=spec["diskName"],
+                project=instance.project,
+                zone=instance.zone,
+                size_gb=spec["diskSizeGb"],
+                disk_type=spec.get("diskType") or "pd-standard",
+                source_image=spec.get("sourceImage"),
+                source_image_id=spec.get("sourceImageId"),
+                licenses=list(spec.get("licenses") or []),
+                directory=self.launcher.disk_dir(instance.name, instance.id) if spec["boot"] else None,
+                user=instance.key,
+                creation_ts=instance.creation_ts,
+                last_attach_ts=instance.creation_ts,
+            )
+            self.disks[disk.key] = disk
+            tree = self._image_tree_of(spec.get("sourceImage")) if spec["boot"] else None
+            if tree is not None:
+                self.disk_images.hold(tree)
+                instance.disk_image = tree
+
+    def _image_tree_of(self, image_link):
+        if not image_link:
+            return None
+        project, _, name = image_link.split("/compute/v1/")[-1].removeprefix("projects/").partition("/global/images/")
+        return self.image_trees.get((project, name))
+
+    def _detach_disks(self, instance):
+        """The VM is gone: its ``autoDelete`` disks go too, the others stay, detached."""
+        for spec in instance.disks:
+            disk = self.disks.get((instance.project, instance.zone, spec["diskName"]))
+            if disk is None or disk.user != instance.key:
+                continue
+            if spec["autoDelete"]:
+                del self.disks[disk.key]
+            else:
+                disk.user = None
+                disk.last_detach_ts = self._now()
+        if instance.disk_image is not None:
+            self.disk_images.release(instance.disk_image)
+            instance.disk_image = None
 
     # Boot.
 
@@ -295,6 +365,15 @@ class ComputeEngine:
         self.timers.call_later(self.boot_delay_s / 2, self._boot_run, instance_id, epoch)
 
     def _boot_run(self, instance_id, epoch):
+        with self.lock:
+            instance = self.instances_by_id.get(instance_id)
+            if instance is None or instance.epoch != epoch or instance.status != "STAGING":
+                return
+            image_tree, instance.disk_image = instance.disk_image, None
+            disk_dir = self.launcher.disk_dir(instance.name, instance.id)
+        if image_tree is not None:
+            # Outside the lock: copying a large image must not stall the API.
+            self._initialise_disk(image_tree, disk_dir)
         with self.lock:
             instance = self.instances_by_id.get(instance_id)
             if instance is None or instance.epoch != epoch or instance.status != "STAGING":
@@ -317,6 +396,15 @@ class ComputeEngine:
                 if delay is not None:
                     self.timers.call_later(delay, self._preempt_due, instance.id, instance.epoch)
             self.changed.notify_all()
+
+    def _initialise_disk(self, image_tree, disk_dir):
+        try:
+            self.disk_images.restore(image_tree, disk_dir)
+        except OSError as error:
+            logger.warning("disk %s was not initialised from its image: %s", disk_dir, error)
+            os.makedirs(disk_dir, exist_ok=True)
+            with open(os.path.join(disk_dir, SERIAL_LOG_NAME), "ab") as serial:
+                serial.write(f"cflow-emulator: disk not initialised from its image: {error}\n".encode())
 
     def _complete_boot_operations(self, instance):
         for operation in instance.boot_operations:
@@ -369,6 +457,7 @@ class ComputeEngine:
         instance.delete_operations = []
         self.instances.pop(instance.key, None)
         self.instances_by_id.pop(instance.id, None)
+        self._detach_disks(instance)
         self.metadata_servers.close(instance.id)
         self.changed.notify_all()
         self.metadata_changed.notify_all()
@@ -414,6 +503,7 @@ class ComputeEngine:
             name = spec["name"]
             if (project, zone, name) in self.instances:
                 raise api_errors.already_exists(f"projects/{project}/zones/{zone}/instances/{name}")
+            self._refuse_taken_disk_names(project, zone, spec, [name])
             self._check_quota(project, zone, spec["cpus"], 1, 1)
             operation = self._new_operation(project, zone, "insert", f"{self._zone_url(project, zone)}/instances/{name}")
             free = self.faults.free_capacity(zone, self._live_in_zone(zone))
@@ -467,6 +557,7 @@ class ComputeEngine:
             for name in per_instance:
                 if (project, zone, name) in self.instances:
                     raise api_errors.already_exists(f"projects/{project}/zones/{zone}/instances/{name}")
+            self._refuse_taken_disk_names(project, zone, spec, per_instance)
             allowed = self._check_quota(project, zone, spec["cpus"], count, min_count)
             operation = self._new_operation(project, zone, "bulkInsert", self._zone_url(project, zone))
             free = self.faults.free_capacity(zone, self._live_in_zone(zone))
@@ -490,6 +581,7 @@ class ComputeEngine:
         prefix, digits, suffix = pattern_parts
         numbered = re.compile(re.escape(prefix) + r"([0-9]{%d})" % digits + re.escape(suffix))
         taken = [name for (owner, where, name) in self.instances if owner == project and where == zone] + list(reserved)
+        taken += [name for (owner, where, name) in self.disks if owner == project and where == zone]
         highest = max((int(match.group(1)) for match in map(numbered.fullmatch, taken) if match), default=0)
         if highest + how_many >= 10**digits:
             raise api_errors.invalid_field("bulkInsertInstanceResource.namePattern", prefix + "#" * digits + suffix, "Not enough free names for the requested count.")
@@ -704,36 +796,44 @@ class ComputeEngine:
             "selfLink": self_link,
         }
 
-    # zoneOperations.*
+    # zoneOperations.* and globalOperations.* (a global operation has zone None)
 
     def _operation(self, project, zone, name):
         operation = self.operations.get((project, zone, name))
         if operation is None:
-            raise api_errors.not_found(f"projects/{project}/zones/{zone}/operations/{name}")
+            raise api_errors.not_found(f"{self._operations_path(project, zone)}/{name}")
         return operation
 
+    @staticmethod
+    def _operations_path(project, zone):
+        return f"projects/{project}/zones/{zone}/operations" if zone is not None else f"projects/{project}/global/operations"
+
     def get_operation(self, project, zone, name):
-        self._check_zone(zone)
+        if zone is not None:
+            self._check_zone(zone)
         with self.lock:
             return self._operation(project, zone, name).to_json(self.base_url)
 
     def wait_operation(self, project, zone, name, timeout_s=OPERATION_WAIT_S):
         """Blocks until the operation is DONE or ``timeout_s`` passes; returns it either way."""
-        self._check_zone(zone)
+        if zone is not None:
+            self._check_zone(zone)
         with self.lock:
             operation = self._operation(project, zone, name)
             self.changed.wait_for(lambda: operation.status == "DONE" or self.closing, timeout_s)
             return operation.to_json(self.base_url)
 
     def delete_operation(self, project, zone, name):
-        self._check_zone(zone)
+        if zone is not None:
+            self._check_zone(zone)
         with self.lock:
             self._operation(project, zone, name)
             del self.operations[(project, zone, name)]
         return None
 
     def list_operations(self, project, zone, filter_text=None, max_results=None, page_token=None):
-        self._check_zone(zone)
+        if zone is not None:
+            self._check_zone(zone)
         predicate = compile_filter(filter_text)
         limit = _max_results(max_results)
         after = _page_after(page_token)
@@ -751,15 +851,156 @@ class ComputeEngine:
                     more = True
                     break
                 items.append((operation.sequence, rendered))
+        path = self._operations_path(project, zone)
         result = {
             "kind": "compute#operationList",
-            "id": f"projects/{project}/zones/{zone}/operations",
+            "id": path,
             "items": [rendered for _, rendered in items],
-            "selfLink": f"{self._zone_url(project, zone)}/operations",
+            "selfLink": self.base_url + path,
         }
         if more:
             result["nextPageToken"] = _page_token(str(items[-1][0]))
         return result
+
+    # disks.*
+
+    def _disk(self, project, zone, name):
+        disk = self.disks.get((project, zone, name))
+        if disk is None:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}/disks/{name}")
+        return disk
+
+    def get_disk(self, project, zone, name):
+        self._check_zone(zone)
+        with self.lock:
+            return self._disk(project, zone, name).to_json(self.base_url)
+
+    def list_disks(self, project, zone, filter_text=None):
+        self._check_zone(zone)
+        predicate = compile_filter(filter_text)
+        with self.lock:
+            rendered = [disk.to_json(self.base_url) for (owner, where, _), disk in sorted(self.disks.items()) if owner == project and where == zone]
+        return {
+            "kind": "compute#diskList",
+            "id": f"projects/{project}/zones/{zone}/disks",
+            "items": [disk for disk in rendered if predicate(disk)],
+            "selfLink": f"{self._zone_url(project, zone)}/disks",
+        }
+
+    def delete_disk(self, project, zone, name):
+        """Deletes a detached disk (its content stays on the host, as a deleted VM's does)."""
+        self._check_zone(zone)
+        with self.lock:
+            disk = self._disk(project, zone, name)
+            if disk.user is not None:
+                user_project, user_zone, user_name = disk.user
+                raise api_errors.resource_in_use(disk.path, f"projects/{user_project}/zones/{user_zone}/instances/{user_name}")
+            operation = self._new_operation(project, zone, "delete", disk.self_link(self.base_url), disk.id)
+            del self.disks[disk.key]
+            self._finish_operation(operation)
+            return operation.to_json(self.base_url)
+
+    # images.* of projects (public images are read-only; the catalog serves reads)
+
+    def _refuse_public(self, project, permission, name):
+        if project in PUBLIC_PROJECTS:
+            raise api_errors.permission_denied(permission, f"projects/{project}/global/images/{name}")
+
+    def insert_image(self, project, body, force_create=False):
+        """images.insert from a ``sourceDisk``: a global operation, DONE when the image is READY.
+
+        Refuses (400 resourceInUseByAnotherResource) a disk attached to a VM that
+        is not TERMINATED, unless ``force_create``.
+        """
+        spec = validation.image_spec(body)
+        self._refuse_public(project, "compute.images.create", spec["name"])
+        disk_key = validation.disk_reference(spec["source_disk"], project, "resource.sourceDisk")
+        with self.lock:
+            self._refuse_if_closing()
+            disk = self._disk(*disk_key)
+            user = self.instances.get(disk.user) if disk.user is not None else None
+            if user is not None and user.status != "TERMINATED" and True:
+                raise api_errors.resource_in_use(disk.path, f"projects/{user.project}/zones/{user.zone}/instances/{user.name}")
+            image_id = self._new_id()
+            self_link = f"{self.base_url}projects/{project}/global/images/{spec['name']}"
+            image = {
+                "kind": "compute#image",
+                "id": str(image_id),
+                "creationTimestamp": self._now(),
+                "name": spec["name"],
+                "description": spec["description"],
+                "sourceType": "RAW",
+                "status": "PENDING",
+                "archiveSizeBytes": "0",
+                "diskSizeGb": str(disk.size_gb),
+                "sourceDisk": disk.self_link(self.base_url),
+                "sourceDiskId": str(disk.id),
+                "selfLink": self_link,
+                "labelFingerprint": fingerprint({}),
+                "storageLocations": ["us"],
+                "architecture": "X86_64",
+            }
+            if spec["family"]:
+                image["family"] = spec["family"]
+            if disk.licenses:
+                image["licenses"] = list(disk.licenses)
+            self.catalog.insert_image(project, image)
+            tree = self.disk_images.tree_dir(project, spec["name"], image_id)
+            self.image_trees[(project, spec["name"])] = tree
+            operation = self._new_operation(project, None, "insert", self_link, image_id)
+            source_dir = disk.directory
+        threading.Thread(
+            target=self._capture_image, args=(project, spec["name"], source_dir, tree, operation), name="compute-image", daemon=True
+        ).start()
+        return operation.to_json(self.base_url)
+
+    def _capture_image(self, project, name, source_dir, tree, operation):
+        try:
+            size = self.disk_images.capture(source_dir, tree)
+            failure = None
+        except OSError as error:
+            logger.warning("image %s of %s failed: %s", name, project, error)
+            size, failure = 0, str(error)
+        with self.lock:
+            if failure is None:
+                self.catalog.update_image(project, name, status="READY", archiveSizeBytes=str(size))
+                self._finish_operation(operation)
+            else:
+                self.catalog.update_image(project, name, status="FAILED")
+                self._finish_operation(operation, [{"code": "INTERNAL_ERROR", "message": failure}], 500, "INTERNAL SERVER ERROR")
+
+    def delete_image(self, project, name):
+        self._refuse_public(project, "compute.images.delete", name)
+        with self.lock:
+            image = self.catalog.image_json(project, name)
+            if image["status"] == "PENDING":
+                raise api_errors.resource_not_ready(f"projects/{project}/global/images/{name}")
+            operation = self._new_operation(project, None, "delete", image["selfLink"], image["id"])
+            self.catalog.remove_image(project, name)
+            tree = self.image_trees.pop((project, name), None)
+            self._finish_operation(operation)
+            answer = operation.to_json(self.base_url)
+        if tree is not None:
+            self.disk_images.discard(tree)
+        return answer
+
+    def deprecate_image(self, project, name, body):
+        """images.deprecate: ``state`` ACTIVE clears the deprecation; DEPRECATED, OBSOLETE, DELETED set it."""
+        self._refuse_public(project, "compute.images.deprecate", name)
+        state = (body or {}).get("state") or "ACTIVE"
+        if state not in ("ACTIVE", "DEPRECATED", "OBSOLETE", "DELETED"):
+            raise api_errors.invalid_field("deprecationStatus.state", state, "Must be one of ACTIVE, DEPRECATED, OBSOLETE, DELETED.")
+        with self.lock:
+            image = self.catalog.image_json(project, name)
+            deprecated = None
+            if state != "ACTIVE":
+                deprecated = {"state": state}
+                if isinstance(body.get("replacement"), str) and body["replacement"]:
+                    deprecated["replacement"] = body["replacement"]
+            operation = self._new_operation(project, None, "deprecate", image["selfLink"], image["id"])
+            self.catalog.update_image(project, name, deprecated=deprecated)
+            self._finish_operation(operation)
+            return operation.to_json(self.base_url)
 
     # Emulator shutdown.
 

@@ -43,7 +43,7 @@ class Instance:
         "network_interfaces", "disks", "service_accounts", "tags", "hostname", "creation_ts",
         "last_start_ts", "last_stop_ts", "preempted", "epoch", "guest", "metadata_port",
         "boot_operations", "stop_operations", "delete_operations", "after_stop", "stop_status_message",
-        "metadata_version", "_json", "_text",
+        "metadata_version", "disk_image", "_json", "_text",
     )  # fmt: skip
 
     def __init__(self, **fields):
@@ -171,8 +171,67 @@ def _render_disk(disk, zone_url):
     return rendered
 
 
+class Disk:
+    """One persistent disk (a VM's boot disk is one). Mutated only under the engine's lock.
+
+    ``directory`` is where its content lives on the host (the VM's disk
+    directory for a boot disk, None for other disks); ``user`` is the key of
+    the instance it is attached to, or None.
+    """
+
+    __slots__ = (
+        "id", "name", "project", "zone", "size_gb", "disk_type", "source_image", "source_image_id", "licenses",
+        "directory", "user", "creation_ts", "last_attach_ts", "last_detach_ts",
+    )  # fmt: skip
+
+    def __init__(self, **fields):
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+    @property
+    def key(self):
+        return (self.project, self.zone, self.name)
+
+    @property
+    def path(self):
+        return f"projects/{self.project}/zones/{self.zone}/disks/{self.name}"
+
+    def self_link(self, base_url):
+        return base_url + self.path
+
+    def to_json(self, base_url):
+        zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
+        resource = {
+            "kind": "compute#disk",
+            "id": str(self.id),
+            "creationTimestamp": self.creation_ts,
+            "name": self.name,
+            "sizeGb": str(self.size_gb),
+            "zone": zone_url,
+            "status": "READY",
+            "selfLink": self.self_link(base_url),
+            "type": f"{zone_url}/diskTypes/{self.disk_type}",
+            "labelFingerprint": fingerprint({}),
+            "physicalBlockSizeBytes": "4096",
+            "architecture": "X86_64",
+        }
+        if self.source_image:
+            resource["sourceImage"] = self.source_image
+            resource["sourceImageId"] = str(self.source_image_id)
+        if self.licenses:
+            resource["licenses"] = list(self.licenses)
+        if self.user is not None:
+            project, zone, name = self.user
+            resource["users"] = [f"{base_url}projects/{project}/zones/{zone}/instances/{name}"]
+        if self.last_attach_ts:
+            resource["lastAttachTimestamp"] = self.last_attach_ts
+        if self.last_detach_ts:
+            resource["lastDetachTimestamp"] = self.last_detach_ts
+        return resource
+
+
 class Operation:
-    """One zonal operation. Mutated only under the engine's lock."""
+    """One zonal operation, or a global one (``zone`` None). Mutated only under the engine's lock."""
 
     __slots__ = (
         "id", "name", "project", "zone", "operation_type", "target_link", "target_id", "status", "progress",
@@ -192,11 +251,11 @@ class Operation:
 
     def to_json(self, base_url):
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
+        scope_url = zone_url if self.zone is not None else f"{base_url}projects/{self.project}/global"
         resource = {
             "kind": "compute#operation",
             "id": str(self.id),
             "name": self.name,
-            "zone": zone_url,
             "operationType": self.operation_type,
             "targetLink": self.target_link,
             "status": self.status,
@@ -204,8 +263,10 @@ class Operation:
             "progress": self.progress,
             "insertTime": self.insert_ts,
             "startTime": self.start_ts,
-            "selfLink": f"{zone_url}/operations/{self.name}",
+            "selfLink": f"{scope_url}/operations/{self.name}",
         }
+        if self.zone is not None:
+            resource["zone"] = zone_url
         if self.target_id is not None:
             resource["targetId"] = str(self.target_id)
         if self.status_message:

@@ -30,6 +30,8 @@ _P = r"projects/(?P<project>[^/]+)"
 _Z = _P + r"/zones/(?P<zone>[^/]+)"
 _I = _Z + r"/instances/(?P<instance>[^/]+)"
 _O = _Z + r"/operations/(?P<operation>[^/]+)"
+_D = _Z + r"/disks/(?P<disk>[^/]+)"
+_G = _P + r"/global/operations/(?P<operation>[^/]+)"
 
 
 ROUTES = tuple(
@@ -55,9 +57,19 @@ ROUTES = tuple(
         ("GET", _O, "get_operation"),
         ("DELETE", _O, "delete_operation"),
         ("POST", _O + r"/wait", "wait_operation"),
+        ("GET", _Z + r"/disks", "list_disks"),
+        ("GET", _D, "get_disk"),
+        ("DELETE", _D, "delete_disk"),
         ("GET", _P + r"/global/images", "list_images"),
+        ("POST", _P + r"/global/images", "insert_image"),
         ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "get_image_from_family"),
         ("GET", _P + r"/global/images/(?P<image>[^/]+)", "get_image"),
+        ("DELETE", _P + r"/global/images/(?P<image>[^/]+)", "delete_image"),
+        ("POST", _P + r"/global/images/(?P<image>[^/]+)/deprecate", "deprecate_image"),
+        ("GET", _P + r"/global/operations", "list_global_operations"),
+        ("GET", _G, "get_global_operation"),
+        ("DELETE", _G, "delete_global_operation"),
+        ("POST", _G + r"/wait", "wait_global_operation"),
     )
 )
 BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -96,7 +108,40 @@ class Handlers:
         return self.catalog.machine_type_json(args["project"], args["zone"], args["name"])
 
     def list_images(self, args, query, body):
-        return self._list("compute#imageList", args["project"], "global/images", self.catalog.images_of(args["project"]))
+        predicate = compile_filter(query.get("filter"))
+        images = [image for image in self.catalog.images_of(args["project"]) if predicate(image)]
+        return self._list("compute#imageList", args["project"], "global/images", images)
+
+    def insert_image(self, args, query, body):
+        force_create = str(query.get("forceCreate", "")).lower() == "true"
+        return self.engine.insert_image(args["project"], body, force_create)
+
+    def delete_image(self, args, query, body):
+        return self.engine.delete_image(args["project"], args["image"])
+
+    def deprecate_image(self, args, query, body):
+        return self.engine.deprecate_image(args["project"], args["image"], body)
+
+    def list_disks(self, args, query, body):
+        return self.engine.list_disks(args["project"], args["zone"], query.get("filter"))
+
+    def get_disk(self, args, query, body):
+        return self.engine.get_disk(args["project"], args["zone"], args["disk"])
+
+    def delete_disk(self, args, query, body):
+        return self.engine.delete_disk(args["project"], args["zone"], args["disk"])
+
+    def list_global_operations(self, args, query, body):
+        return self.engine.list_operations(args["project"], None, query.get("filter"), query.get("maxResults"), query.get("pageToken"))
+
+    def get_global_operation(self, args, query, body):
+        return self.engine.get_operation(args["project"], None, args["operation"])
+
+    def delete_global_operation(self, args, query, body):
+        return self.engine.delete_operation(args["project"], None, args["operation"])
+
+    def wait_global_operation(self, args, query, body):
+        return self.engine.wait_operation(args["project"], None, args["operation"])
 
     def get_image(self, args, query, body):
         return self.catalog.image_json(args["project"], args["image"])

@@ -178,6 +178,7 @@ def check_disks(disks, instance_name, request_project, catalog, field):
             raise api_errors.not_found(str(disk["source"]).split("/compute/v1/")[-1])
         source_image = params.get("sourceImage")
         licenses = []
+        image = None
         if boot:
             if boot_seen:
                 raise api_errors.invalid_field(f"{field}[{index}].boot", "true", "Only one boot disk is allowed.")
@@ -188,9 +189,18 @@ def check_disks(disks, instance_name, request_project, catalog, field):
             if not isinstance(source_image, str):
                 raise api_errors.invalid_field(f"{field}[{index}].initializeParams.sourceImage", "", "Expected a string.")
             image = catalog.resolve_source_image(source_image, request_project)
-            licenses = [image["selfLink"].split("/global/images/")[0] + "/global/licenses/" + image.get("family", image["name"])]
+            if image["status"] != "READY":
+                raise api_errors.resource_not_ready(image["selfLink"].split("/compute/v1/")[-1])
+            licenses = image.get("licenses") or [image["selfLink"].split("/global/images/")[0] + "/global/licenses/" + image.get("family", image["name"])]
         disk_name = params.get("diskName") or (instance_name if boot else f"{instance_name}-{index}")
-        size = parse_int64(params.get("diskSizeGb", 10), f"{field}[{index}].initializeParams.diskSizeGb")
+        size = parse_int64(params.get("diskSizeGb", image["diskSizeGb"] if image else 10), f"{field}[{index}].initializeParams.diskSizeGb")
+        if image and size < int(image["diskSizeGb"]):
+            raise api_errors.invalid_field(
+                f"{field}[{index}].initializeParams.diskSizeGb", size, f"Requested disk size cannot be smaller than the image size ({image['diskSizeGb']} GB)"
+            )
+        disk_type = params.get("diskType") or "pd-standard"
+        if not isinstance(disk_type, str):
+            raise api_errors.invalid_field(f"{field}[{index}].initializeParams.diskType", "", "Expected a string.")
         result.append(
             {
                 "diskName": disk_name,
@@ -200,9 +210,57 @@ def check_disks(disks, instance_name, request_project, catalog, field):
                 "autoDelete": bool(disk.get("autoDelete", True)),
                 "diskSizeGb": size,
                 "licenses": licenses,
+                "diskType": _last_segment(disk_type),
+                "sourceImage": image["selfLink"] if image else None,
+                "sourceImageId": image["id"] if image else None,
             }
         )
     return result
+
+
+def disk_reference(reference, request_project, field):
+    """Parses a disk reference as GCE accepts them: a full URL, ``projects/P/zones/Z/disks/D`` or ``zones/Z/disks/D``.
+
+    Returns (project, zone, disk); raises 400 invalid for anything else.
+    """
+    if not isinstance(reference, str) or not reference:
+        raise api_errors.invalid_field(field, "" if not isinstance(reference, str) else reference, "The URL is malformed.")
+    path = reference
+    if "://" in path:
+        marker = "/compute/v1/"
+        path = path.split(marker, 1)[1] if marker in path else ""
+    parts = path.strip("/").split("/")
+    if parts[0] == "zones":
+        parts = ["projects", request_project] + parts
+    if len(parts) != 6 or parts[0] != "projects" or parts[2] != "zones" or parts[4] != "disks" or not all(parts):
+        raise api_errors.invalid_field(field, reference, "The URL is malformed.")
+    return parts[1], parts[3], parts[5]
+
+
+def image_spec(body, field="resource"):
+    """Validates an images.insert body made from a disk.
+
+    Returns a dict: name, family (or None), description, source_disk (the reference as sent).
+    Raises 400 for a bad name or family, and for anything but exactly one source, a ``sourceDisk``.
+    """
+    _expect(body, dict, field)
+    check_name(body.get("name"), f"{field}.name")
+    family = body.get("family")
+    if family is not None:
+        check_name(family, f"{field}.family")
+    description = body.get("description", "")
+    if not isinstance(description, str):
+        raise api_errors.invalid_field(f"{field}.description", "", "Expected a string.")
+    raw_disk = body.get("rawDisk") or {}
+    _expect(raw_disk, dict, f"{field}.rawDisk")
+    sources = [name for name in ("sourceDisk", "sourceImage", "sourceSnapshot") if body.get(name)]
+    if raw_disk.get("source"):
+        sources.append("rawDisk.source")
+    if len(sources) != 1:
+        raise api_errors.invalid_resource_usage("Must specify exactly one source for an image.")
+    if sources != ["sourceDisk"]:
+        raise api_errors.bad_request(f"The Compute emulator makes images from a sourceDisk only, not from {sources[0]}.")
+    return {"name": body["name"], "family": family, "description": description, "source_disk": body["sourceDisk"]}
 
 
 def check_network_interfaces(interfaces, field):

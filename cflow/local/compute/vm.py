@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 MARKER_NAME = "CFLOW_VM_MARKER"
 SERIAL_LOG_NAME = "serial-port-1.log"
+STARTUP_SCRIPT_NAME = "startup-script"
+SHUTDOWN_SCRIPT_NAME = "shutdown-script"
+POWEROFF_SHIM_PATH = os.path.join("bin", "poweroff")
+# What the emulator itself writes into a disk directory (paths relative to
+# it); every boot writes them anew, so they are no part of a disk's content.
+BOOKKEEPING_PATHS = (SERIAL_LOG_NAME, STARTUP_SCRIPT_NAME, SHUTDOWN_SCRIPT_NAME, POWEROFF_SHIM_PATH)
 # Variables a VM inherits from the emulator's environment; everything else of
 # the host (credentials above all) stays out, as on a fresh GCE VM.
 INHERITED_VARIABLES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "SHELL", "PYTHONPATH", "VIRTUAL_ENV", "TERM")
@@ -212,7 +218,7 @@ class GuestLauncher:
         home, tmp, bin_dir = (os.path.join(disk_dir, part) for part in ("home", "tmp", "bin"))
         for path in (home, tmp, bin_dir):
             os.makedirs(path, exist_ok=True)
-        shim = os.path.join(bin_dir, "poweroff")
+        shim = os.path.join(disk_dir, POWEROFF_SHIM_PATH)
         with open(shim, "w") as shim_file:
             shim_file.write(_POWEROFF_SHIM.format(python=sys.executable, metadata_host=metadata_host))
         os.chmod(shim, 0o755)
@@ -224,6 +230,8 @@ class GuestLauncher:
             GCE_METADATA_HOST=metadata_host,
             GCE_METADATA_IP=metadata_host,
             CFLOW_EMULATED_VM="1",
+            # VMs share the host's filesystem: a guest's absolute path /X is $CFLOW_VM_ROOT/X.
+            CFLOW_VM_ROOT=disk_dir,
         )
         environment[MARKER_NAME] = f"{self.marker_prefix}{instance_id}"
         return Guest(environment[MARKER_NAME], disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME))
@@ -256,7 +264,7 @@ class GuestLauncher:
         """Starts the startup script (if any) in a new process group of the VM."""
         if not startup_script:
             return
-        guest.leader = self._spawn(guest, "startup-script", startup_script, process_group=0)
+        guest.leader = self._spawn(guest, STARTUP_SCRIPT_NAME, startup_script, process_group=0)
         guest.process_groups.add(guest.leader.pid)
         self.watchdog.track(guest.leader.pid)
 
@@ -266,11 +274,11 @@ class GuestLauncher:
             return
         if guest.leader is not None and guest.leader.poll() is None:
             try:
-                guest.shutdown = self._spawn(guest, "shutdown-script", shutdown_script, process_group=guest.leader.pid)
+                guest.shutdown = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=guest.leader.pid)
                 return
             except (OSError, subprocess.SubprocessError):
                 logger.debug("cannot join process group %s; starting the shutdown script in its own", guest.leader.pid)
-        guest.shutdown = self._spawn(guest, "shutdown-script", shutdown_script, process_group=0)
+        guest.shutdown = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=0)
         guest.process_groups.add(guest.shutdown.pid)
         self.watchdog.track(guest.shutdown.pid)
 

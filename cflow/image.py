@@ -1,0 +1,366 @@
+"""``cflow image build``: bake the workers' software into an image, through the Compute Engine API.
+
+The seed's manual steps, automated: boot a standard VM from VM_STOCK_IMAGE
+whose startup script (``build_script``) installs the Python client packages
+into /opt/cflow/venv and copies init.sh to /opt/cflow/init.sh; wait until it
+says it is done on the serial console; stop the VM; make an image of its boot
+disk in a family; delete the VM. Workers booted from that image
+(``VM_BOOT = "image"``) skip the install: init.sh finds the venv and uses it.
+
+The same code builds on GCP and on the local Compute emulator. An emulated
+image lives in the running local stack, so locally the command needs one
+that is already up (a stack started just for the command would take the
+image with it when it stops).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import re
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from cflow.errors import CloudError, ConfigError, StackError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "const.py"
+DEFAULT_FAMILY = "cflow-worker"
+DEFAULT_TIMEOUT_S = 1800.0
+BUILD_VM_PREFIX = "cflow-image-build"
+BUILD_ROLE_LABEL = {"cflow-role": "image-build"}
+# The build installs packages; any small standard machine does, in any zone.
+BUILD_MACHINE_TYPE = "e2-standard-2"
+POLL_INTERVAL_S = 2.0
+QUIET_REPORT_EVERY_S = 30.0
+MARKER = "cflow-image-build: "
+READY_LINE = MARKER + "ready"
+FAILED_LINE = MARKER + "failed"
+# How the serial console reports the startup script's end: the emulator writes
+# "startup-script exit status N", GCE's guest agent "startup-script exit status N"
+# or 'Script "startup-script" failed with error: exit status N'.
+SCRIPT_EXIT_RE = re.compile(r'startup-script"?[^\n]*exit status (\d+)')
+NAME_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
+VENV_PACKAGES = ("google-cloud-pubsub", "google-cloud-storage", "google-auth")
+
+BUILD_SCRIPT = r"""#!/bin/bash
+# CFlow image build: the startup script of the build VM (`cflow image build`).
+# It installs what workers need under /opt/cflow, then prints
+# "cflow-image-build: ready", or "cflow-image-build: failed ..." on an error.
+# The command waits for one of them on the serial console: on GCE a startup
+# script's output goes there (google-startup-scripts.service logs to the
+# journal and the console), on the emulator to the serial log.
+#
+# Every absolute path is prefixed with ${CFLOW_VM_ROOT:-}: empty on GCE, the
+# VM's disk directory on the Compute emulator, whose VMs share the host's
+# filesystem.
+set -eEuo pipefail
+ROOT="${CFLOW_VM_ROOT:-}"
+VENV="$ROOT/opt/cflow/venv"
+trap 'echo "cflow-image-build: failed: line $LINENO exited with status $?"' ERR
+
+retry() {
+  local attempt
+  for attempt in 1 2 3 4 5; do
+    "$@" && return 0
+    echo "cflow-image-build: retrying in 10 s: $*"
+    sleep 10
+  done
+  return 1
+}
+
+echo "cflow-image-build: started"
+mkdir -p "$ROOT/opt/cflow"
+if [ "${CFLOW_EMULATED_VM:-}" = "1" ]; then
+  # An emulated VM runs on the host's Python: the host's packages stand in
+  # for the ones a real build installs. So: a venv that sees them, no pip.
+  echo "cflow-image-build: creating $VENV (emulated: the host's packages stand in)"
+  python3 -m venv --system-site-packages --without-pip "$VENV"
+  # A host that runs in a venv of its own keeps its packages there, not in
+  # the base interpreter's site-packages that --system-site-packages adds.
+  python3 -c 'import site; print("\n".join(site.getsitepackages()))' >"$(echo "$VENV"/lib/python3*/site-packages)/cflow-host.pth"
+else
+  export DEBIAN_FRONTEND=noninteractive
+  echo "cflow-image-build: installing python3-venv"
+  retry apt-get update -q
+  retry apt-get install -y -q python3-venv
+  echo "cflow-image-build: creating $VENV"
+  python3 -m venv "$VENV"
+  echo "cflow-image-build: installing @PACKAGES@"
+  retry "$VENV/bin/pip" install -q @PACKAGES@
+fi
+"$VENV/bin/python3" -c 'import google.auth, google.cloud.pubsub, google.cloud.storage'
+echo "cflow-image-build: the packages import in $VENV"
+cat >"$ROOT/opt/cflow/init.sh" <<'CFLOW_INIT_SH_END'
+@INIT_SH@
+CFLOW_INIT_SH_END
+chmod 755 "$ROOT/opt/cflow/init.sh"
+sync
+echo "cflow-image-build: ready"
+"""
+
+
+class ImageBuildError(CloudError):
+    """The build VM's script failed or did not finish, or the image could not be made."""
+
+
+def build_script(init_script_text):
+    """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh."""
+    if "\nCFLOW_INIT_SH_END\n" in f"\n{init_script_text}\n":
+        raise ConfigError("init.sh contains the line CFLOW_INIT_SH_END, which the image build uses as a delimiter; remove it")
+    return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(VENV_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
+
+
+def default_image_name(family, now=None):
+    """``FAMILY-YYYYMMDD-HHMMSS`` (UTC): sortable, and a new name at every build."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return f"{family}-{now:%Y%m%d-%H%M%S}"
+
+
+def check_image_names(family, name):
+    """Raises ConfigError unless ``family`` and ``name`` are valid image names (GCE's rule, 63 characters at most)."""
+    if not NAME_RE.fullmatch(family):
+        raise ConfigError(f"--family {family!r} is not a valid image family: lowercase letters, digits and -, starting with a letter, at most 63 characters")
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"--name {name!r} is not a valid image name: lowercase letters, digits and -, starting with a letter, at most 63 characters; pass a shorter --name or --family")
+
+
+def build_vm_body(name, zone, stock_image, disk_gb, labels, startup_script):
+    """The instances.insert body of the build VM: standard (never Spot: a preempted build is wasted), no service account."""
+    return {
+        "name": name,
+        "machineType": f"zones/{zone}/machineTypes/{BUILD_MACHINE_TYPE}",
+        "labels": {**labels, **BUILD_ROLE_LABEL},
+        "scheduling": {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True},
+        "disks": [
+            {"boot": True, "autoDelete": True, "initializeParams": {"sourceImage": stock_image, "diskSizeGb": str(disk_gb)}}
+        ],
+        # apt and pip need the internet: an external address.
+        "networkInterfaces": [
+            {"network": "global/networks/default", "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
+        ],
+        "metadata": {"items": [{"key": "startup-script", "value": startup_script}]},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """What to build: the image's name and family, where, and from what."""
+
+    image_name: str
+    family: str
+    zone: str
+    stock_image: str
+    disk_gb: int
+    labels: dict
+    init_script_text: str
+    timeout_s: float
+
+
+class ImageBuilder:
+    """Builds one image with a throwaway VM; the VM is deleted however the build ends.
+
+    Args:
+        compute: a ``cflow.gcp.compute.Compute``.
+        out: where progress lines go (a text stream).
+        clock: ``time.monotonic``-like, for the deadline.
+        sleep: ``time.sleep``-like, between serial console reads.
+        poll_interval_s: seconds between serial console reads.
+    """
+
+    def __init__(self, compute, out, clock=time.monotonic, sleep=time.sleep, poll_interval_s=POLL_INTERVAL_S):
+        self.compute = compute
+        self.out = out
+        self.clock = clock
+        self.sleep = sleep
+        self.poll_interval_s = poll_interval_s
+
+    def _say(self, text):
+        print(text, file=self.out, flush=True)
+
+    def build(self, request, vm_name=None):
+        """Runs the whole build for a ``BuildRequest``. Returns the READY image's JSON.
+
+        ``vm_name`` names the build VM (default: ``cflow-image-build-`` and 6 random hex digits).
+
+        Raises:
+            ImageBuildError: the build script failed or the deadline passed, or
+                an operation (VM creation, stop, image creation) failed.
+            googleapiclient.errors.HttpError: a refused request (the caller translates it).
+        """
+        deadline = self.clock() + request.timeout_s
+        vm_name = vm_name or f"{BUILD_VM_PREFIX}-{secrets.token_hex(3)}"
+        body = build_vm_body(vm_name, request.zone, request.stock_image, request.disk_gb, request.labels, build_script(request.init_script_text))
+        self._say(f"creating build VM {vm_name} in {request.zone} from {request.stock_image}")
+        operation = self.compute.insert_vm(request.zone, body)
+        try:
+            self._wait(operation, request.zone, f"creating build VM {vm_name}", deadline, fix=f"try another --zone than {request.zone}")
+            self._wait_for_script(request.zone, vm_name, deadline)
+            self._say(f"stopping {vm_name}")
+            self._wait(self.compute.stop_vm(request.zone, vm_name), request.zone, f"stopping {vm_name}", deadline)
+            self._say(f"creating image {request.image_name} (family {request.family}) from the disk of {vm_name}")
+            operation = self.compute.insert_image_from_disk(
+                request.image_name, request.family, request.zone, vm_name,
+                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(VENV_PACKAGES)}) and /opt/cflow/init.sh",
+            )
+            self._wait(operation, None, f"creating image {request.image_name}", deadline)
+            image = self.compute.get_image(request.image_name)
+            if image.get("status") != "READY":
+                raise ImageBuildError(f"image {request.image_name} is {image.get('status')} after its creation finished; delete it and build again")
+            return image
+        finally:
+            self._delete_vm(request.zone, vm_name)
+
+    def _wait(self, operation_name, zone, what, deadline, fix=None):
+        while True:
+            operation = self.compute.wait_operation(operation_name, zone)
+            if operation.get("status") == "DONE":
+                errors = operation.get("error", {}).get("errors", [])
+                if errors:
+                    detail = errors[0].get("message") or errors[0].get("code", "unknown error")
+                    raise ImageBuildError(f"{what} failed: {detail}" + (f"; {fix}" if fix else ""))
+                return operation
+            if self.clock() >= deadline:
+                raise ImageBuildError(f"{what} did not finish before the deadline; raise --timeout or try again")
+
+    def _wait_for_script(self, zone, vm_name, deadline):
+        """Reads the serial console until the build script says ready; raises ImageBuildError on failure or at the deadline."""
+        self._say(f"waiting for the build script on {vm_name} (serial console)")
+        start, pending, last_news = 0, "", self.clock()
+        started = last_news
+        while True:
+            text, start = self.compute.serial_output(zone, vm_name, start)
+            pending += text
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                outcome = self._outcome_of(line, vm_name)
+                if outcome == "ready":
+                    self._say(f"build script finished on {vm_name} in {self.clock() - started:.0f} s")
+                    return
+                if line.find(MARKER) >= 0:
+                    self._say(f"  {line[line.find(MARKER) + len(MARKER):].strip()}")
+                    last_news = self.clock()
+            now = self.clock()
+            if now >= deadline:
+                raise ImageBuildError(
+                    f"the build script on {vm_name} did not finish within the deadline; raise --timeout, "
+                    "or look at its output with `gcloud compute instances get-serial-port-output` during a new build"
+                )
+            if now - last_news >= QUIET_REPORT_EVERY_S:
+                self._say(f"  still waiting for the build script ({now - started:.0f} s)")
+                last_news = now
+            self.sleep(self.poll_interval_s)
+
+    @staticmethod
+    def _outcome_of(line, vm_name):
+        """'ready', None, or raises ImageBuildError for a line that says the script failed or ended without ready."""
+        if READY_LINE in line and line.rstrip().endswith(READY_LINE):
+            return "ready"
+        if FAILED_LINE in line:
+            raise ImageBuildError(f"the build script failed on {vm_name}: {line[line.find(FAILED_LINE):].strip()}; fix it (see the message) and build again")
+        match = SCRIPT_EXIT_RE.search(line)
+        if match:
+            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1)} before it was ready; build again, or check VM_STOCK_IMAGE")
+        return None
+
+    def _delete_vm(self, zone, vm_name):
+        from googleapiclient.errors import HttpError
+
+        try:
+            operation = self.compute.delete_vm(zone, vm_name)
+            if operation is not None:
+                self.compute.wait_operation(operation, zone)
+            self._say(f"deleted build VM {vm_name}")
+        except (HttpError, OSError) as error:
+            log.warning("could not delete build VM %s (%s); delete it with `gcloud compute instances delete %s --zone %s`", vm_name, error, vm_name, zone)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def add_parser(subparsers):
+    """Register ``image`` with its sub-subcommand ``build``."""
+    image = subparsers.add_parser("image", help="build the workers' VM image (VM_BOOT = \"image\")")
+    actions = image.add_subparsers(dest="image_command", metavar="ACTION")
+    image.set_defaults(func=lambda args: (image.print_help(), 2)[1])
+    build = actions.add_parser(
+        "build",
+        help="bake the Python packages and init.sh into an image, and print the const.py lines that use it",
+        description="Create a standard VM from VM_STOCK_IMAGE whose startup script installs the Google client "
+        "packages into /opt/cflow/venv and copies init.sh to /opt/cflow/init.sh; wait for it on the serial console; "
+        "stop the VM, create the image from its boot disk in the family, delete the VM (always, even on failure). "
+        "Locally the image lives in the running local stack: start one first with `cflow local up`, since a stack "
+        "started just for this command would take the image with it when it stops.",
+    )
+    build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+    build.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH", help="settings file (default: ./const.py)")
+    build.add_argument("--family", default=DEFAULT_FAMILY, metavar="F", help=f"image family (default {DEFAULT_FAMILY}); VM_IMAGE_NAME = \"family/F\" boots its newest image")
+    build.add_argument("--name", metavar="NAME", help="image name (default: F-YYYYMMDD-HHMMSS, UTC)")
+    build.add_argument("--zone", metavar="Z", help="zone of the build VM (default: VM_ZONE)")
+    where = build.add_mutually_exclusive_group()
+    where.add_argument("--local", dest="target", action="store_const", const="local", help="build on the running local stack (overrides TARGET)")
+    where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="build on Google Cloud (overrides TARGET)")
+    build.add_argument("--stack-dir", default=None, metavar="DIR", help="running local stack's folder (default: .cflow/local beside const.py); never started here")
+    build.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help=f"give up after S seconds in all, deleting the build VM (default {DEFAULT_TIMEOUT_S:g})")
+    build.set_defaults(func=build_command)
+
+
+def _compute_for(config, stack_dir):
+    """The Compute seam for the config's target; locally only a running stack is used."""
+    from cflow.gcp.clients import build_compute, credentials_for
+    from cflow.gcp.compute import Compute
+
+    if not config.is_local:
+        credentials, _ = credentials_for("gcp", config.credential_file)
+        return Compute(build_compute(credentials), config.project)
+    from cflow.local.stack import LocalStack
+
+    stack_dir = Path(stack_dir) if stack_dir else config.base_dir / ".cflow" / "local"
+    info = LocalStack(stack_dir).info()
+    if info is None:
+        raise StackError(
+            f"no local stack is running in {stack_dir}; start it with `cflow local up --dir {stack_dir}` "
+            "(the image lives in that stack, so it must outlive this command)"
+        )
+    credentials, _ = credentials_for("local")
+    return Compute(build_compute(credentials, info.compute_endpoint), config.project)
+
+
+def build_command(args, out=None, err=None):
+    """``cflow image build``: returns 0 and prints the image and the const.py lines, or raises a CflowError."""
+    from cflow.config import load_config
+    from cflow.fleet import read_init_script
+    from cflow.gcp.errors import google_error_types, translate
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout {args.timeout:g} must be a positive number of seconds")
+    config = load_config(args.config, {"TARGET": args.target} if args.target else None)
+    name = args.name or default_image_name(args.family)
+    check_image_names(args.family, name)
+    zone = args.zone or config.vm_zone
+    compute = _compute_for(config, args.stack_dir)
+    try:
+        if not compute.zone_exists(zone):
+            raise ConfigError(f"zone {zone} does not exist in project {config.project}; pass --zone, e.g. {config.vm_zone}")
+        compute.check_image(config.vm_stock_image)
+        if compute.image_exists(name):
+            raise ConfigError(f"image {name} already exists in project {config.project}; pass another --name")
+        request = BuildRequest(
+            image_name=name, family=args.family, zone=zone, stock_image=config.vm_stock_image, disk_gb=config.vm_disk_gb,
+            labels=dict(config.vm_labels), init_script_text=read_init_script(config), timeout_s=args.timeout,
+        )
+        image = ImageBuilder(compute, err).build(request)
+    except google_error_types() as error:
+        if getattr(args, "debug", False):
+            raise
+        raise translate(error, config.project) from None
+    print(f"image: {image['name']} (family {args.family}, project {config.project})", file=out)
+    print("to boot the workers from it, put these lines in const.py:", file=out)
+    print('VM_BOOT = "image"', file=out)
+    print(f'VM_IMAGE_NAME = "family/{args.family}"', file=out, flush=True)
+    return 0

@@ -919,7 +919,7 @@ class ComputeEngine:
             self._refuse_if_closing()
             disk = self._disk(*disk_key)
             user = self.instances.get(disk.user) if disk.user is not None else None
-            if user is not None and user.status != "TERMINATED" and True:
+            if user is not None and user.status != "TERMINATED" and not force_create:
                 raise api_errors.resource_in_use(disk.path, f"projects/{user.project}/zones/{user.zone}/instances/{user.name}")
             image_id = self._new_id()
             self_link = f"{self.base_url}projects/{project}/global/images/{spec['name']}"

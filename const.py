@@ -77,7 +77,8 @@ VM_SPOT = True
 # How a worker gets its software:
 # "stock": boots VM_STOCK_IMAGE and runs init.sh as its startup script, which
 #          installs packages at every boot (simple, slower to start);
-# "image": boots your own image VM_IMAGE_NAME with init.sh already baked in.
+# "image": boots your own image VM_IMAGE_NAME with the packages preinstalled
+#          (build it with `cflow image build`, which prints the lines to set).
 VM_BOOT = "stock"
 VM_STOCK_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
 

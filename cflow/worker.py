@@ -203,6 +203,8 @@ class Worker:
                 log.exception("processing a work item failed; handing it back")
                 hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
                                    self.vm_name, reason="worker error", take_settling=True)
+                # Also when it failed before it was recorded in flight; a second nack is harmless.
+                self._nack(received[0].ack_id, "the item")
                 self.sleep(1.0)
             idle_since = self.clock()
             announced_idle = False
@@ -330,14 +332,17 @@ class Worker:
                     return process.wait(timeout=min(STOP_POLL_SECONDS, max(0.0, deadline - time.monotonic()))), "exited"
                 except subprocess.TimeoutExpired:
                     pass
-                if self.work_dir.is_stopping():
+                if self.work_dir.is_stopping() and process.poll() is None:
                     # Hand back before the kill: a Spot VM's grace is short, and the nack is what matters.
+                    # (A task that has just ended is recorded instead, if the grace allows.)
                     hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
                                        self.vm_name, reason="shut down", kill_task=False, upload_log=False)
                     _kill_group(process)
                     log_stream.flush()
                     self._upload_partial_log(item, attempt, log_file, "shut down")
                     return process.returncode, "stopped"
+                if process.poll() is not None:
+                    return process.returncode, "exited"
                 if time.monotonic() >= deadline:
                     _kill_group(process)
                     log_stream.write(f"\ncflow: task timed out after {self.settings.task_timeout:g} s; "
@@ -705,5 +710,6 @@ def shutdown_main(work_root=None):
     _configure_logging()
     settings, pubsub, storage, metadata, work_dir, vm_name = _vm_context(work_root)
     item_id = hand_back(settings, pubsub, storage, metadata, work_dir, vm_name)
-    log.info("shutdown: %s", f"handed back {item_id}" if item_id else "nothing in flight")
+    log.info("shutdown (%s): %s", "preempted" if metadata.preempted() else "stop or delete",
+             f"handed back {item_id}" if item_id else "nothing in flight to hand back")
     return 0

@@ -506,3 +506,24 @@ def test_hook_with_nothing_in_flight_sets_stop_and_the_worker_takes_no_new_item(
 
     assert worker.run(pull_timeout=0.01) == "stopping"
     assert pubsub.queue  # left for another VM
+
+
+def test_an_item_whose_processing_raises_is_handed_back_and_the_loop_goes_on(work_dir):
+    command = write_task(work_dir, "pass")
+    worker, pubsub, storage = make_worker(work_dir, command)
+    failing_once = [True]
+    is_done = storage.is_done
+
+    def flaky_is_done(item_id):
+        if failing_once.pop() if failing_once else False:
+            raise ConnectionError("storage unreachable")
+        return is_done(item_id)
+
+    storage.is_done = flaky_is_done
+    pubsub.queue += [received(tasks.WorkItem(id="000020", index=20, args=()), 1, ack_id="ack-20a"),
+                     received(tasks.WorkItem(id="000021", index=21, args=()), 1, ack_id="ack-21")]
+    worker.sleep = lambda seconds: None
+
+    assert worker.run(pull_timeout=0.01) == "idle"
+    assert ("nack", "ack-20a") in pubsub.calls
+    assert "done/000021" in storage.objects

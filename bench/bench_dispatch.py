@@ -132,7 +132,7 @@ def wait_for(condition, timeout_s, what):
             return value
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(0.01)
 
 
 def main(argv=None):
@@ -170,7 +170,6 @@ def measure(info, temporary, args):
     pubsub = PubSub(clients.publisher, clients.subscriber)
     topics = RunTopics.for_run(info.project, run_id, "bench-topic", "bench-sub")
     pubsub.create_run_topics(topics, ack_deadline_seconds=60)
-    storage = RunStorage(clients.storage, bucket, run_id)
 
     work_dir = WorkDir(temporary / "vm")
     (work_dir.package / "task").mkdir(parents=True)
@@ -265,8 +264,8 @@ def measure(info, temporary, args):
         figures.update(queued_gap_median=percentile(gaps, 0.5), queued_gap_p99=percentile(gaps, 0.99),
                        queued_end_to_done_median=percentile(to_done, 0.5), queued_end_to_done_p99=percentile(to_done, 0.99),
                        breakdown_median_ms={k: round(percentile(v, 0.5) * 1000, 2) for k, v in breakdown.items()})
-        verdict = "met" if figures["idle_publish_to_start_median"] < 0.05 and figures["idle_end_to_done_median"] < 0.05 else "NOT met"
-        print(f"target median < 50 ms (publish -> start and end -> done, idle worker): {verdict}")
+        for label, key in (("publish -> task start", "idle_publish_to_start_median"), ("task end -> done recorded", "idle_end_to_done_median")):
+            print(f"target median < 50 ms, {label} (idle worker): {'met' if figures[key] < 0.05 else 'NOT met'}")
     finally:
         work_dir.stopping.touch()
         # Wake the worker's blocking pull so it sees the stop file now: an item

@@ -16,6 +16,7 @@ VM boot; CFlow efficiency >= 0.95.
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def run_gnu_parallel(parallel, work_dir, lines, workers):
     return time.monotonic() - started
 
 
+def children_cpu_seconds():
+    """User+system CPU of every child process that has ended and been waited for (and of theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=240, help="work items N (default 240)")
@@ -90,13 +97,18 @@ def main(argv=None):
         print(f"ideal (N*T/W): {ideal:.2f} s", flush=True)
         if parallel:
             stamps = temporary / "parallel-stamps.txt"
+            cpu_before = children_cpu_seconds()
             parallel_wall = run_gnu_parallel(parallel, temporary / "parallel", task_lines(args.items, args.seconds, stamps), args.workers)
             parallel_spans = Spans.read(stamps)
-            figures.update(parallel_wall=parallel_wall, parallel_efficiency=parallel_spans.efficiency(args.items, args.seconds, args.workers))
-            print(f"GNU parallel -j{args.workers}: wall {parallel_wall:.2f} s, efficiency {figures['parallel_efficiency']:.3f}", flush=True)
+            parallel_cpu = children_cpu_seconds() - cpu_before
+            figures.update(parallel_wall=parallel_wall, parallel_efficiency=parallel_spans.efficiency(args.items, args.seconds, args.workers),
+                           parallel_cpu=parallel_cpu)
+            print(f"GNU parallel -j{args.workers}: wall {parallel_wall:.2f} s, efficiency {figures['parallel_efficiency']:.3f}, "
+                  f"CPU {parallel_cpu:.1f} s ({parallel_cpu / args.items * 1000:.0f} ms per item)", flush=True)
 
         stack_dir = temporary / "stack"
         compute_options = {} if args.shutdown_grace is None else {"shutdown_grace": args.shutdown_grace}
+        cpu_before = children_cpu_seconds()
         with bench_stack(stack_dir, **compute_options) as (info, stack_seconds):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             stamps = temporary / "cflow-stamps.txt"
@@ -104,14 +116,18 @@ def main(argv=None):
                                    TASK_TIMEOUT=max(60, int(args.seconds * 10)))
             project.write(task_lines(args.items, args.seconds, stamps))
             run = project.run(stack_dir).check()
+        # The stack's processes (and the VMs under the Compute emulator) are all reaped by now.
+        cflow_cpu = children_cpu_seconds() - cpu_before
         spans = Spans.read(stamps)
         cflow_efficiency = spans.efficiency(args.items, args.seconds, args.workers)
         figures.update(
             cflow_wall=run.wall_seconds, stack_seconds=stack_seconds, cflow_efficiency=cflow_efficiency,
-            cflow_task_runs=len(spans.lines), cflow_distinct_items=spans.distinct_items(),
+            cflow_task_runs=len(spans.lines), cflow_distinct_items=spans.distinct_items(), cflow_cpu=cflow_cpu,
         )
         print(f"CFlow W={args.workers}: scheduler.py wall {run.wall_seconds:.2f} s (+ stack start {stack_seconds:.2f} s), "
               f"task runs {len(spans.lines)} for {spans.distinct_items()} items")
+        print(f"  CPU of everything CFlow ran (stack, scheduler, VMs, tasks): {cflow_cpu:.1f} s ({cflow_cpu / args.items * 1000:.0f} ms per item; "
+              f"this machine has {os.cpu_count()} cores)")
         before, after = spans.first_start - run.started_at, run.started_at + run.wall_seconds - spans.last_end
         figures.update(before_first_task=before, after_last_task=after)
         print(f"  where CFlow's wall goes: {before:.2f} s to the first task start (package, publish, VM boot), "

@@ -49,6 +49,8 @@ def configure_logging(debug):
         # google-auth warns at every failed metadata-server probe while looking
         # for credentials; when none are found our own one line says so.
         logging.getLogger("google.auth").setLevel(logging.ERROR)
+        # "Sleeping 1.3 seconds before retry" on every 429/503: retries are ours to hide.
+        logging.getLogger("googleapiclient.http").setLevel(logging.ERROR)
 
 
 def run_entry(parser, default_func=None, argv=None):

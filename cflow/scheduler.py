@@ -31,6 +31,7 @@ CANCELLED_FILE = "cancelled.json"
 
 LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
 STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
+MARKER_LIST_INTERVAL_SECONDS = 30
 STOCKOUT_COOLDOWN_SECONDS = 120
 QUOTA_COOLDOWN_SECONDS = 60
 
@@ -103,6 +104,8 @@ class Scheduler:
         self.idle_vms = set()
         self.vm_seconds = 0.0
         self._last_step_at = None
+        self._markers_listed_at = None
+        self.item_ids = {item.id for item in items}
 
     # -- publishing --------------------------------------------------------
 
@@ -112,10 +115,26 @@ class Scheduler:
         return self.pubsub.publish_many(self.topics.work_topic, messages, on_progress=on_progress)
 
     def refresh_markers(self):
+        """Read every done and failed marker: the source of truth, O(items) to list."""
         self.done_ids = self.storage.list_done_ids()
         self.failed_ids = self.storage.list_failed_ids() - self.done_ids
+        self._markers_listed_at = self.clock()
+        self._count_finished()
+
+    def _count_finished(self):
         self.progress.done = len(self.done_ids)
         self.progress.failed = len(self.failed_ids)
+
+    def _markers_due(self, now):
+        """List the markers at start, now and then, and before believing the run finished.
+
+        In between, done and failed events keep the counts current: at 100,000
+        items a full listing every step would cost seconds of CPU per step. An
+        event that never arrives is caught by the next periodic listing.
+        """
+        if self._markers_listed_at is None or now - self._markers_listed_at >= MARKER_LIST_INTERVAL_SECONDS:
+            return True
+        return len(self.done_ids | self.failed_ids) >= len(self.items)
 
     def unfinished_items(self):
         finished = self.done_ids | self.failed_ids
@@ -146,7 +165,10 @@ class Scheduler:
             self.check_not_cancelled()  # a cancel deletes the topics after marking the run
             self.refresh_markers()
             self._recover_queue()
-        self.refresh_markers()
+        if self._markers_due(now):
+            self.refresh_markers()
+        else:
+            self._count_finished()
         vms = self.compute.list_run_vms(self.run_id)
         self._account_vm_time(vms, now)
         self._settle_creations(now)
@@ -195,6 +217,12 @@ class Scheduler:
                 self.idle_vms.discard(vm)
             elif kind in ("done", "failed", "retry", "duplicate", "preempted", "interrupted"):
                 self.item_by_vm.pop(vm, None)
+            item_id = event.get("item")
+            if kind == "done" and item_id in self.item_ids:
+                self.done_ids.add(item_id)
+                self.failed_ids.discard(item_id)
+            elif kind == "failed" and item_id in self.item_ids and item_id not in self.done_ids:
+                self.failed_ids.add(item_id)
             elif kind == "idle":
                 self.idle_vms.add(vm)
             if kind == "retry":
@@ -222,6 +250,8 @@ class Scheduler:
                 {"item": item.id, "attempts": attempt, "reason": "delivered too many times without a result", "log": None},
             )
             log.warning("item %s was dead-lettered: its worker never finished it", item.id)
+            if item.id not in self.done_ids:
+                self.failed_ids.add(item.id)
             self.pubsub.ack(self.topics.dead_subscription, [message.ack_id])
 
     def _account_vm_time(self, vms, now):

@@ -153,11 +153,13 @@ class FakeRunStorage:
         self.failed = set()
         self.failed_info = {}
         self.documents = {}  # relative name -> JSON document (cancelled.json...)
+        self.listings = 0  # how often the done markers were listed
 
     def read_json(self, relative):
         return self.documents.get(relative)
 
     def list_done_ids(self):
+        self.listings += 1
         return set(self.done)
 
     def list_failed_ids(self):

@@ -87,10 +87,36 @@ def test_quota_refusal_is_retried_later_at_a_smaller_size(caplog):
 def test_done_markers_finish_the_run_and_delete_the_fleet():
     scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=3)
     scheduler.step()
-    storage.done.update(item.id for item in scheduler.items)
+    storage.done.update(item.id for item in scheduler.items)  # markers whose events were lost
+    clock.now += 31  # the periodic listing finds them
     progress = scheduler.step()
     assert progress.finished and progress.done == 3
     assert compute.vms == {}
+
+
+def test_done_events_keep_counts_without_listing_markers_every_step():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=5, workers=2)
+    scheduler.step()
+    listings = storage.listings
+    for item in scheduler.items[:2]:
+        storage.done.add(item.id)
+        pubsub.pending_events.append({"type": "done", "vm": "v", "item": item.id})
+    clock.now += 2
+    progress = scheduler.step()
+    assert progress.done == 2
+    assert storage.listings == listings  # counted from events, no listing
+
+
+def test_finish_is_confirmed_from_the_markers_not_only_events():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
+    scheduler.step()
+    storage.done.add(scheduler.items[0].id)
+    # events claim both done, but only one marker exists (e.g. a forged or early event)
+    pubsub.pending_events += [{"type": "done", "vm": "v", "item": item.id} for item in scheduler.items]
+    clock.now += 2
+    progress = scheduler.step()
+    assert not progress.finished and progress.done == 1
+    assert len(compute.vms) == 2  # not torn down: an item is still unfinished
 
 
 def test_idle_vms_are_deleted_once_queue_is_drained():
@@ -98,6 +124,7 @@ def test_idle_vms_are_deleted_once_queue_is_drained():
     scheduler.step()
     names = sorted(compute.vms)
     storage.done.update(item.id for item in scheduler.items[:3])
+    pubsub.pending_events += [{"type": "done", "vm": names[1], "item": item.id} for item in scheduler.items[:3]]
     pubsub.pending_events += [
         {"type": "started", "vm": names[0], "item": "000003"},
         {"type": "idle", "vm": names[1]},

@@ -641,27 +641,15 @@ def confirm(question, stdin, out):
 
 def delete_vms_until_gone(compute, run_id, deadline_seconds=CANCEL_DEADLINE_SECONDS,
                           poll_seconds=CANCEL_POLL_SECONDS, clock=time.monotonic, sleep=time.sleep):
-    """Delete every VM labelled with the run and poll the list until none is left.
+    """``Compute.delete_run_vms``, with a Compute refusal as one line."""
+    from googleapiclient.errors import HttpError
 
-    VMs that appear meanwhile (a scheduler still running) are deleted too.
+    from cflow.gcp.compute import error_message
 
-    Returns:
-        The names still listed when the deadline passed ([] normally).
-    """
-    deadline = clock() + deadline_seconds
-    asked = set()
-    while True:
-        vms = list_vms(compute, run_id)
-        if not vms:
-            return []
-        fresh = [vm for vm in vms if vm.name not in asked and vm.status != "STOPPING"]
-        if fresh:
-            log.debug("deleting VMs %s", ", ".join(vm.name for vm in fresh))
-            compute.delete_vms(fresh)
-            asked.update(vm.name for vm in fresh)
-        if clock() >= deadline:
-            return sorted(vm.name for vm in vms)
-        sleep(poll_seconds)
+    try:
+        return compute.delete_run_vms(run_id, deadline_seconds, poll_seconds, clock=clock, sleep=sleep)
+    except HttpError as error:
+        raise CloudError(f"deleting the VMs of run {run_id} failed: {error_message(error)}") from None
 
 
 def cancel_run(session, view, manifest, now, deadline_seconds=CANCEL_DEADLINE_SECONDS, sleep=time.sleep):
@@ -741,7 +729,7 @@ def combine_run(view, result_dir):
     dest = Path(result_dir) / view.run_id
     try:
         with storage_errors(view.bucket_name):
-            combined = combine_concat(done_in_order, view.storage.list_output_names, view.storage.read_output, dest)
+            combined = combine_concat(done_in_order, view.storage.recorded_output_names, view.storage.read_output, dest)
     except ValueError as error:
         raise OperatorError(f"run {view.run_id}: {error}; rename that output in the bucket or drop it") from None
     urls = {}

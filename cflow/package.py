@@ -46,10 +46,32 @@ def package_files(base_dir):
     task_dir = base_dir / "task"
     for path in sorted(task_dir.rglob("*")):
         if path.is_file() and _included(path.relative_to(base_dir)):
+            _refuse_keys(path, base_dir)
             files.append((path.relative_to(base_dir).as_posix(), path))
     for name in ENTRY_SCRIPTS:
         files.append((name, base_dir / name))
     return files
+
+
+# What a service-account key file or a PEM private key contains. Built at
+# run time because this module ships too (compiled as well), and the
+# package is checked for these bytes.
+KEY_MARKERS = tuple(bytes.fromhex(h) for h in (
+    "22707269766174655f6b657922",  # the JSON field a service-account key file has
+    "2d2d2d2d2d424547494e2050524956415445204b45592d2d2d2d2d",  # PEM private key header
+    "2d2d2d2d2d424547494e20525341205052495641544520",  # PEM RSA private key header (prefix)
+))
+
+
+def _refuse_keys(path, base_dir):
+    """Workers use their VM's own account: a key in task/ must never ship with the package."""
+    with open(path, "rb") as stream:
+        head = stream.read(65536)
+    if any(marker in head for marker in KEY_MARKERS):
+        raise ConfigError(
+            f"{path.relative_to(base_dir)} looks like a private key; keys never go to workers: "
+            "move it to credential/ (controller only) or delete it"
+        )
 
 
 def build_package(base_dir):

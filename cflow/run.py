@@ -276,7 +276,7 @@ def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
     if config.combine == "concat":
         done_in_order = [item.id for item in scheduler.items if item.id in scheduler.done_ids]
         dest = Path(config.result_dir) / run_id
-        combined = combine_concat(done_in_order, storage.list_output_names, storage.read_output, dest)
+        combined = combine_concat(done_in_order, storage.recorded_output_names, storage.read_output, dest)
         for name, path in combined.items():
             storage.upload_combined(name, path)
     left = scheduler.delete_fleet()

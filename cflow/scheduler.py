@@ -328,20 +328,5 @@ class Scheduler:
     # -- the end -----------------------------------------------------------
 
     def delete_fleet(self, deadline_seconds=300, sleep=time.sleep):
-        """Delete every VM of the run and wait until none is listed (or the deadline passes).
-
-        Returns the names still listed at the deadline (normally none).
-        """
-        deadline = self.clock() + deadline_seconds
-        asked = set()
-        while True:
-            vms = self.compute.list_run_vms(self.run_id)
-            if not vms:
-                return []
-            fresh = [vm for vm in vms if vm.name not in asked and vm.status != "STOPPING"]
-            if fresh:
-                self.compute.delete_vms(fresh)
-                asked.update(vm.name for vm in fresh)
-            if self.clock() >= deadline:
-                return [vm.name for vm in vms]
-            sleep(1.0)
+        """Delete every VM of the run and wait until none is listed. Returns names left at the deadline."""
+        return self.compute.delete_run_vms(self.run_id, deadline_seconds, clock=self.clock, sleep=sleep)

@@ -194,6 +194,29 @@ class Compute:
 
     # -- deleting ----------------------------------------------------------
 
+    def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
+        """Delete every VM labelled with the run and poll the list until none is left.
+
+        VMs that appear meanwhile (a scheduler still creating) are deleted too.
+
+        Returns:
+            The names still listed when the deadline passed ([] normally).
+        """
+        sleep = sleep or self.sleep
+        deadline = clock() + deadline_seconds
+        asked = set()
+        while True:
+            vms = self.list_run_vms(run_id)
+            if not vms:
+                return []
+            fresh = [vm for vm in vms if vm.name not in asked and vm.status != "STOPPING"]
+            if fresh:
+                self.delete_vms(fresh)
+                asked.update(vm.name for vm in fresh)
+            if clock() >= deadline:
+                return sorted(vm.name for vm in vms)
+            sleep(poll_seconds)
+
     def _batch_uri(self):
         # googleapiclient builds the batch URI from the discovery document's
         # rootUrl and ignores an api_endpoint override, which would send a

@@ -145,6 +145,16 @@ class RunStorage:
         prefix = f"{self.prefix}outputs/{item_id}/"
         return sorted(blob.name[len(prefix):] for blob in self.client.list_blobs(self.bucket_name, prefix=prefix))
 
+    def recorded_output_names(self, item_id):
+        """The outputs of the attempt recorded done (its done marker lists them).
+
+        An item that ran twice may have left files of the other attempt under
+        outputs/ITEM/; only the recorded attempt's files are its result.
+        """
+        marker = self.read_marker("done", item_id) or {}
+        outputs = marker.get("outputs")
+        return sorted(outputs) if isinstance(outputs, list) else self.list_output_names(item_id)
+
     def read_output(self, item_id, name):
         return self._blob(f"outputs/{item_id}/{name}").download_as_bytes()
 

@@ -158,3 +158,13 @@ def test_a_forged_work_message_is_dropped_without_running_anything(tmp_path):
     assert not sentinel.exists() and storage.objects == {}
     assert pubsub.kinds() == ["event", "ack"]
     assert not (tmp_path / "etc").exists()
+
+
+def test_a_key_left_in_task_stops_the_run_before_anything_ships(tmp_path):
+    from cflow.errors import ConfigError
+
+    ChaosProject(tmp_path, types.SimpleNamespace(dir=str(tmp_path / "stack")))
+    (tmp_path / "task" / "sa.json").write_text(json.dumps(SERVICE_ACCOUNT_KEY))
+
+    with pytest.raises(ConfigError, match=r"task/sa.json looks like a private key.*credential/"):
+        build_package(tmp_path)

@@ -112,3 +112,15 @@ def test_outputs_logs_items_and_run_listing(storage_client, tmp_path):
     RunStorage(storage_client, bucket, "run-1").write_manifest({"run_id": "run-1"})
     assert storage.list_run_ids() == ["run-1", "run-2"]
     assert json.loads(json.dumps(storage.read_manifest())) == {"run_id": "run-2"}
+
+
+def test_combined_outputs_are_those_the_done_marker_records(storage_client, tmp_path):
+    storage = RunStorage(storage_client, "seams-" + uuid.uuid4().hex[:8], "run-3")
+    storage.ensure_bucket(create_if_missing=True)
+    output = tmp_path / "x"
+    output.write_text("x\n")
+    storage.upload_output("000001", "kept.csv", output)
+    storage.upload_output("000001", "from-another-attempt.csv", output)
+    storage.write_done_marker("000001", {"attempt": 2, "outputs": ["kept.csv"]})
+    assert storage.recorded_output_names("000001") == ["kept.csv"]
+    assert storage.list_output_names("000001") == ["from-another-attempt.csv", "kept.csv"]

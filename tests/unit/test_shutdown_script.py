@@ -1,0 +1,39 @@
+"""The shutdown script's fast path: nothing in flight means no Python, but the worker is stopped."""
+
+import subprocess
+
+from cflow.fleet import SHUTDOWN_SCRIPT
+
+
+def run_script(tmp_path, inflight):
+    home = tmp_path / "home"
+    work = home / "cflow"
+    work.mkdir(parents=True)
+    if inflight:
+        (work / "inflight.json").write_text('{"item": "000001"}')
+    # A stand-in for the image's Python: it records that the Python hook ran.
+    venv_bin = tmp_path / "root" / "opt" / "cflow" / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    fake_python = venv_bin / "python3"
+    fake_python.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'python-ran'}\n")
+    fake_python.chmod(0o755)
+    script = tmp_path / "shutdown.sh"
+    script.write_text(SHUTDOWN_SCRIPT)
+    result = subprocess.run(["bash", str(script)], env={"HOME": str(home), "CFLOW_VM_ROOT": str(tmp_path / "root"),
+                                                       "PATH": "/usr/bin:/bin"}, timeout=30)
+    return result.returncode, work, tmp_path / "python-ran"
+
+
+def test_nothing_in_flight_stops_the_worker_without_python(tmp_path):
+    status, work, python_ran = run_script(tmp_path, inflight=False)
+    assert status == 0
+    assert (work / "stopping").exists()
+    assert not python_ran.exists()
+    assert "nothing in flight" in (work / "shutdown.log").read_text()
+
+
+def test_an_item_in_flight_goes_to_the_python_hook(tmp_path):
+    status, work, python_ran = run_script(tmp_path, inflight=True)
+    assert status == 0
+    assert python_ran.read_text().strip().endswith("package/shutdown-signal.py")
+    assert not (work / "stopping").exists()  # the Python hook sets it, first thing

@@ -8,29 +8,13 @@ import pytest
 from googleapiclient.errors import HttpError
 
 from cflow.local.compute.disk_images import DiskImages
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from cflow.local.compute.testing import instance_body, wait_operation, wait_until
 from tests.local.test_compute_schema import DISCOVERY, check
 
 PROJECT = "images-project"
 ZONE = "us-central1-b"
 # Writes what an image build bakes, at a guest's absolute path, then says so on the serial console.
 BAKE = 'mkdir -p "$CFLOW_VM_ROOT/opt/baked" && echo "$BAKED" > "$CFLOW_VM_ROOT/opt/baked/hello.txt" && echo baked-ok'
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("images-state")
-
-
-@pytest.fixture(scope="module")
-def emulator(state_dir):
-    with compute_emulator_process("--state-dir", state_dir) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,11 @@ import urllib.request
 
 import pytest
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from cflow.local.compute.testing import instance_body, wait_operation, wait_until
 
 PROJECT = "metadata-project"
 ZONE = "europe-west1-b"
 VM = "meta-1"
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("compute-state")
-
-
-@pytest.fixture(scope="module")
-def emulator(state_dir):
-    with compute_emulator_process("--state-dir", state_dir) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 @pytest.fixture(scope="module")

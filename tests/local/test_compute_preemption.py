@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from cflow.local.compute.testing import instance_body, wait_operation, wait_until
 
 PROJECT = "preemption-project"
 ZONE = "us-east1-b"
@@ -18,22 +18,6 @@ SHUTDOWN = (
     "kill -0 $(cat startup.pid) && echo alive > worker-alive.txt\n"
 )
 STARTUP = "echo $$ > startup.pid; echo $GCE_METADATA_HOST > mds.txt; sleep 1000"
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("compute-state")
-
-
-@pytest.fixture(scope="module")
-def emulator(state_dir):
-    with compute_emulator_process("--state-dir", state_dir) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 def vm_file(state_dir, name, file_name):

@@ -3,22 +3,11 @@
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from cflow.local.compute.testing import instance_body, wait_operation, wait_until
 
 PROJECT = "bulk-project"
 ZONE = "us-west1-a"
 OTHER_ZONE = "us-west1-b"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    with compute_emulator_process() as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 def properties(labels=None, spot=False):

@@ -7,21 +7,10 @@ import urllib.request
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation
+from cflow.local.compute.testing import instance_body, wait_operation
 
 PROJECT = "errors-project"
 ZONE = "asia-east1-a"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    with compute_emulator_process() as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,10 @@ import time
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from cflow.local.compute.testing import compute_emulator_process, instance_body, wait_operation, wait_until
 
 PROJECT = "lifecycle-project"
 ZONE = "us-central1-a"
-
-
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("compute-state")
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +19,6 @@ def emulator(state_dir):
         "--state-dir", state_dir, "--pubsub-emulator-host", "127.0.0.1:8681", "--storage-emulator-host", "http://127.0.0.1:8682"
     ) as process:
         yield process
-
-
-@pytest.fixture(scope="module")
-def compute(emulator):
-    return compute_client(emulator.base_url)
 
 
 def disk_dir(state_dir, name):

@@ -21,11 +21,12 @@ CFLOW_DIR="${HOME:-/root}/cflow"
 PYTHON=python3
 VENV="${CFLOW_VM_ROOT:-}/opt/cflow/venv"
 if [ -x "$VENV/bin/python3" ]; then PYTHON="$VENV/bin/python3"; fi
-# Nothing in flight: mark the worker stopping under its own hand-back lock and
-# skip starting Python (seconds per VM when a whole fleet is deleted). Any item
-# the worker pulls from now on sees the mark under that lock and is nacked.
-if command -v flock >/dev/null && [ -d "$CFLOW_DIR" ] &&
-   flock "$CFLOW_DIR/handback.lock" sh -c '[ ! -e "$1/inflight.json" ] && touch "$1/stopping"' sh "$CFLOW_DIR"; then
+# Nothing running or being recorded: mark the worker stopping under its own
+# hand-back lock and skip starting Python (seconds per VM when a whole fleet is
+# deleted). Any item the worker pulls from now on sees the mark under that lock
+# and is nacked.
+IDLE='[ ! -e "$1/inflight.json" ] && [ ! -e "$1/settling.json" ] && touch "$1/stopping"'
+if command -v flock >/dev/null && [ -d "$CFLOW_DIR" ] && flock "$CFLOW_DIR/handback.lock" sh -c "$IDLE" sh "$CFLOW_DIR"; then
   echo "$(date -u +%FT%TZ) shutdown: nothing in flight" >>"$CFLOW_DIR/shutdown.log"
   exit 0
 fi

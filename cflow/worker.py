@@ -13,15 +13,19 @@ The shutdown hook and the worker share files in the work directory:
 
 - ``stopping``: set by the hook first thing; from then on the worker takes no
   new item and does not count a task that dies as a failed attempt.
-- ``inflight.json``: the item, attempt and ack id being worked on, the task's
-  process group, and ``settling`` once the worker has started recording the
-  item's result.
+- ``inflight.json``: the item, attempt and ack id whose task is running, and
+  the task's process group.
+- ``settling.json``: the item whose task has ended and whose result the worker
+  is recording (outputs, log, marker, event, ack). The worker records it in a
+  background thread while it pulls and starts the next item, so a busy worker
+  loses only the pull and the task's start between two tasks. One result is
+  recorded at a time.
 - ``handback.lock``: an exclusive lock held while either side reads and
-  changes ``inflight.json`` and acts on it (nack, lease extension, marking
-  the item settling). So each item is either settled by the worker or handed
-  back (nacked) by exactly one of worker and hook, never both: the hook never
-  nacks an item whose failure the worker is republishing, and no lease
-  extension lands after a hand back.
+  changes those two files and acts on them (nack, lease extension, moving an
+  item from running to settling). So each item is either settled by the
+  worker or handed back (nacked) by exactly one of worker and hook, never
+  both: the hook never nacks an item whose result the worker is recording,
+  and no lease extension lands after a hand back.
 """
 
 import contextlib
@@ -90,6 +94,7 @@ class WorkDir:
     def __init__(self, root):
         self.root = Path(root)
         self.inflight = self.root / "inflight.json"
+        self.settling = self.root / "settling.json"
         self.stopping = self.root / "stopping"
         self.lock_file = self.root / "handback.lock"
         self.package = self.root / "package"
@@ -106,18 +111,31 @@ class WorkDir:
         return path
 
     def write_inflight(self, record):
-        partial = self.inflight.with_suffix(".tmp")
-        partial.write_text(json.dumps(record))
-        os.replace(partial, self.inflight)  # the hook never reads half a record
+        _write_record(self.inflight, record)
 
     def read_inflight(self):
-        try:
-            return json.loads(self.inflight.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
+        return _read_record(self.inflight)
 
     def clear_inflight(self):
         self.inflight.unlink(missing_ok=True)
+
+    def read_settling(self):
+        return _read_record(self.settling)
+
+    def clear_settling(self):
+        self.settling.unlink(missing_ok=True)
+
+    def move_to_settling(self, record):
+        """The task has ended: its item is now being recorded, not run. Call with the lock held."""
+        _write_record(self.settling, {**record, "settling": True})
+        self.clear_inflight()
+
+    def record_of(self, ack_id):
+        """The running or settling record of the message ``ack_id``, or None (settled or handed back)."""
+        for record in (self.read_inflight(), self.read_settling()):
+            if record is not None and record.get("ack_id") == ack_id:
+                return record
+        return None
 
     def is_stopping(self):
         return self.stopping.exists()
@@ -143,6 +161,19 @@ class WorkDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _write_record(path, record):
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)  # the hook never reads half a record
+
+
+def _read_record(path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 class Worker:
     """Pulls and runs work items until the queue stays empty.
 
@@ -166,11 +197,19 @@ class Worker:
         self.vm_name = vm_name
         self.clock = clock
         self.sleep = sleep
+        # The result being recorded in the background while the next task runs (see run()).
+        self._recording = None  # (thread, ended item) or None
 
     # -- loop --------------------------------------------------------------
 
     def run(self, pull_timeout=10.0):
         """Work until idle for ``idle_poweroff_seconds`` or told to stop. Returns "idle" or "stopping".
+
+        A task's result is recorded in a background thread while this loop
+        pulls and starts the next item: on a busy worker the gap between two
+        tasks is the pull and the start, not also five Cloud Storage and
+        Pub/Sub calls. The loop waits for that recording before it says it
+        is idle and before it returns.
 
         A pull that fails (the run's subscription deleted by a cancel, or
         recreated by a resumed scheduler, or the service down) counts as no
@@ -180,44 +219,56 @@ class Worker:
         idle_since = self.clock()
         announced_idle = False
         pull_failures = 0
-        while not self.work_dir.is_stopping():
-            try:
-                received = self.pubsub.pull(self.settings.work_subscription, max_messages=1, timeout=pull_timeout)
-                pull_failures = 0
-            except Exception as error:
-                pull_failures += 1
-                if pull_failures == 1:
-                    log.warning("pulling work failed (%s); retrying with backoff", error)
-                received = []
-                self.sleep(min(PULL_ERROR_BACKOFF_MAX_SECONDS, 0.5 * 2 ** min(pull_failures, 5)))
-            if not received:
-                if not announced_idle:
-                    self._event("idle")
-                    announced_idle = True
-                if self.clock() - idle_since >= self.settings.idle_poweroff_seconds:
-                    return "idle"
-                continue
-            try:
-                self.process(received[0])
-            except Exception:
-                log.exception("processing a work item failed; handing it back")
-                hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
-                                   self.vm_name, reason="worker error", take_settling=True)
-                # Also when it failed before it was recorded in flight; a second nack is harmless.
-                self._nack(received[0].ack_id, "the item")
-                self.sleep(1.0)
-            idle_since = self.clock()
-            announced_idle = False
-        return "stopping"
+        try:
+            while not self.work_dir.is_stopping():
+                try:
+                    received = self.pubsub.pull(self.settings.work_subscription, max_messages=1, timeout=pull_timeout)
+                    pull_failures = 0
+                except Exception as error:
+                    pull_failures += 1
+                    if pull_failures == 1:
+                        log.warning("pulling work failed (%s); retrying with backoff", error)
+                    received = []
+                    self.sleep(min(PULL_ERROR_BACKOFF_MAX_SECONDS, 0.5 * 2 ** min(pull_failures, 5)))
+                if not received:
+                    self._wait_for_recording()
+                    if not announced_idle:
+                        self._event("idle")
+                        announced_idle = True
+                    if self.clock() - idle_since >= self.settings.idle_poweroff_seconds:
+                        return "idle"
+                    continue
+                try:
+                    ended = self._run_item(received[0])
+                    if isinstance(ended, _EndedTask):
+                        self._record_in_background(ended)
+                except Exception:
+                    log.exception("processing a work item failed; handing it back")
+                    hand_back_inflight(self.settings, self.pubsub, self.storage, self.metadata, self.work_dir,
+                                       self.vm_name, reason="worker error")
+                    # Also when it failed before it was recorded in flight; a second nack is harmless.
+                    self._nack(received[0].ack_id, "the item")
+                    self.sleep(1.0)
+                idle_since = self.clock()
+                announced_idle = False
+            return "stopping"
+        finally:
+            self._wait_for_recording()
 
     def process(self, received):
-        """Run one pulled item to its end.
+        """Run one pulled item and record its result, in this thread.
 
         Returns the outcome: "done", "duplicate" (already done or this attempt
         already recorded; acked without running), "retry", "failed",
         "interrupted" (handed back: shutdown or preemption; no attempt used),
         "stopping" (not started: the VM is going down) or "malformed".
         """
+        ended = self._run_item(received)
+        return self._record(ended) if isinstance(ended, _EndedTask) else ended
+
+    def _run_item(self, received):
+        """Run one pulled item's task. Returns an outcome (see ``process``) or, when the
+        result is still to be recorded, an ``_EndedTask`` whose item is in ``settling.json``."""
         try:
             item, attempt = tasks.decode_message(received.data, received.attributes)
         except ValueError as error:
@@ -226,6 +277,8 @@ class Worker:
             self._event("malformed", detail=str(error)[:200])
             self._settle_message(received.ack_id)
             return "malformed"
+        if self._recording is not None and self._recording[1].item.id == item.id:
+            self._wait_for_recording()  # the same item again (a republished copy): see its result first
         if self.storage.is_done(item.id) or self.storage.attempt_recorded(item.id, attempt):
             log.info("item %s attempt %s is already recorded; acked without running it again", item.id, attempt)
             self._event("duplicate", item=item.id, attempt=attempt)
@@ -243,15 +296,19 @@ class Worker:
             self.work_dir.write_inflight(
                 {"item": item.id, "attempt": attempt, "ack_id": received.ack_id, "log": str(log_file)}
             )
-        self._event("started", item=item.id, attempt=attempt)
+        # Not waited for: the scheduler counts "started" for progress only.
+        self._event("started", wait=False, item=item.id, attempt=attempt)
         keeper = _LeaseKeeper(self, item, attempt, log_file, received.ack_id)
         keeper.start()
+        keeper_handed_over = False
         try:
             started = time.time()
             exit_status, ending = self._run_task(item, attempt, output_dir, log_file, received.ack_id)
             elapsed = round(time.time() - started, 3)
             if ending == "stopped":
                 return "interrupted"
+            # settling.json holds one record: the previous result must be recorded first.
+            self._wait_for_recording()
             interrupted = handed_back = False
             with self.work_dir.handback_lock():
                 record = self.work_dir.read_inflight()
@@ -264,23 +321,61 @@ class Worker:
                         handed_back = True
                 elif ours:
                     # From here the hook leaves the item to us (it waits instead of nacking).
-                    record["settling"] = True
-                    self.work_dir.write_inflight(record)
+                    self.work_dir.move_to_settling(record)
             if interrupted:
                 if handed_back:
                     self._upload_partial_log(item, attempt, log_file, "shut down")
                 return "interrupted"
-            if exit_status == 0:
-                outcome = self._finish_done(item, attempt, output_dir, log_file, received.ack_id, elapsed)
+            keeper_handed_over = True
+            return _EndedTask(item, attempt, received.ack_id, attempt_dir, exit_status, ending, elapsed, keeper)
+        finally:
+            if not keeper_handed_over:
+                keeper.stop()
+
+    # -- recording a result -------------------------------------------------
+
+    def _record(self, ended):
+        """Record an ended task's result (uploads, marker, event, ack); returns the outcome."""
+        try:
+            output_dir, log_file = ended.attempt_dir / "output", ended.attempt_dir / "task.log"
+            if ended.exit_status == 0:
+                outcome = self._finish_done(ended.item, ended.attempt, output_dir, log_file, ended.ack_id, ended.elapsed)
             else:
-                outcome = self._finish_failed(item, attempt, log_file, received.ack_id, exit_status,
-                                              ending == "timed out", elapsed)
+                outcome = self._finish_failed(ended.item, ended.attempt, log_file, ended.ack_id, ended.exit_status,
+                                              ended.ending == "timed out", ended.elapsed)
             with self.work_dir.handback_lock():
-                self.work_dir.clear_inflight()
-            shutil.rmtree(attempt_dir, ignore_errors=True)
+                record = self.work_dir.read_settling()
+                if record is not None and record.get("ack_id") == ended.ack_id:
+                    self.work_dir.clear_settling()
+            shutil.rmtree(ended.attempt_dir, ignore_errors=True)
             return outcome
         finally:
-            keeper.stop()
+            ended.keeper.stop()
+
+    def _record_in_background(self, ended):
+        thread = threading.Thread(target=self._record_or_hand_back, args=(ended,), name=f"record-{ended.item.id}",
+                                  daemon=True)
+        self._recording = (thread, ended)
+        thread.start()
+
+    def _record_or_hand_back(self, ended):
+        try:
+            self._record(ended)
+        except Exception:
+            log.exception("recording the result of %s failed; handing it back", ended.item.id)
+            with self.work_dir.handback_lock():
+                record = self.work_dir.read_settling()
+                if record is not None and record.get("ack_id") == ended.ack_id:
+                    _hand_back_record(self.settings, self.pubsub, self.metadata, self.work_dir, self.vm_name, record,
+                                      settling=True)
+            # Also when it was already taken out of settling; a second nack is harmless.
+            self._nack(ended.ack_id, ended.item.id)
+
+    def _wait_for_recording(self):
+        """Wait until the result being recorded in the background (if any) is recorded or handed back."""
+        if self._recording is not None:
+            self._recording[0].join()
+            self._recording = None
 
     # -- the task ----------------------------------------------------------
 
@@ -425,8 +520,22 @@ class Worker:
         except Exception as error:
             log.warning("nack of %s failed (%s); its lease expiry will redeliver it", item_id, error)
 
-    def _event(self, kind, **fields):
-        _publish_event(self.pubsub, self.settings, kind, self.vm_name, **fields)
+    def _event(self, kind, wait=True, **fields):
+        _publish_event(self.pubsub, self.settings, kind, self.vm_name, wait=wait, **fields)
+
+
+@dataclass(frozen=True)
+class _EndedTask:
+    """A task that has ended and whose result is still to be recorded (its item is in ``settling.json``)."""
+
+    item: tasks.WorkItem
+    attempt: int
+    ack_id: str
+    attempt_dir: Path
+    exit_status: int
+    ending: str  # "exited" or "timed out"
+    elapsed: float
+    keeper: "_LeaseKeeper"  # keeps the lease until the result is recorded
 
 
 class _LeaseKeeper:
@@ -460,8 +569,8 @@ class _LeaseKeeper:
         last_log_upload = time.monotonic()
         while not self.stopped.wait(extend_every):
             with work_dir.handback_lock():
-                record = work_dir.read_inflight()
-                if record is None or record.get("ack_id") != self.ack_id:
+                record = work_dir.record_of(self.ack_id)
+                if record is None:
                     return  # settled or handed back
                 if work_dir.is_stopping() and not record.get("settling"):
                     return  # being handed back: an extension now could land after the nack
@@ -553,16 +662,21 @@ def _kill_recorded_task(record, sig=signal.SIGTERM):
 # -- handing an item back (worker, restarted worker, shutdown hook) -----------
 
 
-def _publish_event(pubsub, settings, kind, vm_name, **fields):
+def _publish_event(pubsub, settings, kind, vm_name, wait=True, **fields):
+    """Publish an event; with ``wait=False`` return at once and only log a failure."""
     event = {"type": kind, "vm": vm_name, "time": time.time(), **fields}
     try:
-        pubsub.publish_event(settings.events_topic, event)
+        pubsub.publish_event(settings.events_topic, event, wait=wait)
     except Exception as error:  # events are progress news; losing one must not lose work
         log.warning("could not publish %s event: %s", kind, error)
 
 
-def _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record):
-    """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held."""
+def _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record, settling=False):
+    """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held.
+
+    Args:
+        settling: the record is the one in ``settling.json`` (else ``inflight.json``).
+    """
     item_id, attempt = record["item"], record["attempt"]
     try:
         pubsub.nack(settings.work_subscription, record["ack_id"])
@@ -570,51 +684,62 @@ def _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record):
         log.warning("nack of %s failed (%s); its lease expiry will redeliver it", item_id, error)
     preempted = metadata.preempted()
     _publish_event(pubsub, settings, "preempted" if preempted else "interrupted", vm_name, item=item_id, attempt=attempt)
-    work_dir.clear_inflight()
+    if settling:
+        work_dir.clear_settling()
+    else:
+        work_dir.clear_inflight()
 
 
 def hand_back_inflight(settings, pubsub, storage, metadata, work_dir, vm_name, reason, settle_wait_seconds=0.0,
                        take_settling=False, kill_task=True, upload_log=True, sleep=time.sleep, clock=time.monotonic):
-    """Hand the in-flight item back at once: nack (it keeps its attempt count), event, partial log.
+    """Hand the running item back at once: nack (it keeps its attempt count), event, partial log.
 
-    Used by the shutdown hook, by a worker that sees the stop flag, and by a
-    worker restarted after its predecessor died. An item the worker is
-    already recording (``settling``) is left to it: we wait up to
-    ``settle_wait_seconds`` for it to finish, then leave it to the lease.
+    Used by the shutdown hook, by a worker that sees the stop flag or fails
+    on an item, and by a worker restarted after its predecessor died. An
+    item whose task has ended and whose result the worker is recording
+    (``settling.json``) is left to it: we wait up to ``settle_wait_seconds``
+    for it to be recorded, then leave it to the lease.
 
     Args:
         reason: a few words for the partial log ("preempted", "shut down").
-        take_settling: hand back even an item being recorded (its recorder
-            is dead or failed).
+        take_settling: hand back the item being recorded too (its recorder
+            is dead).
         kill_task: SIGTERM the recorded task group (verified to be ours).
         upload_log: append a note to the partial log and upload it.
     Returns:
-        The item id handed back, or None (nothing in flight, or left to the worker).
+        The item id handed back (the running one if both were), or None.
     """
+    handed_back = []
     deadline = clock() + settle_wait_seconds
     while True:
         with work_dir.handback_lock():
-            record = work_dir.read_inflight()
-            if record is None:
-                return None
-            if take_settling or not record.get("settling"):
-                _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, record)
-                break
+            running = work_dir.read_inflight()
+            if running is not None:
+                _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, running)
+                handed_back.append(running)
+            settling = work_dir.read_settling()
+            if settling is not None and take_settling:
+                _hand_back_record(settings, pubsub, metadata, work_dir, vm_name, settling, settling=True)
+                handed_back.append(settling)
+                settling = None
+        if settling is None:
+            break
         if clock() >= deadline:
-            log.info("item %s is being recorded by the worker; leaving it to finish (or to its lease)", record["item"])
-            return None
+            log.info("item %s is being recorded by the worker; leaving it to finish (or to its lease)", settling["item"])
+            break
         sleep(0.2)
-    if kill_task:
-        _kill_recorded_task(record)
-    log_file = Path(record["log"])
-    if upload_log and log_file.exists():
-        try:
-            with open(log_file, "a") as stream:
-                stream.write(f"\ncflow: {reason}; item handed back\n")
-            storage.upload_log(record["item"], record["attempt"], log_file)
-        except Exception as error:
-            log.warning("could not upload the partial log of %s: %s", record["item"], error)
-    return record["item"]
+    for record in handed_back:
+        if kill_task:
+            _kill_recorded_task(record)
+        log_file = Path(record["log"])
+        if upload_log and log_file.exists():
+            try:
+                with open(log_file, "a") as stream:
+                    stream.write(f"\ncflow: {reason}; item handed back\n")
+                storage.upload_log(record["item"], record["attempt"], log_file)
+            except Exception as error:
+                log.warning("could not upload the partial log of %s: %s", record["item"], error)
+    return handed_back[0]["item"] if handed_back else None
 
 
 def hand_back(settings, pubsub, storage, metadata, work_dir, vm_name, settle_wait_seconds=HOOK_SETTLE_WAIT_SECONDS):

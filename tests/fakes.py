@@ -23,7 +23,7 @@ class FakePubSub:
         self.published.append((topic, data, dict(attributes)))
         return str(len(self.published))
 
-    def publish_event(self, topic, event):
+    def publish_event(self, topic, event, wait=True):
         self.calls.append(("event", event["type"]))
         self.events.append(event)
 

@@ -189,8 +189,14 @@ class PubSub:
         """Publish one message and wait until the service has it; returns its id."""
         return self.publisher.publish(topic, data, **attributes).result()
 
-    def publish_event(self, topic, event):
-        return self.publish(topic, json.dumps(event, sort_keys=True).encode(), {"cflow_event": event["type"]})
+    def publish_event(self, topic, event, wait=True):
+        """Publish one event. With ``wait=False`` return at once; a failure is only logged."""
+        data, attributes = json.dumps(event, sort_keys=True).encode(), {"cflow_event": event["type"]}
+        if wait:
+            return self.publish(topic, data, attributes)
+        future = self.publisher.publish(topic, data, **attributes)
+        future.add_done_callback(_log_failed_event(event["type"]))
+        return None
 
     # -- pull and settle ---------------------------------------------------
 
@@ -237,3 +243,12 @@ class PubSub:
                 log.warning("dropping an event that is not JSON: %r", message.data[:80])
         self.ack(subscription, [m.ack_id for m in received])
         return events
+
+
+def _log_failed_event(kind):
+    def check(future):
+        error = future.exception()
+        if error is not None:
+            log.warning("could not publish %s event: %s", kind, error)
+
+    return check

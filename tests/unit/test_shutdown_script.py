@@ -2,15 +2,18 @@
 
 import subprocess
 
+import pytest
+
 from cflow.fleet import SHUTDOWN_SCRIPT
 
 
 def run_script(tmp_path, inflight):
+    """Run the script with ``inflight`` (None, "inflight.json" or "settling.json") in the work dir."""
     home = tmp_path / "home"
     work = home / "cflow"
     work.mkdir(parents=True)
     if inflight:
-        (work / "inflight.json").write_text('{"item": "000001"}')
+        (work / inflight).write_text('{"item": "000001"}')
     # A stand-in for the image's Python: it records that the Python hook ran.
     venv_bin = tmp_path / "root" / "opt" / "cflow" / "venv" / "bin"
     venv_bin.mkdir(parents=True)
@@ -25,15 +28,16 @@ def run_script(tmp_path, inflight):
 
 
 def test_nothing_in_flight_stops_the_worker_without_python(tmp_path):
-    status, work, python_ran = run_script(tmp_path, inflight=False)
+    status, work, python_ran = run_script(tmp_path, inflight=None)
     assert status == 0
     assert (work / "stopping").exists()
     assert not python_ran.exists()
     assert "nothing in flight" in (work / "shutdown.log").read_text()
 
 
-def test_an_item_in_flight_goes_to_the_python_hook(tmp_path):
-    status, work, python_ran = run_script(tmp_path, inflight=True)
+@pytest.mark.parametrize("record", ["inflight.json", "settling.json"])
+def test_an_item_running_or_being_recorded_goes_to_the_python_hook(tmp_path, record):
+    status, work, python_ran = run_script(tmp_path, inflight=record)
     assert status == 0
     assert python_ran.read_text().strip().endswith("package/shutdown-signal.py")
     assert not (work / "stopping").exists()  # the Python hook sets it, first thing

@@ -262,7 +262,7 @@ class DyingPubSub(FakePubSub):
         super().__init__()
         self.die_at = die_at
 
-    def publish_event(self, topic, event):
+    def publish_event(self, topic, event, wait=True):
         if event["type"] == "done" and self.die_at == "event":
             self.die_at = None
             raise VmDied("event")
@@ -527,3 +527,120 @@ def test_an_item_whose_processing_raises_is_handed_back_and_the_loop_goes_on(wor
     assert worker.run(pull_timeout=0.01) == "idle"
     assert ("nack", "ack-20a") in pubsub.calls
     assert "done/000021" in storage.objects
+
+
+# -- recording one result while the next task runs ----------------------------
+
+TWO_SPEED_TASK = """
+import os, sys, time
+with open(sys.argv[1], "a") as runs:
+    runs.write(os.environ["CFLOW_TASK_ID"] + "\\n")
+open(os.path.join(os.environ["CFLOW_OUTPUT_DIR"], "result.txt"), "w").write("result of " + os.environ["CFLOW_TASK_ID"])
+if sys.argv[2:] == ["slow"]:
+    time.sleep(600)
+"""
+
+
+def start_run(worker):
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(value=worker.run(pull_timeout=0.01)))
+    thread.start()
+    return thread, outcome
+
+
+def test_next_task_runs_while_the_previous_result_is_recorded(work_dir, tmp_path):
+    runs = tmp_path / "runs.txt"
+    command = write_task(work_dir, TWO_SPEED_TASK)
+    pubsub, storage = FakePubSub(), GatedStorage()  # the first upload waits for the gate
+    worker = Worker(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
+    pubsub.queue += [received(tasks.WorkItem(id="000031", index=31, args=(str(runs),)), 1, ack_id="ack-31"),
+                     received(tasks.WorkItem(id="000032", index=32, args=(str(runs),)), 1, ack_id="ack-32")]
+    thread, outcome = start_run(worker)
+
+    assert storage.uploading.wait(20)
+    wait_until(lambda: runs.exists() and runs.read_text().split() == ["000031", "000032"], what="the second task")
+    # The second task ran while the first result was still unrecorded.
+    assert "done/000031" not in storage.objects
+    assert json.loads(work_dir.settling.read_text())["item"] == "000031"
+    storage.gate.set()
+    thread.join(20)
+
+    assert outcome["value"] == "idle"
+    assert "done/000031" in storage.objects and "done/000032" in storage.objects
+    assert [c for c in pubsub.calls if c[0] == "ack"] == [("ack", ("ack-31",)), ("ack", ("ack-32",))]
+    assert [(e["type"], e.get("item")) for e in pubsub.events] == [
+        ("started", "000031"), ("started", "000032"), ("done", "000031"), ("done", "000032"), ("idle", None)]
+    assert not work_dir.inflight.exists() and not work_dir.settling.exists()
+
+
+def test_hook_hands_back_the_running_item_at_once_and_waits_for_the_one_being_recorded(work_dir, tmp_path):
+    runs = tmp_path / "runs.txt"
+    command = write_task(work_dir, TWO_SPEED_TASK)
+    pubsub, storage = FakePubSub(), GatedStorage()
+    worker = Worker(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
+    pubsub.queue += [received(tasks.WorkItem(id="000033", index=33, args=(str(runs),)), 1, ack_id="ack-33"),
+                     received(tasks.WorkItem(id="000034", index=34, args=(str(runs), "slow")), 1, ack_id="ack-34")]
+    thread, outcome = start_run(worker)
+    assert storage.uploading.wait(20)
+    wait_until(lambda: runs.exists() and "000034" in runs.read_text().split(), what="the slow task")
+    wait_until(lambda: work_dir.read_inflight() is not None and "task_pgid" in work_dir.read_inflight(),
+               what="the slow task's group in the record")
+
+    hook = {}
+    hook_thread = threading.Thread(target=lambda: hook.update(
+        value=hand_back(make_settings(command), pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1",
+                        settle_wait_seconds=20)))
+    hook_thread.start()
+    wait_until(lambda: ("nack", "ack-34") in pubsub.calls, what="the running item's nack")
+    assert hook_thread.is_alive()  # still waiting for 000033's result
+    assert ("nack", "ack-33") not in pubsub.calls
+    storage.gate.set()
+    hook_thread.join(20)
+    thread.join(20)
+
+    assert hook["value"] == "000034" and outcome["value"] == "stopping"
+    assert "done/000033" in storage.objects and "done/000034" not in storage.objects
+    assert ("ack", ("ack-33",)) in pubsub.calls and ("ack", ("ack-34",)) not in pubsub.calls
+    assert b"preempted; item handed back" in storage.objects["logs/000034/attempt-1.log"]
+    assert not work_dir.inflight.exists() and not work_dir.settling.exists()
+
+
+def test_a_result_that_cannot_be_recorded_is_handed_back_and_the_loop_goes_on(work_dir, tmp_path):
+    runs = tmp_path / "runs.txt"
+    command = write_task(work_dir, TWO_SPEED_TASK)
+    worker, pubsub, storage = make_worker(work_dir, command)
+    write_done_marker = storage.write_done_marker
+
+    def failing_for_35(item_id, info):
+        if item_id == "000035":
+            raise ConnectionError("storage unreachable")
+        return write_done_marker(item_id, info)
+
+    storage.write_done_marker = failing_for_35
+    pubsub.queue += [received(tasks.WorkItem(id="000035", index=35, args=(str(runs),)), 1, ack_id="ack-35"),
+                     received(tasks.WorkItem(id="000036", index=36, args=(str(runs),)), 1, ack_id="ack-36")]
+
+    assert worker.run(pull_timeout=0.01) == "idle"
+
+    assert ("nack", "ack-35") in pubsub.calls and ("ack", ("ack-35",)) not in pubsub.calls
+    assert "done/000035" not in storage.objects and "done/000036" in storage.objects
+    assert ("interrupted", "000035") in [(e["type"], e.get("item")) for e in pubsub.events]
+    assert not work_dir.inflight.exists() and not work_dir.settling.exists()
+
+
+def test_restarted_worker_hands_back_both_the_running_item_and_the_one_being_recorded(work_dir):
+    log_file = work_dir.root / "partial.log"
+    log_file.write_text("half way\n")
+    with work_dir.handback_lock():
+        work_dir.write_inflight({"item": "000038", "attempt": 2, "ack_id": "ack-38", "log": str(log_file)})
+        work_dir.move_to_settling(work_dir.read_inflight())
+        work_dir.write_inflight({"item": "000037", "attempt": 1, "ack_id": "ack-37", "log": str(log_file)})
+    pubsub, storage = FakePubSub(), FakeStorage()
+
+    item_id = hand_back_inflight(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1",
+                                 reason="worker died", take_settling=True)
+
+    assert item_id == "000037"
+    assert {("nack", "ack-37"), ("nack", "ack-38")} <= set(pubsub.calls)
+    assert "logs/000037/attempt-1.log" in storage.objects and "logs/000038/attempt-2.log" in storage.objects
+    assert not work_dir.inflight.exists() and not work_dir.settling.exists()

@@ -17,8 +17,12 @@ Two phases:
 
 - idle worker: one item published at a time while the worker waits in its
   pull; publish -> task start, task end -> done marker written, task end -> ack.
-- queue full: all items published first; the worker's gap between one task's
-  end and the next one's start (what a busy worker loses per item), with its
+  The publish lands at a random moment 0-100 ms into the pull's wait (or, with
+  --idle-phase pull-start, as it begins): the Pub/Sub emulator looks for new
+  messages about every 50 ms of a waiting pull, so the phase alone moves the
+  figure by up to 50 ms.
+- queue full: all items published first (each sleeping --queued-seconds); the
+  worker's gap between one task's end and the next one's start (what a busy worker loses per item), with its
   breakdown, and task end -> done marker written.
 
 Target: median publish -> task start and task end -> done recorded < 50 ms.
@@ -26,6 +30,7 @@ Target: median publish -> task start and task end -> done recorded < 50 ms.
 
 import argparse
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -38,8 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import banner, bench_stack, describe, percentile, use_stack_environment, write_json_result  # noqa: E402
 
 ZERO_WORK_TASK = r"""#!/bin/bash
-# Zero-work benchmark task: argv ITEM STAMP_FILE.
+# Zero-work benchmark task: argv ITEM STAMP_FILE [SECONDS to sleep].
 start=$EPOCHREALTIME
+if [ -n "${3:-}" ]; then sleep "$3"; fi
 printf 'item\n%s\n' "$1" > "$CFLOW_OUTPUT_DIR/result.csv"
 echo "$1 $start $EPOCHREALTIME" >> "$2"
 """
@@ -139,10 +145,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--idle-items", type=int, default=50, help="items published one at a time to an idle worker (default 50)")
     parser.add_argument("--queued-items", type=int, default=200, help="items published at once, then worked through (default 200)")
+    parser.add_argument("--queued-seconds", type=float, default=0.0,
+                        help="how long each queued task sleeps (default 0: zero work; with 1, a result is recorded "
+                             "while the next task runs, as on a real run)")
+    parser.add_argument("--idle-phase", choices=("random", "pull-start"), default="random",
+                        help="when to publish to the idle worker: at a random moment 0-100 ms into its waiting pull "
+                             "(default), or as soon as the pull starts (the emulator's worst case: it looks for new "
+                             "messages every ~50 ms of a pull's wait)")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
     args = parser.parse_args(argv)
 
-    banner(f"bench_dispatch: {args.idle_items} items to an idle worker, {args.queued_items} queued")
+    banner(f"bench_dispatch: {args.idle_items} items to an idle worker (publish phase: {args.idle_phase}), "
+           f"{args.queued_items} queued ({args.queued_seconds:g} s each)")
     temporary = Path(tempfile.mkdtemp(prefix="cflow-bench-dispatch-"))
     try:
         with bench_stack(temporary / "stack") as (info, stack_seconds):
@@ -206,6 +220,9 @@ def measure(info, temporary, args):
         for number in range(args.idle_items):
             # This phase measures a worker that waits in its pull, so publish only once it does.
             wait_for(lambda: recorder.is_running("pubsub", "pull"), 30, "the worker to wait in its pull")
+            if args.idle_phase == "random":
+                # A real publish lands at any moment of a worker's wait, not just as it begins.
+                time.sleep(random.uniform(0.0, 0.1))
             published_at = time.time()
             item_id = publish(number)
             publish_calls.append(time.time() - published_at)
@@ -230,10 +247,14 @@ def measure(info, temporary, args):
         # Phase 2: a full queue; what a busy worker loses between two tasks.
         first = args.idle_items
         ids = [f"{number:06d}" for number in range(first, first + args.queued_items)]
+
+        def queued_args(item_id):
+            return (item_id, str(stamps_file)) + ((f"{args.queued_seconds:g}",) if args.queued_seconds else ())
+
         publish_started = time.monotonic()
         count = pubsub.publish_many(
             topics.work_topic,
-            (encode_message(WorkItem(id=i, index=n, args=(i, str(stamps_file))), 1) for n, i in zip(range(first, first + args.queued_items), ids)),
+            (encode_message(WorkItem(id=i, index=n, args=queued_args(i)), 1) for n, i in zip(range(first, first + args.queued_items), ids)),
         )
         publish_seconds = time.monotonic() - publish_started
         wait_for(lambda: all(i in stamps for i in ids) if (stamps := read_stamps(stamps_file)) else False,

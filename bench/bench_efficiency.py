@@ -65,7 +65,9 @@ def run_gnu_parallel(parallel, work_dir, lines, workers):
     tasks_file.write_text("".join(line + "\n" for line in lines))
     started = time.monotonic()
     subprocess.run(
-        [parallel, "--will-cite", "-j", str(workers), "--colsep", " ", "bash", str(task), "{1}", "{2}", "{3}", "::::", str(tasks_file)],
+        # HOME names the job slot, which the task stamps as its worker (so gaps are per slot, as CFlow's per VM).
+        [parallel, "--will-cite", "-j", str(workers), "--colsep", " ", "env", "HOME=slot-{%}", "bash", str(task),
+         "{1}", "{2}", "{3}", "::::", str(tasks_file)],
         cwd=work_dir, check=True, stdout=subprocess.DEVNULL,
     )
     return time.monotonic() - started
@@ -105,6 +107,8 @@ def main(argv=None):
                            parallel_cpu=parallel_cpu)
             print(f"GNU parallel -j{args.workers}: wall {parallel_wall:.2f} s, efficiency {figures['parallel_efficiency']:.3f}, "
                   f"CPU {parallel_cpu:.1f} s ({parallel_cpu / args.items * 1000:.0f} ms per item)", flush=True)
+            print(f"  task runs: {describe(parallel_spans.durations())}; gap between tasks: {describe(parallel_spans.gaps())}",
+                  flush=True)
 
         stack_dir = temporary / "stack"
         compute_options = {} if args.shutdown_grace is None else {"shutdown_grace": args.shutdown_grace}
@@ -136,6 +140,11 @@ def main(argv=None):
         figures.update(gap_median=percentile(gaps, 0.5) if gaps else None, gap_p99=percentile(gaps, 0.99) if gaps else None,
                        fleet_stagger=firsts[-1] - firsts[0])
         print(f"  per-worker gap between tasks: {describe(gaps)}; last worker's first task {firsts[-1] - firsts[0]:.2f} s after the first's")
+        late_start, late_count, late_busy, late_gaps = spans.last_worker()
+        figures.update(task_run_median=percentile(spans.durations(), 0.5))
+        print(f"  task runs (their own start to end stamps): {describe(spans.durations())}")
+        print(f"  the span is the last-ending worker's: first task {late_start:.2f} s after the fleet's first, "
+              f"then {late_count} tasks ({late_busy:.2f} s) and their gaps ({late_gaps:.2f} s)")
         print(f"CFlow steady-state efficiency: {cflow_efficiency:.3f} (span {spans.span:.2f} s vs ideal {ideal:.2f} s; target >= 0.95)")
         if parallel:
             with_stack = (run.wall_seconds + stack_seconds) / figures["parallel_wall"]

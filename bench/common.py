@@ -126,6 +126,25 @@ class Spans:
             gaps.extend(later[0] - earlier[1] for earlier, later in zip(runs, runs[1:]))
         return gaps
 
+    def durations(self):
+        """Seconds each task run took, from its own start and end stamps."""
+        return [end - start for _, start, end in self.lines]
+
+    def last_worker(self):
+        """Where the span goes, for the worker whose last task ended last.
+
+        Returns (its first start after the fleet's first start, its task count,
+        seconds in its tasks, seconds in the gaps between them): these add up
+        to the span.
+        """
+        by_worker = {}
+        for (_, start, end), worker in zip(self.lines, self.workers):
+            by_worker.setdefault(worker, []).append((start, end))
+        runs = sorted(max(by_worker.values(), key=lambda runs: max(end for _, end in runs)))
+        busy = sum(end - start for start, end in runs)
+        gaps = sum(later[0] - earlier[1] for earlier, later in zip(runs, runs[1:]))
+        return runs[0][0] - self.first_start, len(runs), busy, gaps
+
     def first_starts(self):
         """Each worker's first task start, sorted (how staggered the fleet came up)."""
         firsts = {}

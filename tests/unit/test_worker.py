@@ -644,3 +644,25 @@ def test_restarted_worker_hands_back_both_the_running_item_and_the_one_being_rec
     assert {("nack", "ack-37"), ("nack", "ack-38")} <= set(pubsub.calls)
     assert "logs/000037/attempt-1.log" in storage.objects and "logs/000038/attempt-2.log" in storage.objects
     assert not work_dir.inflight.exists() and not work_dir.settling.exists()
+
+
+@pytest.mark.parametrize("has_pidfd", [True, False])
+def test_exit_watch_reports_a_running_task_then_its_exit_status(monkeypatch, has_pidfd):
+    from cflow.worker import _ExitWatch
+
+    if not has_pidfd:  # a kernel without pidfd_open: the watch polls instead
+        def no_pidfd(pid):
+            raise OSError("pidfd_open: function not implemented")
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"],
+                               stdin=subprocess.PIPE)
+    try:
+        with _ExitWatch(process) as watch:
+            assert (watch.pidfd is not None) == has_pidfd
+            assert watch.wait(0.05) is None
+            process.stdin.close()  # the task reads to the end of its input, then exits
+            assert watch.wait(30) == 7
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -136,6 +136,23 @@ def test_idle_vms_are_deleted_once_queue_is_drained():
     assert len(compute.vms) == 1
 
 
+def test_a_vm_whose_next_item_started_before_its_last_result_is_still_busy():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
+    scheduler.step()
+    names = sorted(compute.vms)
+    storage.done.add("000000")
+    # The worker records 000000's result while 000001 already runs: the events come in that order.
+    pubsub.pending_events += [
+        {"type": "started", "vm": names[0], "item": "000000"},
+        {"type": "started", "vm": names[0], "item": "000001"},
+        {"type": "done", "vm": names[0], "item": "000000"},
+        {"type": "idle", "vm": names[1]},
+    ]
+    progress = scheduler.step()
+    assert progress.running == 1
+    assert names[0] in compute.vms and names[1] not in compute.vms
+
+
 def test_dead_lettered_item_is_recorded_failed():
     scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2)
     pubsub.dead.append(received(scheduler.items[1], 1, ack_id="dead-1"))

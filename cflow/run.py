@@ -233,7 +233,7 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
             reporter.show(progress, time.monotonic() - started)
             if progress.finished:
                 break
-            sleep(step_interval)
+            scheduler.wait(step_interval, sleep=sleep)
     except RunCancelled:
         reporter.close()  # the error line goes below the progress line, not over it
         raise

@@ -209,8 +209,38 @@ class Scheduler:
         self.pubsub.create_run_topics(self.topics, ack_deadline_seconds=self.config.lease_seconds)
         self.publish_items(unfinished)
 
-    def _read_events(self):
-        for event in self.pubsub.drain_events(self.topics.events_subscription):
+    def wait(self, seconds, sleep=time.sleep):
+        """Wait up to ``seconds`` until the next step, reading events as they come.
+
+        Returns as soon as the events show every item ended, so the run's end
+        is seen when it happens instead of up to a step interval later. A
+        failure to read events (a lost queue, a cancel) is the next step's to
+        handle: the rest of the time is slept.
+        """
+        deadline = self.clock() + seconds
+        # Already all ended yet the last step did not finish: nothing to wake for.
+        wake_on_end = not self._all_ended()
+        while True:
+            left = deadline - self.clock()
+            if left <= 0:
+                return
+            if not wake_on_end:
+                sleep(left)
+                return
+            try:
+                self._read_events(timeout=left)
+            except google_exceptions.GoogleAPICallError as error:
+                log.debug("reading events while waiting failed (%s); the next step handles it", error)
+                sleep(max(0.0, deadline - self.clock()))
+                return
+            if self._all_ended():
+                return
+
+    def _all_ended(self):
+        return len(self.done_ids) + len(self.failed_ids) >= len(self.items)
+
+    def _read_events(self, timeout=0.5):
+        for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
             if kind == "started":
                 self.item_by_vm[vm] = event.get("item")

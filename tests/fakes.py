@@ -186,7 +186,7 @@ class FakeSchedulerPubSub(FakePubSub):
         self.subscriptions_exist = True
         return created
 
-    def drain_events(self, subscription, max_messages=1000):
+    def drain_events(self, subscription, max_messages=1000, timeout=0.5):
         if not self.subscriptions_exist:
             from google.api_core import exceptions
 

@@ -229,12 +229,12 @@ class PubSub:
         """Hand a message back for immediate redelivery, keeping its attributes."""
         self.extend_lease(subscription, ack_id, 0)
 
-    def drain_events(self, subscription, max_messages=1000):
-        """Pull and ack whatever events are waiting, without blocking long.
+    def drain_events(self, subscription, max_messages=1000, timeout=0.5):
+        """Pull and ack the events waiting, or the first to come within ``timeout`` seconds.
 
         Returns the decoded event dicts; undecodable ones are logged and dropped.
         """
-        received = self.pull(subscription, max_messages=max_messages, timeout=0.5)
+        received = self.pull(subscription, max_messages=max_messages, timeout=timeout)
         events = []
         for message in received:
             try:

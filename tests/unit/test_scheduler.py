@@ -192,7 +192,7 @@ def test_cancelled_run_stops_the_step_before_anything_is_created():
 def test_cancel_landing_mid_step_is_reported_as_cancelled_not_as_a_lost_queue():
     scheduler, compute, pubsub, storage, clock = make_scheduler()
 
-    def cancelled_meanwhile(subscription, max_messages=1000):
+    def cancelled_meanwhile(subscription, max_messages=1000, timeout=0.5):
         storage.documents["cancelled.json"] = {"time": 1.0}
         raise google_exceptions.NotFound("Subscription does not exist")
 
@@ -254,3 +254,64 @@ def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
     scheduler.step()
     scheduler.step()
     assert sum("Backend error" in r.getMessage() for r in caplog.records) == 1
+
+
+class EventFeed:
+    """drain_events for Scheduler.wait: hands out batches in turn; with none left, the pull times out (the clock moves)."""
+
+    def __init__(self, clock, batches):
+        self.clock = clock
+        self.batches = list(batches)
+        self.timeouts = []
+
+    def __call__(self, subscription, max_messages=1000, timeout=0.5):
+        self.timeouts.append(timeout)
+        if self.batches:
+            self.clock.now += 0.05
+            return self.batches.pop(0)
+        self.clock.now += timeout
+        return []
+
+
+def test_wait_returns_as_soon_as_the_events_show_every_item_ended():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
+    scheduler.step()
+    started = clock.now
+    feed = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}],
+                             [{"type": "failed", "vm": "w-2", "item": "000001", "attempt": 3}]])
+    pubsub.drain_events = feed
+    slept = []
+
+    scheduler.wait(2.0, sleep=slept.append)
+
+    assert clock.now - started == pytest.approx(0.1)  # two batches, then it stopped waiting
+    assert len(feed.timeouts) == 2 and slept == []
+    storage.done.add("000000")
+    storage.failed.add("000001")
+    assert scheduler.step().finished
+
+
+def test_wait_reads_events_until_the_interval_ends_while_items_are_left():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=2)
+    scheduler.step()
+    started = clock.now
+    pubsub.drain_events = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}]])
+
+    scheduler.wait(2.0, sleep=lambda seconds: pytest.fail("slept instead of reading events"))
+
+    assert clock.now - started == pytest.approx(2.0)
+    assert scheduler.done_ids == {"000000"}
+
+
+def test_wait_sleeps_out_the_interval_when_events_cannot_be_read():
+    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=2)
+    scheduler.step()
+
+    def gone(subscription, max_messages=1000, timeout=0.5):
+        clock.now += 0.01
+        raise google_exceptions.NotFound("Subscription does not exist")
+
+    pubsub.drain_events = gone
+    slept = []
+    scheduler.wait(2.0, sleep=slept.append)
+    assert slept == [pytest.approx(1.99)]

@@ -32,6 +32,8 @@ CANCELLED_FILE = "cancelled.json"
 LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
 STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
 MARKER_LIST_INTERVAL_SECONDS = 30
+# Between steps the scheduler pulls events at most this often (see Scheduler.wait).
+EVENT_POLL_SECONDS = 0.25
 STOCKOUT_COOLDOWN_SECONDS = 120
 QUOTA_COOLDOWN_SECONDS = 60
 
@@ -221,7 +223,8 @@ class Scheduler:
         # Already all ended yet the last step did not finish: nothing to wake for.
         wake_on_end = not self._all_ended()
         while True:
-            left = deadline - self.clock()
+            pulled_at = self.clock()
+            left = deadline - pulled_at
             if left <= 0:
                 return
             if not wake_on_end:
@@ -235,6 +238,9 @@ class Scheduler:
                 return
             if self._all_ended():
                 return
+            # A pull can come back at once, empty or with one event: a few pulls a
+            # second see the end soon enough without spinning on the service.
+            sleep(max(0.0, min(deadline, pulled_at + EVENT_POLL_SECONDS) - self.clock()))
 
     def _all_ended(self):
         return len(self.done_ids) + len(self.failed_ids) >= len(self.items)

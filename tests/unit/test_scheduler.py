@@ -6,7 +6,7 @@ import pytest
 
 from cflow import tasks
 from cflow.gcp.pubsub import RunTopics
-from cflow.scheduler import Scheduler
+from cflow.scheduler import EVENT_POLL_SECONDS, Scheduler
 from tests.fakes import FakeCompute, FakeRunStorage, FakeSchedulerPubSub, received
 
 RUN = "0101-0000-abcd"
@@ -280,12 +280,15 @@ def test_wait_returns_as_soon_as_the_events_show_every_item_ended():
     feed = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}],
                              [{"type": "failed", "vm": "w-2", "item": "000001", "attempt": 3}]])
     pubsub.drain_events = feed
-    slept = []
 
-    scheduler.wait(2.0, sleep=slept.append)
+    def sleep(seconds):
+        clock.now += seconds
 
-    assert clock.now - started == pytest.approx(0.1)  # two batches, then it stopped waiting
-    assert len(feed.timeouts) == 2 and slept == []
+    scheduler.wait(2.0, sleep=sleep)
+
+    # Two pulls a poll interval apart, then it stopped waiting: not the whole 2 s.
+    assert clock.now - started == pytest.approx(EVENT_POLL_SECONDS + 0.05)
+    assert len(feed.timeouts) == 2
     storage.done.add("000000")
     storage.failed.add("000001")
     assert scheduler.step().finished
@@ -295,12 +298,19 @@ def test_wait_reads_events_until_the_interval_ends_while_items_are_left():
     scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=2)
     scheduler.step()
     started = clock.now
-    pubsub.drain_events = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}]])
 
-    scheduler.wait(2.0, sleep=lambda seconds: pytest.fail("slept instead of reading events"))
+    feed = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}]] + [[]] * 40)
+    pubsub.drain_events = feed
+
+    def sleep(seconds):
+        clock.now += seconds
+
+    scheduler.wait(2.0, sleep=sleep)
 
     assert clock.now - started == pytest.approx(2.0)
     assert scheduler.done_ids == {"000000"}
+    # Pulls that come back at once do not spin: at most one per EVENT_POLL_SECONDS.
+    assert len(feed.timeouts) <= 2.0 / EVENT_POLL_SECONDS + 1
 
 
 def test_wait_sleeps_out_the_interval_when_events_cannot_be_read():

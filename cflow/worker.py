@@ -262,10 +262,11 @@ class Worker:
         Returns the outcome: "done", "duplicate" (already done or this attempt
         already recorded; acked without running), "retry", "failed",
         "interrupted" (handed back: shutdown or preemption; no attempt used),
-        "stopping" (not started: the VM is going down) or "malformed".
+        "stopping" (not started: the VM is going down), "malformed", or
+        "handed back" (the result could not be recorded).
         """
         ended = self._run_item(received)
-        return self._record(ended) if isinstance(ended, _EndedTask) else ended
+        return self._record_or_hand_back(ended) if isinstance(ended, _EndedTask) else ended
 
     def _run_item(self, received):
         """Run one pulled item's task. Returns an outcome (see ``process``) or, when the
@@ -360,8 +361,9 @@ class Worker:
         thread.start()
 
     def _record_or_hand_back(self, ended):
+        """Record the result; if that fails, hand the item back. Returns the outcome."""
         try:
-            self._record(ended)
+            return self._record(ended)
         except Exception:
             log.exception("recording the result of %s failed; handing it back", ended.item.id)
             with self.work_dir.handback_lock():
@@ -371,6 +373,7 @@ class Worker:
                                       settling=True)
             # Also when it was already taken out of settling; a second nack is harmless.
             self._nack(ended.ack_id, ended.item.id)
+            return "handed back"
 
     def _wait_for_recording(self):
         """Wait until the result being recorded in the background (if any) is recorded or handed back."""

@@ -666,3 +666,19 @@ def test_exit_watch_reports_a_running_task_then_its_exit_status(monkeypatch, has
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_process_hands_back_an_item_whose_result_cannot_be_recorded(work_dir, tmp_path):
+    command = write_task(work_dir, TWO_SPEED_TASK)
+    worker, pubsub, storage = make_worker(work_dir, command)
+
+    def unreachable(item_id, info):
+        raise ConnectionError("storage unreachable")
+
+    storage.write_done_marker = unreachable
+    item = tasks.WorkItem(id="000039", index=39, args=(str(tmp_path / "runs.txt"),))
+
+    assert worker.process(received(item, 1, ack_id="ack-39")) == "handed back"
+    assert ("nack", "ack-39") in pubsub.calls and ("ack", ("ack-39",)) not in pubsub.calls
+    # Nothing left for the shutdown hook to wait for.
+    assert not work_dir.settling.exists() and not work_dir.inflight.exists()

@@ -8,10 +8,12 @@ The storage is reached through two functions passed in, so this module needs
 no cloud and is tested with plain dicts.
 """
 
+import collections
 import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cflow.tasks import validate_output_name
@@ -19,6 +21,11 @@ from cflow.tasks import validate_output_name
 logger = logging.getLogger(__name__)
 
 COPY_CHUNK_BYTES = 1 << 20
+# Reads in flight at once. Each is one Cloud Storage GET: at ~20-50 ms each,
+# 100,000 items read one after another take about an hour, 8 at a time a few
+# minutes. Memory holds at most this many items' copies of a file. Kept under
+# the storage client's pool of 10 connections, so none is opened and dropped.
+PARALLEL_READS = 8
 
 
 def _first_line(data):
@@ -119,12 +126,28 @@ def _copy_bytes(source, target, count):
         count -= len(chunk)
 
 
-def combine_concat(item_ids, list_output_names, read_output, dest_dir):
+def _in_order(pool, function, arguments, window):
+    """``function(argument)`` for each argument, run in ``pool``, yielded in argument order.
+
+    At most ``window`` calls are running or finished but not yet taken, so
+    the results held at once stay bounded however many arguments there are.
+    """
+    pending = collections.deque()
+    for argument in arguments:
+        pending.append(pool.submit(function, argument))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def combine_concat(item_ids, list_output_names, read_output, dest_dir, parallel=PARALLEL_READS):
     """Concatenate each output file name across items into ``dest_dir``.
 
     For every file name any item produced, ``dest_dir/NAME`` becomes that
-    file from each item that has it, in item order. Items are read one at a
-    time, so memory holds one item's file, not the whole result.
+    file from each item that has it, in item order. Up to ``parallel``
+    items are listed or read at once and written in item order, so memory
+    holds at most that many items' copies of a file, not the whole result.
 
     CSV (names ending ``.csv``): when the first lines of all the non-empty
     copies are identical, that header appears once at the top; when they
@@ -138,6 +161,8 @@ def combine_concat(item_ids, list_output_names, read_output, dest_dir):
         read_output: ``read_output(item_id, name) -> bytes``.
         dest_dir: folder for the result (created if missing). Each file is
             written under a temporary name and renamed when complete.
+        parallel: calls of the two functions in flight at once (from
+            threads: they must be safe to call concurrently).
     Returns:
         ``{name: Path}`` of the files written, in name order.
     Raises:
@@ -146,30 +171,36 @@ def combine_concat(item_ids, list_output_names, read_output, dest_dir):
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    items_by_name = {}
-    for item_id in item_ids:
-        for name in list_output_names(item_id):
-            validate_output_name(name)
-            holders = items_by_name.setdefault(name, [])
-            if not holders or holders[-1] != item_id:
-                holders.append(item_id)
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="combine")
+    try:
+        items_by_name = {}
+        item_ids = list(item_ids)
+        for item_id, names in zip(item_ids, _in_order(pool, list_output_names, item_ids, parallel)):
+            for name in names:
+                validate_output_name(name)
+                holders = items_by_name.setdefault(name, [])
+                if not holders or holders[-1] != item_id:
+                    holders.append(item_id)
 
-    written = {}
-    for name in sorted(items_by_name):
-        final_path = dest_dir / name
-        file_handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=".cflow-combine-")
-        os.close(file_handle)
-        concat = _ConcatFile(Path(temporary), is_csv=name.lower().endswith(".csv"))
-        try:
+        written = {}
+        for name in sorted(items_by_name):
+            final_path = dest_dir / name
+            file_handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=".cflow-combine-")
+            os.close(file_handle)
+            concat = _ConcatFile(Path(temporary), is_csv=name.lower().endswith(".csv"))
             try:
-                for item_id in items_by_name[name]:
-                    concat.append(read_output(item_id, name))
-            finally:
-                concat.close()
-            os.replace(temporary, final_path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        logger.debug("combined %s from %d items", name, len(items_by_name[name]))
-        written[name] = final_path
-    return written
+                try:
+                    for data in _in_order(pool, lambda item_id: read_output(item_id, name), items_by_name[name], parallel):
+                        concat.append(data)
+                finally:
+                    concat.close()
+                os.replace(temporary, final_path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+            logger.debug("combined %s from %d items", name, len(items_by_name[name]))
+            written[name] = final_path
+        return written
+    finally:
+        # On an error, reads not yet started are dropped rather than waited for.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -13,6 +13,7 @@ import os
 import secrets
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
@@ -273,13 +274,17 @@ def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
     from cflow.combine import combine_concat
 
     combined = {}
-    if config.combine == "concat":
-        done_in_order = [item.id for item in scheduler.items if item.id in scheduler.done_ids]
-        dest = Path(config.result_dir) / run_id
-        combined = combine_concat(done_in_order, storage.recorded_output_names, storage.read_output, dest)
-        for name, path in combined.items():
-            storage.upload_combined(name, path)
-    left = scheduler.delete_fleet()
+    # The VMs have no work left and bill until they are gone: delete them while combining.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-fleet") as deleter:
+        fleet_deleted = deleter.submit(scheduler.delete_fleet)
+        if config.combine == "concat":
+            done_in_order = [item.id for item in scheduler.items if item.id in scheduler.done_ids]
+            dest = Path(config.result_dir) / run_id
+            print(f"combining the outputs of {len(done_in_order)} item(s) into {dest}", file=out, flush=True)
+            combined = combine_concat(done_in_order, storage.recorded_output_names, storage.read_output, dest)
+            for name, path in combined.items():
+                storage.upload_combined(name, path)
+        left = fleet_deleted.result()
     pubsub.delete_run_topics(topics)
     progress = scheduler.progress
     print_summary(config, run_id, scheduler, storage, combined, time.monotonic() - started, left, out)

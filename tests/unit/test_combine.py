@@ -1,6 +1,7 @@
 """cflow.combine.combine_concat against in-memory outputs."""
 
 import io
+import threading
 
 import pytest
 
@@ -101,22 +102,40 @@ def test_only_csv_names_get_header_handling(tmp_path):
     assert result == {"U.CSV": b"h\n1\n2\n", "t.tsv": b"h\n1\nh\n2\n"}
 
 
-def test_reads_one_item_at_a_time(tmp_path):
-    """Each copy is on disk before the next is requested, so memory holds one copy."""
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_memory_holds_at_most_parallel_copies(tmp_path, parallel):
+    """Item k's copy is read only once all but the last ``parallel - 1`` copies before it are on disk."""
     copy_size = 256 * 1024
-    on_disk_before_read = []
+    on_disk_before_read = {}
     dest = tmp_path / "out"
 
     def read_output(item_id, name):
         temporaries = [path for path in dest.iterdir() if path.name.startswith(".cflow-combine-")]
-        on_disk_before_read.append(sum(path.stat().st_size for path in temporaries))
+        on_disk_before_read[int(item_id)] = sum(path.stat().st_size for path in temporaries)
         return item_id.encode()[-1:] * (copy_size - 1) + b"\n"
 
-    ids = [f"{index:06d}" for index in range(4)]
-    combine_concat(ids, lambda item_id: ["big.txt"], read_output, dest)
+    ids = [f"{index:06d}" for index in range(8)]
+    combine_concat(ids, lambda item_id: ["big.txt"], read_output, dest, parallel=parallel)
     # Allow for what a write buffer may still hold.
-    assert all(seen >= index * copy_size - io.DEFAULT_BUFFER_SIZE for index, seen in enumerate(on_disk_before_read))
-    assert (dest / "big.txt").stat().st_size == 4 * copy_size
+    for index, seen in on_disk_before_read.items():
+        assert seen >= max(0, index - parallel + 1) * copy_size - io.DEFAULT_BUFFER_SIZE
+    assert (dest / "big.txt").stat().st_size == 8 * copy_size
+
+
+def test_reads_run_in_parallel_and_land_in_item_order(tmp_path):
+    third_read_started = threading.Event()
+
+    def read_output(item_id, name):
+        if item_id == "000000":
+            # The first read finishes only once the third has begun: they overlap.
+            assert third_read_started.wait(10), "reads did not run in parallel"
+        if item_id == "000002":
+            third_read_started.set()
+        return f"{item_id}\n".encode()
+
+    ids = [f"{index:06d}" for index in range(5)]
+    written = combine_concat(ids, lambda item_id: ["r.txt"], read_output, tmp_path, parallel=3)
+    assert written["r.txt"].read_bytes() == b"".join(f"{i}\n".encode() for i in ids)
 
 
 @pytest.mark.parametrize("bad_name", ["../escape.csv", "/abs.csv", "sub/dir.csv", "..", "", "nul\0.csv"])

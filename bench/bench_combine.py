@@ -22,16 +22,13 @@ CPU-bound on 2 cores and parallel reads gain little.
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import banner, bench_stack, use_stack_environment, write_json_result  # noqa: E402
+from common import banner, run_on_bench_stack  # noqa: E402
 
 
 def main(argv=None):
@@ -48,16 +45,9 @@ def main(argv=None):
     parallel = args.parallel or PARALLEL_READS
     banner(f"bench_combine: {args.items} done items, 1 vs {parallel} reads in flight, "
            f"{args.added_latency_ms:g} ms added per GET")
-    temporary = Path(tempfile.mkdtemp(prefix="cflow-bench-combine-"))
-    try:
-        with bench_stack(temporary / "stack") as (info, stack_seconds):
-            print(f"local stack up in {stack_seconds:.2f} s", flush=True)
-            use_stack_environment(info)
-            figures = measure(info, temporary, args.items, parallel, args.added_latency_ms / 1000)
-        write_json_result(args.json, {"bench": "combine", **figures})
-        return 0
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    return run_on_bench_stack(
+        "combine", args.json,
+        lambda info, temporary: measure(info, temporary, args.items, parallel, args.added_latency_ms / 1000))
 
 
 def with_latency(function, seconds):

@@ -31,16 +31,13 @@ Target: median publish -> task start and task end -> done recorded < 50 ms.
 import argparse
 import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import banner, bench_stack, describe, percentile, use_stack_environment, write_json_result  # noqa: E402
+from common import banner, describe, percentile, run_on_bench_stack  # noqa: E402
 
 ZERO_WORK_TASK = r"""#!/bin/bash
 # Zero-work benchmark task: argv ITEM STAMP_FILE [SECONDS to sleep].
@@ -157,16 +154,7 @@ def main(argv=None):
 
     banner(f"bench_dispatch: {args.idle_items} items to an idle worker (publish phase: {args.idle_phase}), "
            f"{args.queued_items} queued ({args.queued_seconds:g} s each)")
-    temporary = Path(tempfile.mkdtemp(prefix="cflow-bench-dispatch-"))
-    try:
-        with bench_stack(temporary / "stack") as (info, stack_seconds):
-            print(f"local stack up in {stack_seconds:.2f} s", flush=True)
-            use_stack_environment(info)
-            figures = measure(info, temporary, args)
-        write_json_result(args.json, {"bench": "dispatch", **figures})
-        return 0
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    return run_on_bench_stack("dispatch", args.json, lambda info, temporary: measure(info, temporary, args))
 
 
 def measure(info, temporary, args):

@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,24 @@ def bench_stack(stack_dir, **compute_options):
         yield info, time.monotonic() - started
     finally:
         stack.down()
+
+
+def run_on_bench_stack(name, json_path, measure):
+    """Run ``measure(info, temporary) -> figures`` on a fresh local stack in a temporary folder.
+
+    The figures are appended to ``json_path`` (if given) as ``{"bench": name, ...}``;
+    the stack is stopped and the folder removed whatever happens. Returns 0.
+    """
+    temporary = Path(tempfile.mkdtemp(prefix=f"cflow-bench-{name}-"))
+    try:
+        with bench_stack(temporary / "stack") as (info, stack_seconds):
+            print(f"local stack up in {stack_seconds:.2f} s", flush=True)
+            use_stack_environment(info)
+            figures = measure(info, temporary)
+        write_json_result(json_path, {"bench": name, **figures})
+        return 0
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def use_stack_environment(info):

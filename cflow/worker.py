@@ -131,12 +131,17 @@ class WorkDir:
         _write_record(self.settling, {**record, "settling": True})
         self.clear_inflight()
 
+    def running_record(self, ack_id):
+        """The in-flight record of the message ``ack_id``, or None (its task ended, or it was handed back)."""
+        return _if_message(self.read_inflight(), ack_id)
+
+    def settling_record(self, ack_id):
+        """The settling record of the message ``ack_id``, or None."""
+        return _if_message(self.read_settling(), ack_id)
+
     def record_of(self, ack_id):
         """The running or settling record of the message ``ack_id``, or None (settled or handed back)."""
-        for record in (self.read_inflight(), self.read_settling()):
-            if record is not None and record.get("ack_id") == ack_id:
-                return record
-        return None
+        return self.running_record(ack_id) or self.settling_record(ack_id)
 
     def is_stopping(self):
         return self.stopping.exists()
@@ -173,6 +178,11 @@ def _read_record(path):
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _if_message(record, ack_id):
+    """``record`` if it is the one of message ``ack_id``, else None."""
+    return record if record is not None and record.get("ack_id") == ack_id else None
 
 
 class Worker:
@@ -313,8 +323,8 @@ class Worker:
             self._wait_for_recording()
             interrupted = handed_back = False
             with self.work_dir.handback_lock():
-                record = self.work_dir.read_inflight()
-                ours = record is not None and record.get("ack_id") == received.ack_id
+                record = self.work_dir.running_record(received.ack_id)
+                ours = record is not None
                 if exit_status != 0 and (self.work_dir.is_stopping() or self.metadata.preempted()):
                     # A task killed by the shutdown is no failed attempt: hand it back.
                     interrupted = True
@@ -346,8 +356,7 @@ class Worker:
                 outcome = self._finish_failed(ended.item, ended.attempt, log_file, ended.ack_id, ended.exit_status,
                                               ended.ending == "timed out", ended.elapsed)
             with self.work_dir.handback_lock():
-                record = self.work_dir.read_settling()
-                if record is not None and record.get("ack_id") == ended.ack_id:
+                if self.work_dir.settling_record(ended.ack_id) is not None:
                     self.work_dir.clear_settling()
             shutil.rmtree(ended.attempt_dir, ignore_errors=True)
             return outcome
@@ -367,8 +376,8 @@ class Worker:
         except Exception:
             log.exception("recording the result of %s failed; handing it back", ended.item.id)
             with self.work_dir.handback_lock():
-                record = self.work_dir.read_settling()
-                if record is not None and record.get("ack_id") == ended.ack_id:
+                record = self.work_dir.settling_record(ended.ack_id)
+                if record is not None:
                     _hand_back_record(self.settings, self.pubsub, self.metadata, self.work_dir, self.vm_name, record,
                                       settling=True)
             # Also when it was already taken out of settling; a second nack is harmless.
@@ -420,8 +429,8 @@ class Worker:
                 log_stream.write(f"cflow: cannot start {command[0]!r}: {error}\n".encode())
                 return 127, "exited"
             with self.work_dir.handback_lock():
-                record = self.work_dir.read_inflight()
-                if record is not None and record.get("ack_id") == ack_id:
+                record = self.work_dir.running_record(ack_id)
+                if record is not None:
                     # So the hook, or a worker restarted after this one is killed, can stop an orphaned task.
                     record.update(task_pgid=process.pid, task_start=_process_start(process.pid), boot_id=_boot_id())
                     self.work_dir.write_inflight(record)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, BenchProject, banner, bench_stack, percentile, use_stack_environment, vm_disk_dirs, write_json_result  # noqa: E402
+from common import REPO, BenchProject, banner, bench_stack, percentile, use_stack_environment, vm_disk_dirs, write_json_result
 
 INIT_STAMP = re.compile(r"cflow init: (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z (starting|package ready)")
 WORKER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO cflow\.worker: worker (\S+) on run ", re.M)
@@ -50,7 +50,7 @@ def vm_timeline(disk_dir):
     except FileNotFoundError:
         return marks
     for stamp, what in INIT_STAMP.findall(init_text):
-        moment = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
+        moment = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.UTC).timestamp()
         marks.setdefault("init start" if what == "starting" else "package ready", moment)
     try:
         worker_text = (home / "worker.log").read_text()

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import banner, run_on_bench_stack  # noqa: E402
+from common import banner, run_on_bench_stack
 
 
 def main(argv=None):

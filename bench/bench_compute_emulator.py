@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, wait_operation  # noqa: E402
+from cflow.local.compute.testing import compute_client, compute_emulator_process, wait_operation
 
 PROJECT = "bench-project"
 ZONE = "us-central1-a"
@@ -40,46 +40,46 @@ def main(argv=None):
     parser.add_argument("--lists", type=int, default=1000)
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="cflow-bench-") as state_dir:
-        with compute_emulator_process("--state-dir", state_dir, shutdown_grace_s=2) as emulator:
-            compute = compute_client(emulator.base_url)
-            # Warm up code paths (and their allocations) before the baseline.
-            for _ in range(20):
-                compute.instances().list(project=PROJECT, zone=ZONE).execute()
-            time.sleep(0.5)
-            baseline_kib = rss_kib(emulator.pid)
+    with tempfile.TemporaryDirectory(prefix="cflow-bench-") as state_dir, \
+            compute_emulator_process("--state-dir", state_dir, shutdown_grace_s=2) as emulator:
+        compute = compute_client(emulator.base_url)
+        # Warm up code paths (and their allocations) before the baseline.
+        for _ in range(20):
+            compute.instances().list(project=PROJECT, zone=ZONE).execute()
+        time.sleep(0.5)
+        baseline_kib = rss_kib(emulator.pid)
 
-            properties = {
-                "machineType": "e2-micro",
-                "disks": [{"boot": True, "initializeParams": {"sourceImage": "projects/debian-cloud/global/images/family/debian-12"}}],
-                "metadata": {"items": [{"key": "startup-script", "value": "sleep 1000"}]},
-                "labels": {"cflow-run": "bench"},
-            }
-            started = time.monotonic()
-            operation = compute.instances().bulkInsert(
-                project=PROJECT, zone=ZONE, body={"count": args.vms, "namePattern": "bench-####", "instanceProperties": properties}
-            ).execute()
-            wait_operation(compute, PROJECT, ZONE, operation, timeout_s=120)
-            while running_count(compute) < args.vms:
-                time.sleep(0.05)
-            boot_s = time.monotonic() - started
+        properties = {
+            "machineType": "e2-micro",
+            "disks": [{"boot": True, "initializeParams": {"sourceImage": "projects/debian-cloud/global/images/family/debian-12"}}],
+            "metadata": {"items": [{"key": "startup-script", "value": "sleep 1000"}]},
+            "labels": {"cflow-run": "bench"},
+        }
+        started = time.monotonic()
+        operation = compute.instances().bulkInsert(
+            project=PROJECT, zone=ZONE, body={"count": args.vms, "namePattern": "bench-####", "instanceProperties": properties}
+        ).execute()
+        wait_operation(compute, PROJECT, ZONE, operation, timeout_s=120)
+        while running_count(compute) < args.vms:
+            time.sleep(0.05)
+        boot_s = time.monotonic() - started
 
-            time.sleep(2)  # idle: startup scripts settled, no request in flight
-            loaded_kib = rss_kib(emulator.pid)
+        time.sleep(2)  # idle: startup scripts settled, no request in flight
+        loaded_kib = rss_kib(emulator.pid)
 
-            # googleapiclient spends ~10 ms building the resource object on each
-            # compute.instances(); build it once, as a busy caller should.
-            instances = compute.instances()
-            started = time.monotonic()
-            for _ in range(args.lists):
-                response = instances.list(project=PROJECT, zone=ZONE).execute()
-            lists_s = time.monotonic() - started
-            assert len(response["items"]) == args.vms
+        # googleapiclient spends ~10 ms building the resource object on each
+        # compute.instances(); build it once, as a busy caller should.
+        instances = compute.instances()
+        started = time.monotonic()
+        for _ in range(args.lists):
+            response = instances.list(project=PROJECT, zone=ZONE).execute()
+        lists_s = time.monotonic() - started
+        assert len(response["items"]) == args.vms
 
-            started = time.monotonic()
-            emulator.process.send_signal(signal.SIGTERM)
-            emulator.process.wait(120)
-            shutdown_s = time.monotonic() - started
+        started = time.monotonic()
+        emulator.process.send_signal(signal.SIGTERM)
+        emulator.process.wait(120)
+        shutdown_s = time.monotonic() - started
 
     per_vm_kib = (loaded_kib - baseline_kib) / args.vms
     print(f"{args.vms} VMs from one bulkInsert RUNNING in {boot_s:.2f} s (target < 20 s)")

@@ -37,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import banner, describe, percentile, run_on_bench_stack  # noqa: E402
+from common import banner, describe, percentile, run_on_bench_stack
 
 ZERO_WORK_TASK = r"""#!/bin/bash
 # Zero-work benchmark task: argv ITEM STAMP_FILE [SECONDS to sleep].
@@ -214,12 +214,12 @@ def measure(info, temporary, args):
             published_at = time.time()
             item_id = publish(number)
             publish_calls.append(time.time() - published_at)
-            start, end = wait_for(lambda: read_stamps(stamps_file).get(item_id), 30, f"task {item_id} to run")
+            start, end = wait_for(lambda: read_stamps(stamps_file).get(item_id), 30, f"task {item_id} to run")  # noqa: B023 (called at once)
             pulled_at = recorder.latest_end_before("pubsub", "pull", start)
             deliveries.append(pulled_at - published_at)
             pulled_to_start.append(start - pulled_at)
-            done_at = wait_for(lambda: recorder.last_end("storage", "write_done_marker", end), 30, f"done marker of {item_id}")
-            acked_at = wait_for(lambda: recorder.last_end("pubsub", "ack", end), 30, f"ack of {item_id}")
+            done_at = wait_for(lambda: recorder.last_end("storage", "write_done_marker", end), 30, f"done marker of {item_id}")  # noqa: B023
+            acked_at = wait_for(lambda: recorder.last_end("pubsub", "ack", end), 30, f"ack of {item_id}")  # noqa: B023
             to_start.append(start - published_at)
             to_done.append(done_at - end)
             to_ack.append(acked_at - end)
@@ -252,11 +252,11 @@ def measure(info, temporary, args):
         stamps = read_stamps(stamps_file)
         runs = sorted(stamps[i] for i in ids)
         gaps, to_done, breakdown = [], [], {}
-        for (start, end), (next_start, _) in zip(runs, runs[1:]):
+        for (_start, end), (next_start, _) in zip(runs, runs[1:]):
             gaps.append(next_start - end)
             for key, seconds in recorder.between(end, next_start).items():
                 breakdown.setdefault(key, []).append(seconds)
-        for start, end in runs:
+        for _start, end in runs:
             done_at = recorder.last_end("storage", "write_done_marker", end)
             if done_at is not None:
                 to_done.append(done_at - end)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, describe, percentile, write_json_result  # noqa: E402
+from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, describe, percentile, write_json_result
 
 
 def ensure_gnu_parallel():
@@ -113,7 +113,7 @@ def main(argv=None):
         stack_dir = temporary / "stack"
         compute_options = {} if args.shutdown_grace is None else {"shutdown_grace": args.shutdown_grace}
         cpu_before = children_cpu_seconds()
-        with bench_stack(stack_dir, **compute_options) as (info, stack_seconds):
+        with bench_stack(stack_dir, **compute_options) as (_info, stack_seconds):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             stamps = temporary / "cflow-stamps.txt"
             project = BenchProject(temporary / "project", SLEEP_TASK, WORKER_NODE_CNT=args.workers, VM_TYPE="e2-small",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchProject, banner, bench_stack, rss_mib, use_stack_environment, write_json_result  # noqa: E402
+from common import BenchProject, banner, bench_stack, rss_mib, use_stack_environment, write_json_result
 
 LIGHT_STARTUP_SCRIPT = "#!/bin/bash\nexec sleep 100000\n"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, describe, write_json_result  # noqa: E402
+from common import SLEEP_TASK, BenchProject, Spans, banner, bench_stack, describe, write_json_result
 
 SEED_EFFICIENCY = 0.45
 
@@ -80,7 +80,7 @@ def main(argv=None):
     try:
         ideal = args.items * args.seconds / args.workers
         stamps = temporary / "stamps.txt"
-        with bench_stack(temporary / "stack") as (info, stack_seconds):
+        with bench_stack(temporary / "stack") as (_info, stack_seconds):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             project = BenchProject(temporary / "project", SLEEP_TASK, WORKER_NODE_CNT=args.workers, VM_TYPE="e2-small",
                                    TASK_TIMEOUT=max(120, int(args.seconds * 10)))

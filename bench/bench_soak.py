@@ -22,12 +22,11 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BenchProject, banner, bench_stack, use_stack_environment, write_json_result  # noqa: E402
+from common import BenchProject, banner, bench_stack, use_stack_environment, write_json_result
 
 # argv: ITEM SECONDS LEDGER. Each line is one write() far below PIPE_BUF, with
 # O_APPEND (>>), so lines from parallel VMs never interleave.

@@ -60,7 +60,7 @@ def machine_summary():
     """One line: date, nproc, memory, load average, Python; printed with every result."""
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"{now}; nproc {os.cpu_count()}; memory {memory_gib:.1f} GiB; load avg {load}; Python {platform.python_version()}"
 
 

@@ -9,6 +9,7 @@ no cloud and is tested with plain dicts.
 """
 
 import collections
+import functools
 import logging
 import os
 import shutil
@@ -126,6 +127,10 @@ def _copy_bytes(source, target, count):
         count -= len(chunk)
 
 
+def _read_named(read_output, name, item_id):
+    return read_output(item_id, name)
+
+
 def _in_order(pool, function, arguments, window):
     """``function(argument)`` for each argument, run in ``pool``, yielded in argument order.
 
@@ -190,7 +195,7 @@ def combine_concat(item_ids, list_output_names, read_output, dest_dir, parallel=
             concat = _ConcatFile(Path(temporary), is_csv=name.lower().endswith(".csv"))
             try:
                 try:
-                    for data in _in_order(pool, lambda item_id: read_output(item_id, name), items_by_name[name], parallel):
+                    for data in _in_order(pool, functools.partial(_read_named, read_output, name), items_by_name[name], parallel):
                         concat.append(data)
                 finally:
                     concat.close()

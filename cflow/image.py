@@ -116,7 +116,7 @@ def build_script(init_script_text):
 
 def default_image_name(family, now=None):
     """``FAMILY-YYYYMMDD-HHMMSS`` (UTC): sortable, and a new name at every build."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     return f"{family}-{now:%Y%m%d-%H%M%S}"
 
 

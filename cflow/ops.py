@@ -304,8 +304,8 @@ class RunView:
 @contextlib.contextmanager
 def storage_errors(bucket_name):
     """Turn Cloud Storage refusals and an unreachable endpoint into one-line CloudErrors."""
-    from google.api_core import exceptions as google_exceptions
     import requests
+    from google.api_core import exceptions as google_exceptions
 
     try:
         yield
@@ -427,7 +427,7 @@ def list_vms(compute, run_id):
 
 def format_duration(seconds):
     """``42 s``, ``3 min 05 s``, ``2 h 03 min``: short and readable."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds < 60:
         return f"{seconds} s"
     minutes, seconds = divmod(seconds, 60)
@@ -747,7 +747,7 @@ def combine_command(args, out=None):
     lines = [f"run {view.run_id}: combined {len(combined)} file(s) from {done_count} done item(s)"]
     if combined:
         width = max(len(str(path)) for path in combined.values())
-        lines.extend(f"  {str(path):<{width}}  {urls[name]}" for name, path in combined.items())
+        lines.extend(f"  {path!s:<{width}}  {urls[name]}" for name, path in combined.items())
     else:
         lines.append("  the done items have no output files")
     print("\n".join(lines), file=out, flush=True)

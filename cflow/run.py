@@ -53,7 +53,7 @@ def add_parser(subparsers):
 
 def new_run_id(now=None):
     """Short, sortable, and valid in VM names, labels and topic names: MMDD-HHMM-xxxx."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     return f"{now:%m%d-%H%M}-{secrets.token_hex(2)}"
 
 

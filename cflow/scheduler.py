@@ -251,11 +251,10 @@ class Scheduler:
             if kind == "started":
                 self.item_by_vm[vm] = event.get("item")
                 self.idle_vms.discard(vm)
-            elif kind in ("done", "failed", "retry", "duplicate", "preempted", "interrupted"):
-                # A worker records one result while its next task runs, so "started"
-                # for the next item can come first: only that item's end frees the VM.
-                if self.item_by_vm.get(vm) == event.get("item"):
-                    del self.item_by_vm[vm]
+            # A worker records one result while its next task runs, so "started"
+            # for the next item can come first: only that item's end frees the VM.
+            elif kind in ("done", "failed", "retry", "duplicate", "preempted", "interrupted") and self.item_by_vm.get(vm) == event.get("item"):
+                del self.item_by_vm[vm]
             item_id = event.get("item")
             if kind == "done" and item_id in self.item_ids:
                 self.done_ids.add(item_id)

@@ -84,8 +84,8 @@ def parse_tasks_text(text, source="tasks file"):
             backslash) or holds a NUL; the message names source and line.
     """
     items = []
-    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
-        line = line.removesuffix("\r")
+    for lineno, raw_line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = raw_line.removesuffix("\r")
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue

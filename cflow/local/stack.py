@@ -16,6 +16,7 @@ objects), ``compute/`` (the Compute emulator's state).
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -361,7 +362,7 @@ def _launch_with_port_retry(name, build_argv, log_path, ready_url, deadline_s, e
         port = free_loopback_port()
         service, process = launch_background(name, build_argv(port), log_path, f"127.0.0.1:{port}", env)
         try:
-            wait_until_ready(service, lambda: _http_ok(ready_url(port)), deadline_s, clock, sleep)
+            wait_until_ready(service, functools.partial(_http_ok, ready_url(port)), deadline_s, clock, sleep)
             return service, process
         except StackError:
             in_use = "in use" in _log_tail(service, lines=20).lower()
@@ -477,9 +478,7 @@ def launch_compute_emulator(state_dir, log_path, pubsub_host, storage_url, optio
         StackError: the emulator is missing or did not start.
     """
     _require_compute_emulator()
-    argv = [sys.executable, "-m", "cflow", "emulator", "compute", "--host", "127.0.0.1", "--port", "0",
-            "--state-dir", str(state_dir), "--pubsub-emulator-host", pubsub_host,
-            "--storage-emulator-host", storage_url] + options.to_argv()
+    argv = [sys.executable, "-m", "cflow", "emulator", "compute", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir), "--pubsub-emulator-host", pubsub_host, "--storage-emulator-host", storage_url, *options.to_argv()]
     env = dict(os.environ)
     # Its readiness line must reach the log file at once, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from tests.chaos.conftest import assert_each_item_once, is_done, item_ids, run_id_of, stopped_on_exit, wait_for, wait_for_exit
-from tests.e2e.conftest import REPO
 
 pytestmark = pytest.mark.stack
 
@@ -47,7 +46,7 @@ def test_sigkilled_scheduler_resumes_from_cloud_storage(project, clients):
     run_id, done_at_kill, killed_at = kill_scheduler_midway(project, clients)
     assert len(done_at_kill) < ITEMS
 
-    status, out, err = project.run("--resume", run_id)
+    status, _out, err = project.run("--resume", run_id)
 
     assert status == 0, err
     assert f"{ITEMS} done, 0 failed" in err
@@ -64,7 +63,7 @@ def test_resume_after_pubsub_lost_every_message_republishes_what_is_unfinished(p
     topics = RunTopics.from_dict(clients.run_storage(run_id).read_manifest()["topics"])
     clients.pubsub().delete_run_topics(topics)
 
-    status, out, err = project.run("--resume", run_id)
+    status, _out, err = project.run("--resume", run_id)
 
     assert status == 0, err
     assert "published" in err  # the unfinished items went out again
@@ -93,7 +92,7 @@ def test_cflow_cancel_stops_a_running_scheduler_cleanly(project, clients):
         assert cancel.returncode == 0, cancel.stderr
         status = wait_for_exit(scheduler, 60)
 
-    out, err = project.output()
+    _out, err = project.output()
     assert status == 1
     assert "Traceback" not in err
     assert f"error: run {run_id} was cancelled" in err.splitlines()[-1]
@@ -118,7 +117,7 @@ def test_ctrl_c_with_yes_cancels_the_run_and_exits_130(project, clients):
         os.kill(scheduler.pid, signal.SIGINT)
         status = wait_for_exit(scheduler, 90)
 
-    out, err = project.output()
+    _out, err = project.output()
     assert status == 130, err
     assert f"run {run_id} cancelled: VMs, topics and subscriptions deleted" in err
     assert "Traceback" not in err

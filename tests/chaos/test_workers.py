@@ -73,7 +73,7 @@ def test_item_already_done_and_delivered_again_is_acked_without_running(project,
         project.release()
         status = wait_for_exit(scheduler, 120)
 
-    out, err = project.output()
+    _out, err = project.output()
     assert status == 0, err
     assert_each_item_once(project, run_id, item_ids(3))
     assert len(project.starts("000000")) == 1

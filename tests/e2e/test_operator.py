@@ -1,7 +1,6 @@
 """What a user sees from scheduler.py beyond a plain run: dry run, setup errors."""
 
 import json
-import os
 import subprocess
 import sys
 

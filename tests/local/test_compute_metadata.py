@@ -108,7 +108,7 @@ def test_wait_for_change_returns_the_new_value_when_metadata_changes(compute, vm
 
 def test_wait_for_change_times_out_with_the_unchanged_value(vm):
     started = time.monotonic()
-    status, headers, body = fetch(vm["host"], "instance/preempted?wait_for_change=true&timeout_sec=1")
+    status, _headers, body = fetch(vm["host"], "instance/preempted?wait_for_change=true&timeout_sec=1")
     assert (status, body) == (200, "FALSE")
     assert 0.9 <= time.monotonic() - started < 5
     # An old etag answers at once with the current value.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cflow.image import BuildRequest, ImageBuildError, ImageBuilder, build_script
+from cflow.image import BuildRequest, ImageBuilder, ImageBuildError, build_script
 from tests.e2e.conftest import REPO, Project, run_id_of
 
 IMAGE_BUILD_ROLE = "labels.cflow-role = image-build"

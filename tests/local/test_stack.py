@@ -261,7 +261,7 @@ def test_a_compute_emulator_that_fails_to_start_leaves_nothing_running(tmp_path)
 def test_a_service_that_dies_while_starting_names_its_log(tmp_path):
     log = tmp_path / "dying.log"
     service, process = launch_background("dying service", ["sh", "-c", "echo cannot bind; exit 3"], log, "")
-    with pytest.raises(StackError, match="dying.log.*cannot bind"):
+    with pytest.raises(StackError, match=r"dying\.log.*cannot bind"):
         wait_until_ready(service, lambda: False, deadline_s=30)
     assert process.wait(timeout=5) == 3
 
@@ -269,7 +269,7 @@ def test_a_service_that_dies_while_starting_names_its_log(tmp_path):
 def test_a_service_that_never_answers_times_out_naming_its_log(tmp_path):
     service, process = launch_background("silent service", ["sleep", "30"], tmp_path / "silent.log", "")
     try:
-        with pytest.raises(StackError, match="did not answer within .*silent.log"):
+        with pytest.raises(StackError, match=r"did not answer within .*silent\.log"):
             wait_until_ready(service, lambda: False, deadline_s=0.3)
     finally:
         stop_service(service)

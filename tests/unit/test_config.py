@@ -1,7 +1,6 @@
 """cflow.config: const.py -> Config, defaults, overrides, and every validation error."""
 
 import json
-import os
 import shutil
 import textwrap
 from pathlib import Path

@@ -26,7 +26,7 @@ def test_terminal_gets_one_redrawn_bar_line():
 def test_pipe_gets_plain_lines_at_most_every_ten_seconds_and_the_last():
     out = io.StringIO()
     reporter = ProgressReporter(out)
-    for second in range(0, 25):
+    for second in range(25):
         reporter.show(Progress(total=5, done=min(5, second // 5)), float(second))
     reporter.show(Progress(total=5, done=5), 25.5)
     lines = out.getvalue().splitlines()

@@ -51,7 +51,7 @@ def test_steady_fleet_makes_no_create_or_delete_calls():
 
 
 def test_preempted_vm_is_deleted_and_replaced_under_a_new_name():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler, compute, pubsub, _storage, _clock = make_scheduler(workers=2)
     scheduler.step()
     compute.set_status(f"w-{RUN}-0001", "TERMINATED", "Instance was preempted.")
     pubsub.pending_events.append({"type": "preempted", "vm": f"w-{RUN}-0001", "item": "000003"})
@@ -63,7 +63,7 @@ def test_preempted_vm_is_deleted_and_replaced_under_a_new_name():
 
 
 def test_stockout_moves_creation_to_the_next_zone():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
     compute.stockout_zones.add("us-central1-a")
     scheduler.step()  # asks us-central1-a
     scheduler.step()  # sees the stockout; asks us-central1-b
@@ -73,7 +73,7 @@ def test_stockout_moves_creation_to_the_next_zone():
 
 
 def test_quota_refusal_is_retried_later_at_a_smaller_size(caplog):
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=4)
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(workers=4)
     compute.quota_left = 2
     scheduler.step()
     scheduler.step()  # within the cooldown: no new attempt
@@ -85,7 +85,7 @@ def test_quota_refusal_is_retried_later_at_a_smaller_size(caplog):
 
 
 def test_done_markers_finish_the_run_and_delete_the_fleet():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=3)
+    scheduler, compute, _pubsub, storage, clock = make_scheduler(item_count=3, workers=3)
     scheduler.step()
     storage.done.update(item.id for item in scheduler.items)  # markers whose events were lost
     clock.now += 31  # the periodic listing finds them
@@ -95,7 +95,7 @@ def test_done_markers_finish_the_run_and_delete_the_fleet():
 
 
 def test_done_events_keep_counts_without_listing_markers_every_step():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=5, workers=2)
+    scheduler, _compute, pubsub, storage, clock = make_scheduler(item_count=5, workers=2)
     scheduler.step()
     listings = storage.listings
     for item in scheduler.items[:2]:
@@ -120,7 +120,7 @@ def test_finish_is_confirmed_from_the_markers_not_only_events():
 
 
 def test_idle_vms_are_deleted_once_queue_is_drained():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4, workers=4)
+    scheduler, compute, pubsub, storage, _clock = make_scheduler(item_count=4, workers=4)
     scheduler.step()
     names = sorted(compute.vms)
     storage.done.update(item.id for item in scheduler.items[:3])
@@ -137,7 +137,7 @@ def test_idle_vms_are_deleted_once_queue_is_drained():
 
 
 def test_a_vm_whose_next_item_started_before_its_last_result_is_still_busy():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
+    scheduler, compute, pubsub, storage, _clock = make_scheduler(item_count=2, workers=2)
     scheduler.step()
     names = sorted(compute.vms)
     storage.done.add("000000")
@@ -154,7 +154,7 @@ def test_a_vm_whose_next_item_started_before_its_last_result_is_still_busy():
 
 
 def test_dead_lettered_item_is_recorded_failed():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2)
+    scheduler, _compute, pubsub, storage, _clock = make_scheduler(item_count=2)
     pubsub.dead.append(received(scheduler.items[1], 1, ack_id="dead-1"))
     progress = scheduler.step()
     assert storage.failed == {scheduler.items[1].id}
@@ -163,7 +163,7 @@ def test_dead_lettered_item_is_recorded_failed():
 
 
 def test_unfinished_items_skip_done_and_failed():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4)
+    scheduler, _compute, _pubsub, storage, _clock = make_scheduler(item_count=4)
     storage.done.add(scheduler.items[0].id)
     storage.failed.add(scheduler.items[2].id)
     scheduler.refresh_markers()
@@ -182,7 +182,7 @@ from cflow.scheduler import RunCancelled  # noqa: E402
 
 
 def test_cancelled_run_stops_the_step_before_anything_is_created():
-    scheduler, compute, pubsub, storage, clock = make_scheduler()
+    scheduler, compute, _pubsub, storage, _clock = make_scheduler()
     storage.documents["cancelled.json"] = {"time": 1.0}
     with pytest.raises(RunCancelled, match=f"run {RUN} was cancelled"):
         scheduler.step()
@@ -190,7 +190,7 @@ def test_cancelled_run_stops_the_step_before_anything_is_created():
 
 
 def test_cancel_landing_mid_step_is_reported_as_cancelled_not_as_a_lost_queue():
-    scheduler, compute, pubsub, storage, clock = make_scheduler()
+    scheduler, _compute, pubsub, storage, _clock = make_scheduler()
 
     def cancelled_meanwhile(subscription, max_messages=1000, timeout=0.5):
         storage.documents["cancelled.json"] = {"time": 1.0}
@@ -203,7 +203,7 @@ def test_cancel_landing_mid_step_is_reported_as_cancelled_not_as_a_lost_queue():
 
 
 def test_lost_queue_is_recreated_and_unfinished_items_published_again():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=4)
+    scheduler, compute, pubsub, storage, _clock = make_scheduler(item_count=4)
     storage.done.add(scheduler.items[0].id)
     storage.failed.add(scheduler.items[1].id)
     pubsub.subscriptions_exist = False
@@ -217,7 +217,7 @@ def test_lost_queue_is_recreated_and_unfinished_items_published_again():
 
 
 def test_every_zone_out_of_capacity_is_reported_once(caplog):
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(workers=2)
     compute.stockout_zones.update({"us-central1-a", "us-central1-b"})
     for _ in range(6):
         scheduler.step()
@@ -231,7 +231,7 @@ def test_every_zone_out_of_capacity_is_reported_once(caplog):
 
 
 def test_stockout_refused_at_once_moves_to_the_next_zone():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
     insert = compute.bulk_insert
 
     def refuse_in_a(zone, names, properties):
@@ -247,7 +247,7 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
 
 
 def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
-    scheduler, compute, pubsub, storage, clock = make_scheduler(workers=2)
+    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
     response = types.SimpleNamespace(status=503, reason="Service Unavailable")
     body = json.dumps({"error": {"message": "Backend error", "errors": [{"reason": "backendError"}]}}).encode()
     compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(HttpError(response, body))
@@ -274,7 +274,7 @@ class EventFeed:
 
 
 def test_wait_returns_as_soon_as_the_events_show_every_item_ended():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
+    scheduler, _compute, pubsub, storage, clock = make_scheduler(item_count=2, workers=2)
     scheduler.step()
     started = clock.now
     feed = EventFeed(clock, [[{"type": "done", "vm": "w-1", "item": "000000"}],
@@ -295,7 +295,7 @@ def test_wait_returns_as_soon_as_the_events_show_every_item_ended():
 
 
 def test_wait_reads_events_until_the_interval_ends_while_items_are_left():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=2)
+    scheduler, _compute, pubsub, _storage, clock = make_scheduler(item_count=3, workers=2)
     scheduler.step()
     started = clock.now
 
@@ -314,7 +314,7 @@ def test_wait_reads_events_until_the_interval_ends_while_items_are_left():
 
 
 def test_wait_sleeps_out_the_interval_when_events_cannot_be_read():
-    scheduler, compute, pubsub, storage, clock = make_scheduler(item_count=3, workers=2)
+    scheduler, _compute, pubsub, _storage, clock = make_scheduler(item_count=3, workers=2)
     scheduler.step()
 
     def gone(subscription, max_messages=1000, timeout=0.5):

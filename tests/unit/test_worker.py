@@ -169,7 +169,7 @@ open(os.path.join(out, "sub", "nested.txt"), "w").write("n")
 open(os.path.join(out, "good.csv"), "w").write("a\\n")
 """
     command = write_task(work_dir, body)
-    worker, pubsub, storage = make_worker(work_dir, command)
+    worker, _pubsub, storage = make_worker(work_dir, command)
 
     assert worker.process(received(tasks.WorkItem(id="000006", index=6, args=()), 1)) == "done"
     assert [k for k in storage.objects if k.startswith("outputs/")] == ["outputs/000006/good.csv"]
@@ -177,7 +177,7 @@ open(os.path.join(out, "good.csv"), "w").write("a\\n")
 
 
 def test_missing_task_program_is_a_failed_attempt(work_dir):
-    worker, pubsub, storage = make_worker(work_dir, [str(work_dir.package / "no-such-program")])
+    worker, _pubsub, storage = make_worker(work_dir, [str(work_dir.package / "no-such-program")])
     assert worker.process(received(tasks.WorkItem(id="000008", index=8, args=()), 1)) == "retry"
     assert b"cannot start" in storage.objects["logs/000008/attempt-1.log"]
 

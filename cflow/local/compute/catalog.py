@@ -234,7 +234,7 @@ class Catalog:
         path = path.strip("/")
         parts = path.split("/")
         if parts[0] == "global":
-            parts = ["projects", request_project] + parts
+            parts = ["projects", request_project, *parts]
         if len(parts) == 5 and parts[0] == "projects" and parts[2:4] == ["global", "images"]:
             return self.image_json(parts[1], parts[4])
         if len(parts) == 6 and parts[0] == "projects" and parts[2:5] == ["global", "images", "family"]:

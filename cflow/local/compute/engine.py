@@ -253,8 +253,8 @@ class ComputeEngine:
     def _create_instance(self, project, zone, spec, name, hostname=None):
         instance_id = self._new_id()
         interfaces = []
-        for interface in spec["network_interfaces"]:
-            interface = dict(interface, networkIP=self._next_address())
+        for requested in spec["network_interfaces"]:
+            interface = dict(requested, networkIP=self._next_address())
             interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
             interfaces.append(interface)
         disks = self._disk_specs(spec, name)
@@ -579,7 +579,7 @@ class ComputeEngine:
 
     def _pattern_names(self, project, zone, pattern_parts, how_many, reserved):
         prefix, digits, suffix = pattern_parts
-        numbered = re.compile(re.escape(prefix) + r"([0-9]{%d})" % digits + re.escape(suffix))
+        numbered = re.compile(re.escape(prefix) + f"([0-9]{{{digits}}})" + re.escape(suffix))
         taken = [name for (owner, where, name) in self.instances if owner == project and where == zone] + list(reserved)
         taken += [name for (owner, where, name) in self.disks if owner == project and where == zone]
         highest = max((int(match.group(1)) for match in map(numbered.fullmatch, taken) if match), default=0)
@@ -829,7 +829,6 @@ class ComputeEngine:
         with self.lock:
             self._operation(project, zone, name)
             del self.operations[(project, zone, name)]
-        return None
 
     def list_operations(self, project, zone, filter_text=None, max_results=None, page_token=None):
         if zone is not None:

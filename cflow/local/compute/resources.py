@@ -17,7 +17,7 @@ STANDARD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 def rfc3339(epoch_s):
     """Formats a wall-clock time as GCE does: milliseconds and an explicit offset."""
-    return datetime.datetime.fromtimestamp(epoch_s, tz=datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(epoch_s, tz=datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def fingerprint(value):
@@ -38,12 +38,42 @@ class Instance:
     """One VM's state. Mutated only under the engine's lock; call ``touch()`` after."""
 
     __slots__ = (
-        "id", "name", "project", "zone", "region", "machine_type", "cpus", "status", "status_message",
-        "description", "labels", "label_fingerprint", "metadata_items", "metadata_fingerprint", "scheduling",
-        "network_interfaces", "disks", "service_accounts", "tags", "hostname", "creation_ts",
-        "last_start_ts", "last_stop_ts", "preempted", "epoch", "guest", "metadata_port",
-        "boot_operations", "stop_operations", "delete_operations", "after_stop", "stop_status_message",
-        "metadata_version", "disk_image", "_json", "_text",
+        "_json",
+        "_text",
+        "after_stop",
+        "boot_operations",
+        "cpus",
+        "creation_ts",
+        "delete_operations",
+        "description",
+        "disk_image",
+        "disks",
+        "epoch",
+        "guest",
+        "hostname",
+        "id",
+        "label_fingerprint",
+        "labels",
+        "last_start_ts",
+        "last_stop_ts",
+        "machine_type",
+        "metadata_fingerprint",
+        "metadata_items",
+        "metadata_port",
+        "metadata_version",
+        "name",
+        "network_interfaces",
+        "preempted",
+        "project",
+        "region",
+        "scheduling",
+        "service_accounts",
+        "status",
+        "status_message",
+        "stop_operations",
+        "stop_status_message",
+        "tags",
+        "zone",
     )  # fmt: skip
 
     def __init__(self, **fields):
@@ -180,8 +210,20 @@ class Disk:
     """
 
     __slots__ = (
-        "id", "name", "project", "zone", "size_gb", "disk_type", "source_image", "source_image_id", "licenses",
-        "directory", "user", "creation_ts", "last_attach_ts", "last_detach_ts",
+        "creation_ts",
+        "directory",
+        "disk_type",
+        "id",
+        "last_attach_ts",
+        "last_detach_ts",
+        "licenses",
+        "name",
+        "project",
+        "size_gb",
+        "source_image",
+        "source_image_id",
+        "user",
+        "zone",
     )  # fmt: skip
 
     def __init__(self, **fields):
@@ -234,9 +276,26 @@ class Operation:
     """One zonal operation, or a global one (``zone`` None). Mutated only under the engine's lock."""
 
     __slots__ = (
-        "id", "name", "project", "zone", "operation_type", "target_link", "target_id", "status", "progress",
-        "insert_ts", "start_ts", "end_ts", "user", "errors", "http_error_code", "http_error_message",
-        "status_message", "remaining", "bulk_status", "sequence",
+        "bulk_status",
+        "end_ts",
+        "errors",
+        "http_error_code",
+        "http_error_message",
+        "id",
+        "insert_ts",
+        "name",
+        "operation_type",
+        "progress",
+        "project",
+        "remaining",
+        "sequence",
+        "start_ts",
+        "status",
+        "status_message",
+        "target_id",
+        "target_link",
+        "user",
+        "zone",
     )  # fmt: skip
 
     def __init__(self, **fields):

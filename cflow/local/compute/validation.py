@@ -231,7 +231,7 @@ def disk_reference(reference, request_project, field):
         path = path.split(marker, 1)[1] if marker in path else ""
     parts = path.strip("/").split("/")
     if parts[0] == "zones":
-        parts = ["projects", request_project] + parts
+        parts = ["projects", request_project, *parts]
     if len(parts) != 6 or parts[0] != "projects" or parts[2] != "zones" or parts[4] != "disks" or not all(parts):
         raise api_errors.invalid_field(field, reference, "The URL is malformed.")
     return parts[1], parts[3], parts[5]

@@ -66,7 +66,7 @@ class Guest:
         shutdown: Popen of the shutdown script while it runs, else None.
     """
 
-    __slots__ = ("marker", "leader", "process_groups", "shutdown", "disk_dir", "environment", "serial_log")
+    __slots__ = ("disk_dir", "environment", "leader", "marker", "process_groups", "serial_log", "shutdown")
 
     def __init__(self, marker, disk_dir, environment, serial_log):
         self.marker = marker
@@ -90,7 +90,7 @@ class ProcessScan:
         group_members: {pgid: number of live (non-zombie) processes}.
     """
 
-    __slots__ = ("marked", "group_members")
+    __slots__ = ("group_members", "marked")
 
     def __init__(self, marked, group_members):
         self.marked = marked
@@ -324,7 +324,7 @@ def _signal_guest(guest, signal_number, marked_pids):
 
 
 class _PowerOffJob:
-    __slots__ = ("guest", "shutdown_script", "grace_s", "on_done", "phase", "deadline", "term_deadline")
+    __slots__ = ("deadline", "grace_s", "guest", "on_done", "phase", "shutdown_script", "term_deadline")
 
     def __init__(self, guest, shutdown_script, grace_s, on_done):
         self.guest = guest

@@ -9,17 +9,9 @@ import hashlib
 import threading
 
 from cflow.local.compute import api_errors
+from cflow.zones import KNOWN_ZONES, region_of
 
 CATALOG_TIMESTAMP = "2016-01-01T00:00:00.000-08:00"
-
-REGION_ZONES = {
-    "us-central1": ("a", "b", "c", "f"),
-    "us-east1": ("b", "c", "d"),
-    "us-west1": ("a", "b", "c"),
-    "europe-west1": ("b", "c", "d"),
-    "europe-west4": ("a", "b", "c"),
-    "asia-east1": ("a", "b", "c"),
-}
 
 
 def _machine_types():
@@ -67,7 +59,7 @@ class Catalog:
 
     def __init__(self, base_url):
         self.base_url = base_url
-        self.zone_region = {f"{region}-{suffix}": region for region, suffixes in REGION_ZONES.items() for suffix in suffixes}
+        self.zone_region = {zone: region_of(zone) for zone in KNOWN_ZONES}
         self.machine_types = _machine_types()
         self._images_lock = threading.Lock()
         self._images = {}  # (project, name) -> image JSON

@@ -1,14 +1,45 @@
-"""const.py -> a validated, frozen ``Config``.
+"""const.py -> a validated, frozen ``Config``; every setting is declared once, here.
 
 ``load_config(path, overrides)`` runs the user's const.py in a fresh namespace
 (it is the user's file, not part of the package), takes its UPPERCASE names,
-applies command-line overrides, checks every field and returns a ``Config``.
+applies command-line overrides, checks every setting and returns a ``Config``.
 Every problem is a ``ConfigError`` whose message is one line naming the file
-and the field, what is wrong and how to fix it.
+and the setting, what is wrong and how to fix it.
+
+Where things live:
+
+- ``Config``: the table of settings. Each setting is one field declared with
+  ``setting(default, help, check)``; the field's order is the order settings
+  are checked in (and the order of the shipped const.py). ``SETTINGS`` (the
+  table as ``Setting`` objects), ``DEFAULTS``, the unknown-name suggestions
+  and ``Config.to_dict()`` all come from these fields.
+- Checks: ``Checker`` runs them and raises the one-line error; generic ones
+  (``_one_of``, ``_positive_int``, ``_boolean``) and one ``_check_*`` function
+  per setting that needs its own; "Checks that read other settings" holds
+  every cross-field rule (e.g. VM_BOOT = "image" needs VM_IMAGE_NAME).
+- Zones: ``cflow.zones`` (shared with the local Compute emulator).
+
+How to add a setting:
+
+1. Add a field to ``Config`` where it belongs among the others::
+
+       max_run_hours: float = setting(24, "hours after which GCE deletes a worker", _check_max_run_hours)
+
+   The field name is the setting's name in lowercase; its type is the type of
+   the checked value. The check is ``check(checker, name, value)``: it returns
+   the value as Config holds it, or calls ``checker.fail(name, problem, fix)``.
+   A check that needs another setting reads its checked value with
+   ``checker.earlier("OTHER")`` (only settings declared above it can be read,
+   so errors come in const.py's order); put it under "Checks that read other
+   settings".
+2. Add the setting to the shipped const.py, with the same default and a
+   comment saying what it means (tests/unit/test_config.py holds the two to
+   each other).
 """
 
+from __future__ import annotations
+
 import dataclasses
-import difflib
 import ipaddress
 import logging
 import math
@@ -16,36 +47,15 @@ import os
 import re
 import shlex
 import types
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple, NoReturn, TypeVar, dataclass_transform
 
 from cflow.errors import ConfigError
 from cflow.local import LOCAL_PROJECT
+from cflow.zones import KNOWN_ZONES
 
 logger = logging.getLogger(__name__)
-
-# The zones CFlow knows; the local Compute emulator serves exactly these. On
-# GCP a well-formed zone missing here is accepted, since Google adds zones.
-KNOWN_ZONES = (
-    "us-central1-a",
-    "us-central1-b",
-    "us-central1-c",
-    "us-central1-f",
-    "us-east1-b",
-    "us-east1-c",
-    "us-east1-d",
-    "us-west1-a",
-    "us-west1-b",
-    "us-west1-c",
-    "europe-west1-b",
-    "europe-west1-c",
-    "europe-west1-d",
-    "europe-west4-a",
-    "europe-west4-b",
-    "europe-west4-c",
-    "asia-east1-a",
-    "asia-east1-b",
-    "asia-east1-c",
-)
 
 TARGETS = ("local", "gcp")
 COMBINE_MODES = ("concat", "none")
@@ -67,46 +77,6 @@ MIN_DISK_GB = 10
 MAX_USER_LABELS = 60
 RESERVED_LABEL_PREFIX = "cflow-"
 
-# The defaults of every setting; the shipped const.py spells out the same values.
-DEFAULTS = {
-    "TARGET": "local",
-    "PROJECT_NAME": None,
-    "BUCKET": None,
-    "TASK_MODULE_CMD": "bash task/task.sh",
-    "TASKS": "tasks.txt",
-    "MAX_ATTEMPTS": 3,
-    "TASK_TIMEOUT": 3600,
-    "COMBINE": "concat",
-    "RESULT_DIR": "output",
-    "WORKER_NODE_CNT": 5,
-    "VM_NAME_PREFIX": "cflow-worker",
-    "VM_TYPE": "e2-standard-2",
-    "VM_ZONE": "us-central1-a",
-    "VM_FALLBACK_ZONES": ["us-central1-b", "us-central1-c", "us-central1-f"],
-    "VM_SPOT": True,
-    "VM_BOOT": "stock",
-    "VM_STOCK_IMAGE": "projects/debian-cloud/global/images/family/debian-12",
-    "VM_IMAGE_NAME": None,
-    "VM_DISK_GB": 10,
-    "VM_COMPUTE_SERVICE_ACCOUNT": "default",
-    "VM_LABELS": {},
-    "TOPIC_NAME": "cflow-topic",
-    "SUBSCRIPTION_NAME": "cflow-sub",
-    "LEASE_SECONDS": 60,
-    "CREDENTIAL_FILE": None,
-    "PRICES": {
-        "e2-micro": {"standard": 0.0084, "spot": 0.0025},
-        "e2-small": {"standard": 0.0168, "spot": 0.0050},
-        "e2-medium": {"standard": 0.0335, "spot": 0.0101},
-        "e2-standard-2": {"standard": 0.067, "spot": 0.020},
-        "e2-standard-4": {"standard": 0.134, "spot": 0.040},
-        "e2-standard-8": {"standard": 0.268, "spot": 0.080},
-        "n2-standard-2": {"standard": 0.097, "spot": 0.029},
-        "n2-standard-4": {"standard": 0.194, "spot": 0.058},
-        "c2-standard-4": {"standard": 0.209, "spot": 0.063},
-    },
-}
-
 GCE_NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 ZONE_RE = re.compile(r"[a-z]+(-[a-z]+)*[0-9]+-[a-z]")
 PROJECT_ID_RE = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
@@ -125,108 +95,10 @@ INLINE_CODE_OPTIONS = {"-c", "-m", "-e", "-E", "--command", "--eval"}
 SCRIPT_SUFFIXES = (".sh", ".bash", ".py", ".r", ".pl", ".rb", ".js", ".jl")
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """One run's validated settings; see const.py for what each field means.
-
-    Paths are absolute. ``tasks`` is the TASKS value normalised: a file path
-    string as written (see ``tasks_file``), a ``gs://`` prefix string, or a
-    tuple of items, each a tuple of argument strings. Mappings are read-only.
-    """
-
-    target: str
-    project_name: str | None
-    bucket: str
-    task_module_cmd: tuple[str, ...]
-    tasks: str | tuple[tuple[str, ...], ...]
-    max_attempts: int
-    task_timeout: float
-    combine: str
-    result_dir: Path
-    worker_node_cnt: int
-    vm_name_prefix: str
-    vm_type: str
-    vm_zone: str
-    vm_fallback_zones: tuple[str, ...]
-    vm_spot: bool
-    vm_boot: str
-    vm_stock_image: str
-    vm_image_name: str | None
-    vm_disk_gb: int
-    vm_compute_service_account: str
-    vm_labels: types.MappingProxyType
-    topic_name: str
-    subscription_name: str
-    lease_seconds: int
-    credential_file: Path | None
-    prices: types.MappingProxyType
-    config_path: Path
-    base_dir: Path
-
-    @property
-    def is_local(self):
-        """True when the run goes to the cloud in a box."""
-        return self.target == "local"
-
-    @property
-    def project(self):
-        """The project the run uses: ``LOCAL_PROJECT`` locally, else PROJECT_NAME."""
-        return LOCAL_PROJECT if self.is_local else self.project_name
-
-    @property
-    def zones(self):
-        """VM_ZONE then the fallback zones, in the order to try them."""
-        return (self.vm_zone, *self.vm_fallback_zones)
-
-    @property
-    def tasks_kind(self):
-        """Where the items come from: ``"file"``, ``"list"`` or ``"gcs"``."""
-        if isinstance(self.tasks, tuple):
-            return "list"
-        return "gcs" if self.tasks.startswith("gs://") else "file"
-
-    @property
-    def tasks_file(self):
-        """The tasks file's absolute path, or None when TASKS is not a file."""
-        return self.base_dir / self.tasks if self.tasks_kind == "file" else None
-
-    @property
-    def tasks_gcs(self):
-        """``(bucket, prefix)`` of a ``gs://`` TASKS, or None for the other kinds."""
-        return split_gcs_url(self.tasks) if self.tasks_kind == "gcs" else None
-
-    def hourly_price(self, vm_type=None, spot=None):
-        """Estimated USD per VM-hour from PRICES.
-
-        Args:
-            vm_type: machine type; defaults to ``vm_type``.
-            spot: Spot price if True; defaults to ``vm_spot``.
-        Returns:
-            The price, or None when PRICES has no entry for the machine type.
-        """
-        entry = self.prices.get(vm_type or self.vm_type)
-        if entry is None:
-            return None
-        return entry["spot" if (self.vm_spot if spot is None else spot) else "standard"]
-
-    def to_dict(self):
-        """The settings as JSON-safe data (str, numbers, bools, None, lists, dicts), for the run's record."""
-        result = {field.name: _json_safe(getattr(self, field.name)) for field in dataclasses.fields(self)}
-        result["project"] = self.project
-        return result
+# ---------------------------------------------------------------- helpers other modules use
 
 
-def _json_safe(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return [_json_safe(element) for element in value]
-    if isinstance(value, (dict, types.MappingProxyType)):
-        return {key: _json_safe(element) for key, element in value.items()}
-    return value
-
-
-def split_gcs_url(url):
+def split_gcs_url(url: str) -> tuple[str, str]:
     """Split ``gs://BUCKET/PREFIX`` into ``(bucket, prefix)``; prefix may be empty.
 
     Raises:
@@ -240,7 +112,7 @@ def split_gcs_url(url):
     return bucket, prefix
 
 
-def bucket_name_problem(name):
+def bucket_name_problem(name: object) -> str | None:
     """Why ``name`` is not a valid Cloud Storage bucket name, or None if it is."""
     if not isinstance(name, str):
         return "must be a string"
@@ -260,20 +132,7 @@ def bucket_name_problem(name):
     return "must not be an IP address"
 
 
-def _short_repr(value, limit=60):
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
-def args_problem(args):
+def args_problem(args: Iterable[object]) -> str | None:
     """Why a work item's argument list cannot reach a process's argv, or None.
 
     argv cannot hold NUL, and Pub/Sub carries the item as UTF-8, which lone
@@ -291,32 +150,103 @@ def args_problem(args):
     return None
 
 
-class _Checker:
-    """Checks the raw settings one field at a time; the first problem raises.
+def project_for(target: str, project_name: str | None) -> str | None:
+    """The project a run uses: ``LOCAL_PROJECT`` for the local target, else PROJECT_NAME."""
+    return LOCAL_PROJECT if target == "local" else project_name
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- the checker
+
+
+class Checker:
+    """Runs every setting's check in declaration order; the first problem raises.
 
     Args:
         label: the settings file as the user named it, for messages.
-        base_dir: the directory of const.py.
-        overridden: names of fields that came from the command line.
+        base_dir: the directory of const.py; relative paths resolve against it.
+        overridden: names of settings that came from the command line.
     """
 
-    def __init__(self, label, base_dir, overridden):
+    def __init__(self, label: str, base_dir: Path, overridden: Collection[str]) -> None:
         self.label = label
         self.base_dir = base_dir
         self.overridden = overridden
+        self._checked: dict[str, Any] = {}
 
-    def fail(self, field, problem, fix):
-        """Raise the one-line ConfigError for ``field``."""
-        where = f"{field} (from the command line)" if field in self.overridden else field
+    def fail(self, name: str, problem: str, fix: str) -> NoReturn:
+        """Raise the one-line error about setting ``name``.
+
+        Args:
+            name: the setting, e.g. ``"VM_ZONE"``.
+            problem: what is wrong, phrased to follow the name ("must be ...").
+            fix: how to fix it; shown in parentheses at the end.
+        Raises:
+            ConfigError: always.
+        """
+        where = f"{name} (from the command line)" if name in self.overridden else name
         raise ConfigError(f"{self.label}: {where} {problem} ({fix})")
 
-    def choice(self, field, value, choices):
+    def earlier(self, name: str) -> Any:
+        """The checked value of a setting declared above the one being checked.
+
+        Raises:
+            LookupError: ``name`` is not checked yet; a check may only read
+                settings declared above its own (a bug in this module).
+        """
+        if name not in self._checked:
+            raise LookupError(f"a setting's check read {name}, which is not declared above it in Config")
+        return self._checked[name]
+
+    def check_all(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Check every setting of ``raw`` (NAME -> value as written).
+
+        Returns:
+            NAME -> the value as ``Config`` holds it, for every setting.
+        Raises:
+            ConfigError: the first setting, in declaration order, that is invalid.
+        """
+        for declared in SETTINGS:
+            self._checked[declared.name] = declared.check(self, declared.name, raw[declared.name])
+        return dict(self._checked)
+
+
+# A setting's check: ``check(checker, name, value)`` returns the value as
+# Config holds it, or calls ``checker.fail``.
+SettingCheck = Callable[[Checker, str, Any], Any]
+
+
+# ---------------------------------------------------------------- generic checks
+
+
+def _one_of(choices: tuple[str, ...]) -> SettingCheck:
+    """A check that the value is one of ``choices``."""
+
+    def check(checker: Checker, name: str, value: Any) -> Any:
         if value not in choices:
             options = " or ".join(repr(choice) for choice in choices)
-            self.fail(field, f"must be {options}, got {_short_repr(value)}", f"set it to {options}")
+            checker.fail(name, f"must be {options}, got {_short_repr(value)}", f"set it to {options}")
         return value
 
-    def positive_int(self, field, value, fix, minimum=1, maximum=None):
+    return check
+
+
+def _positive_int(fix: str, minimum: int = 1, maximum: int | None = None) -> SettingCheck:
+    """A check that the value is an integer from ``minimum`` to ``maximum`` (None: no upper bound)."""
+
+    def check(checker: Checker, name: str, value: Any) -> Any:
         in_range = _is_int(value) and value >= minimum and (maximum is None or value <= maximum)
         if not in_range:
             if maximum is not None:
@@ -325,86 +255,27 @@ class _Checker:
                 wanted = "a positive integer"
             else:
                 wanted = f"an integer of at least {minimum}"
-            self.fail(field, f"must be {wanted}, got {_short_repr(value)}", fix)
+            checker.fail(name, f"must be {wanted}, got {_short_repr(value)}", fix)
         return value
 
-    def boolean(self, field, value, fix):
+    return check
+
+
+def _boolean(fix: str) -> SettingCheck:
+    """A check that the value is True or False."""
+
+    def check(checker: Checker, name: str, value: Any) -> Any:
         if not isinstance(value, bool):
-            self.fail(field, f"must be True or False, got {_short_repr(value)}", fix)
+            checker.fail(name, f"must be True or False, got {_short_repr(value)}", fix)
         return value
 
-    def string(self, field, value, fix):
-        if not isinstance(value, str) or not value:
-            self.fail(field, f"must be a non-empty string, got {_short_repr(value)}", fix)
-        return value
-
-    def zone(self, field, value, target):
-        fix = f"use a zone such as {DEFAULTS['VM_ZONE']!r}"
-        if not isinstance(value, str) or not ZONE_RE.fullmatch(value):
-            self.fail(field, f"must be a Compute Engine zone like 'us-central1-a', got {_short_repr(value)}", fix)
-        if value not in KNOWN_ZONES:
-            if target == "local":
-                close = difflib.get_close_matches(value, KNOWN_ZONES, n=1)
-                suggestion = f"did you mean {close[0]!r}? " if close else ""
-                self.fail(
-                    field,
-                    f"is {value!r}, which the local cloud does not serve",
-                    f"{suggestion}the local cloud serves {', '.join(KNOWN_ZONES)}",
-                )
-            logger.debug("zone %s is not in CFlow's list of known zones; using it as given", value)
-        return value
-
-    def gce_name(self, field, value, max_length, fix):
-        if not isinstance(value, str) or not GCE_NAME_RE.fullmatch(value) or len(value) > max_length:
-            self.fail(
-                field,
-                f"must be lowercase letters, digits and '-', start with a letter, not end with '-', "
-                f"and be at most {max_length} characters, got {_short_repr(value)}",
-                fix,
-            )
-        return value
-
-    def pubsub_prefix(self, field, value):
-        fix = f"use letters, digits and '-', e.g. {DEFAULTS[field]!r}"
-        if (
-            not isinstance(value, str)
-            or not PUBSUB_PREFIX_RE.fullmatch(value)
-            or len(value) > MAX_PUBSUB_PREFIX
-            or value.lower().startswith("goog")
-        ):
-            self.fail(
-                field,
-                f"must start with a letter, hold only letters, digits and -._~%+, not start with 'goog', "
-                f"and be at most {MAX_PUBSUB_PREFIX} characters, got {_short_repr(value)}",
-                fix,
-            )
-        return value
-
-    def bucket(self, field, value, fix):
-        problem = bucket_name_problem(value)
-        if problem:
-            self.fail(field, f"{problem}, got {_short_repr(value)}", fix)
-        return value
-
-    def split_command(self, field, value, fix):
-        if isinstance(value, str):
-            try:
-                argv = shlex.split(value, comments=False, posix=True)
-            except ValueError as error:
-                self.fail(field, f"cannot be split into arguments ({error}): {_short_repr(value)}", fix)
-        elif isinstance(value, (list, tuple)) and all(isinstance(arg, str) for arg in value):
-            argv = list(value)
-        else:
-            self.fail(field, f"must be a string or a list of strings, got {_short_repr(value)}", fix)
-        if not argv:
-            self.fail(field, "is empty", fix)
-        problem = args_problem(argv)
-        if problem:
-            self.fail(field, problem, fix)
-        return tuple(argv)
+    return check
 
 
-def _script_in_command(argv):
+# ---------------------------------------------------------------- checks of one setting
+
+
+def _script_in_command(argv: tuple[str, ...]) -> tuple[str | None, bool]:
     """The script file a command runs, and whether it must be executable.
 
     Returns:
@@ -425,35 +296,49 @@ def _script_in_command(argv):
     return None, False
 
 
-def _check_task_command(checker, argv):
-    field = "TASK_MODULE_CMD"
-    script, must_be_executable = _script_in_command(argv)
-    if script is None:
-        return
-    path = checker.base_dir / script
-    inside_task_dir = os.path.normpath(path).startswith(os.path.normpath(checker.base_dir / TASK_DIR) + os.sep)
-    if not inside_task_dir:
-        checker.fail(
-            field,
-            f"runs {script}, which is outside {TASK_DIR}/, the only folder sent to the workers",
-            f"move the script into {TASK_DIR}/ and point TASK_MODULE_CMD at it",
-        )
-    if not path.is_file():
-        checker.fail(
-            field,
-            f"runs {script}, which does not exist in {checker.base_dir}",
-            f"create {script}, or fix the path (it is relative to the directory of const.py)",
-        )
-    if must_be_executable and not os.access(path, os.X_OK):
-        checker.fail(
-            field,
-            f"runs {script} directly, but it is not executable",
-            f"run `chmod +x {script}`, or start the command with its interpreter, e.g. 'bash {script}'",
-        )
+def _check_task_command(checker: Checker, name: str, value: Any) -> tuple[str, ...]:
+    fix = "set it to the command that runs your task, e.g. 'bash task/task.sh'"
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value, comments=False, posix=True)
+        except ValueError as error:
+            checker.fail(name, f"cannot be split into arguments ({error}): {_short_repr(value)}", fix)
+    elif isinstance(value, (list, tuple)) and all(isinstance(arg, str) for arg in value):
+        argv = list(value)
+    else:
+        checker.fail(name, f"must be a string or a list of strings, got {_short_repr(value)}", fix)
+    if not argv:
+        checker.fail(name, "is empty", fix)
+    problem = args_problem(argv)
+    if problem:
+        checker.fail(name, problem, fix)
+
+    script, must_be_executable = _script_in_command(tuple(argv))
+    if script is not None:
+        path = checker.base_dir / script
+        inside_task_dir = os.path.normpath(path).startswith(os.path.normpath(checker.base_dir / TASK_DIR) + os.sep)
+        if not inside_task_dir:
+            checker.fail(
+                name,
+                f"runs {script}, which is outside {TASK_DIR}/, the only folder sent to the workers",
+                f"move the script into {TASK_DIR}/ and point TASK_MODULE_CMD at it",
+            )
+        if not path.is_file():
+            checker.fail(
+                name,
+                f"runs {script}, which does not exist in {checker.base_dir}",
+                f"create {script}, or fix the path (it is relative to the directory of const.py)",
+            )
+        if must_be_executable and not os.access(path, os.X_OK):
+            checker.fail(
+                name,
+                f"runs {script} directly, but it is not executable",
+                f"run `chmod +x {script}`, or start the command with its interpreter, e.g. 'bash {script}'",
+            )
+    return tuple(argv)
 
 
-def _check_tasks(checker, value):
-    field = "TASKS"
+def _check_tasks(checker: Checker, name: str, value: Any) -> str | tuple[tuple[str, ...], ...]:
     fix = "set TASKS to a tasks file such as 'tasks.txt', a list of items, or 'gs://BUCKET/PREFIX/'"
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -462,23 +347,23 @@ def _check_tasks(checker, value):
             try:
                 bucket, _ = split_gcs_url(value)
             except ValueError:
-                checker.fail(field, f"is a gs:// URL with no bucket: {value!r}", "write it as 'gs://BUCKET/PREFIX/'")
+                checker.fail(name, f"is a gs:// URL with no bucket: {value!r}", "write it as 'gs://BUCKET/PREFIX/'")
             problem = bucket_name_problem(bucket)
             if problem:
-                checker.fail(field, f"names bucket {bucket!r}, which {problem}", "fix the bucket name in the gs:// URL")
+                checker.fail(name, f"names bucket {bucket!r}, which {problem}", "fix the bucket name in the gs:// URL")
             return value
         if not value:
-            checker.fail(field, "is an empty string", fix)
+            checker.fail(name, "is an empty string", fix)
         path = checker.base_dir / value
         if not path.is_file():
             checker.fail(
-                field,
+                name,
                 f"names the tasks file {value}, which does not exist in {checker.base_dir}",
                 "create it (one item per line) or fix the path, which is relative to the directory of const.py",
             )
         return value
     if not isinstance(value, (list, tuple)):
-        checker.fail(field, f"must be a file path, a gs:// prefix or a list of items, got {_short_repr(value)}", fix)
+        checker.fail(name, f"must be a file path, a gs:// prefix or a list of items, got {_short_repr(value)}", fix)
     items = []
     for position, item in enumerate(value):
         where = f"item {position} ({_short_repr(item, 40)})"
@@ -486,205 +371,445 @@ def _check_tasks(checker, value):
             try:
                 args = shlex.split(item, comments=False, posix=True)
             except ValueError as error:
-                checker.fail(field, f"{where} cannot be split into fields: {error}", "balance its quotes")
+                checker.fail(name, f"{where} cannot be split into fields: {error}", "balance its quotes")
         elif isinstance(item, (list, tuple)) and all(isinstance(arg, str) for arg in item):
             args = list(item)
         else:
-            checker.fail(field, f"{where} must be a string or a list of strings", fix)
+            checker.fail(name, f"{where} must be a string or a list of strings", fix)
         problem = args_problem(args)
         if problem:
-            checker.fail(field, f"{where} {problem}", "remove that character")
+            checker.fail(name, f"{where} {problem}", "remove that character")
         items.append(tuple(args))
     return tuple(items)
 
 
-def _check_credential_file(checker, value):
-    field = "CREDENTIAL_FILE"
+def _check_task_timeout(checker: Checker, name: str, value: Any) -> float:
+    if not _is_number(value) or value <= 0:
+        checker.fail(name, f"must be a positive number of seconds, got {_short_repr(value)}", "set it to e.g. 3600")
+    return value
+
+
+def _check_result_dir(checker: Checker, name: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        checker.fail(name, f"must be a folder path, got {_short_repr(value)}", "set it to e.g. 'output'")
+    return checker.base_dir / value
+
+
+def _check_vm_name_prefix(checker: Checker, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not GCE_NAME_RE.fullmatch(value) or len(value) > MAX_VM_NAME_PREFIX:
+        checker.fail(
+            name,
+            f"must be lowercase letters, digits and '-', start with a letter, not end with '-', "
+            f"and be at most {MAX_VM_NAME_PREFIX} characters, got {_short_repr(value)}",
+            f"use e.g. {DEFAULTS[name]!r}",
+        )
+    return value
+
+
+def _check_vm_type(checker: Checker, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not MACHINE_TYPE_RE.fullmatch(value):
+        checker.fail(name, f"must be a machine type like 'e2-standard-2', got {_short_repr(value)}", "pick one from the Compute Engine machine types")
+    return value
+
+
+def _check_stock_image(checker: Checker, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not IMAGE_PATH_RE.fullmatch(value):
+        checker.fail(
+            name,
+            f"must look like 'projects/PROJECT/global/images/family/FAMILY', got {_short_repr(value)}",
+            f"use e.g. {DEFAULTS[name]!r}",
+        )
+    return value
+
+
+def _check_service_account(checker: Checker, name: str, value: Any) -> str:
+    if value != "default" and not (isinstance(value, str) and EMAIL_RE.fullmatch(value)):
+        checker.fail(
+            name,
+            f"must be 'default' or a service account email, got {_short_repr(value)}",
+            "use 'default' or NAME@PROJECT.iam.gserviceaccount.com",
+        )
+    return value
+
+
+def _check_labels(checker: Checker, name: str, value: Any) -> types.MappingProxyType[str, str]:
+    fix = "use lowercase keys and values of letters, digits, '-' and '_', e.g. {'team': 'research'}"
+    if not isinstance(value, dict):
+        checker.fail(name, f"must be a dict, got {_short_repr(value)}", fix)
+    if len(value) > MAX_USER_LABELS:
+        checker.fail(name, f"has {len(value)} labels, more than {MAX_USER_LABELS}", "drop some labels")
+    for key, label_value in value.items():
+        if not isinstance(key, str) or not LABEL_KEY_RE.fullmatch(key):
+            checker.fail(name, f"has an invalid key {_short_repr(key)}", fix)
+        if key.startswith(RESERVED_LABEL_PREFIX):
+            checker.fail(name, f"has key {key!r}; keys starting with {RESERVED_LABEL_PREFIX!r} are CFlow's own", "rename it")
+        if not isinstance(label_value, str) or not LABEL_VALUE_RE.fullmatch(label_value):
+            checker.fail(name, f"has an invalid value {_short_repr(label_value)} for key {key!r}", fix)
+    return types.MappingProxyType(dict(value))
+
+
+def _check_pubsub_prefix(checker: Checker, name: str, value: Any) -> str:
+    if (
+        not isinstance(value, str)
+        or not PUBSUB_PREFIX_RE.fullmatch(value)
+        or len(value) > MAX_PUBSUB_PREFIX
+        or value.lower().startswith("goog")
+    ):
+        checker.fail(
+            name,
+            f"must start with a letter, hold only letters, digits and -._~%+, not start with 'goog', "
+            f"and be at most {MAX_PUBSUB_PREFIX} characters, got {_short_repr(value)}",
+            f"use letters, digits and '-', e.g. {DEFAULTS[name]!r}",
+        )
+    return value
+
+
+def _check_credential_file(checker: Checker, name: str, value: Any) -> Path | None:
     if value is None:
         return None
     fix = f"put the key file in {CREDENTIAL_DIR}/ and set CREDENTIAL_FILE = '{CREDENTIAL_DIR}/KEY.json', or None"
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        checker.fail(field, f"must be None or a path, got {_short_repr(value)}", fix)
+        checker.fail(name, f"must be None or a path, got {_short_repr(value)}", fix)
     path = (checker.base_dir / value).resolve()
     credential_dir = (checker.base_dir / CREDENTIAL_DIR).resolve()
     if not path.is_relative_to(credential_dir) or path == credential_dir:
-        checker.fail(field, f"is {os.fspath(value)}, which is not a file in {CREDENTIAL_DIR}/", fix)
+        checker.fail(name, f"is {os.fspath(value)}, which is not a file in {CREDENTIAL_DIR}/", fix)
     if not path.is_file():
-        checker.fail(field, f"is {os.fspath(value)}, which does not exist", fix)
+        checker.fail(name, f"is {os.fspath(value)}, which does not exist", fix)
     return path
 
 
-def _check_labels(checker, value):
-    field = "VM_LABELS"
-    fix = "use lowercase keys and values of letters, digits, '-' and '_', e.g. {'team': 'research'}"
-    if not isinstance(value, dict):
-        checker.fail(field, f"must be a dict, got {_short_repr(value)}", fix)
-    if len(value) > MAX_USER_LABELS:
-        checker.fail(field, f"has {len(value)} labels, more than {MAX_USER_LABELS}", "drop some labels")
-    for key, label_value in value.items():
-        if not isinstance(key, str) or not LABEL_KEY_RE.fullmatch(key):
-            checker.fail(field, f"has an invalid key {_short_repr(key)}", fix)
-        if key.startswith(RESERVED_LABEL_PREFIX):
-            checker.fail(field, f"has key {key!r}; keys starting with {RESERVED_LABEL_PREFIX!r} are CFlow's own", "rename it")
-        if not isinstance(label_value, str) or not LABEL_VALUE_RE.fullmatch(label_value):
-            checker.fail(field, f"has an invalid value {_short_repr(label_value)} for key {key!r}", fix)
-    return types.MappingProxyType(dict(value))
-
-
-def _check_prices(checker, value):
-    field = "PRICES"
+def _check_prices(checker: Checker, name: str, value: Any) -> types.MappingProxyType[str, types.MappingProxyType[str, float]]:
     fix = "write it as {'e2-standard-2': {'standard': 0.067, 'spot': 0.020}, ...} in USD per hour"
     if not isinstance(value, dict):
-        checker.fail(field, f"must be a dict, got {_short_repr(value)}", fix)
+        checker.fail(name, f"must be a dict, got {_short_repr(value)}", fix)
     prices = {}
     for vm_type, entry in value.items():
         if not isinstance(vm_type, str) or not isinstance(entry, dict) or set(entry) != {"standard", "spot"}:
-            checker.fail(field, f"entry {_short_repr(vm_type)} must map a machine type to {{'standard': X, 'spot': Y}}", fix)
+            checker.fail(name, f"entry {_short_repr(vm_type)} must map a machine type to {{'standard': X, 'spot': Y}}", fix)
         for kind, price in entry.items():
             if not _is_number(price) or price < 0:
-                checker.fail(field, f"entry {vm_type!r} has {kind} price {_short_repr(price)}, not a non-negative number", fix)
+                checker.fail(name, f"entry {vm_type!r} has {kind} price {_short_repr(price)}, not a non-negative number", fix)
         prices[vm_type] = types.MappingProxyType(dict(entry))
     return types.MappingProxyType(prices)
 
 
-def _check_all(checker, raw):
-    """Validate and normalise ``raw`` (FIELD -> value); returns Config keyword arguments."""
-    c = checker
-    target = c.choice("TARGET", raw["TARGET"], TARGETS)
+# ---------------------------------------------------------------- checks that read other settings
+#
+# Every rule that involves more than one setting lives here. Each is the check
+# of the setting its error names and reads the others with checker.earlier(),
+# so it runs, and reports, at that setting's place in const.py's order.
 
-    project_name = raw["PROJECT_NAME"]
-    if target == "gcp":
-        if project_name is None:
-            c.fail("PROJECT_NAME", "is not set, and TARGET is 'gcp'", "set it to your GCP project id, or use TARGET = 'local'")
-        if not isinstance(project_name, str) or not PROJECT_ID_RE.fullmatch(project_name):
-            c.fail(
-                "PROJECT_NAME",
-                f"must be a GCP project id (6-30 lowercase letters, digits and '-'), got {_short_repr(project_name)}",
+
+def _check_project_name(checker: Checker, name: str, value: Any) -> str | None:
+    """PROJECT_NAME: required, and a real project id, when TARGET is 'gcp'."""
+    if checker.earlier("TARGET") == "gcp":
+        if value is None:
+            checker.fail(name, "is not set, and TARGET is 'gcp'", "set it to your GCP project id, or use TARGET = 'local'")
+        if not isinstance(value, str) or not PROJECT_ID_RE.fullmatch(value):
+            checker.fail(
+                name,
+                f"must be a GCP project id (6-30 lowercase letters, digits and '-'), got {_short_repr(value)}",
                 "copy the project id from the Cloud console",
             )
-    elif project_name is not None and not isinstance(project_name, str):
-        c.fail("PROJECT_NAME", f"must be None or a project id string, got {_short_repr(project_name)}", "fix its value")
-    project = LOCAL_PROJECT if target == "local" else project_name
+    elif value is not None and not isinstance(value, str):
+        checker.fail(name, f"must be None or a project id string, got {_short_repr(value)}", "fix its value")
+    return value
 
-    bucket = raw["BUCKET"]
-    bucket = c.bucket("BUCKET", f"{project}-cflow" if bucket is None else bucket, "use a valid bucket name, or None for PROJECT-cflow")
 
-    task_module_cmd = c.split_command(
-        "TASK_MODULE_CMD", raw["TASK_MODULE_CMD"], "set it to the command that runs your task, e.g. 'bash task/task.sh'"
-    )
-    _check_task_command(c, task_module_cmd)
-    tasks = _check_tasks(c, raw["TASKS"])
+def _check_bucket(checker: Checker, name: str, value: Any) -> str:
+    """BUCKET: None stands for PROJECT-cflow, the project following TARGET and PROJECT_NAME."""
+    if value is None:
+        value = f"{project_for(checker.earlier('TARGET'), checker.earlier('PROJECT_NAME'))}-cflow"
+    problem = bucket_name_problem(value)
+    if problem:
+        checker.fail(name, f"{problem}, got {_short_repr(value)}", "use a valid bucket name, or None for PROJECT-cflow")
+    return value
 
-    max_attempts = c.positive_int("MAX_ATTEMPTS", raw["MAX_ATTEMPTS"], "set it to how many failed attempts an item gets, e.g. 3")
-    task_timeout = raw["TASK_TIMEOUT"]
-    if not _is_number(task_timeout) or task_timeout <= 0:
-        c.fail("TASK_TIMEOUT", f"must be a positive number of seconds, got {_short_repr(task_timeout)}", "set it to e.g. 3600")
-    combine = c.choice("COMBINE", raw["COMBINE"], COMBINE_MODES)
-    result_dir = raw["RESULT_DIR"]
-    if not isinstance(result_dir, (str, os.PathLike)) or not os.fspath(result_dir):
-        c.fail("RESULT_DIR", f"must be a folder path, got {_short_repr(result_dir)}", "set it to e.g. 'output'")
 
-    worker_node_cnt = c.positive_int("WORKER_NODE_CNT", raw["WORKER_NODE_CNT"], "set it to the number of worker VMs")
-    vm_name_prefix = c.gce_name(
-        "VM_NAME_PREFIX", raw["VM_NAME_PREFIX"], MAX_VM_NAME_PREFIX, f"use e.g. {DEFAULTS['VM_NAME_PREFIX']!r}"
-    )
-    vm_type = raw["VM_TYPE"]
-    if not isinstance(vm_type, str) or not MACHINE_TYPE_RE.fullmatch(vm_type):
-        c.fail("VM_TYPE", f"must be a machine type like 'e2-standard-2', got {_short_repr(vm_type)}", "pick one from the Compute Engine machine types")
+def _check_one_zone(checker: Checker, name: str, value: Any) -> str:
+    """A zone must be well-formed; a local run accepts only the zones the local cloud serves."""
+    fix = f"use a zone such as {DEFAULTS['VM_ZONE']!r}"
+    if not isinstance(value, str) or not ZONE_RE.fullmatch(value):
+        checker.fail(name, f"must be a Compute Engine zone like 'us-central1-a', got {_short_repr(value)}", fix)
+    if value not in KNOWN_ZONES:
+        if checker.earlier("TARGET") == "local":
+            import difflib  # only on this error path: workers import this module and never need it
 
-    vm_zone = c.zone("VM_ZONE", raw["VM_ZONE"], target)
-    fallback = raw["VM_FALLBACK_ZONES"]
-    if not isinstance(fallback, (list, tuple)):
-        c.fail("VM_FALLBACK_ZONES", f"must be a list of zones, got {_short_repr(fallback)}", "write it as ['us-central1-b', ...] or []")
-    seen = {vm_zone}
-    for zone in fallback:
-        c.zone("VM_FALLBACK_ZONES", zone, target)
+            close = difflib.get_close_matches(value, KNOWN_ZONES, n=1)
+            suggestion = f"did you mean {close[0]!r}? " if close else ""
+            checker.fail(
+                name,
+                f"is {value!r}, which the local cloud does not serve",
+                f"{suggestion}the local cloud serves {', '.join(KNOWN_ZONES)}",
+            )
+        logger.debug("zone %s is not in CFlow's list of known zones; using it as given", value)
+    return value
+
+
+def _check_fallback_zones(checker: Checker, name: str, value: Any) -> tuple[str, ...]:
+    """VM_FALLBACK_ZONES: zones as for VM_ZONE, none listed twice, VM_ZONE included."""
+    if not isinstance(value, (list, tuple)):
+        checker.fail(name, f"must be a list of zones, got {_short_repr(value)}", "write it as ['us-central1-b', ...] or []")
+    seen = {checker.earlier("VM_ZONE")}
+    for zone in value:
+        _check_one_zone(checker, name, zone)
         if zone in seen:
-            c.fail("VM_FALLBACK_ZONES", f"lists {zone!r} twice (VM_ZONE counts too)", "remove the repeat")
+            checker.fail(name, f"lists {zone!r} twice (VM_ZONE counts too)", "remove the repeat")
         seen.add(zone)
+    return tuple(value)
 
-    vm_spot = c.boolean("VM_SPOT", raw["VM_SPOT"], "True for Spot VMs, False for standard VMs")
-    vm_boot = c.choice("VM_BOOT", raw["VM_BOOT"], VM_BOOT_MODES)
-    vm_stock_image = raw["VM_STOCK_IMAGE"]
-    if not isinstance(vm_stock_image, str) or not IMAGE_PATH_RE.fullmatch(vm_stock_image):
-        c.fail(
-            "VM_STOCK_IMAGE",
-            f"must look like 'projects/PROJECT/global/images/family/FAMILY', got {_short_repr(vm_stock_image)}",
-            f"use e.g. {DEFAULTS['VM_STOCK_IMAGE']!r}",
-        )
-    vm_image_name = raw["VM_IMAGE_NAME"]
-    if vm_image_name is not None or vm_boot == "image":
-        image_fix = "set it to your image's name, or 'family/NAME' for the newest image of a family"
-        if vm_image_name is None:
-            c.fail("VM_IMAGE_NAME", "is not set, and VM_BOOT is 'image'", image_fix + ", or use VM_BOOT = 'stock'")
-        if not isinstance(vm_image_name, str) or not (
-            IMAGE_PATH_RE.fullmatch(vm_image_name)
-            or (GCE_NAME_RE.fullmatch(vm_image_name.removeprefix("family/")) and len(vm_image_name.removeprefix("family/")) <= 63)
-        ):
-            c.fail("VM_IMAGE_NAME", f"is not an image name or 'family/NAME': {_short_repr(vm_image_name)}", image_fix)
-    vm_disk_gb = c.positive_int("VM_DISK_GB", raw["VM_DISK_GB"], f"set it to {MIN_DISK_GB} or more", minimum=MIN_DISK_GB)
-    account = raw["VM_COMPUTE_SERVICE_ACCOUNT"]
-    if account != "default" and not (isinstance(account, str) and EMAIL_RE.fullmatch(account)):
-        c.fail(
-            "VM_COMPUTE_SERVICE_ACCOUNT",
-            f"must be 'default' or a service account email, got {_short_repr(account)}",
-            "use 'default' or NAME@PROJECT.iam.gserviceaccount.com",
-        )
-    vm_labels = _check_labels(c, raw["VM_LABELS"])
-    topic_name = c.pubsub_prefix("TOPIC_NAME", raw["TOPIC_NAME"])
-    subscription_name = c.pubsub_prefix("SUBSCRIPTION_NAME", raw["SUBSCRIPTION_NAME"])
-    lease_seconds = c.positive_int(
-        "LEASE_SECONDS",
-        raw["LEASE_SECONDS"],
-        f"Pub/Sub allows {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS}",
-        minimum=MIN_LEASE_SECONDS,
-        maximum=MAX_LEASE_SECONDS,
+
+def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
+    """VM_IMAGE_NAME: required when VM_BOOT is 'image'; when set, an image name or 'family/NAME'."""
+    if value is None and checker.earlier("VM_BOOT") != "image":
+        return None
+    fix = "set it to your image's name, or 'family/NAME' for the newest image of a family"
+    if value is None:
+        checker.fail(name, "is not set, and VM_BOOT is 'image'", fix + ", or use VM_BOOT = 'stock'")
+    if not isinstance(value, str) or not (
+        IMAGE_PATH_RE.fullmatch(value)
+        or (GCE_NAME_RE.fullmatch(value.removeprefix("family/")) and len(value.removeprefix("family/")) <= 63)
+    ):
+        checker.fail(name, f"is not an image name or 'family/NAME': {_short_repr(value)}", fix)
+    return value
+
+
+# ---------------------------------------------------------------- the table of settings
+
+
+class Setting(NamedTuple):
+    """One setting of const.py, as declared by a ``Config`` field.
+
+    A NamedTuple rather than a frozen dataclass only because it is built at
+    import time, which workers pay for too, and costs a fraction to define.
+
+    Attributes:
+        name: the name in const.py, e.g. ``"WORKER_NODE_CNT"``.
+        default: the value when const.py does not set it, as a user would
+            write it; the shipped const.py spells out the same value.
+        help: what the setting means, in one line.
+        check: ``check(checker, name, value)``, which returns the value as
+            ``Config`` holds it or raises through ``checker.fail``.
+    """
+
+    name: str
+    default: Any
+    help: str
+    check: SettingCheck
+
+    @property
+    def attribute(self) -> str:
+        """The ``Config`` attribute the setting fills: its name in lowercase."""
+        return self.name.lower()
+
+
+_SETTING_KEY = "cflow_setting"
+
+
+def setting(default: Any, help: str, check: SettingCheck) -> Any:
+    """Declare a ``Config`` field as a setting of const.py (see the module docstring).
+
+    Args:
+        default: the value when const.py does not set it, as a user would write it.
+        help: what the setting means, in one line.
+        check: ``check(checker, name, value)`` -> the value as Config holds it.
+    Returns:
+        A dataclass field with no dataclass default: ``load_config`` fills every field.
+    """
+    return dataclasses.field(metadata={_SETTING_KEY: (default, help, check)})
+
+
+_ConfigClass = TypeVar("_ConfigClass")
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True, field_specifiers=(setting,))
+def _settings_table(cls: type[_ConfigClass]) -> type[_ConfigClass]:
+    """Make ``cls`` a frozen, keyword-only dataclass whose ``setting()`` fields are the settings.
+
+    A plain ``@dataclass`` would do at run time; ``dataclass_transform`` tells
+    type checkers and linters that ``setting()`` declares a field with no
+    default, rather than being a default value itself.
+    """
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+# ESTIMATE ONLY: rough us-central1 on-demand and Spot USD per VM-hour, the PRICES default.
+DEFAULT_PRICES = {
+    "e2-micro": {"standard": 0.0084, "spot": 0.0025},
+    "e2-small": {"standard": 0.0168, "spot": 0.0050},
+    "e2-medium": {"standard": 0.0335, "spot": 0.0101},
+    "e2-standard-2": {"standard": 0.067, "spot": 0.020},
+    "e2-standard-4": {"standard": 0.134, "spot": 0.040},
+    "e2-standard-8": {"standard": 0.268, "spot": 0.080},
+    "n2-standard-2": {"standard": 0.097, "spot": 0.029},
+    "n2-standard-4": {"standard": 0.194, "spot": 0.058},
+    "c2-standard-4": {"standard": 0.209, "spot": 0.063},
+}
+
+
+@_settings_table
+class Config:
+    """One run's validated settings, and the table that declares every setting.
+
+    Each ``setting(...)`` field is one setting of const.py (see const.py for
+    what each means); the last two fields say where const.py is. Paths are
+    absolute. ``tasks`` is the TASKS value normalised: a file path string as
+    written (see ``tasks_file``), a ``gs://`` prefix string, or a tuple of
+    items, each a tuple of argument strings. Mappings are read-only.
+    """
+
+    # Where to run.
+    target: str = setting("local", "where the run goes: 'local' (the cloud in a box) or 'gcp'", _one_of(TARGETS))
+    project_name: str | None = setting(None, "your GCP project id; required for TARGET = 'gcp', ignored locally", _check_project_name)
+    bucket: str = setting(None, "Cloud Storage bucket for the run's package, outputs, logs and done markers; None: PROJECT-cflow", _check_bucket)
+    # The work.
+    task_module_cmd: tuple[str, ...] = setting(
+        "bash task/task.sh", "the command run once per item, the item's fields appended; its script must be under task/", _check_task_command
     )
-    credential_file = _check_credential_file(c, raw["CREDENTIAL_FILE"])
-    prices = _check_prices(c, raw["PRICES"])
-
-    return dict(
-        target=target,
-        project_name=project_name,
-        bucket=bucket,
-        task_module_cmd=task_module_cmd,
-        tasks=tasks,
-        max_attempts=max_attempts,
-        task_timeout=task_timeout,
-        combine=combine,
-        result_dir=c.base_dir / result_dir,
-        worker_node_cnt=worker_node_cnt,
-        vm_name_prefix=vm_name_prefix,
-        vm_type=vm_type,
-        vm_zone=vm_zone,
-        vm_fallback_zones=tuple(fallback),
-        vm_spot=vm_spot,
-        vm_boot=vm_boot,
-        vm_stock_image=vm_stock_image,
-        vm_image_name=vm_image_name,
-        vm_disk_gb=vm_disk_gb,
-        vm_compute_service_account=account,
-        vm_labels=vm_labels,
-        topic_name=topic_name,
-        subscription_name=subscription_name,
-        lease_seconds=lease_seconds,
-        credential_file=credential_file,
-        prices=prices,
+    tasks: str | tuple[tuple[str, ...], ...] = setting(
+        "tasks.txt", "the work items: a tasks file, a list of items, or 'gs://BUCKET/PREFIX/' (one item per object)", _check_tasks
     )
+    max_attempts: int = setting(
+        3, "failed attempts before an item is recorded as failed; preemptions never count",
+        _positive_int("set it to how many failed attempts an item gets, e.g. 3"),
+    )
+    task_timeout: float = setting(3600, "seconds one attempt may run before it is killed and counts as failed", _check_task_timeout)
+    combine: str = setting("concat", "'concat' joins each output file across items in item order; 'none' keeps outputs per item", _one_of(COMBINE_MODES))
+    result_dir: Path = setting("output", "folder on the controller for the combined result, one subfolder per run", _check_result_dir)
+    # The workers.
+    worker_node_cnt: int = setting(5, "number of worker VMs (fewer when fewer items are left)", _positive_int("set it to the number of worker VMs"))
+    vm_name_prefix: str = setting("cflow-worker", "workers are named PREFIX-RUNID-N", _check_vm_name_prefix)
+    vm_type: str = setting("e2-standard-2", "machine type of each worker", _check_vm_type)
+    vm_zone: str = setting("us-central1-a", "zone of the workers", _check_one_zone)
+    vm_fallback_zones: tuple[str, ...] = setting(
+        ["us-central1-b", "us-central1-c", "us-central1-f"], "zones tried in order when VM_ZONE has no capacity left", _check_fallback_zones
+    )
+    vm_spot: bool = setting(
+        True, "True: Spot VMs (cheaper, may be preempted; nothing is lost); False: standard VMs",
+        _boolean("True for Spot VMs, False for standard VMs"),
+    )
+    vm_boot: str = setting("stock", "'stock' boots VM_STOCK_IMAGE and installs at boot; 'image' boots VM_IMAGE_NAME", _one_of(VM_BOOT_MODES))
+    vm_stock_image: str = setting(
+        "projects/debian-cloud/global/images/family/debian-12", "the public image VM_BOOT = 'stock' boots", _check_stock_image
+    )
+    vm_image_name: str | None = setting(None, "your image for VM_BOOT = 'image': a name in PROJECT_NAME, or 'family/NAME'", _check_image_name)
+    vm_disk_gb: int = setting(
+        10, "boot disk size of each worker, in GB", _positive_int(f"set it to {MIN_DISK_GB} or more", minimum=MIN_DISK_GB)
+    )
+    vm_compute_service_account: str = setting(
+        "default", "service account the workers run as: 'default' or an email address", _check_service_account
+    )
+    vm_labels: types.MappingProxyType[str, str] = setting({}, "extra labels on every worker; keys starting with 'cflow-' are CFlow's own", _check_labels)
+    # Plumbing.
+    topic_name: str = setting("cflow-topic", "name prefix of the run's Pub/Sub topic; the run id is appended", _check_pubsub_prefix)
+    subscription_name: str = setting("cflow-sub", "name prefix of the run's Pub/Sub subscription; the run id is appended", _check_pubsub_prefix)
+    lease_seconds: int = setting(
+        60, "seconds a worker holds an item before Pub/Sub redelivers it elsewhere",
+        _positive_int(f"Pub/Sub allows {MIN_LEASE_SECONDS} to {MAX_LEASE_SECONDS}", minimum=MIN_LEASE_SECONDS, maximum=MAX_LEASE_SECONDS),
+    )
+    credential_file: Path | None = setting(
+        None, "a service-account key in credential/ for the controller only; None: Application Default Credentials", _check_credential_file
+    )
+    prices: types.MappingProxyType[str, types.MappingProxyType[str, float]] = setting(
+        DEFAULT_PRICES, "ESTIMATE ONLY: USD per VM-hour by machine type, {'standard': X, 'spot': Y}, for the cost shown", _check_prices
+    )
+    # Not settings: where const.py is.
+    config_path: Path
+    base_dir: Path
+
+    @property
+    def is_local(self) -> bool:
+        """True when the run goes to the cloud in a box."""
+        return self.target == "local"
+
+    @property
+    def project(self) -> str | None:
+        """The project the run uses: ``LOCAL_PROJECT`` locally, else PROJECT_NAME (never None on GCP)."""
+        return project_for(self.target, self.project_name)
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        """VM_ZONE then the fallback zones, in the order to try them."""
+        return (self.vm_zone, *self.vm_fallback_zones)
+
+    @property
+    def tasks_kind(self) -> str:
+        """Where the items come from: ``"file"``, ``"list"`` or ``"gcs"``."""
+        if isinstance(self.tasks, tuple):
+            return "list"
+        return "gcs" if self.tasks.startswith("gs://") else "file"
+
+    @property
+    def tasks_file(self) -> Path | None:
+        """The tasks file's absolute path, or None when TASKS is not a file."""
+        if isinstance(self.tasks, tuple) or self.tasks.startswith("gs://"):
+            return None
+        return self.base_dir / self.tasks
+
+    @property
+    def tasks_gcs(self) -> tuple[str, str] | None:
+        """``(bucket, prefix)`` of a ``gs://`` TASKS, or None for the other kinds."""
+        if isinstance(self.tasks, tuple) or not self.tasks.startswith("gs://"):
+            return None
+        return split_gcs_url(self.tasks)
+
+    def hourly_price(self, vm_type: str | None = None, spot: bool | None = None) -> float | None:
+        """Estimated USD per VM-hour from PRICES.
+
+        Args:
+            vm_type: machine type; defaults to ``vm_type``.
+            spot: Spot price if True; defaults to ``vm_spot``.
+        Returns:
+            The price, or None when PRICES has no entry for the machine type.
+        """
+        entry = self.prices.get(vm_type or self.vm_type)
+        if entry is None:
+            return None
+        return entry["spot" if (self.vm_spot if spot is None else spot) else "standard"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-safe data (str, numbers, bools, None, lists, dicts), for the run's record."""
+        result = {field.name: _json_safe(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        result["project"] = self.project
+        return result
 
 
-def _unknown_name_error(label, name, from_command_line):
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_safe(element) for element in value]
+    if isinstance(value, (dict, types.MappingProxyType)):
+        return {key: _json_safe(element) for key, element in value.items()}
+    return value
+
+
+# Every setting, in declaration order (the order they are checked in).
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(field.name.upper(), *field.metadata[_SETTING_KEY]) for field in dataclasses.fields(Config) if _SETTING_KEY in field.metadata
+)
+# NAME -> default, for every setting; the shipped const.py spells out the same values.
+DEFAULTS: dict[str, Any] = {declared.name: declared.default for declared in SETTINGS}
+
+
+# ---------------------------------------------------------------- loading const.py
+
+
+def _unknown_name_error(label: str, name: str, from_command_line: bool) -> ConfigError:
+    import difflib  # only on this error path: workers import this module and never need it
+
     suggestion = difflib.get_close_matches(name, list(DEFAULTS), n=1, cutoff=0.6)
     hint = f"did you mean {suggestion[0]}?" if suggestion else f"known settings are listed in {label}"
     where = f"{name} (from the command line)" if from_command_line else name
     return ConfigError(f"{label}: {where} is not a CFlow setting; {hint} (fix the name, or start names of your own helpers with _)")
 
 
-def _one_line(text):
+def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _run_settings_file(path, label):
+def _run_settings_file(path: Path, label: str) -> dict[str, Any]:
     """Run const.py in a fresh namespace and return it; errors become ConfigErrors with a line number."""
     try:
         source = path.read_bytes()
@@ -702,7 +827,7 @@ def _run_settings_file(path, label):
         ) from None
     except ValueError as error:
         raise ConfigError(f"{label}: cannot be compiled: {_one_line(error)} (save it as plain UTF-8 Python)") from None
-    namespace = {"__name__": "cflow_settings", "__file__": str(path)}
+    namespace: dict[str, Any] = {"__name__": "cflow_settings", "__file__": str(path)}
     try:
         exec(code, namespace)
     except Exception as error:
@@ -719,7 +844,7 @@ def _run_settings_file(path, label):
     return namespace
 
 
-def load_config(path, overrides=None):
+def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None) -> Config:
     """Load, check and freeze the settings in const.py.
 
     Args:
@@ -758,5 +883,5 @@ def load_config(path, overrides=None):
         raw[name] = value
         overridden.add(name)
 
-    fields = _check_all(_Checker(label, base_dir, overridden), raw)
-    return Config(config_path=config_path, base_dir=base_dir, **fields)
+    checked = Checker(label, base_dir, overridden).check_all(raw)
+    return Config(config_path=config_path, base_dir=base_dir, **{declared.attribute: checked[declared.name] for declared in SETTINGS})

@@ -1,33 +1,43 @@
 """cflow.config: const.py -> Config, defaults, overrides, and every validation error."""
 
+import ast
+import dataclasses
 import json
 import shutil
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cflow.config import DEFAULTS, KNOWN_ZONES, Config, load_config
+from cflow import zones
+from cflow.config import DEFAULTS, SETTINGS, Config, load_config
 from cflow.errors import CflowError, ConfigError
 from cflow.local import LOCAL_PROJECT
+from cflow.zones import KNOWN_ZONES
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def project(tmp_path):
-    """A user's folder with a runnable task script and a tasks file; returns a writer of const.py."""
-    (tmp_path / "task").mkdir()
-    (tmp_path / "task" / "task.sh").write_text("#!/bin/bash\necho \"$@\"\n")
-    (tmp_path / "tasks.txt").write_text("a.csv\nb.csv\n")
+class Project:
+    """A user's folder (``dir``); calling it writes const.py there and returns its path."""
 
-    def write(body=""):
-        path = tmp_path / "const.py"
+    def __init__(self, folder: Path) -> None:
+        self.dir = folder
+
+    def __call__(self, body: str = "") -> Path:
+        path = self.dir / "const.py"
         path.write_text(textwrap.dedent(body))
         return path
 
-    write.dir = tmp_path
-    return write
+
+@pytest.fixture
+def project(tmp_path):
+    """A user's folder with a runnable task script and a tasks file."""
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "task.sh").write_text("#!/bin/bash\necho \"$@\"\n")
+    (tmp_path / "tasks.txt").write_text("a.csv\nb.csv\n")
+    return Project(tmp_path)
 
 
 def config_error(path, overrides=None):
@@ -68,14 +78,39 @@ def test_empty_const_gives_the_defaults(project):
     assert config.zones[0] == "us-central1-a"
 
 
-def test_shipped_const_py_matches_the_defaults_and_loads(project):
+def test_shipped_const_py_sets_exactly_the_declared_settings_and_defaults(project):
     shutil.copy(REPO / "const.py", project.dir / "const.py")
-    namespace = {}
+    namespace: dict[str, Any] = {}
     exec((REPO / "const.py").read_text(), namespace)
     shipped = {name: value for name, value in namespace.items() if name.isupper()}
+    assert list(shipped) == [setting.name for setting in SETTINGS]  # same names, in the order they are checked
+    assert shipped == {setting.name: setting.default for setting in SETTINGS}
     assert shipped == DEFAULTS
     config = load_config(project.dir / "const.py")
     assert config.hourly_price() == DEFAULTS["PRICES"]["e2-standard-2"]["spot"]
+
+
+def test_shipped_const_py_comments_every_setting():
+    """Each assignment sits in a block of lines (no blank line between) that has a comment."""
+    lines = (REPO / "const.py").read_text().splitlines()
+    for statement in ast.parse("\n".join(lines)).body:
+        assert isinstance(statement, ast.Assign), ast.dump(statement)
+        row = statement.lineno - 1
+        while row > 0 and lines[row - 1].strip() and not lines[row - 1].lstrip().startswith("#"):
+            row -= 1
+        name = statement.targets[0].id if isinstance(statement.targets[0], ast.Name) else "?"
+        assert row > 0 and lines[row - 1].lstrip().startswith("#"), f"{name} in const.py has no comment above it"
+
+
+def test_every_setting_is_declared_once_with_one_line_of_help():
+    names = [setting.name for setting in SETTINGS]
+    assert len(names) == len(set(names))
+    for setting in SETTINGS:
+        assert setting.name.isupper() and setting.attribute == setting.name.lower()
+        assert setting.help.strip() and "\n" not in setting.help, setting.name
+        assert callable(setting.check), setting.name
+    config_fields = [field.name for field in dataclasses.fields(Config)]
+    assert config_fields == [setting.attribute for setting in SETTINGS] + ["config_path", "base_dir"]
 
 
 def test_shipped_tasks_txt_holds_the_125_demo_shards():
@@ -123,12 +158,13 @@ def test_values_in_const_py_are_used(project):
 
 def test_config_is_frozen_and_its_mappings_read_only(project):
     config = load_config(project("VM_LABELS = {'a': 'b'}\n"))
+    # Each write below is one mypy refuses too; the test shows it fails at run time as well.
     with pytest.raises(AttributeError):
-        config.worker_node_cnt = 9
+        config.worker_node_cnt = 9  # type: ignore[misc]
     with pytest.raises(TypeError):
-        config.vm_labels["x"] = "y"
+        config.vm_labels["x"] = "y"  # type: ignore[index]
     with pytest.raises(TypeError):
-        config.prices["e2-micro"]["spot"] = 0
+        config.prices["e2-micro"]["spot"] = 0  # type: ignore[index]
 
 
 def test_overrides_win_and_are_checked(project):
@@ -280,6 +316,31 @@ def test_gcp_accepts_unknown_well_formed_zones_but_local_does_not(project):
     assert "local cloud does not serve" in config_error(project(body), {"TARGET": "local"})
     message = config_error(project("VM_ZONE = 'us-central1-z'\n"))
     assert "did you mean 'us-central1-" in message
+
+
+def test_errors_come_in_the_order_of_const_py(project):
+    message = config_error(project("VM_DISK_GB = 5\nVM_BOOT = 'image'\n"))
+    assert "VM_IMAGE_NAME is not set" in message
+    message = config_error(project("LEASE_SECONDS = 5\nVM_FALLBACK_ZONES = ['us-central1-a']\nVM_ZONE = 'us-central1-q'\n"))
+    assert "VM_ZONE is 'us-central1-q'" in message
+    message = config_error(project("BUCKET = 'ab'\nTARGET = 'gcp'\n"))
+    assert "PROJECT_NAME is not set" in message
+
+
+def test_zone_list_and_regions_come_from_one_place():
+    assert KNOWN_ZONES[:4] == ("us-central1-a", "us-central1-b", "us-central1-c", "us-central1-f")
+    assert len(KNOWN_ZONES) == len(set(KNOWN_ZONES)) == sum(len(letters) for letters in zones.REGION_ZONES.values())
+    assert zones.region_of("europe-west4-c") == "europe-west4"
+    assert zones.region_of("me-west9-z") == "me-west9"  # a zone CFlow does not know has a region too
+    assert all(zone.startswith(zones.region_of(zone) + "-") for zone in KNOWN_ZONES)
+
+
+def test_the_local_compute_emulator_serves_exactly_the_known_zones():
+    from cflow.local.compute.catalog import Catalog
+
+    catalog = Catalog("http://127.0.0.1:1/compute/v1/")
+    assert catalog.zone_names() == sorted(KNOWN_ZONES)
+    assert all(catalog.region_of(zone) == zones.region_of(zone) for zone in KNOWN_ZONES)
 
 
 def test_every_known_zone_is_well_formed_and_usable_locally(project):

@@ -150,7 +150,7 @@ def args_problem(args: Iterable[object]) -> str | None:
     return None
 
 
-def project_for(target: str, project_name: str | None) -> str | None:
+def _project_for(target: str, project_name: str | None) -> str | None:
     """The project a run uses: ``LOCAL_PROJECT`` for the local target, else PROJECT_NAME."""
     return LOCAL_PROJECT if target == "local" else project_name
 
@@ -520,7 +520,7 @@ def _check_project_name(checker: Checker, name: str, value: Any) -> str | None:
 def _check_bucket(checker: Checker, name: str, value: Any) -> str:
     """BUCKET: None stands for PROJECT-cflow, the project following TARGET and PROJECT_NAME."""
     if value is None:
-        value = f"{project_for(checker.earlier('TARGET'), checker.earlier('PROJECT_NAME'))}-cflow"
+        value = f"{_project_for(checker.earlier('TARGET'), checker.earlier('PROJECT_NAME'))}-cflow"
     problem = bucket_name_problem(value)
     if problem:
         checker.fail(name, f"{problem}, got {_short_repr(value)}", "use a valid bucket name, or None for PROJECT-cflow")
@@ -581,8 +581,8 @@ def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
 class Setting(NamedTuple):
     """One setting of const.py, as declared by a ``Config`` field.
 
-    A NamedTuple rather than a frozen dataclass only because it is built at
-    import time, which workers pay for too, and costs a fraction to define.
+    A NamedTuple rather than a frozen dataclass because defining it costs a
+    fraction at import time, which every worker pays too.
 
     Attributes:
         name: the name in const.py, e.g. ``"WORKER_NODE_CNT"``.
@@ -635,7 +635,7 @@ def _settings_table(cls: type[_ConfigClass]) -> type[_ConfigClass]:
 
 
 # ESTIMATE ONLY: rough us-central1 on-demand and Spot USD per VM-hour, the PRICES default.
-DEFAULT_PRICES = {
+_DEFAULT_PRICES = {
     "e2-micro": {"standard": 0.0084, "spot": 0.0025},
     "e2-small": {"standard": 0.0168, "spot": 0.0050},
     "e2-medium": {"standard": 0.0335, "spot": 0.0101},
@@ -712,7 +712,7 @@ class Config:
         None, "a service-account key in credential/ for the controller only; None: Application Default Credentials", _check_credential_file
     )
     prices: types.MappingProxyType[str, types.MappingProxyType[str, float]] = setting(
-        DEFAULT_PRICES, "ESTIMATE ONLY: USD per VM-hour by machine type, {'standard': X, 'spot': Y}, for the cost shown", _check_prices
+        _DEFAULT_PRICES, "ESTIMATE ONLY: USD per VM-hour by machine type, {'standard': X, 'spot': Y}, for the cost shown", _check_prices
     )
     # Not settings: where const.py is.
     config_path: Path
@@ -726,7 +726,7 @@ class Config:
     @property
     def project(self) -> str | None:
         """The project the run uses: ``LOCAL_PROJECT`` locally, else PROJECT_NAME (never None on GCP)."""
-        return project_for(self.target, self.project_name)
+        return _project_for(self.target, self.project_name)
 
     @property
     def zones(self) -> tuple[str, ...]:

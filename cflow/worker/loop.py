@@ -57,6 +57,7 @@ class Worker:
 
     @classmethod
     def from_context(cls, context: WorkerContext) -> Worker:
+        """The worker of a VM whose context the entry point built."""
         return cls(context.settings, context.pubsub, context.storage, context.metadata, context.work_dir, context.vm_name,
                    clock=context.clock, sleep=context.sleep)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Worker VM shutdown hook: hand the in-flight work item back (see cflow/worker.py)."""
+"""Worker VM shutdown hook: hand the in-flight work item back (see cflow/worker/entry.py)."""
 
 import os
 import sys

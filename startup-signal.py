@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Worker VM entry: pull work items and run the task on each (see cflow/worker.py)."""
+"""Worker VM entry: pull work items and run the task on each (see cflow/worker/entry.py)."""
 
 import os
 import sys

@@ -1,11 +1,17 @@
 """What a worker VM is made of: its instance properties for bulkInsert.
 
-The boot script is init.sh (see its header); the shutdown script runs
-shutdown-signal.py from the downloaded package to hand the in-flight item back.
+The boot script is init.sh (see its header). The shutdown script
+(``SHUTDOWN_SCRIPT``, generated with the work directory's file names from
+``cflow.protocol``) marks an idle worker stopping without starting Python, or
+runs shutdown-signal.py from the downloaded package to hand the in-flight item
+back.
 """
 
 from pathlib import Path
+from typing import Any
 
+from cflow import protocol
+from cflow.config import Config
 from cflow.gcp.compute import RUN_LABEL
 
 # Workers need Pub/Sub and their run's objects, nothing else.
@@ -15,37 +21,44 @@ WORKER_SCOPES = (
     "https://www.googleapis.com/auth/logging.write",
 )
 
-SHUTDOWN_SCRIPT = """#!/bin/bash
+
+def _shutdown_script() -> str:
+    """The VM's metadata shutdown-script, with the work directory's file names taken from ``cflow.protocol``."""
+    return f"""#!/bin/bash
 # CFlow: hand the in-flight work item back before this VM goes (see shutdown-signal.py).
-CFLOW_DIR="${HOME:-/root}/cflow"
+CFLOW_DIR="${{HOME:-/root}}/cflow"
 PYTHON=python3
-VENV="${CFLOW_VM_ROOT:-}/opt/cflow/venv"
+VENV="${{CFLOW_VM_ROOT:-}}/opt/cflow/venv"
 if [ -x "$VENV/bin/python3" ]; then PYTHON="$VENV/bin/python3"; fi
 # Nothing running or being recorded: mark the worker stopping under its own
 # hand-back lock and skip starting Python (seconds per VM when a whole fleet is
 # deleted). Any item the worker pulls from now on sees the mark under that lock
 # and is nacked.
-IDLE='[ ! -e "$1/inflight.json" ] && [ ! -e "$1/settling.json" ] && touch "$1/stopping"'
-if command -v flock >/dev/null && [ -d "$CFLOW_DIR" ] && flock "$CFLOW_DIR/handback.lock" sh -c "$IDLE" sh "$CFLOW_DIR"; then
-  echo "$(date -u +%FT%TZ) shutdown: nothing in flight" >>"$CFLOW_DIR/shutdown.log"
+IDLE='[ ! -e "$1/{protocol.INFLIGHT_FILE}" ] && [ ! -e "$1/{protocol.SETTLING_FILE}" ] && touch "$1/{protocol.STOPPING_FLAG}"'
+if command -v flock >/dev/null && [ -d "$CFLOW_DIR" ] && flock "$CFLOW_DIR/{protocol.HANDBACK_LOCK}" sh -c "$IDLE" sh "$CFLOW_DIR"; then
+  echo "$(date -u +%FT%TZ) shutdown: nothing in flight" >>"$CFLOW_DIR/{protocol.SHUTDOWN_LOG}"
   exit 0
 fi
-exec "$PYTHON" "$CFLOW_DIR/package/shutdown-signal.py" >>"$CFLOW_DIR/shutdown.log" 2>&1
+exec "$PYTHON" "$CFLOW_DIR/{protocol.PACKAGE_DIR}/{protocol.SHUTDOWN_ENTRY}" >>"$CFLOW_DIR/{protocol.SHUTDOWN_LOG}" 2>&1
 """
 
 
-def vm_name(config, run_id, number):
+SHUTDOWN_SCRIPT = _shutdown_script()
+
+
+def vm_name(config: Config, run_id: str, number: int) -> str:
+    """The name of the run's worker number ``number``: PREFIX-RUN_ID-0001."""
     return f"{config.vm_name_prefix}-{run_id}-{number:04d}"
 
 
-def vm_number(config, run_id, name):
+def vm_number(config: Config, run_id: str, name: str) -> int | None:
     """The number of a VM named by ``vm_name``, or None for other names."""
     prefix = f"{config.vm_name_prefix}-{run_id}-"
     tail = name[len(prefix):] if name.startswith(prefix) else ""
     return int(tail) if tail.isdigit() else None
 
 
-def boot_image(config):
+def boot_image(config: Config) -> str:
     """The boot disk's ``sourceImage``: a ``projects/...`` path, or the full URL as written in const.py.
 
     VM_IMAGE_NAME "family/NAME" (the newest image of the family) and a plain
@@ -54,12 +67,13 @@ def boot_image(config):
     if config.vm_boot == "stock":
         return config.vm_stock_image
     name = config.vm_image_name
+    assert name is not None, "cflow.config requires VM_IMAGE_NAME when VM_BOOT is 'image'"
     if name.startswith(("projects/", "https://")):
         return name
     return f"projects/{config.project}/global/images/{name}"
 
 
-def worker_instance_properties(config, run_id, package_url, init_script_text):
+def worker_instance_properties(config: Config, run_id: str, package_url: str, init_script_text: str) -> dict[str, Any]:
     """The ``instanceProperties`` of a bulkInsert for this run's workers."""
     if config.vm_spot:
         scheduling = {
@@ -101,5 +115,6 @@ def worker_instance_properties(config, run_id, package_url, init_script_text):
     }
 
 
-def read_init_script(config):
+def read_init_script(config: Config) -> str:
+    """The text of init.sh beside const.py (the workers' startup-script)."""
     return (Path(config.base_dir) / "init.sh").read_text()

@@ -24,6 +24,7 @@ from googleapiclient.errors import HttpError
 from cflow import fleet, tasks
 from cflow.errors import EXIT_ITEMS_FAILED, CflowError
 from cflow.gcp.compute import STOCKOUT_CODES, QuotaExceeded, ZoneStockout, error_message
+from cflow.protocol import ITEM_END_EVENTS, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ class Progress:
     vms: dict = field(default_factory=dict)  # status -> count
     retries: int = 0
     preemptions: int = 0
-    duplicates: int = 0
 
     @property
     def finished(self):
@@ -248,31 +248,31 @@ class Scheduler:
     def _read_events(self, timeout=0.5):
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
-            if kind == "started":
+            if kind == EventKind.STARTED:
                 self.item_by_vm[vm] = event.get("item")
                 self.idle_vms.discard(vm)
             # A worker records one result while its next task runs, so "started"
             # for the next item can come first: only that item's end frees the VM.
-            elif kind in ("done", "failed", "retry", "duplicate", "preempted", "interrupted") and self.item_by_vm.get(vm) == event.get("item"):
+            elif kind in ITEM_END_EVENTS and self.item_by_vm.get(vm) == event.get("item"):
                 del self.item_by_vm[vm]
             item_id = event.get("item")
-            if kind == "done" and item_id in self.item_ids:
+            if kind == EventKind.DONE and item_id in self.item_ids:
                 self.done_ids.add(item_id)
                 self.failed_ids.discard(item_id)
-            elif kind == "failed" and item_id in self.item_ids and item_id not in self.done_ids:
+            elif kind == EventKind.FAILED and item_id in self.item_ids and item_id not in self.done_ids:
                 self.failed_ids.add(item_id)
-            elif kind == "idle":
+            elif kind == EventKind.IDLE:
                 self.idle_vms.add(vm)
-            if kind == "retry":
+            if kind == EventKind.RETRY:
                 self.progress.retries += 1
                 log.info("item %s failed attempt %s (%s); retrying", event.get("item"), event.get("attempt"), event.get("reason"))
-            elif kind == "failed":
+            elif kind == EventKind.FAILED:
                 log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
-            elif kind == "preempted":
+            elif kind == EventKind.PREEMPTED:
                 self.progress.preemptions += 1
                 log.info("VM %s preempted; item %s handed back", vm, event.get("item"))
-            elif kind == "duplicate":
-                self.progress.duplicates += 1
+            elif kind == EventKind.MALFORMED:
+                log.warning("VM %s dropped a work message that is not CFlow's: %s", vm, event.get("detail"))
 
     def _read_dead_letters(self):
         received = self.pubsub.pull(self.topics.dead_subscription, max_messages=100, timeout=0.2)

@@ -1,9 +1,11 @@
 """The shutdown script's fast path: nothing in flight means no Python, but the worker is stopped."""
 
+import re
 import subprocess
 
 import pytest
 
+from cflow import protocol
 from cflow.fleet import SHUTDOWN_SCRIPT
 
 
@@ -41,3 +43,16 @@ def test_an_item_running_or_being_recorded_goes_to_the_python_hook(tmp_path, rec
     assert status == 0
     assert python_ran.read_text().strip().endswith("package/shutdown-signal.py")
     assert not (work / "stopping").exists()  # the Python hook sets it, first thing
+
+
+def test_the_script_names_exactly_the_work_dir_files_of_the_protocol():
+    # Every path the script uses is "$CFLOW_DIR/NAME" or, inside the locked sh -c, "$1/NAME".
+    named = set(re.findall(r'"\$(?:CFLOW_DIR|1)/([^"]+)"', SHUTDOWN_SCRIPT))
+    assert named == {
+        protocol.INFLIGHT_FILE,
+        protocol.SETTLING_FILE,
+        protocol.STOPPING_FLAG,
+        protocol.HANDBACK_LOCK,
+        protocol.SHUTDOWN_LOG,
+        f"{protocol.PACKAGE_DIR}/{protocol.SHUTDOWN_ENTRY}",
+    }

@@ -1,5 +1,6 @@
 """The worker loop and shutdown hook against in-memory seams, with real task processes."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from cflow import tasks
-from cflow.worker import WorkDir, Worker, WorkerSettings, hand_back
+from cflow.worker import WorkDir, Worker, WorkerContext, WorkerSettings, hand_back
 from tests.fakes import FakeMetadata, FakePubSub, FakeStorage, received
 
 
@@ -21,7 +22,7 @@ def process_alive(pid):
 
 
 def make_settings(command, **changes):
-    values = dict(
+    settings = WorkerSettings(
         run_id="0101-0000-abcd",
         bucket="bucket",
         work_subscription="work-sub",
@@ -33,8 +34,12 @@ def make_settings(command, **changes):
         lease_seconds=60,
         idle_poweroff_seconds=0.0,
     )
-    values.update(changes)
-    return WorkerSettings(**values)
+    return dataclasses.replace(settings, **changes)
+
+
+def make_context(work_dir, pubsub, storage, metadata=None, command=("true",)):
+    """What the shutdown hook, or a restarted worker, works with."""
+    return WorkerContext(make_settings(command), pubsub, storage, metadata or FakeMetadata(), work_dir, "vm-1")
 
 
 @pytest.fixture
@@ -199,7 +204,7 @@ def test_hand_back_nacks_in_flight_item_and_uploads_partial_log(work_dir):
     log_file.write_text("half way\n")
     work_dir.write_inflight({"item": "000010", "attempt": 2, "ack_id": "ack-77", "log": str(log_file)})
 
-    item_id = hand_back(make_settings(["true"]), pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1")
+    item_id = hand_back(make_context(work_dir, pubsub, storage, FakeMetadata(preempted=True)))
 
     assert item_id == "000010"
     assert ("nack", "ack-77") in pubsub.calls
@@ -210,7 +215,7 @@ def test_hand_back_nacks_in_flight_item_and_uploads_partial_log(work_dir):
 
 def test_hand_back_with_nothing_in_flight_only_sets_stopping(work_dir):
     pubsub, storage = FakePubSub(), FakeStorage()
-    assert hand_back(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1") is None
+    assert hand_back(make_context(work_dir, pubsub, storage)) is None
     assert pubsub.calls == [] and work_dir.is_stopping()
 
 
@@ -220,7 +225,10 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 
-from cflow.worker import _boot_id, _kill_recorded_task, _process_start, hand_back_inflight, stop_flag_is_stale  # noqa: E402
+from cflow.procinfo import boot_id, process_start  # noqa: E402
+from cflow.worker import hand_back_inflight  # noqa: E402
+from cflow.worker.task import ExitWatch, kill_recorded_task  # noqa: E402
+from cflow.worker.workdir import TaskRecord  # noqa: E402
 
 COUNTING_TASK = """
 import os, sys
@@ -325,12 +333,12 @@ time.sleep(600)
 
 def test_stop_flag_mid_task_hands_back_before_killing_and_never_extends_after_the_nack(work_dir, tmp_path, monkeypatch):
     # The keeper ticks every second and the kill grace lasts 1.5 s: an unguarded keeper would extend after the nack.
-    monkeypatch.setattr("cflow.worker.TASK_KILL_GRACE_SECONDS", 1.5)
+    monkeypatch.setattr("cflow.worker.task.TASK_KILL_GRACE_SECONDS", 1.5)
     pid_file = tmp_path / "child.pid"
     command = write_task(work_dir, BLOCKING_TASK)
     worker, pubsub, storage = make_worker(work_dir, command, lease_seconds=1)  # the keeper extends every second
     item = tasks.WorkItem(id="000012", index=12, args=(str(pid_file),))
-    outcome = {}
+    outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-12"))))
     thread.start()
     wait_until(pid_file.exists, what="the task to start")
@@ -383,13 +391,14 @@ def test_hook_waits_for_a_worker_recording_its_result_instead_of_nacking(work_di
     pubsub, storage = FakePubSub(), GatedStorage()
     worker = Worker(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
     item = tasks.WorkItem(id="000014", index=14, args=(str(tmp_path / "runs.txt"),))
-    outcome, hook = {}, {}
+    outcome: dict[str, object] = {}
+    hook: dict[str, object] = {}
     worker_thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-14"))))
     worker_thread.start()
     assert storage.uploading.wait(20)
 
     hook_thread = threading.Thread(target=lambda: hook.update(
-        value=hand_back(make_settings(command), pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1",
+        value=hand_back(make_context(work_dir, pubsub, storage, FakeMetadata(preempted=True), command),
                         settle_wait_seconds=20)))
     hook_thread.start()
     wait_until(work_dir.is_stopping, what="the hook's stop flag")
@@ -413,13 +422,22 @@ def test_redelivered_attempt_whose_failure_is_recorded_is_acked_without_running(
     assert pubsub.kinds() == ["event", "ack"]
 
 
-def test_failed_attempt_is_recorded_after_its_successor_is_published(work_dir):
+def test_failed_attempt_is_recorded_after_its_successor_is_published(work_dir, monkeypatch):
     command = write_task(work_dir, "import sys; sys.exit(2)")
     worker, pubsub, storage = make_worker(work_dir, command)
     order = []
     storage_marker, pubsub_publish = storage.write_attempt_marker, pubsub.publish
-    storage.write_attempt_marker = lambda *a: (order.append("marker"), storage_marker(*a))[1]
-    pubsub.publish = lambda *a: (order.append("publish"), pubsub_publish(*a))[1]
+
+    def write_attempt_marker(*args):
+        order.append("marker")
+        return storage_marker(*args)
+
+    def publish(*args):
+        order.append("publish")
+        return pubsub_publish(*args)
+
+    monkeypatch.setattr(storage, "write_attempt_marker", write_attempt_marker)
+    monkeypatch.setattr(pubsub, "publish", publish)
 
     assert worker.process(received(tasks.WorkItem(id="000016", index=16, args=()), 1)) == "retry"
     assert order == ["publish", "marker"]
@@ -428,7 +446,7 @@ def test_failed_attempt_is_recorded_after_its_successor_is_published(work_dir):
 
 def start_orphan_group():
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
-    wait_until(lambda: _process_start(process.pid) is not None)
+    wait_until(lambda: process_start(process.pid) is not None)
     return process
 
 
@@ -438,12 +456,11 @@ def test_restarted_worker_kills_the_orphaned_task_and_hands_its_item_back(work_d
         log_file = work_dir.root / "orphan.log"
         log_file.write_text("half way\n")
         work_dir.write_inflight({"item": "000017", "attempt": 1, "ack_id": "ack-17", "log": str(log_file),
-                                 "task_pgid": orphan.pid, "task_start": _process_start(orphan.pid),
-                                 "boot_id": _boot_id(), "settling": True})
+                                 "task_pgid": orphan.pid, "task_start": process_start(orphan.pid),
+                                 "boot_id": boot_id(), "settling": True})
         pubsub, storage = FakePubSub(), FakeStorage()
 
-        item_id = hand_back_inflight(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1",
-                                     reason="worker died", take_settling=True)
+        item_id = hand_back_inflight(make_context(work_dir, pubsub, storage), reason="worker died", take_settling=True)
 
         assert item_id == "000017"
         assert orphan.wait(timeout=10) == -signal.SIGTERM
@@ -459,11 +476,14 @@ def test_restarted_worker_kills_the_orphaned_task_and_hands_its_item_back(work_d
 def test_a_recycled_pid_is_never_signalled():
     stranger = start_orphan_group()
     try:
-        record = {"task_pgid": stranger.pid, "task_start": _process_start(stranger.pid), "boot_id": _boot_id()}
-        assert not _kill_recorded_task({**record, "task_start": record["task_start"] - 1}, signal.SIGKILL)
-        assert not _kill_recorded_task({**record, "boot_id": "another-boot"}, signal.SIGKILL)
+        started = process_start(stranger.pid)
+        assert started is not None
+        record: TaskRecord = {"item": "000018", "attempt": 1, "ack_id": "ack-18", "log": "task.log",
+                              "task_pgid": stranger.pid, "task_start": started, "boot_id": boot_id()}
+        assert not kill_recorded_task({**record, "task_start": started - 1}, signal.SIGKILL)
+        assert not kill_recorded_task({**record, "boot_id": "another-boot"}, signal.SIGKILL)
         assert stranger.poll() is None
-        assert _kill_recorded_task(record, signal.SIGKILL)
+        assert kill_recorded_task(record, signal.SIGKILL)
         assert stranger.wait(timeout=10) == -signal.SIGKILL
     finally:
         stranger.kill()
@@ -473,8 +493,8 @@ def test_a_recycled_pid_is_never_signalled():
 def test_stop_flag_from_an_earlier_boot_is_stale(work_dir):
     work_dir.request_stop()
     flagged_at = work_dir.stopping.stat().st_mtime
-    assert stop_flag_is_stale(work_dir, boot_started_at=flagged_at + 5)
-    assert not stop_flag_is_stale(work_dir, boot_started_at=flagged_at - 5)
+    assert work_dir.stop_flag_is_stale(boot_started_at=flagged_at + 5)
+    assert not work_dir.stop_flag_is_stale(boot_started_at=flagged_at - 5)
 
 
 def test_failing_pulls_back_off_and_end_idle(work_dir):
@@ -501,16 +521,17 @@ def test_failing_pulls_back_off_and_end_idle(work_dir):
 def test_hook_with_nothing_in_flight_sets_stop_and_the_worker_takes_no_new_item(work_dir):
     command = write_task(work_dir, "pass")
     worker, pubsub, storage = make_worker(work_dir, command)
-    hand_back(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1")
+    hand_back(make_context(work_dir, pubsub, storage, command=command))
     pubsub.queue.append(received(tasks.WorkItem(id="000019", index=19, args=()), 1))
 
     assert worker.run(pull_timeout=0.01) == "stopping"
     assert pubsub.queue  # left for another VM
 
 
-def test_an_item_whose_processing_raises_is_handed_back_and_the_loop_goes_on(work_dir):
+def test_an_item_whose_processing_raises_is_handed_back_and_the_loop_goes_on(work_dir, monkeypatch):
     command = write_task(work_dir, "pass")
-    worker, pubsub, storage = make_worker(work_dir, command)
+    pubsub, storage = FakePubSub(), FakeStorage()
+    worker = Worker(make_settings(command), pubsub, storage, FakeMetadata(), work_dir, "vm-1", sleep=lambda seconds: None)
     failing_once = [True]
     is_done = storage.is_done
 
@@ -519,10 +540,9 @@ def test_an_item_whose_processing_raises_is_handed_back_and_the_loop_goes_on(wor
             raise ConnectionError("storage unreachable")
         return is_done(item_id)
 
-    storage.is_done = flaky_is_done
+    monkeypatch.setattr(storage, "is_done", flaky_is_done)
     pubsub.queue += [received(tasks.WorkItem(id="000020", index=20, args=()), 1, ack_id="ack-20a"),
                      received(tasks.WorkItem(id="000021", index=21, args=()), 1, ack_id="ack-21")]
-    worker.sleep = lambda seconds: None
 
     assert worker.run(pull_timeout=0.01) == "idle"
     assert ("nack", "ack-20a") in pubsub.calls
@@ -542,7 +562,7 @@ if sys.argv[2:] == ["slow"]:
 
 
 def start_run(worker):
-    outcome = {}
+    outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.update(value=worker.run(pull_timeout=0.01)))
     thread.start()
     return thread, outcome
@@ -586,9 +606,9 @@ def test_hook_hands_back_the_running_item_at_once_and_waits_for_the_one_being_re
     wait_until(lambda: work_dir.read_inflight() is not None and "task_pgid" in work_dir.read_inflight(),
                what="the slow task's group in the record")
 
-    hook = {}
+    hook: dict[str, object] = {}
     hook_thread = threading.Thread(target=lambda: hook.update(
-        value=hand_back(make_settings(command), pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1",
+        value=hand_back(make_context(work_dir, pubsub, storage, FakeMetadata(preempted=True), command),
                         settle_wait_seconds=20)))
     hook_thread.start()
     wait_until(lambda: ("nack", "ack-34") in pubsub.calls, what="the running item's nack")
@@ -605,7 +625,7 @@ def test_hook_hands_back_the_running_item_at_once_and_waits_for_the_one_being_re
     assert not work_dir.inflight.exists() and not work_dir.settling.exists()
 
 
-def test_a_result_that_cannot_be_recorded_is_handed_back_and_the_loop_goes_on(work_dir, tmp_path):
+def test_a_result_that_cannot_be_recorded_is_handed_back_and_the_loop_goes_on(work_dir, tmp_path, monkeypatch):
     runs = tmp_path / "runs.txt"
     command = write_task(work_dir, TWO_SPEED_TASK)
     worker, pubsub, storage = make_worker(work_dir, command)
@@ -616,7 +636,7 @@ def test_a_result_that_cannot_be_recorded_is_handed_back_and_the_loop_goes_on(wo
             raise ConnectionError("storage unreachable")
         return write_done_marker(item_id, info)
 
-    storage.write_done_marker = failing_for_35
+    monkeypatch.setattr(storage, "write_done_marker", failing_for_35)
     pubsub.queue += [received(tasks.WorkItem(id="000035", index=35, args=(str(runs),)), 1, ack_id="ack-35"),
                      received(tasks.WorkItem(id="000036", index=36, args=(str(runs),)), 1, ack_id="ack-36")]
 
@@ -637,8 +657,7 @@ def test_restarted_worker_hands_back_both_the_running_item_and_the_one_being_rec
         work_dir.write_inflight({"item": "000037", "attempt": 1, "ack_id": "ack-37", "log": str(log_file)})
     pubsub, storage = FakePubSub(), FakeStorage()
 
-    item_id = hand_back_inflight(make_settings(["true"]), pubsub, storage, FakeMetadata(), work_dir, "vm-1",
-                                 reason="worker died", take_settling=True)
+    item_id = hand_back_inflight(make_context(work_dir, pubsub, storage), reason="worker died", take_settling=True)
 
     assert item_id == "000037"
     assert {("nack", "ack-37"), ("nack", "ack-38")} <= set(pubsub.calls)
@@ -648,8 +667,6 @@ def test_restarted_worker_hands_back_both_the_running_item_and_the_one_being_rec
 
 @pytest.mark.parametrize("has_pidfd", [True, False])
 def test_exit_watch_reports_a_running_task_then_its_exit_status(monkeypatch, has_pidfd):
-    from cflow.worker import _ExitWatch
-
     if not has_pidfd:  # a kernel without pidfd_open: the watch polls instead
         def no_pidfd(pid):
             raise OSError("pidfd_open: function not implemented")
@@ -657,9 +674,10 @@ def test_exit_watch_reports_a_running_task_then_its_exit_status(monkeypatch, has
     process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"],
                                stdin=subprocess.PIPE)
     try:
-        with _ExitWatch(process) as watch:
+        with ExitWatch(process) as watch:
             assert (watch.pidfd is not None) == has_pidfd
             assert watch.wait(0.05) is None
+            assert process.stdin is not None
             process.stdin.close()  # the task reads to the end of its input, then exits
             assert watch.wait(30) == 7
     finally:
@@ -668,14 +686,14 @@ def test_exit_watch_reports_a_running_task_then_its_exit_status(monkeypatch, has
             process.wait()
 
 
-def test_process_hands_back_an_item_whose_result_cannot_be_recorded(work_dir, tmp_path):
+def test_process_hands_back_an_item_whose_result_cannot_be_recorded(work_dir, tmp_path, monkeypatch):
     command = write_task(work_dir, TWO_SPEED_TASK)
     worker, pubsub, storage = make_worker(work_dir, command)
 
     def unreachable(item_id, info):
         raise ConnectionError("storage unreachable")
 
-    storage.write_done_marker = unreachable
+    monkeypatch.setattr(storage, "write_done_marker", unreachable)
     item = tasks.WorkItem(id="000039", index=39, args=(str(tmp_path / "runs.txt"),))
 
     assert worker.process(received(item, 1, ack_id="ack-39")) == "handed back"

@@ -1,0 +1,107 @@
+"""The worker VM's two entry points: ``main`` (startup-signal.py) and ``shutdown_main`` (shutdown-signal.py).
+
+Both find their run from the VM's metadata (``cflow-run``, ``cflow-bucket``)
+and its run.json in Cloud Storage, and build the Google clients here, on
+first use: the shutdown hook sets the stop flag before anything slow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cflow.procinfo import process_started_at
+from cflow.protocol import LoopEnd
+from cflow.worker.context import WorkerContext, WorkerSettings
+from cflow.worker.handback import hand_back, hand_back_inflight
+from cflow.worker.loop import Worker
+from cflow.worker.workdir import WorkDir
+
+if TYPE_CHECKING:
+    from cflow.gcp.metadata import Metadata
+
+log = logging.getLogger(__name__)
+
+
+def _default_work_root() -> Path:
+    # The package is unpacked in WORK_ROOT/package: this file is package/cflow/worker/entry.py.
+    return Path(__file__).resolve().parents[3]
+
+
+def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
+    """Everything both entry points work with: run settings, clients, this VM's name.
+
+    Raises:
+        SystemExit: the VM was not started by CFlow, or its run is gone.
+    """
+    from cflow.gcp.clients import build_worker_clients
+    from cflow.gcp.pubsub import PubSub
+    from cflow.gcp.storage import RunStorage
+
+    run_id = metadata.attribute("cflow-run")
+    bucket = metadata.attribute("cflow-bucket")
+    if not run_id or not bucket:
+        raise SystemExit("cflow worker: this VM has no cflow-run/cflow-bucket metadata; it was not started by CFlow")
+    target = "local" if os.environ.get("CFLOW_EMULATED_VM") == "1" else "gcp"
+    clients = build_worker_clients(target, metadata.get("project/project-id"))
+    storage = RunStorage(clients.storage, bucket, run_id)
+    manifest = storage.read_manifest()
+    if manifest is None:
+        raise SystemExit(f"cflow worker: run {run_id} has no run.json in gs://{bucket}; was the run cancelled?")
+    settings = WorkerSettings.from_manifest(manifest)
+    pubsub = PubSub(clients.publisher, clients.subscriber)
+    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), metadata.instance_name())
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("google", "urllib3", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(work_root: str | os.PathLike[str] | None = None) -> int:
+    """startup-signal.py: work until the queue stays empty, then power the VM off. Returns the exit status (0)."""
+    _configure_logging()
+    root = Path(work_root or _default_work_root())
+    work_dir = WorkDir(root)
+    if work_dir.is_stopping():
+        # init.sh started us in the parent's boot: a flag from this boot means the VM is going down.
+        if not work_dir.stop_flag_is_stale(process_started_at(os.getppid())):
+            log.info("this VM is shutting down; not taking work")
+            return 0
+        work_dir.clear_stop()
+    from cflow.gcp.metadata import Metadata
+
+    metadata = Metadata()
+    context = _vm_context(root, metadata)
+    # A predecessor killed mid-item (SIGKILL, OOM) left its record: stop its
+    # orphaned task and hand the item back now rather than after its lease.
+    recovered = hand_back_inflight(context, reason="worker died", take_settling=True)
+    if recovered:
+        log.info("handed back item %s left by a worker that died", recovered)
+    log.info("worker %s on run %s", context.vm_name, context.settings.run_id)
+    if Worker.from_context(context).run() == LoopEnd.IDLE:
+        # A safety net for a controller that is gone: an idle VM stops billing.
+        log.info("idle for %.0f s; powering off", context.settings.idle_poweroff_seconds)
+        metadata.power_off()
+    return 0
+
+
+def shutdown_main(work_root: str | os.PathLike[str] | None = None) -> int:
+    """shutdown-signal.py: stop the worker taking work (first, before anything slow), then hand the in-flight item back.
+
+    Returns the exit status (0).
+    """
+    root = Path(work_root or _default_work_root())
+    WorkDir(root).request_stop()
+    from cflow.gcp.metadata import Metadata
+
+    _configure_logging()
+    metadata = Metadata()
+    context = _vm_context(root, metadata)
+    item_id = hand_back(context)
+    log.info("shutdown (%s): %s", "preempted" if metadata.preempted() else "stop or delete",
+             f"handed back {item_id}" if item_id else "nothing in flight to hand back")
+    return 0

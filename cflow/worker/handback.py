@@ -1,0 +1,106 @@
+"""Handing an item back: nack it (it keeps its attempt count), tell the scheduler, save its partial log.
+
+Used by the shutdown hook (``hand_back``, on preemption, stop or delete), by
+a worker that sees the stop flag or fails on an item, and by a worker
+restarted after its predecessor died (``hand_back_inflight``). Every hand
+back happens under the work directory's hand-back lock, so an item is either
+recorded by the worker or handed back by exactly one side (see
+``cflow.worker.workdir``).
+"""
+
+import logging
+from pathlib import Path
+
+from cflow.protocol import EventKind
+from cflow.worker.context import WorkerContext
+from cflow.worker.task import kill_recorded_task
+from cflow.worker.workdir import TaskRecord
+
+log = logging.getLogger(__name__)
+
+# The hook waits this long for a worker that is recording a result; GCE gives
+# a Spot VM's shutdown script 30 s in all.
+HOOK_SETTLE_WAIT_SECONDS = 25.0
+
+
+def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool = False) -> None:
+    """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held.
+
+    Args:
+        settling: the record is the one in ``settling.json`` (else ``inflight.json``).
+    """
+    context.nack(record["ack_id"], record["item"])
+    kind = EventKind.PREEMPTED if context.metadata.preempted() else EventKind.INTERRUPTED
+    context.publish_event(kind, item=record["item"], attempt=record["attempt"])
+    if settling:
+        context.work_dir.clear_settling()
+    else:
+        context.work_dir.clear_inflight()
+
+
+def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_file: Path, reason: str) -> None:
+    """Note in the attempt's log why it ends here, and upload it. A failure is logged: the item is handed back already."""
+    try:
+        with open(log_file, "a") as stream:
+            stream.write(f"\ncflow: {reason}; item handed back\n")
+        context.storage.upload_log(item_id, attempt, log_file)
+    except Exception as error:
+        log.warning("could not upload the partial log of %s: %s", item_id, error)
+
+
+def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds: float = 0.0, take_settling: bool = False,
+                       kill_task: bool = True, upload_log: bool = True) -> str | None:
+    """Hand the running item back at once: nack (it keeps its attempt count), event, partial log.
+
+    An item whose task has ended and whose result the worker is recording
+    (``settling.json``) is left to it: we wait up to ``settle_wait_seconds``
+    (on ``context.clock``) for it to be recorded, then leave it to the lease.
+
+    Args:
+        reason: a few words for the partial log ("preempted", "shut down").
+        take_settling: hand back the item being recorded too (its recorder
+            is dead).
+        kill_task: SIGTERM the recorded task group (verified to be ours).
+        upload_log: append a note to the partial log and upload it.
+    Returns:
+        The item id handed back (the running one if both were), or None.
+    """
+    work_dir = context.work_dir
+    handed_back: list[TaskRecord] = []
+    deadline = context.clock() + settle_wait_seconds
+    while True:
+        with work_dir.handback_lock():
+            running = work_dir.read_inflight()
+            if running is not None:
+                hand_back_record(context, running)
+                handed_back.append(running)
+            settling = work_dir.read_settling()
+            if settling is not None and take_settling:
+                hand_back_record(context, settling, settling=True)
+                handed_back.append(settling)
+                settling = None
+        if settling is None:
+            break
+        if context.clock() >= deadline:
+            log.info("item %s is being recorded by the worker; leaving it to finish (or to its lease)", settling["item"])
+            break
+        context.sleep(0.2)
+    for record in handed_back:
+        if kill_task:
+            kill_recorded_task(record)
+        log_file = Path(record["log"])
+        if upload_log and log_file.exists():
+            upload_partial_log(context, record["item"], record["attempt"], log_file, reason)
+    return handed_back[0]["item"] if handed_back else None
+
+
+def hand_back(context: WorkerContext, settle_wait_seconds: float = HOOK_SETTLE_WAIT_SECONDS) -> str | None:
+    """The shutdown hook: stop the worker taking work, hand the in-flight item back, save its partial log.
+
+    Called on preemption, stop or delete, within GCE's 30 s Spot grace. The
+    message is nacked, so it keeps its attempt count: a preemption never uses
+    up an attempt. Returns the item id handed back, or None.
+    """
+    context.work_dir.request_stop()
+    reason = "preempted" if context.metadata.preempted() else "shut down"
+    return hand_back_inflight(context, reason, settle_wait_seconds=settle_wait_seconds)

@@ -1,0 +1,139 @@
+"""Recording an ended task's result: outputs, log, marker, event, then the ack.
+
+A done attempt: outputs, log, done marker (create-only, so a second finisher
+is detected), done event, ack. A failed attempt is republished with its
+attempt count raised, then recorded (an attempt marker, create-only), then
+acked; the last one writes the failed marker instead. A VM that dies
+anywhere before the ack loses nothing: the lease expires and Pub/Sub
+redelivers, and the markers make the redelivery a duplicate.
+"""
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from cflow import tasks
+from cflow.protocol import EventKind, Outcome
+from cflow.worker.context import WorkerContext
+from cflow.worker.handback import hand_back_record
+from cflow.worker.lease import LeaseKeeper
+from cflow.worker.task import TaskEnding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EndedTask:
+    """A task that has ended and whose result is still to be recorded (its item is in ``settling.json``)."""
+
+    item: tasks.WorkItem
+    attempt: int
+    ack_id: str
+    attempt_dir: Path
+    exit_status: int
+    ending: TaskEnding  # EXITED or TIMED_OUT
+    elapsed: float
+    keeper: LeaseKeeper  # keeps the lease until the result is recorded
+
+
+def record_or_hand_back(context: WorkerContext, ended: EndedTask) -> Outcome:
+    """Record the result; if that fails, hand the item back (``Outcome.HANDED_BACK``). Never raises ``Exception``."""
+    try:
+        return record_result(context, ended)
+    except Exception:
+        log.exception("recording the result of %s failed; handing it back", ended.item.id)
+        with context.work_dir.handback_lock():
+            record = context.work_dir.settling_record(ended.ack_id)
+            if record is not None:
+                hand_back_record(context, record, settling=True)
+        # Also when it was already taken out of settling; a second nack is harmless.
+        context.nack(ended.ack_id, ended.item.id)
+        return Outcome.HANDED_BACK
+
+
+def record_result(context: WorkerContext, ended: EndedTask) -> Outcome:
+    """Record an ended task's result (uploads, marker, event, ack) and forget it locally.
+
+    Returns:
+        ``DONE``, ``DUPLICATE`` (another attempt was recorded done first),
+        ``RETRY`` or ``FAILED``.
+    Raises:
+        Whatever the storage or Pub/Sub seam raises; the item is then still
+        in settling.json (see ``record_or_hand_back``).
+    """
+    try:
+        output_dir, log_file = ended.attempt_dir / "output", ended.attempt_dir / "task.log"
+        if ended.exit_status == 0:
+            outcome = _finish_done(context, ended.item, ended.attempt, output_dir, log_file, ended.ack_id, ended.elapsed)
+        else:
+            outcome = _finish_failed(context, ended.item, ended.attempt, log_file, ended.ack_id, ended.exit_status,
+                                     ended.ending == TaskEnding.TIMED_OUT, ended.elapsed)
+        with context.work_dir.handback_lock():
+            if context.work_dir.settling_record(ended.ack_id) is not None:
+                context.work_dir.clear_settling()
+        shutil.rmtree(ended.attempt_dir, ignore_errors=True)
+        return outcome
+    finally:
+        ended.keeper.stop()
+
+
+def _finish_done(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path, log_file: Path, ack_id: str,
+                 elapsed: float) -> Outcome:
+    storage = context.storage
+    if storage.is_done(item.id):
+        # Another attempt finished first (a duplicate delivery ran in parallel): keep its outputs.
+        context.publish_event(EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
+        context.ack(ack_id)
+        return Outcome.DUPLICATE
+    outputs = _upload_outputs(context, item, output_dir, log_file)
+    log_url = storage.upload_log(item.id, attempt, log_file)
+    first = storage.write_done_marker(
+        item.id,
+        {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": outputs, "log": log_url},
+    )
+    context.publish_event(EventKind.DONE if first else EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
+    context.ack(ack_id)
+    return Outcome.DONE if first else Outcome.DUPLICATE
+
+
+def _finish_failed(context: WorkerContext, item: tasks.WorkItem, attempt: int, log_file: Path, ack_id: str, exit_status: int,
+                   timed_out: bool, elapsed: float) -> Outcome:
+    settings, storage = context.settings, context.storage
+    log_url = storage.upload_log(item.id, attempt, log_file)
+    reason = "timed out" if timed_out else f"exit status {exit_status}"
+    info = {"item": item.id, "attempt": attempt, "reason": reason, "log": log_url, "vm": context.vm_name}
+    if attempt >= settings.max_attempts:
+        storage.write_failed_marker(item.id, {**info, "attempts": attempt})
+        outcome = Outcome.FAILED
+        context.publish_event(EventKind.FAILED, item=item.id, attempt=attempt, reason=reason, log_url=log_url)
+    else:
+        # Successor first, then the record that this attempt is settled: a
+        # redelivered copy of this attempt that finds the record knows its
+        # successor is queued; a crash in between at worst duplicates it.
+        data, attributes = tasks.encode_message(item, attempt + 1)
+        context.pubsub.publish(settings.work_topic, data, attributes)
+        outcome = Outcome.RETRY
+        context.publish_event(EventKind.RETRY, item=item.id, attempt=attempt, reason=reason, log_url=log_url, seconds=elapsed)
+    storage.write_attempt_marker(item.id, attempt, info)
+    context.ack(ack_id)
+    return outcome
+
+
+def _upload_outputs(context: WorkerContext, item: tasks.WorkItem, output_dir: Path, log_file: Path) -> list[str]:
+    """Upload the task's output files; returns their names. A name that could escape the item's prefix is noted in the log instead."""
+    names = []
+    for path in sorted(output_dir.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.relative_to(output_dir).as_posix()
+        try:
+            tasks.validate_output_name(name)
+        except ValueError as error:
+            # Only flat, plain names may leave the VM: nothing escapes the run's prefix.
+            with open(log_file, "a") as stream:
+                stream.write(f"cflow: output {name!r} not uploaded: {error}\n")
+            continue
+        context.storage.upload_output(item.id, name, path)
+        names.append(name)
+    return names

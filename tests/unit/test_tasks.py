@@ -321,7 +321,3 @@ def test_demo_shards_format_and_relation():
         for x1, x2, x3, y in (map(float, row) for row in rows[1:]):
             expected = demo_data.INTERCEPT + sum(c * x for c, x in zip(demo_data.COEFFICIENTS, (x1, x2, x3)))
             assert abs(y - expected) < 6 * demo_data.NOISE_SD
-
-
-def test_demo_tasks_text_parses_to_the_shard_names():
-    assert parse_tasks_text(demo_data.tasks_text(4)) == [[name] for name in demo_data.make_shards(count=4, rows=1)]

@@ -24,6 +24,7 @@ from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
 if TYPE_CHECKING:
     from cflow.config import Config
     from cflow.gcp.clients import Clients
+    from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
     from cflow.lifecycle import CombinedFile
@@ -251,7 +252,7 @@ def execute_run(
     return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
 
 
-def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: Any, topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
+def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: "Compute", topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
     """Ctrl-C: cancel the run (asking on a terminal unless --yes), or leave it resumable."""
     from cflow.lifecycle import cancel_run
 

@@ -62,9 +62,10 @@ class _Refusal(NamedTuple):
     """What a Google error says, whatever its type."""
 
     status: int | None
-    reasons: tuple[str, ...]
+    reasons: tuple[str, ...]  # machine-readable reasons, the service's own first
     message: str
     document: Any  # the decoded JSON error, searched for quotaInfo
+    details: tuple[str, ...] = ()  # api_core's error details as text: matched, not kept
 
 
 class _Details(TypedDict):
@@ -143,9 +144,9 @@ def _refusal_of(error: BaseException) -> _Refusal:
             return _Refusal(http_status, (), str(error), None)
     code = getattr(error, "code", None)
     details = list(getattr(error, "details", None) or [])
-    reasons = [str(getattr(error, "reason", "") or ""), *(str(detail) for detail in details)]
+    reason = str(getattr(error, "reason", "") or "")
     message = getattr(error, "message", None) or str(error)
-    return _Refusal(code if isinstance(code, int) else None, tuple(r for r in reasons if r), str(message), details)
+    return _Refusal(code if isinstance(code, int) else None, (reason,) if reason else (), str(message), details, tuple(map(str, details)))
 
 
 def _walk(document: Any) -> Iterator[Mapping[str, Any]]:
@@ -180,7 +181,7 @@ def quota_details(message: str, document: Any = None) -> tuple[str | None, str |
 def _classify_refusal(refusal: _Refusal, service: str, project: str | None, zone: str | None) -> CloudError:
     name, api, role = SERVICES[service]
     status, reasons, message = refusal.status, set(refusal.reasons), refusal.message
-    text = " ".join((*refusal.reasons, message))
+    text = " ".join((*refusal.reasons, *refusal.details, message))
     where = f" in project {project}" if project else ""
     details: _Details = {"status": status, "reason": refusal.reasons[0] if refusal.reasons else "", "message": message, "service": service}
     if any(mark in text for mark in API_DISABLED_MARKS):

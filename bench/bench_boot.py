@@ -88,7 +88,7 @@ class BootRig:
         from cflow.gcp.clients import build_clients
         from cflow.gcp.compute import Compute
         from cflow.gcp.pubsub import PubSub, RunTopics
-        from cflow.gcp.storage import RunStorage
+        from cflow.gcp.storage import Bucket, RunStorage
         from cflow.package import build_package
 
         project = BenchProject(temporary / "project", "#!/bin/bash\ntrue\n", VM_TYPE="e2-small", WORKER_NODE_CNT=1)
@@ -99,7 +99,7 @@ class BootRig:
         self.compute = Compute(clients.compute, clients.project)
         self.zone = self.config.zones[0]
         storage = RunStorage(clients.storage, self.config.bucket, self.run_id)
-        storage.ensure_bucket(create_if_missing=True)
+        Bucket(clients.storage, self.config.bucket).ensure_exists(create_if_missing=True)
         package = build_package(project.root)
         self.package_bytes = len(package)
         package_url = storage.upload_package(package)

@@ -151,7 +151,7 @@ def measure(info, temporary, args):
     from cflow.gcp.clients import build_clients
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
-    from cflow.gcp.storage import RunStorage
+    from cflow.gcp.storage import Bucket, RunStorage
     from cflow.package import build_package
     from cflow.scheduler import LIVE_STATES, Scheduler
     from cflow.tasks import load_items
@@ -168,7 +168,7 @@ def measure(info, temporary, args):
     compute = Compute(clients.compute, clients.project)
     pubsub = PubSub(clients.publisher, clients.subscriber)
     storage = RunStorage(clients.storage, config.bucket, run_id)
-    storage.ensure_bucket(create_if_missing=True)
+    Bucket(clients.storage, config.bucket).ensure_exists(create_if_missing=True)
     topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
     pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
 
@@ -248,7 +248,7 @@ def measure(info, temporary, args):
     figures["rss_end_mib"] = rss_mib()
     started = time.monotonic()
     counter.take()
-    left = scheduler.delete_fleet()
+    left = compute.delete_run_vms(run_id)
     delete_calls = counter.take()
     figures.update(delete_fleet_seconds=time.monotonic() - started, delete_fleet_calls=delete_calls, vms_left=len(left))
     print(f"delete_fleet: {time.monotonic() - started:.1f} s, Compute calls: {format_counts(delete_calls)}; left {len(left)}")

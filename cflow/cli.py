@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 from cflow.errors import EXIT_INTERRUPTED, CflowError
 
@@ -23,7 +24,7 @@ SUBCOMMAND_MODULES = [
 ]
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cflow",
         description="Run one script over many work items on a fleet of Compute Engine VMs (Spot included), "
@@ -36,7 +37,7 @@ def build_parser():
     return parser
 
 
-def configure_logging(debug):
+def configure_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "%(message)s",
@@ -53,7 +54,9 @@ def configure_logging(debug):
         logging.getLogger("googleapiclient.http").setLevel(logging.ERROR)
 
 
-def run_entry(parser, default_func=None, argv=None):
+def run_entry(
+    parser: argparse.ArgumentParser, default_func: Callable[[argparse.Namespace], int | None] | None = None, argv: list[str] | None = None
+) -> int:
     """Parse, configure logging and run the handler; errors become one line and an exit status."""
     args = parser.parse_args(argv)
     func = getattr(args, "func", None) or default_func
@@ -74,5 +77,5 @@ def run_entry(parser, default_func=None, argv=None):
         return EXIT_INTERRUPTED
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     return run_entry(build_parser(), argv=argv)

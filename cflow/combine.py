@@ -14,12 +14,17 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 from cflow.tasks import validate_output_name
 
 logger = logging.getLogger(__name__)
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 COPY_CHUNK_BYTES = 1 << 20
 # Reads in flight at once. Each is one Cloud Storage GET: at ~20-50 ms each,
@@ -29,13 +34,13 @@ COPY_CHUNK_BYTES = 1 << 20
 PARALLEL_READS = 8
 
 
-def _first_line(data):
+def _first_line(data: bytes) -> bytes:
     """The first line of ``data`` including its line ending (the whole data if it has none)."""
     end = data.find(b"\n")
     return data if end < 0 else data[: end + 1]
 
 
-def _line_text(line):
+def _line_text(line: bytes) -> bytes:
     """A line without its ending, so b'a,b\\r\\n' and b'a,b\\n' count as the same header."""
     return line.rstrip(b"\r\n")
 
@@ -49,17 +54,17 @@ class _ConcatFile:
     so every file appears exactly as it was.
     """
 
-    def __init__(self, path, is_csv):
+    def __init__(self, path: Path, is_csv: bool) -> None:
         self.path = path
         self.is_csv = is_csv
-        self.header = None
+        self.header: bytes | None = None
         self.headers_agree = True
         # (offset in the output, bytes dropped there), to undo when headers differ.
-        self.dropped = []
+        self.dropped: list[tuple[int, bytes]] = []
         self.ends_with_newline = True
         self.out = open(path, "wb")
 
-    def append(self, data):
+    def append(self, data: bytes) -> None:
         if not data:
             return
         if self.is_csv and self.headers_agree:
@@ -73,7 +78,7 @@ class _ConcatFile:
                 self.headers_agree = False
         self._write(data)
 
-    def _write(self, data, dropped=None):
+    def _write(self, data: bytes, dropped: bytes | None = None) -> None:
         if not data and dropped is None:
             return
         # Files are appended whole; one that lacks a final newline would fuse
@@ -87,12 +92,12 @@ class _ConcatFile:
             self.out.write(data)
             self.ends_with_newline = data.endswith(b"\n")
 
-    def close(self):
+    def close(self) -> None:
         self.out.close()
         if not self.headers_agree and self.dropped:
             self._restore_dropped_headers()
 
-    def _restore_dropped_headers(self):
+    def _restore_dropped_headers(self) -> None:
         logger.info("%s: the items' CSV headers differ, so every item's header is kept", self.path.name)
         restored = self.path.with_name(self.path.name + ".restore")
         try:
@@ -102,7 +107,7 @@ class _ConcatFile:
             raise
         os.replace(restored, self.path)
 
-    def _copy_with_headers(self, restored):
+    def _copy_with_headers(self, restored: Path) -> None:
         size = self.path.stat().st_size
         with open(self.path, "rb") as source, open(restored, "wb") as target:
             position = 0
@@ -118,7 +123,7 @@ class _ConcatFile:
             shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
 
 
-def _copy_bytes(source, target, count):
+def _copy_bytes(source: BinaryIO, target: BinaryIO, count: int) -> None:
     while count > 0:
         chunk = source.read(min(count, COPY_CHUNK_BYTES))
         if not chunk:
@@ -127,17 +132,17 @@ def _copy_bytes(source, target, count):
         count -= len(chunk)
 
 
-def _read_named(read_output, name, item_id):
+def _read_named(read_output: Callable[[str, str], bytes], name: str, item_id: str) -> bytes:
     return read_output(item_id, name)
 
 
-def _in_order(pool, function, arguments, window):
+def _in_order(pool: ThreadPoolExecutor, function: Callable[[A], R], arguments: Iterable[A], window: int) -> Iterator[R]:
     """``function(argument)`` for each argument, run in ``pool``, yielded in argument order.
 
     At most ``window`` calls are running or finished but not yet taken, so
     the results held at once stay bounded however many arguments there are.
     """
-    pending = collections.deque()
+    pending: collections.deque[Future[R]] = collections.deque()
     for argument in arguments:
         pending.append(pool.submit(function, argument))
         if len(pending) >= window:
@@ -146,7 +151,13 @@ def _in_order(pool, function, arguments, window):
         yield pending.popleft().result()
 
 
-def combine_concat(item_ids, list_output_names, read_output, dest_dir, parallel=PARALLEL_READS):
+def combine_concat(
+    item_ids: Iterable[str],
+    list_output_names: Callable[[str], Iterable[str]],
+    read_output: Callable[[str, str], bytes],
+    dest_dir: str | Path,
+    parallel: int = PARALLEL_READS,
+) -> dict[str, Path]:
     """Concatenate each output file name across items into ``dest_dir``.
 
     For every file name any item produced, ``dest_dir/NAME`` becomes that
@@ -178,7 +189,7 @@ def combine_concat(item_ids, list_output_names, read_output, dest_dir, parallel=
     dest_dir.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="combine")
     try:
-        items_by_name = {}
+        items_by_name: dict[str, list[str]] = {}
         item_ids = list(item_ids)
         for item_id, names in zip(item_ids, _in_order(pool, list_output_names, item_ids, parallel)):
             for name in names:
@@ -187,7 +198,7 @@ def combine_concat(item_ids, list_output_names, read_output, dest_dir, parallel=
                 if not holders or holders[-1] != item_id:
                     holders.append(item_id)
 
-        written = {}
+        written: dict[str, Path] = {}
         for name in sorted(items_by_name):
             final_path = dest_dir / name
             file_handle, temporary = tempfile.mkstemp(dir=dest_dir, prefix=".cflow-combine-")

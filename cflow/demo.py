@@ -4,28 +4,21 @@ Stages the demo's CSV shards in the bucket (skipping those already there),
 then runs const.py's task over them exactly as ``cflow run`` does.
 """
 
+import argparse
 import logging
+from typing import TYPE_CHECKING, Any
 
 from cflow import demo_data
 from cflow.run import add_arguments, run_command
 
+if TYPE_CHECKING:
+    from cflow.config import Config
+    from cflow.gcp.clients import Clients
+
 log = logging.getLogger(__name__)
 
 
-def stage_shards(storage_client, bucket_name, shards):
-    """Upload the shards under gs://BUCKET/cflow/demo/; returns how many were uploaded."""
-    bucket = storage_client.bucket(bucket_name)
-    present = {blob.name for blob in storage_client.list_blobs(bucket_name, prefix="cflow/demo/")}
-    uploaded = 0
-    for name, data in shards.items():
-        object_name = f"cflow/demo/{name}"
-        if object_name not in present:
-            bucket.blob(object_name).upload_from_string(data, content_type="text/csv")
-            uploaded += 1
-    return uploaded
-
-
-def add_parser(subparsers):
+def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="stage the demo's 125 CSV shards and run the sample task over them",
@@ -35,12 +28,16 @@ def add_parser(subparsers):
     parser.set_defaults(func=demo_command)
 
 
-def demo_command(args):
-    def before_run(config, clients):
-        from cflow.gcp.storage import RunStorage
+def stage_demo_data(config: "Config", clients: "Clients") -> None:
+    """Make sure the bucket exists (locally) and holds the demo's shards."""
+    from cflow.gcp import layout
+    from cflow.gcp.storage import Bucket
 
-        RunStorage(clients.storage, config.bucket, "demo").ensure_bucket(create_if_missing=config.is_local)
-        count = stage_shards(clients.storage, config.bucket, demo_data.make_shards())
-        print(f"demo data: {count} shard(s) staged in gs://{config.bucket}/cflow/demo/shards/", flush=True)
+    bucket = Bucket(clients.storage, config.bucket)
+    bucket.ensure_exists(create_if_missing=config.is_local)
+    count = bucket.stage_demo_inputs(demo_data.make_shards())
+    print(f"demo data: {count} shard(s) staged in gs://{config.bucket}/{layout.demo_object(demo_data.SHARD_DIR)}/", flush=True)
 
-    return run_command(args, before_run=before_run)
+
+def demo_command(args: argparse.Namespace) -> int:
+    return run_command(args, before_run=stage_demo_data)

@@ -15,13 +15,13 @@ NOISE_SD = 0.1
 SHARD_DIR = "shards"
 
 
-def shard_name(index, count):
+def shard_name(index: int, count: int) -> str:
     """The object name of shard ``index`` of ``count``, e.g. ``shards/part-007.csv``."""
     width = max(3, len(str(max(count, 1) - 1)))
     return f"{SHARD_DIR}/part-{index:0{width}d}.csv"
 
 
-def make_shards(count=125, rows=400, seed=7):
+def make_shards(count: int = 125, rows: int = 400, seed: int = 7) -> dict[str, bytes]:
     """Deterministic CSV shards for the demo.
 
     Args:
@@ -42,15 +42,3 @@ def make_shards(count=125, rows=400, seed=7):
             lines.append(",".join(f"{value:.6f}" for value in (*xs, y)))
         shards[shard_name(index, count)] = ("\n".join(lines) + "\n").encode("ascii")
     return shards
-
-
-def tasks_text(count=125):
-    """The demo's tasks file: a comment header, then one shard name per line."""
-    header = (
-        "# CFlow work items: one item per line.\n"
-        "# Each line's fields are split like a shell splits words (quotes and\n"
-        "# backslashes work) but are never run by a shell; they are appended as\n"
-        "# arguments to TASK_MODULE_CMD. Blank lines and lines starting with # are skipped.\n"
-        "# The demo: one CSV shard per item, staged in the run's bucket.\n"
-    )
-    return header + "".join(shard_name(index, count) + "\n" for index in range(count))

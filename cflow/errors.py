@@ -1,8 +1,32 @@
-"""Errors a user can act on.
+"""Errors a user can act on, and the cloud's refusals as CFlow's own classes.
 
 Anything raised as a ``CflowError`` reaches the user as one line on stderr
 (what is wrong and how to fix it) and the process exits with ``exit_status``;
 a traceback is shown only with ``--debug``.
+
+Every refusal of a Google API is turned, inside ``cflow/gcp/`` and nowhere
+else (``cflow.gcp.errors.classify``), into one class of the ``CloudError``
+tree below, so the rest of the code reacts to the class and never to a
+message's wording:
+
+    CloudError                  anything a cloud service refused
+      CloudSetupError           the project is not set up for the run (exit 2)
+        ApiNotEnabled           the service's API is off in the project
+        PermissionDenied        the account lacks a role
+        CredentialsRejected     no usable credentials
+      NotFound                  the resource does not exist
+        BucketNotFound          ... and it is the bucket (also a ConfigError)
+      Conflict                  the resource exists, or is not in the state asked for
+        PreconditionFailed      a create-once or generation condition failed
+      QuotaExceeded             a resource quota (metric, region, limit)
+      ZoneStockout              the zone has no capacity (zone)
+      TransientError            worth trying again after a wait
+        RateLimited             the service asks us to slow down
+        ServiceUnreachable      no answer at all (network, endpoint down)
+      PermanentRequestError     the request itself is wrong; retrying will not help
+
+Each keeps the service's own ``status``, ``reason`` and ``message``;
+``str(error)`` is CFlow's one line for the user.
 """
 
 EXIT_OK = 0
@@ -28,12 +52,114 @@ class StackError(CflowError):
 
 
 class CloudError(CflowError):
-    """A Google API refused a request in a way retrying will not fix."""
+    """A cloud service refused a request.
+
+    Args:
+        text: CFlow's one line for the user (``str(error)``).
+        status: the HTTP status the service answered (None when there was no answer).
+        reason: the service's machine-readable reason (GCE's ``reason`` or operation ``code``), or "".
+        message: the service's own human-readable message, or "".
+        service: "compute", "pubsub" or "storage" when known.
+    """
 
     exit_status = 1
+
+    def __init__(self, text: str, status: int | None = None, reason: str = "", message: str = "", service: str | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.reason = reason
+        self.message = message or text
+        self.service = service
 
 
 class CloudSetupError(CloudError):
     """The cloud project is not set up for the run (API off, role missing, no credentials)."""
 
     exit_status = EXIT_USAGE
+
+
+class ApiNotEnabled(CloudSetupError):
+    """The service's API is not enabled in the project."""
+
+
+class PermissionDenied(CloudSetupError):
+    """The account lacks the permission (a role grants it)."""
+
+
+class CredentialsRejected(CloudSetupError):
+    """There are no credentials, or the service does not accept them."""
+
+
+class NotFound(CloudError):
+    """The resource asked for does not exist."""
+
+
+class BucketNotFound(NotFound, ConfigError):
+    """The bucket named by BUCKET does not exist: a setting to fix, so exit status 2."""
+
+    exit_status = EXIT_USAGE
+
+
+class Conflict(CloudError):
+    """The resource already exists, or is not in the state the request assumed."""
+
+
+class PreconditionFailed(Conflict):
+    """A request's precondition (create only if absent, a generation) did not hold."""
+
+
+class QuotaExceeded(CloudError):
+    """A resource quota of the project refuses more now.
+
+    Attributes (each None when GCE did not say):
+        metric: the quota metric, e.g. "CPUS".
+        region: the region the quota is of, e.g. "us-central1".
+        limit: the quota's limit.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        status: int | None = None,
+        reason: str = "",
+        message: str = "",
+        service: str | None = None,
+        *,
+        metric: str | None = None,
+        region: str | None = None,
+        limit: float | None = None,
+    ) -> None:
+        super().__init__(text, status, reason, message, service)
+        self.metric = metric
+        self.region = region
+        self.limit = limit
+
+
+class ZoneStockout(CloudError):
+    """The zone has no capacity for the VMs asked for; another zone may.
+
+    Attributes:
+        zone: the zone that stocked out, when known.
+    """
+
+    def __init__(
+        self, text: str, status: int | None = None, reason: str = "", message: str = "", service: str | None = None, *, zone: str | None = None
+    ) -> None:
+        super().__init__(text, status, reason, message, service)
+        self.zone = zone
+
+
+class TransientError(CloudError):
+    """A failure worth trying again after a wait (5xx, a timeout, a resource not ready yet)."""
+
+
+class RateLimited(TransientError):
+    """The service asks for fewer requests (429, rateLimitExceeded)."""
+
+
+class ServiceUnreachable(TransientError):
+    """The service did not answer at all: refused or reset connection, timeout, unknown host."""
+
+
+class PermanentRequestError(CloudError):
+    """The request itself is refused (a missing network, a bad image, a policy): retrying will not help."""

@@ -21,9 +21,15 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from cflow.errors import CloudError, ConfigError, StackError
+
+if TYPE_CHECKING:
+    from cflow.config import Config
+    from cflow.gcp.compute import Compute
 
 log = logging.getLogger(__name__)
 
@@ -107,28 +113,29 @@ class ImageBuildError(CloudError):
     """The build VM's script failed or did not finish, or the image could not be made."""
 
 
-def build_script(init_script_text):
+def build_script(init_script_text: str) -> str:
     """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh."""
     if "\nCFLOW_INIT_SH_END\n" in f"\n{init_script_text}\n":
         raise ConfigError("init.sh contains the line CFLOW_INIT_SH_END, which the image build uses as a delimiter; remove it")
     return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(VENV_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
 
 
-def default_image_name(family, now=None):
+def default_image_name(family: str, now: datetime.datetime | None = None) -> str:
     """``FAMILY-YYYYMMDD-HHMMSS`` (UTC): sortable, and a new name at every build."""
     now = now or datetime.datetime.now(datetime.UTC)
     return f"{family}-{now:%Y%m%d-%H%M%S}"
 
 
-def check_image_names(family, name):
+def check_image_names(family: str, name: str) -> None:
     """Raises ConfigError unless ``family`` and ``name`` are valid image names (GCE's rule, 63 characters at most)."""
     if not NAME_RE.fullmatch(family):
         raise ConfigError(f"--family {family!r} is not a valid image family: lowercase letters, digits and -, starting with a letter, at most 63 characters")
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"--name {name!r} is not a valid image name: lowercase letters, digits and -, starting with a letter, at most 63 characters; pass a shorter --name or --family")
+        raise ConfigError(f"--name {name!r} is not a valid image name: lowercase letters, digits and -, starting with a letter, "
+                          "at most 63 characters; pass a shorter --name or --family")
 
 
-def build_vm_body(name, zone, stock_image, disk_gb, labels, startup_script):
+def build_vm_body(name: str, zone: str, stock_image: str, disk_gb: int, labels: Mapping[str, str], startup_script: str) -> dict[str, Any]:
     """The instances.insert body of the build VM: standard (never Spot: a preempted build is wasted), no service account."""
     return {
         "name": name,
@@ -155,7 +162,7 @@ class BuildRequest:
     zone: str
     stock_image: str
     disk_gb: int
-    labels: dict
+    labels: dict[str, str]
     init_script_text: str
     timeout_s: float
 
@@ -171,17 +178,24 @@ class ImageBuilder:
         poll_interval_s: seconds between serial console reads.
     """
 
-    def __init__(self, compute, out, clock=time.monotonic, sleep=time.sleep, poll_interval_s=POLL_INTERVAL_S):
+    def __init__(
+        self,
+        compute: "Compute",
+        out: IO[str],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
         self.compute = compute
         self.out = out
         self.clock = clock
         self.sleep = sleep
         self.poll_interval_s = poll_interval_s
 
-    def _say(self, text):
+    def _say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def build(self, request, vm_name=None):
+    def build(self, request: BuildRequest, vm_name: str | None = None) -> dict[str, Any]:
         """Runs the whole build for a ``BuildRequest``. Returns the READY image's JSON.
 
         ``vm_name`` names the build VM (default: ``cflow-image-build-`` and 6 random hex digits).
@@ -189,7 +203,7 @@ class ImageBuilder:
         Raises:
             ImageBuildError: the build script failed or the deadline passed, or
                 an operation (VM creation, stop, image creation) failed.
-            googleapiclient.errors.HttpError: a refused request (the caller translates it).
+            CloudError: a refused request (one line, see ``cflow.errors``).
         """
         deadline = self.clock() + request.timeout_s
         vm_name = vm_name or f"{BUILD_VM_PREFIX}-{secrets.token_hex(3)}"
@@ -214,7 +228,7 @@ class ImageBuilder:
         finally:
             self._delete_vm(request.zone, vm_name)
 
-    def _wait(self, operation_name, zone, what, deadline, fix=None):
+    def _wait(self, operation_name: str, zone: str | None, what: str, deadline: float, fix: str | None = None) -> dict[str, Any]:
         while True:
             operation = self.compute.wait_operation(operation_name, zone)
             if operation.get("status") == "DONE":
@@ -226,7 +240,7 @@ class ImageBuilder:
             if self.clock() >= deadline:
                 raise ImageBuildError(f"{what} did not finish before the deadline; raise --timeout or try again")
 
-    def _wait_for_script(self, zone, vm_name, deadline):
+    def _wait_for_script(self, zone: str, vm_name: str, deadline: float) -> None:
         """Reads the serial console until the build script says ready; raises ImageBuildError on failure or at the deadline."""
         self._say(f"waiting for the build script on {vm_name} (serial console)")
         start, pending, last_news = 0, "", self.clock()
@@ -255,7 +269,7 @@ class ImageBuilder:
             self.sleep(self.poll_interval_s)
 
     @staticmethod
-    def _outcome_of(line, vm_name):
+    def _outcome_of(line: str, vm_name: str) -> str | None:
         """'ready', None, or raises ImageBuildError for a line that says the script failed or ended without ready."""
         if READY_LINE in line and line.rstrip().endswith(READY_LINE):
             return "ready"
@@ -263,25 +277,24 @@ class ImageBuilder:
             raise ImageBuildError(f"the build script failed on {vm_name}: {line[line.find(FAILED_LINE):].strip()}; fix it (see the message) and build again")
         match = SCRIPT_EXIT_RE.search(line)
         if match:
-            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1)} before it was ready; build again, or check VM_STOCK_IMAGE")
+            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1)} before it was ready; "
+                                  "build again, or check VM_STOCK_IMAGE")
         return None
 
-    def _delete_vm(self, zone, vm_name):
-        from googleapiclient.errors import HttpError
-
+    def _delete_vm(self, zone: str, vm_name: str) -> None:
         try:
             operation = self.compute.delete_vm(zone, vm_name)
             if operation is not None:
                 self.compute.wait_operation(operation, zone)
             self._say(f"deleted build VM {vm_name}")
-        except (HttpError, OSError) as error:
+        except (CloudError, OSError) as error:
             log.warning("could not delete build VM %s (%s); delete it with `gcloud compute instances delete %s --zone %s`", vm_name, error, vm_name, zone)
 
 
 # ---------------------------------------------------------------- the command
 
 
-def add_parser(subparsers):
+def add_parser(subparsers: Any) -> None:
     """Register ``image`` with its sub-subcommand ``build``."""
     image = subparsers.add_parser("image", help="build the workers' VM image (VM_BOOT = \"image\")")
     actions = image.add_subparsers(dest="image_command", metavar="ACTION")
@@ -297,18 +310,21 @@ def add_parser(subparsers):
     )
     build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
     build.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH", help="settings file (default: ./const.py)")
-    build.add_argument("--family", default=DEFAULT_FAMILY, metavar="F", help=f"image family (default {DEFAULT_FAMILY}); VM_IMAGE_NAME = \"family/F\" boots its newest image")
+    build.add_argument("--family", default=DEFAULT_FAMILY, metavar="F",
+                       help=f"image family (default {DEFAULT_FAMILY}); VM_IMAGE_NAME = \"family/F\" boots its newest image")
     build.add_argument("--name", metavar="NAME", help="image name (default: F-YYYYMMDD-HHMMSS, UTC)")
     build.add_argument("--zone", metavar="Z", help="zone of the build VM (default: VM_ZONE)")
     where = build.add_mutually_exclusive_group()
     where.add_argument("--local", dest="target", action="store_const", const="local", help="build on the running local stack (overrides TARGET)")
     where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="build on Google Cloud (overrides TARGET)")
-    build.add_argument("--stack-dir", default=None, metavar="DIR", help="running local stack's folder (default: .cflow/local beside const.py); never started here")
-    build.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help=f"give up after S seconds in all, deleting the build VM (default {DEFAULT_TIMEOUT_S:g})")
+    build.add_argument("--stack-dir", default=None, metavar="DIR",
+                       help="running local stack's folder (default: .cflow/local beside const.py); never started here")
+    build.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                       help=f"give up after S seconds in all, deleting the build VM (default {DEFAULT_TIMEOUT_S:g})")
     build.set_defaults(func=build_command)
 
 
-def _compute_for(config, stack_dir):
+def _compute_for(config: "Config", stack_dir: str | None) -> "Compute":
     """The Compute seam for the config's target; locally only a running stack is used."""
     from cflow.gcp.clients import build_compute, credentials_for
     from cflow.gcp.compute import Compute
@@ -318,22 +334,21 @@ def _compute_for(config, stack_dir):
         return Compute(build_compute(credentials), config.project)
     from cflow.local.stack import LocalStack
 
-    stack_dir = Path(stack_dir) if stack_dir else config.base_dir / ".cflow" / "local"
-    info = LocalStack(stack_dir).info()
+    folder = Path(stack_dir) if stack_dir else config.base_dir / ".cflow" / "local"
+    info = LocalStack(folder).info()
     if info is None:
         raise StackError(
-            f"no local stack is running in {stack_dir}; start it with `cflow local up --dir {stack_dir}` "
+            f"no local stack is running in {folder}; start it with `cflow local up --dir {folder}` "
             "(the image lives in that stack, so it must outlive this command)"
         )
     credentials, _ = credentials_for("local")
     return Compute(build_compute(credentials, info.compute_endpoint), config.project)
 
 
-def build_command(args, out=None, err=None):
+def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     """``cflow image build``: returns 0 and prints the image and the const.py lines, or raises a CflowError."""
     from cflow.config import load_config
     from cflow.fleet import read_init_script
-    from cflow.gcp.errors import google_error_types, translate
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -344,21 +359,16 @@ def build_command(args, out=None, err=None):
     check_image_names(args.family, name)
     zone = args.zone or config.vm_zone
     compute = _compute_for(config, args.stack_dir)
-    try:
-        if not compute.zone_exists(zone):
-            raise ConfigError(f"zone {zone} does not exist in project {config.project}; pass --zone, e.g. {config.vm_zone}")
-        compute.check_image(config.vm_stock_image)
-        if compute.image_exists(name):
-            raise ConfigError(f"image {name} already exists in project {config.project}; pass another --name")
-        request = BuildRequest(
-            image_name=name, family=args.family, zone=zone, stock_image=config.vm_stock_image, disk_gb=config.vm_disk_gb,
-            labels=dict(config.vm_labels), init_script_text=read_init_script(config), timeout_s=args.timeout,
-        )
-        image = ImageBuilder(compute, err).build(request)
-    except google_error_types() as error:
-        if getattr(args, "debug", False):
-            raise
-        raise translate(error, config.project) from None
+    if not compute.zone_exists(zone):
+        raise ConfigError(f"zone {zone} does not exist in project {config.project}; pass --zone, e.g. {config.vm_zone}")
+    compute.check_image(config.vm_stock_image)
+    if compute.image_exists(name):
+        raise ConfigError(f"image {name} already exists in project {config.project}; pass another --name")
+    request = BuildRequest(
+        image_name=name, family=args.family, zone=zone, stock_image=config.vm_stock_image, disk_gb=config.vm_disk_gb,
+        labels=dict(config.vm_labels), init_script_text=read_init_script(config), timeout_s=args.timeout,
+    )
+    image = ImageBuilder(compute, err).build(request)
     print(f"image: {image['name']} (family {args.family}, project {config.project})", file=out)
     print("to boot the workers from it, put these lines in const.py:", file=out)
     print('VM_BOOT = "image"', file=out)

@@ -22,11 +22,11 @@ SKIPPED_PARTS = {"__pycache__", ".git", ".pytest_cache", "credential"}
 CONTROLLER_ONLY = "cflow/local/"
 
 
-def _included(path):
+def _included(path: Path) -> bool:
     return not (SKIPPED_PARTS & set(path.parts)) and path.suffix != ".pyc"
 
 
-def package_files(base_dir):
+def package_files(base_dir: str | Path) -> list[tuple[str, Path]]:
     """``(path in archive, local path)`` pairs for the package, in a stable order.
 
     Raises:
@@ -63,7 +63,7 @@ KEY_MARKERS = tuple(bytes.fromhex(h) for h in (
 ))
 
 
-def _refuse_keys(path, base_dir):
+def _refuse_keys(path: Path, base_dir: Path) -> None:
     """Workers use their VM's own account: a key in task/ must never ship with the package."""
     with open(path, "rb") as stream:
         head = stream.read(65536)
@@ -74,7 +74,7 @@ def _refuse_keys(path, base_dir):
         )
 
 
-def build_package(base_dir):
+def build_package(base_dir: str | Path) -> bytes:
     """Returns the package as tar.gz bytes (file modes kept, so task scripts stay executable).
 
     CFlow's own modules also go in compiled (``__pycache__``, hash-checked),
@@ -90,7 +90,7 @@ def build_package(base_dir):
     return buffer.getvalue()
 
 
-def _add_bytecode(archive, name, path, scratch_file):
+def _add_bytecode(archive: tarfile.TarFile, name: str, path: Path, scratch_file: Path) -> None:
     """Add ``name``'s compiled module where the importer looks for it.
 
     Hash-checked: the importer compares it with the source's hash, not with

@@ -8,15 +8,27 @@ first thing is created so an interrupted run can be resumed or cancelled.
 import argparse
 import contextlib
 import datetime
+import json
 import logging
 import os
 import secrets
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
+
+if TYPE_CHECKING:
+    from cflow.config import Config
+    from cflow.gcp.clients import Clients
+    from cflow.gcp.compute import Compute
+    from cflow.gcp.pubsub import PubSub, RunTopics
+    from cflow.gcp.storage import RunStorage
+    from cflow.lifecycle import CombinedFile
+    from cflow.scheduler import Progress, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +36,8 @@ STEP_INTERVAL_SECONDS = 2.0
 DEFAULT_CONFIG = "const.py"
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``cflow run`` (and ``scheduler.py``, ``cflow demo``)."""
     # SUPPRESS: `cflow --debug run` and `cflow run --debug` both work; a
     # subcommand default must not overwrite the top-level flag.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
@@ -41,7 +54,7 @@ def add_arguments(parser):
     parser.add_argument("--stack-dir", default=None, metavar="DIR", help="local stack folder (default: .cflow/local beside const.py)")
 
 
-def add_parser(subparsers):
+def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run every work item on a fleet of VMs (what `python3 scheduler.py` does)",
@@ -51,14 +64,15 @@ def add_parser(subparsers):
     parser.set_defaults(func=run_command)
 
 
-def new_run_id(now=None):
+def new_run_id(now: datetime.datetime | None = None) -> str:
     """Short, sortable, and valid in VM names, labels and topic names: MMDD-HHMM-xxxx."""
     now = now or datetime.datetime.now(datetime.UTC)
     return f"{now:%m%d-%H%M}-{secrets.token_hex(2)}"
 
 
-def overrides_from(args):
-    overrides = {}
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The const.py settings the command line overrides."""
+    overrides: dict[str, Any] = {}
     if args.tasks is not None:
         # A tasks file is relative to where the user typed it; a gs:// prefix is not a path.
         overrides["TASKS"] = args.tasks if args.tasks.startswith("gs://") else str(Path(args.tasks).absolute())
@@ -71,7 +85,8 @@ def overrides_from(args):
     return overrides
 
 
-def run_command(args, before_run=None):
+def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients], None] | None" = None) -> int:
+    """``cflow run``: load const.py, then run (or resume, or plan) the run. Returns the exit status."""
     from cflow.config import load_config
 
     config = load_config(args.config, overrides_from(args))
@@ -79,21 +94,14 @@ def run_command(args, before_run=None):
         return dry_run(config)
     run_id = args.resume or new_run_id()
     print(f"run id: {run_id}", flush=True)
-    from cflow.gcp.errors import google_error_types, translate
-
-    try:
-        with _cloud(config, args) as clients:
-            if before_run:
-                before_run(config, clients)
-            return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
-    except google_error_types() as error:
-        if getattr(args, "debug", False):
-            raise
-        raise translate(error, config.project) from None
+    with _cloud(config, args) as clients:
+        if before_run:
+            before_run(config, clients)
+        return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
 
 
 @contextlib.contextmanager
-def _cloud(config, args):
+def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
     """The clients for the run's target; locally, a running stack or one started for this run."""
     from cflow.gcp.clients import build_clients
 
@@ -108,18 +116,17 @@ def _cloud(config, args):
         yield build_clients("local", config.project)
 
 
-def dry_run(config, out=None):
+def dry_run(config: "Config", out: IO[str] | None = None) -> int:
     """Print the plan: items, VMs, zones, boot, the instance body and a cost range. Creates nothing."""
-    import json
-
     from cflow import fleet
+    from cflow.gcp import layout
     from cflow.tasks import load_items
 
     out = out or sys.stdout
     # A gs:// prefix would need a listing; the dry run talks to no service at all.
     items = load_items(config) if config.tasks_kind != "gcs" else None
     properties = fleet.worker_instance_properties(
-        config, "RUN_ID", f"gs://{config.bucket}/cflow/runs/RUN_ID/package/package.tar.gz", fleet.read_init_script(config)
+        config, "RUN_ID", layout.run_url(config.bucket, "RUN_ID", layout.PACKAGE), fleet.read_init_script(config)
     )
     for entry in properties["metadata"]["items"]:
         if entry["key"] in ("startup-script", "shutdown-script"):
@@ -127,7 +134,7 @@ def dry_run(config, out=None):
     workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
     lines = [
         f"target:       {config.target} (project {config.project})",
-        f"items:        {len(items) if items is not None else 'one per object under ' + config.tasks}",
+        f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
         f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
         f"zones:        {', '.join(config.zones)}",
@@ -143,7 +150,7 @@ def dry_run(config, out=None):
     return EXIT_OK
 
 
-def cost_range(config, workers, item_count):
+def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
     """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT."""
     price = config.hourly_price()
     if price is None:
@@ -157,60 +164,65 @@ def cost_range(config, workers, item_count):
     return text + " (estimate from PRICES in const.py)"
 
 
-def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_interval=STEP_INTERVAL_SECONDS, sleep=time.sleep, out=None):
-    """Run (or resume) one run with built clients. Returns the exit status."""
-    from cflow import fleet
+def execute_run(
+    config: "Config",
+    run_id: str,
+    clients: "Clients",
+    resume: bool = False,
+    assume_yes: bool = False,
+    step_interval: float = STEP_INTERVAL_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+    out: IO[str] | None = None,
+) -> int:
+    """Run (or resume) one run with built clients. Returns the exit status.
+
+    Raises:
+        ConfigError: a check failed before anything was created, or a resumed
+            run's settings differ in const.py now.
+        RunCancelled: the run was (or is, meanwhile) cancelled.
+        SchedulerGaveUp: the reconcile step kept failing; the run is resumable.
+        CloudError: a service refused.
+    """
+    from cflow import fleet, lifecycle
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
-    from cflow.gcp.storage import RunStorage
+    from cflow.gcp.storage import Bucket, RunStorage
     from cflow.package import build_package
-    from cflow.scheduler import CANCELLED_FILE, RunCancelled, Scheduler
-    from cflow.tasks import WorkItem, load_items
+    from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
+    from cflow.tasks import load_items
 
     out = out or sys.stderr
     started = time.monotonic()
+    bucket = Bucket(clients.storage, config.bucket)
     storage = RunStorage(clients.storage, config.bucket, run_id)
     compute = Compute(clients.compute, clients.project)
-    pubsub = PubSub(clients.publisher, clients.subscriber)
+    pubsub = PubSub(clients.publisher, clients.subscriber, clients.project)
 
     # Checks first: nothing is created before every one passes.
     # Locally the default bucket is made on demand; a bucket named in const.py
     # must exist, as on GCP, so a typo never writes results somewhere new.
-    storage.ensure_bucket(create_if_missing=config.is_local and config.bucket == f"{config.project}-cflow")
+    bucket.ensure_exists(create_if_missing=config.is_local and config.bucket == f"{config.project}-cflow")
     for zone in config.zones:
         if not compute.zone_exists(zone):
-            raise ConfigError(f"{config.config_path.name}: VM_ZONE/VM_FALLBACK_ZONES: zone {zone} does not exist in project {clients.project}; pick one from `gcloud compute zones list`")
+            raise ConfigError(f"{config.config_path.name}: VM_ZONE/VM_FALLBACK_ZONES: zone {zone} does not exist in project {clients.project}; "
+                              "pick one from `gcloud compute zones list`")
     compute.check_image(fleet.boot_image(config))
 
-    manifest = storage.read_manifest() if resume else None
     if resume:
-        if manifest is None:
+        manifest = storage.read_manifest()
+        items = storage.read_items()
+        if manifest is None or items is None:
             raise ConfigError(f"run {run_id} not found in gs://{config.bucket}; `cflow list` shows the runs there")
-        if storage.read_json(CANCELLED_FILE) is not None:
+        if storage.read_cancelled() is not None:
             raise RunCancelled(f"run {run_id} was cancelled and cannot be resumed; start a new run for the items left "
                                f"(`cflow status {run_id}` shows them)")
-        items = [WorkItem(id=d["id"], index=d["index"], args=tuple(d["args"])) for d in storage.read_items()]
+        lifecycle.check_resumable(manifest, config, run_id)
         topics = RunTopics.from_dict(manifest["topics"])
     else:
-        items = load_items(config, list_objects=lambda bucket, prefix: (b.name for b in clients.storage.list_blobs(bucket, prefix=prefix)))
+        items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
         topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
         package_url = storage.upload_package(build_package(config.base_dir))
-        manifest = {
-            "run_id": run_id,
-            "created": time.time(),
-            "target": config.target,
-            "project": clients.project,
-            "bucket": config.bucket,
-            "topics": topics.to_dict(),
-            "task_command": list(config.task_module_cmd),
-            "task_timeout": config.task_timeout,
-            "max_attempts": config.max_attempts,
-            "lease_seconds": config.lease_seconds,
-            "idle_poweroff_seconds": max(120, 3 * config.lease_seconds),
-            "item_count": len(items),
-            "package": package_url,
-            "settings": config.to_dict(),
-        }
+        manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), package_url, time.time())
         storage.write_items(items)
         storage.write_manifest(manifest)
 
@@ -218,37 +230,31 @@ def execute_run(config, run_id, clients, resume=False, assume_yes=False, step_in
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
-    if created_queue or storage.read_json("published.json") is None:
+    if created_queue or not storage.is_published():
         # A new queue (a new run, or a resumed one whose Pub/Sub forgot its
         # messages), or a run killed while publishing: every unfinished item
         # goes out again. Workers ack an item already done without rerunning it.
-        to_publish = scheduler.unfinished_items()
-        count = scheduler.publish_items(to_publish)
-        storage.write_json("published.json", {"count": count, "time": time.time()})
+        count = scheduler.publish_items(scheduler.unfinished_items())
+        storage.mark_published(count, time.time())
         print(f"published {count} work item(s)", file=out, flush=True)
 
     reporter = ProgressReporter(out)
     try:
-        while True:
-            progress = scheduler.step()
-            reporter.show(progress, time.monotonic() - started)
-            if progress.finished:
-                break
-            scheduler.wait(step_interval, sleep=sleep)
-    except RunCancelled:
+        run_steps(scheduler, lambda progress: reporter.show(progress, time.monotonic() - started), step_interval, sleep=sleep)
+    except (RunCancelled, SchedulerGaveUp):
         reporter.close()  # the error line goes below the progress line, not over it
         raise
     except KeyboardInterrupt:
         reporter.close()
-        _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out)
+        _on_interrupt(run_id, storage, pubsub, compute, topics, assume_yes, out)
         raise
     reporter.close()
     return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
 
 
-def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
+def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: "Compute", topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
     """Ctrl-C: cancel the run (asking on a terminal unless --yes), or leave it resumable."""
-    from cflow.scheduler import CANCELLED_FILE
+    from cflow.lifecycle import cancel_run
 
     cancel = assume_yes
     if not assume_yes and sys.stdin.isatty():
@@ -258,10 +264,8 @@ def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
             answer = ""
         cancel = answer.strip().lower() in ("y", "yes")
     if cancel:
-        # Marked first, as `cflow cancel` does: a cancel cut short still shows as cancelled.
-        storage.write_json(CANCELLED_FILE, {"time": time.time()})
-        left = scheduler.delete_fleet()
-        pubsub.delete_run_topics(topics)
+        outcome = cancel_run(storage, pubsub, compute, topics, time.time())
+        left = outcome.vms_left
         print(f"run {run_id} cancelled: VMs, topics and subscriptions deleted; outputs and logs kept"
               + (f" (still listed: {', '.join(left)})" if left else ""), file=out, flush=True)
     else:
@@ -269,21 +273,20 @@ def _on_interrupt(run_id, scheduler, storage, pubsub, topics, assume_yes, out):
               f"or stop it with `cflow cancel {run_id}`", file=out, flush=True)
 
 
-def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out):
-    """Combine outputs, delete the fleet and the run's topics, print the summary."""
-    from cflow.combine import combine_concat
+def finish_run(
+    config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float, out: IO[str]
+) -> int:
+    """Combine outputs, delete the fleet and the run's topics, print the summary. Returns the exit status."""
+    from cflow.lifecycle import combine_outputs, done_in_item_order
 
-    combined = {}
+    combined: dict[str, CombinedFile] = {}
     # The VMs have no work left and bill until they are gone: delete them while combining.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-fleet") as deleter:
-        fleet_deleted = deleter.submit(scheduler.delete_fleet)
+        fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id)
         if config.combine == "concat":
-            done_in_order = [item.id for item in scheduler.items if item.id in scheduler.done_ids]
-            dest = Path(config.result_dir) / run_id
-            print(f"combining the outputs of {len(done_in_order)} item(s) into {dest}", file=out, flush=True)
-            combined = combine_concat(done_in_order, storage.recorded_output_names, storage.read_output, dest)
-            for name, path in combined.items():
-                storage.upload_combined(name, path)
+            done_in_order = done_in_item_order((item.id for item in scheduler.items), scheduler.done_ids)
+            print(f"combining the outputs of {len(done_in_order)} item(s) into {Path(config.result_dir) / run_id}", file=out, flush=True)
+            combined = combine_outputs(storage, done_in_order, config.result_dir)
         left = fleet_deleted.result()
     pubsub.delete_run_topics(topics)
     progress = scheduler.progress
@@ -291,7 +294,19 @@ def finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
 
 
-def print_summary(config, run_id, scheduler, storage, combined, wall_seconds, vms_left, out):
+def print_summary(
+    config: "Config",
+    run_id: str,
+    scheduler: "Scheduler",
+    storage: "RunStorage",
+    combined: "dict[str, CombinedFile]",
+    wall_seconds: float,
+    vms_left: list[str],
+    out: IO[str],
+) -> None:
+    """The run's last lines: counts, attempts, VM time and cost, failed items with their logs, where the result is."""
+    from cflow.gcp import layout
+
     progress = scheduler.progress
     attempts = progress.done + progress.failed + progress.retries + progress.preemptions
     kind = "Spot" if config.vm_spot else "standard"
@@ -302,14 +317,15 @@ def print_summary(config, run_id, scheduler, storage, combined, wall_seconds, vm
     ]
     price = config.hourly_price()
     if price is not None:
-        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} (from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
+                     f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
     for item_id in sorted(scheduler.failed_ids):
-        marker = storage.read_marker("failed", item_id) or {}
+        marker = storage.read_marker(layout.FAILED, item_id) or {}
         lines.append(f"failed: item {item_id} ({marker.get('reason', 'unknown')}); log: {marker.get('log')}")
-    for name, path in combined.items():
-        lines.append(f"combined: {path} (gs://{config.bucket}/cflow/runs/{run_id}/combined/{name})")
+    for file in combined.values():
+        lines.append(f"combined: {file.path} ({file.url})")
     if config.combine == "none":
-        lines.append(f"outputs: gs://{config.bucket}/cflow/runs/{run_id}/outputs/ITEM/ (COMBINE = \"none\")")
+        lines.append(f"outputs: {storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
     if vms_left:
         lines.append(f"warning: VMs still listed after deletion: {', '.join(vms_left)}; delete them with `cflow cancel {run_id}`")
     print("\n".join(lines), file=out, flush=True)
@@ -320,14 +336,14 @@ class ProgressReporter:
 
     PLAIN_EVERY_SECONDS = 10.0
 
-    def __init__(self, out):
+    def __init__(self, out: IO[str]) -> None:
         self.out = out
         self.live = hasattr(out, "isatty") and out.isatty()
-        self._last_plain = None
+        self._last_plain: float | None = None
 
     BAR_WIDTH = 24
 
-    def _line(self, progress, elapsed):
+    def _line(self, progress: "Progress", elapsed: float) -> str:
         vms = " ".join(f"{status.lower()}={count}" for status, count in sorted(progress.vms.items())) or "none"
         eta = ""
         if progress.done and not progress.finished:
@@ -341,7 +357,7 @@ class ProgressReporter:
         filled = int(self.BAR_WIDTH * (progress.done + progress.failed) / max(progress.total, 1))
         return f"[{'#' * filled}{'.' * (self.BAR_WIDTH - filled)}] {elapsed:.0f} s {counts}"
 
-    def show(self, progress, elapsed):
+    def show(self, progress: "Progress", elapsed: float) -> None:
         line = self._line(progress, elapsed)
         if self.live:
             self.out.write("\r\x1b[K" + line)
@@ -350,13 +366,13 @@ class ProgressReporter:
             self._last_plain = elapsed
             print(line, file=self.out, flush=True)
 
-    def close(self):
+    def close(self) -> None:
         if self.live:
             self.out.write("\n")
             self.out.flush()
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """scheduler.py: the same as `cflow run`."""
     from cflow.cli import run_entry
 

@@ -4,31 +4,35 @@ Each step reads what happened (worker events, done and failed markers in
 Cloud Storage, the run's VMs by label in one list call) and acts on the
 difference from what is wanted: delete VMs that stopped, create what is
 missing up to ``min(WORKER_NODE_CNT, items left)``, and delete idle VMs once
-the queue is drained. Tests call ``step()`` by hand; ``run()`` loops it.
+the queue is drained. Tests call ``step()`` by hand; ``run_steps()`` loops
+it, riding out failed steps within a ``StepFailureBudget``.
 
 Completion lives in Cloud Storage (done/failed markers), so a scheduler that
 is killed can be resumed with the run's id. A run cancelled from elsewhere
-(``cflow cancel`` writes cancelled.json, then deletes topics and VMs) makes
-the next step raise ``RunCancelled``; a run whose topics vanished without a
-cancel (a Pub/Sub emulator restarted) gets them back, with its unfinished
-items published again.
+(``cflow cancel``, see ``cflow.lifecycle.cancel_run``: it marks the run, then
+deletes topics and VMs) makes the next step raise ``RunCancelled``; a run
+whose topics vanished without a cancel (a Pub/Sub emulator restarted) gets
+them back, with its unfinished items published again.
 """
 
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-from google.api_core import exceptions as google_exceptions
-from googleapiclient.errors import HttpError
+from typing import TYPE_CHECKING, Any
 
 from cflow import fleet, tasks
-from cflow.errors import EXIT_ITEMS_FAILED, CflowError
-from cflow.gcp.compute import STOCKOUT_CODES, QuotaExceeded, ZoneStockout, error_message
+from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, QuotaExceeded, ZoneStockout
+from cflow.gcp.retry import Backoff
 from cflow.protocol import ITEM_END_EVENTS, EventKind
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from cflow.config import Config
+    from cflow.gcp.compute import Compute, PendingCreation, Vm
+    from cflow.gcp.pubsub import PubSub, RunTopics
+    from cflow.gcp.storage import RunStorage
 
-CANCELLED_FILE = "cancelled.json"
+log = logging.getLogger(__name__)
 
 LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
 STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
@@ -37,10 +41,20 @@ MARKER_LIST_INTERVAL_SECONDS = 30
 EVENT_POLL_SECONDS = 0.25
 STOCKOUT_COOLDOWN_SECONDS = 120
 QUOTA_COOLDOWN_SECONDS = 60
+# Ray autoscaler's max_failures: so many failed steps in a row end the run (it stays resumable).
+MAX_CONSECUTIVE_STEP_FAILURES = 5
+# Waits after a failed step: 2, 4, 8, 16 ... s, at most a minute.
+STEP_FAILURE_BACKOFF = Backoff(first_delay=2.0, max_delay=60.0, jitter=0.0)
 
 
 class RunCancelled(CflowError):
     """The run was cancelled (``cflow cancel`` or Ctrl-C elsewhere) while this scheduler ran it."""
+
+    exit_status = EXIT_ITEMS_FAILED
+
+
+class SchedulerGaveUp(CflowError):
+    """The reconcile step failed too many times in a row; the run is left resumable."""
 
     exit_status = EXIT_ITEMS_FAILED
 
@@ -53,16 +67,16 @@ class Progress:
     done: int = 0
     failed: int = 0
     running: int = 0
-    vms: dict = field(default_factory=dict)  # status -> count
+    vms: dict[str, int] = field(default_factory=dict)  # status -> count
     retries: int = 0
     preemptions: int = 0
 
     @property
-    def finished(self):
+    def finished(self) -> bool:
         return self.done + self.failed >= self.total
 
     @property
-    def left(self):
+    def left(self) -> int:
         return self.total - self.done - self.failed
 
 
@@ -81,7 +95,18 @@ class Scheduler:
         clock: monotonic seconds (tests pass their own).
     """
 
-    def __init__(self, config, run_id, items, compute, pubsub, storage, topics, instance_properties, clock=time.monotonic):
+    def __init__(
+        self,
+        config: "Config",
+        run_id: str,
+        items: Sequence[tasks.WorkItem],
+        compute: "Compute",
+        pubsub: "PubSub",
+        storage: "RunStorage",
+        topics: "RunTopics",
+        instance_properties: Mapping[str, Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.run_id = run_id
         self.items = items
@@ -92,42 +117,43 @@ class Scheduler:
         self.instance_properties = instance_properties
         self.clock = clock
         self.progress = Progress(total=len(items))
-        self.done_ids = set()
-        self.failed_ids = set()
-        self.pending_creations = []
-        self.zone_cooldown_until = {}
+        self.done_ids: set[str] = set()
+        self.failed_ids: set[str] = set()
+        self.pending_creations: list[PendingCreation] = []
+        self.zone_cooldown_until: dict[str, float] = {}
         self.quota_cooldown_until = 0.0
         self.quota_reported = False
         self.zones_out_reported = False
-        self.last_create_error = None
-        self.create_limit = None  # lowered when the quota refuses
+        self.last_create_error: str | None = None
+        self.create_limit: int | None = None  # lowered when the quota refuses
         self.next_vm_number = 1
-        self.item_by_vm = {}  # VM name -> item it last started
-        self.idle_vms = set()
+        # As the workers' events name them (None where an event lacks the field).
+        self.item_by_vm: dict[str | None, str | None] = {}  # VM name -> item it last started
+        self.idle_vms: set[str | None] = set()
         self.vm_seconds = 0.0
-        self._last_step_at = None
-        self._markers_listed_at = None
+        self._last_step_at: float | None = None
+        self._markers_listed_at: float | None = None
         self.item_ids = {item.id for item in items}
 
     # -- publishing --------------------------------------------------------
 
-    def publish_items(self, items, on_progress=None):
+    def publish_items(self, items: Iterable[tasks.WorkItem], on_progress: Callable[[int], None] | None = None) -> int:
         """Publish a work message per item (attempt 1). Returns the count."""
         messages = (tasks.encode_message(item, 1) for item in items)
         return self.pubsub.publish_many(self.topics.work_topic, messages, on_progress=on_progress)
 
-    def refresh_markers(self):
+    def refresh_markers(self) -> None:
         """Read every done and failed marker: the source of truth, O(items) to list."""
         self.done_ids = self.storage.list_done_ids()
         self.failed_ids = self.storage.list_failed_ids() - self.done_ids
         self._markers_listed_at = self.clock()
         self._count_finished()
 
-    def _count_finished(self):
+    def _count_finished(self) -> None:
         self.progress.done = len(self.done_ids)
         self.progress.failed = len(self.failed_ids)
 
-    def _markers_due(self, now):
+    def _markers_due(self, now: float) -> bool:
         """List the markers at start, now and then, and before believing the run finished.
 
         In between, done and failed events keep the counts current: at 100,000
@@ -138,32 +164,33 @@ class Scheduler:
             return True
         return len(self.done_ids | self.failed_ids) >= len(self.items)
 
-    def unfinished_items(self):
+    def unfinished_items(self) -> list[tasks.WorkItem]:
         finished = self.done_ids | self.failed_ids
         return [item for item in self.items if item.id not in finished]
 
     # -- the reconcile step ------------------------------------------------
 
-    def check_not_cancelled(self):
-        """Raises RunCancelled if the run has cancelled.json."""
-        if self.storage.read_json(CANCELLED_FILE) is not None:
+    def check_not_cancelled(self) -> None:
+        """Raises RunCancelled if the run was marked cancelled."""
+        if self.storage.read_cancelled() is not None:
             raise RunCancelled(
                 f"run {self.run_id} was cancelled; its VMs, topics and subscriptions are deleted by the cancel, "
                 "outputs and logs are kept; start a new run for the items left"
             )
 
-    def step(self):
+    def step(self) -> Progress:
         """One reconcile pass. Returns the run's ``Progress``.
 
         Raises:
             RunCancelled: the run was cancelled meanwhile; nothing was created.
+            CloudError: a service refused; ``run_steps`` tries again within its budget.
         """
         now = self.clock()
         self.check_not_cancelled()
         try:
             self._read_events()
             self._read_dead_letters()
-        except google_exceptions.NotFound:
+        except NotFound:
             self.check_not_cancelled()  # a cancel deletes the topics after marking the run
             self.refresh_markers()
             self._recover_queue()
@@ -203,7 +230,7 @@ class Scheduler:
         self.progress.running = sum(1 for vm in live if vm.name in self.item_by_vm)
         return self.progress
 
-    def _recover_queue(self):
+    def _recover_queue(self) -> None:
         """The run's topics or subscriptions are gone without a cancel: make them again, republish what is unfinished."""
         unfinished = self.unfinished_items()
         log.warning("the run's Pub/Sub topics or subscriptions are gone (was the Pub/Sub service restarted?); "
@@ -211,7 +238,7 @@ class Scheduler:
         self.pubsub.create_run_topics(self.topics, ack_deadline_seconds=self.config.lease_seconds)
         self.publish_items(unfinished)
 
-    def wait(self, seconds, sleep=time.sleep):
+    def wait(self, seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
         """Wait up to ``seconds`` until the next step, reading events as they come.
 
         Returns as soon as the events show every item ended, so the run's end
@@ -232,7 +259,7 @@ class Scheduler:
                 return
             try:
                 self._read_events(timeout=left)
-            except google_exceptions.GoogleAPICallError as error:
+            except CloudError as error:
                 log.debug("reading events while waiting failed (%s); the next step handles it", error)
                 sleep(max(0.0, deadline - self.clock()))
                 return
@@ -242,7 +269,7 @@ class Scheduler:
             # second see the end soon enough without spinning on the service.
             sleep(max(0.0, min(deadline, pulled_at + EVENT_POLL_SECONDS) - self.clock()))
 
-    def _all_ended(self):
+    def _all_ended(self) -> bool:
         return len(self.done_ids) + len(self.failed_ids) >= len(self.items)
 
     def _read_events(self, timeout=0.5):
@@ -274,7 +301,7 @@ class Scheduler:
             elif kind == EventKind.MALFORMED:
                 log.warning("VM %s dropped a work message that is not CFlow's: %s", vm, event.get("detail"))
 
-    def _read_dead_letters(self):
+    def _read_dead_letters(self) -> None:
         received = self.pubsub.pull(self.topics.dead_subscription, max_messages=100, timeout=0.2)
         for message in received:
             try:
@@ -292,31 +319,31 @@ class Scheduler:
                 self.failed_ids.add(item.id)
             self.pubsub.ack(self.topics.dead_subscription, [message.ack_id])
 
-    def _account_vm_time(self, vms, now):
+    def _account_vm_time(self, vms: list["Vm"], now: float) -> None:
         if self._last_step_at is not None:
             self.vm_seconds += (now - self._last_step_at) * sum(1 for vm in vms if vm.status in LIVE_STATES)
         self._last_step_at = now
 
-    def _settle_creations(self, now):
+    def _settle_creations(self, now: float) -> None:
         still_pending = []
         for pending in self.pending_creations:
             errors = self.compute.creation_result(pending)
             if errors is None:
                 still_pending.append(pending)
-            elif STOCKOUT_CODES & set(errors):
+            elif any(isinstance(error, ZoneStockout) for error in errors):
                 self.zone_cooldown_until[pending.zone] = now + STOCKOUT_COOLDOWN_SECONDS
                 log.warning("zone %s has no capacity (stockout); trying the next zone", pending.zone)
             elif errors:
-                log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(errors))
+                log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(error.reason or error.message for error in errors))
         self.pending_creations = still_pending
 
-    def _pick_zone(self, now):
+    def _pick_zone(self, now: float) -> str | None:
         for zone in self.config.zones:
             if self.zone_cooldown_until.get(zone, 0) <= now:
                 return zone
         return None
 
-    def _create(self, count, now):
+    def _create(self, count: int, now: float) -> None:
         if now < self.quota_cooldown_until:
             return
         if self.create_limit:
@@ -334,8 +361,8 @@ class Scheduler:
             pending = self.compute.bulk_insert(zone, names, self.instance_properties)
         except QuotaExceeded as error:
             if not self.quota_reported:
-                log.warning("quota: %s; carrying on with the VMs it allows and asking for more every %d s",
-                            error, QUOTA_COOLDOWN_SECONDS)
+                log.warning("quota: %s (ask for more quota or lower WORKER_NODE_CNT); carrying on with the VMs it allows "
+                            "and asking for more every %d s", error.message, QUOTA_COOLDOWN_SECONDS)
                 self.quota_reported = True
             self.quota_cooldown_until = now + QUOTA_COOLDOWN_SECONDS
             self.create_limit = max(1, count // 2)
@@ -344,9 +371,9 @@ class Scheduler:
             self.zone_cooldown_until[zone] = now + STOCKOUT_COOLDOWN_SECONDS
             log.warning("zone %s has no capacity (stockout); trying the next zone", zone)
             return
-        except HttpError as error:
-            # Retried by the client already; the next step asks again.
-            message = error_message(error)
+        except CloudError as error:
+            # Retried by the Compute seam already; the next step asks again.
+            message = error.message
             if message != self.last_create_error:
                 log.warning("creating VMs in %s failed: %s; trying again on the next step", zone, message)
                 self.last_create_error = message
@@ -355,7 +382,7 @@ class Scheduler:
         self.pending_creations.append(pending)
         log.info("creating %d VM(s) in %s", count, zone)
 
-    def _delete_idle(self, live, surplus):
+    def _delete_idle(self, live: list["Vm"], surplus: int) -> None:
         idle = [vm for vm in live if vm.name in self.idle_vms and vm.name not in self.item_by_vm][:surplus]
         if idle:
             log.info("queue drained; deleting %d idle VM(s)", len(idle))
@@ -363,8 +390,78 @@ class Scheduler:
             for vm in idle:
                 self.idle_vms.discard(vm.name)
 
-    # -- the end -----------------------------------------------------------
 
-    def delete_fleet(self, deadline_seconds=300, sleep=time.sleep):
-        """Delete every VM of the run and wait until none is listed. Returns names left at the deadline."""
-        return self.compute.delete_run_vms(self.run_id, deadline_seconds, clock=self.clock, sleep=sleep)
+
+class StepFailureBudget:
+    """How many failed reconcile steps in a row a run rides out, and how long it waits after each.
+
+    As Ray autoscaler's ``max_failures``: a step that fails (a service down
+    for a moment, a bug met once) is tried again after a growing wait; a
+    step that succeeds resets the count; ``max_consecutive`` failures in a
+    row end the run with one line, leaving it resumable.
+
+    Args:
+        run_id: named in the final line.
+        max_consecutive: failures in a row that end the run.
+        backoff: the waits (``Backoff.delay(n)`` after the n-th failure in a row).
+    """
+
+    def __init__(self, run_id: str, max_consecutive: int = MAX_CONSECUTIVE_STEP_FAILURES, backoff: Backoff = STEP_FAILURE_BACKOFF) -> None:
+        self.run_id = run_id
+        self.max_consecutive = max_consecutive
+        self.backoff = backoff
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+    def failed(self, error: BaseException) -> float:
+        """Count a failed step. Returns the seconds to wait before the next one.
+
+        Raises:
+            SchedulerGaveUp: that was the ``max_consecutive``-th failure in a row.
+        """
+        self.failures += 1
+        what = " ".join(str(error).split()) if isinstance(error, CflowError) else f"{type(error).__name__}: {' '.join(str(error).split())}"
+        if self.failures >= self.max_consecutive:
+            raise SchedulerGaveUp(
+                f"run {self.run_id}: the scheduler's step failed {self.failures} times in a row (last: {what[:300]}); "
+                f"the run is left as it is: carry on with `python3 scheduler.py --resume {self.run_id}` "
+                f"or stop it with `cflow cancel {self.run_id}`"
+            ) from error
+        delay = self.backoff.delay(self.failures)
+        log.warning("the scheduler's step failed (%s); trying again in %.0f s (%d in a row, %d allowed)",
+                    what, delay, self.failures, self.max_consecutive - 1)
+        return delay
+
+
+def run_steps(
+    scheduler: Scheduler,
+    on_progress: Callable[[Progress], None],
+    step_interval: float,
+    sleep: Callable[[float], None] = time.sleep,
+    budget: StepFailureBudget | None = None,
+) -> Progress:
+    """Step the scheduler until every item is done or failed; returns the final ``Progress``.
+
+    Between steps it waits ``step_interval`` seconds (reading events, see
+    ``Scheduler.wait``); after a failed step, the budget's wait instead.
+
+    Raises:
+        RunCancelled: the run was cancelled.
+        SchedulerGaveUp: the budget of failed steps in a row ran out.
+    """
+    budget = budget or StepFailureBudget(scheduler.run_id)
+    while True:
+        try:
+            progress = scheduler.step()
+        except RunCancelled:
+            raise
+        except Exception as error:
+            sleep(budget.failed(error))
+            continue
+        budget.succeeded()
+        on_progress(progress)
+        if progress.finished:
+            return progress
+        scheduler.wait(step_interval, sleep=sleep)

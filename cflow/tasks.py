@@ -12,6 +12,12 @@ import logging
 import re
 import shlex
 import unicodedata
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cflow.config import Config
 
 from cflow.config import args_problem
 from cflow.errors import ConfigError
@@ -46,25 +52,49 @@ class WorkItem:
     index: int
     args: tuple[str, ...]
 
+    def to_dict(self) -> dict[str, Any]:
+        """The item as JSON data: ``{"id", "index", "args"}`` (a work message's data, a line of items.jsonl)."""
+        return {"id": self.id, "index": self.index, "args": list(self.args)}
 
-def id_width(count):
+    @classmethod
+    def from_dict(cls, document: object) -> "WorkItem":
+        """The item ``to_dict`` made.
+
+        Raises:
+            MessageError (a ValueError): not such a dict (keys, id, index and args are checked).
+        """
+        if not isinstance(document, Mapping) or set(document) != {"id", "index", "args"}:
+            raise MessageError(f"must be a JSON object with keys id, index, args; got {str(document)[:80]!r}")
+        raw_id, index, args = document["id"], document["index"], document["args"]
+        try:
+            validate_item_id(raw_id)
+        except ValueError as error:
+            raise MessageError(f"has a bad item id: {error}") from None
+        if not isinstance(index, int) or isinstance(index, bool) or index != int(raw_id):
+            raise MessageError(f"has index {index!r}, which does not match its id {raw_id!r}")
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise MessageError("has args that are not a list of strings")
+        return cls(raw_id, index, tuple(args))
+
+
+def id_width(count: int) -> int:
     """Digits in the ids of a run with ``count`` items: at least 6, more for over a million."""
     return max(MIN_ID_WIDTH, len(str(max(count, 1) - 1)))
 
 
-def item_id(index, count):
+def item_id(index: int, count: int) -> str:
     """The id of item ``index`` in a run of ``count`` items, e.g. ``"000042"``."""
     return str(index).zfill(id_width(count))
 
 
-def make_items(arg_lists):
+def make_items(arg_lists: Iterable[Iterable[str]]) -> list[WorkItem]:
     """Number a sequence of argument lists as WorkItems, ids by position."""
     arg_lists = list(arg_lists)
     count = len(arg_lists)
     return [WorkItem(item_id(index, count), index, tuple(args)) for index, args in enumerate(arg_lists)]
 
 
-def parse_tasks_text(text, source="tasks file"):
+def parse_tasks_text(text: str, source: str = "tasks file") -> list[list[str]]:
     """Split a tasks file's text into items, one per line.
 
     Blank lines and lines whose first non-blank character is ``#`` are
@@ -103,7 +133,7 @@ def parse_tasks_text(text, source="tasks file"):
     return items
 
 
-def _read_tasks_file(path):
+def _read_tasks_file(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -114,7 +144,7 @@ def _read_tasks_file(path):
         raise ConfigError(f"{path}: the tasks file is not UTF-8 text ({error.reason} at byte {error.start}) (save it as UTF-8)") from None
 
 
-def load_items(config, list_objects=None):
+def load_items(config: "Config", list_objects: Callable[[str, str], Iterable[str]] | None = None) -> list[WorkItem]:
     """The run's work items, in order, from ``config.tasks``.
 
     Args:
@@ -129,18 +159,17 @@ def load_items(config, list_objects=None):
         ConfigError: the source cannot be read or split, or has no items.
         TypeError: TASKS is a gs:// prefix and no ``list_objects`` was given.
     """
-    kind = config.tasks_kind
-    if kind == "file":
-        path = config.tasks_file
+    gcs = config.tasks_gcs
+    if (path := config.tasks_file) is not None:
         arg_lists = parse_tasks_text(_read_tasks_file(path), source=str(path))
         empty = f"{path}: the tasks file has no items (write one item per line; lines starting with # are comments)"
-    elif kind == "list":
+    elif gcs is None:
         arg_lists = [list(args) for args in config.tasks]
         empty = f"{config.config_path.name}: TASKS is an empty list, so there are no items (add items, or point TASKS at a tasks file)"
     else:
         if list_objects is None:
             raise TypeError("load_items needs list_objects for a gs:// TASKS")
-        bucket, prefix = config.tasks_gcs
+        bucket, prefix = gcs
         names = sorted(name for name in list_objects(bucket, prefix) if not name.endswith("/"))
         arg_lists = [[f"gs://{bucket}/{name}"] for name in names]
         empty = (
@@ -152,7 +181,7 @@ def load_items(config, list_objects=None):
     return make_items(arg_lists)
 
 
-def encode_message(item, attempt):
+def encode_message(item: WorkItem, attempt: int) -> tuple[bytes, dict[str, str]]:
     """The Pub/Sub message for one attempt at ``item``.
 
     Args:
@@ -166,13 +195,13 @@ def encode_message(item, attempt):
     """
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
         raise ValueError(f"attempt must be an integer of at least 1, got {attempt!r}")
-    data = json.dumps({"id": item.id, "index": item.index, "args": list(item.args)}, ensure_ascii=False).encode("utf-8")
+    data = json.dumps(item.to_dict(), ensure_ascii=False).encode("utf-8")
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValueError(f"item {item.id} is {len(data)} bytes as a message; Pub/Sub allows {MAX_MESSAGE_BYTES} (shorten its fields)")
     return data, {ATTR_ITEM: item.id, ATTR_ATTEMPT: str(attempt)}
 
 
-def decode_message(data, attributes):
+def decode_message(data: bytes, attributes: Mapping[str, str] | None) -> tuple[WorkItem, int]:
     """The WorkItem and attempt number in a message made by ``encode_message``.
 
     Args:
@@ -187,27 +216,21 @@ def decode_message(data, attributes):
         payload = json.loads(bytes(data).decode("utf-8"))
     except (TypeError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MessageError(f"message data is not UTF-8 JSON: {error}") from None
-    if not isinstance(payload, dict) or set(payload) != {"id", "index", "args"}:
-        raise MessageError(f"message data must be a JSON object with keys id, index, args; got {str(payload)[:80]!r}")
-    raw_id, index, args = payload["id"], payload["index"], payload["args"]
     try:
-        validate_item_id(raw_id)
-    except ValueError as error:
-        raise MessageError(f"message has a bad item id: {error}") from None
-    if not isinstance(index, int) or isinstance(index, bool) or index != int(raw_id):
-        raise MessageError(f"message index {index!r} does not match its id {raw_id!r}")
-    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
-        raise MessageError("message args must be a list of strings")
+        item = WorkItem.from_dict(payload)
+    except MessageError as error:
+        raise MessageError(f"message data {error}") from None
+    raw_id = item.id
     attributes = attributes or {}
     if attributes.get(ATTR_ITEM) != raw_id:
         raise MessageError(f"message attribute {ATTR_ITEM}={attributes.get(ATTR_ITEM)!r} does not match its id {raw_id!r}")
     attempt_text = attributes.get(ATTR_ATTEMPT)
     if not isinstance(attempt_text, str) or not ITEM_ID_RE.fullmatch(attempt_text) or int(attempt_text) < 1:
         raise MessageError(f"message attribute {ATTR_ATTEMPT} must be a positive integer, got {attempt_text!r}")
-    return WorkItem(raw_id, index, tuple(args)), int(attempt_text)
+    return item, int(attempt_text)
 
 
-def _name_problem(name):
+def _name_problem(name: object) -> str | None:
     if not isinstance(name, str):
         return f"must be a string, got {type(name).__name__}"
     if not name:
@@ -227,7 +250,7 @@ def _name_problem(name):
     return None
 
 
-def validate_output_name(name):
+def validate_output_name(name: str) -> str:
     """Check a task's output file name is one plain file name that stays under its item's prefix.
 
     Rejects empty names, ``.``/``..``, ``/`` and ``\\`` (so no absolute
@@ -245,7 +268,7 @@ def validate_output_name(name):
     return name
 
 
-def validate_item_id(value):
+def validate_item_id(value: str) -> str:
     """Check an item id is one CFlow makes: ASCII digits only, at least 6 of them.
 
     Returns:

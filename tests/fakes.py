@@ -1,12 +1,28 @@
-"""In-memory stand-ins for the Pub/Sub and Storage seams, recording every call in order."""
+"""In-memory stand-ins for the seams (Pub/Sub, Storage, Compute, Metadata), recording every call in order.
+
+Each fake names the real class it stands in for (``fakes``) and the methods
+it adds for tests (``helpers``); every other public method has the real
+one's name and parameters (tests/unit/test_fakes.py checks it).
+"""
 
 import json
+import time
 from pathlib import Path
 
-from cflow.gcp.pubsub import Received
+from cflow.errors import NotFound, QuotaExceeded
+from cflow.gcp.compute import Compute, PendingCreation, Vm
+from cflow.gcp.errors import classify_operation_error
+from cflow.gcp.metadata import Metadata
+from cflow.gcp.pubsub import PUBLISH_WINDOW, PubSub, Received
+from cflow.gcp.storage import RunStorage
 
 
 class FakePubSub:
+    """The worker's Pub/Sub."""
+
+    fakes = PubSub
+    helpers = ("kinds",)
+
     def __init__(self):
         self.calls = []  # (method, args...) in call order
         self.published = []  # (topic, data, attributes)
@@ -41,11 +57,16 @@ class FakePubSub:
 
 
 class FakeStorage:
+    """The worker's RunStorage."""
+
+    fakes = RunStorage
+    helpers = ()
+
     def __init__(self):
         self.objects = {}  # relative name -> bytes
         self.calls = []
 
-    def url(self, relative):
+    def url(self, relative=""):
         return f"gs://bucket/run/{relative}"
 
     def is_done(self, item_id):
@@ -83,6 +104,9 @@ class FakeStorage:
 
 
 class FakeMetadata:
+    fakes = Metadata
+    helpers = ()
+
     def __init__(self, preempted=False):
         self.is_preempted = preempted
 
@@ -100,10 +124,10 @@ def received(item, attempt, ack_id="ack-1"):
 class FakeCompute:
     """Compute seam double: VMs in a dict, creations settled by the test."""
 
-    def __init__(self):
-        from cflow.gcp.compute import Vm
+    fakes = Compute
+    helpers = ("set_status", "count")
 
-        self.Vm = Vm
+    def __init__(self):
         self.vms = {}  # name -> Vm
         self.calls = []
         self.pending_results = {}  # operation -> errors (None while running)
@@ -115,18 +139,18 @@ class FakeCompute:
         return list(self.vms.values())
 
     def bulk_insert(self, zone, names, instance_properties):
-        from cflow.gcp.compute import PendingCreation, QuotaExceeded
-
         self.calls.append(("bulkInsert", zone, tuple(names)))
         if self.quota_left is not None and len(names) > self.quota_left:
             raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.")
         operation = f"op-{len(self.calls)}"
         if zone in self.stockout_zones:
-            self.pending_results[operation] = ["ZONE_RESOURCE_POOL_EXHAUSTED"]
+            self.pending_results[operation] = [
+                classify_operation_error({"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": "not enough resources"}, zone)
+            ]
         else:
             self.pending_results[operation] = []
             for name in names:
-                self.vms[name] = self.Vm(name=name, zone=zone, status="RUNNING", status_message="", labels={})
+                self.vms[name] = Vm(name=name, zone=zone, status="RUNNING", status_message="", labels={})
         return PendingCreation(zone=zone, operation=operation, names=tuple(names))
 
     def creation_result(self, pending):
@@ -137,9 +161,14 @@ class FakeCompute:
         for vm in vms:
             self.vms.pop(vm.name, None)
 
+    def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
+        self.calls.append(("delete-run", run_id))
+        self.vms.clear()
+        return []
+
     def set_status(self, name, status, message=""):
         vm = self.vms[name]
-        self.vms[name] = self.Vm(name=vm.name, zone=vm.zone, status=status, status_message=message, labels={})
+        self.vms[name] = Vm(name=vm.name, zone=vm.zone, status=status, status_message=message, labels={})
 
     def count(self, method):
         return sum(1 for call in self.calls if call[0] == method)
@@ -148,15 +177,24 @@ class FakeCompute:
 class FakeRunStorage:
     """Markers only, as the scheduler reads them."""
 
-    def __init__(self):
+    fakes = RunStorage
+    helpers = ()
+
+    def __init__(self, run_id="0101-0000-abcd"):
+        self.run_id = run_id
         self.done = set()
         self.failed = set()
         self.failed_info = {}
-        self.documents = {}  # relative name -> JSON document (cancelled.json...)
+        self.cancelled = None  # cancelled.json's record, once the run is cancelled
         self.listings = 0  # how often the done markers were listed
 
-    def read_json(self, relative):
-        return self.documents.get(relative)
+    def read_cancelled(self):
+        return self.cancelled
+
+    def mark_cancelled(self, now):
+        if self.cancelled is None:
+            self.cancelled = {"time": now}
+        return self.cancelled
 
     def list_done_ids(self):
         self.listings += 1
@@ -174,6 +212,8 @@ class FakeRunStorage:
 
 
 class FakeSchedulerPubSub(FakePubSub):
+    """The scheduler's Pub/Sub: events and dead letters handed out by the test."""
+
     def __init__(self):
         super().__init__()
         self.pending_events = []
@@ -186,11 +226,13 @@ class FakeSchedulerPubSub(FakePubSub):
         self.subscriptions_exist = True
         return created
 
+    def delete_run_topics(self, topics):
+        self.calls.append(("delete-topics", topics.work_topic))
+        self.subscriptions_exist = False
+
     def drain_events(self, subscription, max_messages=1000, timeout=0.5):
         if not self.subscriptions_exist:
-            from google.api_core import exceptions
-
-            raise exceptions.NotFound("Subscription does not exist")
+            raise NotFound("Pub/Sub refused a request: Subscription does not exist")
         events, self.pending_events = self.pending_events, []
         return events
 
@@ -200,9 +242,50 @@ class FakeSchedulerPubSub(FakePubSub):
             return taken
         return super().pull(subscription, max_messages, timeout)
 
-    def publish_many(self, topic, messages, on_progress=None):
+    def publish_many(self, topic, messages, on_progress=None, max_outstanding=PUBLISH_WINDOW):
         count = 0
         for data, attributes in messages:
             self.publish(topic, data, attributes)
             count += 1
         return count
+
+
+class ScriptedCompute:
+    """Answers the Compute calls ImageBuilder makes; the serial console plays ``chunks``, one per read."""
+
+    fakes = Compute
+    helpers = ()
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+        self.calls = []
+        self.console = ""
+
+    def insert_vm(self, zone, body):
+        self.calls.append(("insert_vm", body["name"]))
+        self.body = body
+        return "op-insert"
+
+    def wait_operation(self, operation, zone=None):
+        self.calls.append(("wait", operation))
+        return {"status": "DONE"}
+
+    def serial_output(self, zone, name, start=0):
+        if self.chunks:
+            self.console += self.chunks.pop(0)
+        return self.console[start:], len(self.console)
+
+    def stop_vm(self, zone, name):
+        self.calls.append(("stop_vm", name))
+        return "op-stop"
+
+    def insert_image_from_disk(self, name, family, zone, disk, description=""):
+        self.calls.append(("insert_image", name, family, disk))
+        return "op-image"
+
+    def get_image(self, name):
+        return {"name": name, "status": "READY"}
+
+    def delete_vm(self, zone, name):
+        self.calls.append(("delete_vm", name))
+        return "op-delete"

@@ -7,9 +7,12 @@ themselves; Compute gets ``CFLOW_COMPUTE_ENDPOINT`` as its api_endpoint.
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cflow.errors import CloudError, CloudSetupError
+from cflow.errors import CloudError, CredentialsRejected
 
 log = logging.getLogger(__name__)
 
@@ -18,18 +21,20 @@ COMPUTE_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 
 @dataclass
 class Clients:
-    compute: object  # googleapiclient compute v1 resource
-    publisher: object  # pubsub_v1.PublisherClient
-    subscriber: object  # pubsub_v1.SubscriberClient
-    storage: object  # storage.Client
+    """The Google clients of one process, built once and passed to the seams."""
+
+    compute: Any  # googleapiclient compute v1 resource (None on a worker)
+    publisher: Any  # pubsub_v1.PublisherClient
+    subscriber: Any  # pubsub_v1.SubscriberClient
+    storage: Any  # storage.Client
     project: str
 
 
-def credentials_for(target, credential_file=None):
+def credentials_for(target: str, credential_file: str | Path | None = None) -> tuple[Any, str | None]:
     """Returns (credentials, project or None).
 
     Raises:
-        CloudError: on GCP, when no credentials can be found.
+        CredentialsRejected: on GCP, when no credentials can be found.
     """
     from google.auth.credentials import AnonymousCredentials
 
@@ -46,13 +51,14 @@ def credentials_for(target, credential_file=None):
     try:
         return google.auth.default(scopes=COMPUTE_SCOPES)
     except DefaultCredentialsError:
-        raise CloudSetupError(
+        raise CredentialsRejected(
             "no Google credentials found; run `gcloud auth application-default login` "
             "or put a service-account key in credential/ and set CREDENTIAL_FILE in const.py"
         ) from None
 
 
-def build_compute(credentials, endpoint=None):
+def build_compute(credentials: Any, endpoint: str | None = None) -> Any:
+    """A googleapiclient Compute Engine v1 resource (static discovery document), at ``endpoint`` when given."""
     from googleapiclient import discovery
 
     client_options = {"api_endpoint": endpoint} if endpoint else None
@@ -61,14 +67,24 @@ def build_compute(credentials, endpoint=None):
     )
 
 
-def build_clients(target, project, credential_file=None, environ=None, publish_batch_size=1000):
-    """Build every client a controller or worker needs.
+def build_clients(
+    target: str,
+    project: str,
+    credential_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    publish_batch_size: int = 1000,
+) -> Clients:
+    """Build every client a controller needs.
 
     Args:
         target: "local" or "gcp".
         project: the project id (local: the stack's project).
         credential_file: optional key file (controller only, GCP only).
         environ: where local endpoints are read (default os.environ).
+        publish_batch_size: messages the publisher sends in one batch.
+    Raises:
+        CredentialsRejected: on GCP, no credentials found.
+        CloudError: locally, the stack's endpoints are not set.
     """
     from google.cloud import pubsub_v1, storage
 
@@ -93,7 +109,7 @@ def build_clients(target, project, credential_file=None, environ=None, publish_b
     )
 
 
-def build_worker_clients(target, project):
+def build_worker_clients(target: str, project: str) -> Clients:
     """Clients for a worker VM: the VM's own service account on GCP, emulators locally.
 
     Workers never need Compute; they get Pub/Sub and Storage only.

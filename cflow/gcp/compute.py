@@ -1,67 +1,55 @@
-"""Compute Engine: the run's workers, found by label, created in bulk, deleted in batches.
+"""Compute Engine: the run's workers, found by label, created in bulk, deleted in batches; and single VMs and images.
 
 Talks Compute Engine v1 through googleapiclient; locally the same calls go to
-the Compute emulator. Transient answers (429, 5xx) are retried with backoff by
-the client itself (``num_retries``); batched deletes, which the client does
-not retry, are retried here call by call.
+the Compute emulator. Every request is sent by ``Compute._execute``, which
+retries transient answers (429, 5xx, rate limits, no answer) by the policy of
+``cflow.gcp.retry.Backoff``; batched deletes are retried call by call by the
+same policy. Every method raises only CFlow's ``CloudError`` classes
+(``cflow.gcp.errors.classify``).
 """
 
-import json
 import logging
-import random
 import time
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest
 
-from cflow.errors import CloudError
+from cflow.errors import CloudError, Conflict, NotFound
+from cflow.gcp.errors import classify, classify_operation_error, is_google_error, is_transient
+from cflow.gcp.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 RUN_LABEL = "cflow-run"
-STOCKOUT_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS"}
-NUM_RETRIES = 6
-
-
-class QuotaExceeded(CloudError):
-    """The project's quota does not allow more VMs now."""
-
-
-class ZoneStockout(CloudError):
-    """The zone has no capacity for the VMs asked for; another zone may."""
-
-
-def is_transient(error):
-    """True for answers worth retrying: 429, 5xx, and 403 rate limits (as googleapiclient's own retry)."""
-    status = getattr(getattr(error, "resp", None), "status", None)
-    if status is None:
-        return False
-    status = int(status)
-    return status == 429 or status >= 500 or (status == 403 and error_reason(error) in ("rateLimitExceeded", "userRateLimitExceeded"))
+# Compute batch requests hold at most 1,000 calls.
+DELETE_BATCH_SIZE = 500
 
 
 @dataclass(frozen=True)
 class Vm:
+    """One VM as the list call shows it."""
+
     name: str
     zone: str
     status: str
     status_message: str
-    labels: dict
+    labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_resource(cls, resource):
+    def from_resource(cls, resource: Mapping[str, Any]) -> "Vm":
         return cls(
             name=resource["name"],
             zone=resource["zone"].rsplit("/", 1)[-1],
             status=resource.get("status", ""),
             status_message=resource.get("statusMessage", ""),
-            labels=resource.get("labels", {}),
+            labels=dict(resource.get("labels", {})),
         )
 
     @property
-    def preempted(self):
+    def preempted(self) -> bool:
         return self.status == "TERMINATED" and "preempt" in self.status_message.lower()
 
 
@@ -71,49 +59,43 @@ class PendingCreation:
 
     zone: str
     operation: str
-    names: tuple
-
-
-def error_reason(error):
-    """The first ``reason`` of a Google JSON error answer, or ''."""
-    try:
-        body = json.loads(error.content)
-        return body["error"]["errors"][0].get("reason", "")
-    except (ValueError, KeyError, IndexError, TypeError):
-        return ""
-
-
-def error_message(error):
-    try:
-        return json.loads(error.content)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return str(error)
+    names: tuple[str, ...]
 
 
 class Compute:
-    """Workers of one project.
+    """The Compute Engine API of one project: workers by label, single VMs, images, operations.
 
     Args:
         service: a googleapiclient ``compute`` v1 resource.
         project: the project id.
+        sleep: ``time.sleep``-like, for retries and polling.
+        backoff: the retry policy (default: ``Backoff`` with ``sleep``).
     """
 
-    def __init__(self, service, project, sleep=time.sleep):
+    def __init__(self, service: Any, project: str, sleep: Callable[[float], None] = time.sleep, backoff: Backoff | None = None) -> None:
         self.service = service
         self.project = project
         self.sleep = sleep
+        self.backoff = backoff or Backoff(sleep=sleep)
         # googleapiclient builds a resource object from the discovery document
         # on every call (~10 ms of CPU); one per seam keeps a big delete cheap.
         self.instances = service.instances()
 
-    def _execute(self, request):
-        return request.execute(num_retries=NUM_RETRIES)
+    def _execute(self, request: Any, zone: str | None = None) -> Any:
+        """Send one request, retrying transient failures. Raises the classified CloudError."""
+        try:
+            # num_retries=0: the client's own retry would wait on its own clock, unseen by the policy.
+            return self.backoff.call(lambda: request.execute(num_retries=0), is_transient)
+        except Exception as error:
+            if not is_google_error(error):
+                raise
+            raise classify(error, "compute", self.project, zone) from error
 
     # -- reading -----------------------------------------------------------
 
-    def list_run_vms(self, run_id):
+    def list_run_vms(self, run_id: str) -> list[Vm]:
         """Every VM labelled with the run, in every zone: one aggregatedList (paged)."""
-        vms = []
+        vms: list[Vm] = []
         request = self.instances.aggregatedList(
             project=self.project, filter=f"labels.{RUN_LABEL} = {run_id}", maxResults=500
         )
@@ -124,43 +106,41 @@ class Compute:
             request = self.instances.aggregatedList_next(request, response)
         return vms
 
-    def zone_exists(self, zone):
+    def zone_exists(self, zone: str) -> bool:
         try:
             self._execute(self.service.zones().get(project=self.project, zone=zone))
             return True
-        except HttpError as error:
-            if error.resp.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
 
-    def check_image(self, image_url):
+    def check_image(self, image_url: str) -> None:
         """Raises CloudError if the image (a URL or family URL) does not exist."""
         parts = image_url.strip("/").split("/")
+        project, name = parts[parts.index("projects") + 1], parts[-1]
         try:
             if "family" in parts:
-                project, family = parts[parts.index("projects") + 1], parts[-1]
-                self._execute(self.service.images().getFromFamily(project=project, family=family))
+                self._execute(self.service.images().getFromFamily(project=project, family=name))
             else:
-                project, image = parts[parts.index("projects") + 1], parts[-1]
-                self._execute(self.service.images().get(project=project, image=image))
-        except HttpError as error:
-            if error.resp.status == 404:
-                raise CloudError(
-                    f"image {image_url} does not exist; build one with `cflow image build` "
-                    "or set VM_BOOT = \"stock\" in const.py"
-                ) from None
-            raise
+                self._execute(self.service.images().get(project=project, image=name))
+        except NotFound:
+            raise CloudError(
+                f"image {image_url} does not exist; build one with `cflow image build` "
+                "or set VM_BOOT = \"stock\" in const.py"
+            ) from None
 
     # -- creating ----------------------------------------------------------
 
-    def bulk_insert(self, zone, names, instance_properties):
+    def bulk_insert(self, zone: str, names: Iterable[str], instance_properties: Mapping[str, Any]) -> PendingCreation:
         """Ask for VMs with exactly these names in one bulkInsert.
 
         Returns a ``PendingCreation``; poll it with ``creation_result``.
 
         Raises:
-            QuotaExceeded: the project's quota refuses (the message says which).
+            QuotaExceeded: the project's quota refuses (metric, region and limit when GCE says them).
+            ZoneStockout: the zone has no capacity now.
+            CloudError: any other refusal (see ``cflow.errors``).
         """
+        names = tuple(names)
         body = {
             "count": len(names),
             "minCount": 1,
@@ -168,21 +148,18 @@ class Compute:
             "instanceProperties": instance_properties,
         }
         try:
-            operation = self._execute(self.instances.bulkInsert(project=self.project, zone=zone, body=body))
-        except HttpError as error:
-            if error_reason(error) == "QUOTA_EXCEEDED" or "quota" in error_message(error).lower():
-                raise QuotaExceeded(f"{error_message(error)} (ask for more quota or lower WORKER_NODE_CNT)") from None
-            if error_reason(error) in STOCKOUT_CODES:
-                raise ZoneStockout(f"zone {zone}: {error_message(error)}") from None
-            if error.resp.status == 409:
-                # A retried request whose first try went through: the VMs exist.
-                log.info("VMs %s already exist in %s", ", ".join(names), zone)
-                return PendingCreation(zone=zone, operation="", names=tuple(names))
-            raise
-        return PendingCreation(zone=zone, operation=operation["name"], names=tuple(names))
+            operation = self._execute(self.instances.bulkInsert(project=self.project, zone=zone, body=body), zone=zone)
+        except Conflict:
+            # A retried request whose first try went through: the VMs exist.
+            log.info("VMs %s already exist in %s", ", ".join(names), zone)
+            return PendingCreation(zone=zone, operation="", names=names)
+        return PendingCreation(zone=zone, operation=operation["name"], names=names)
 
-    def creation_result(self, pending):
-        """Returns None while the operation runs, else a list of its error codes ([] = success)."""
+    def creation_result(self, pending: PendingCreation) -> list[CloudError] | None:
+        """None while the operation runs; else its errors, classified ([] = success).
+
+        A stockout is a ``ZoneStockout``, a quota a ``QuotaExceeded``; each keeps GCE's code as ``reason``.
+        """
         if not pending.operation:
             return []
         operation = self._execute(
@@ -190,11 +167,19 @@ class Compute:
         )
         if operation.get("status") != "DONE":
             return None
-        return [entry.get("code", "") for entry in operation.get("error", {}).get("errors", [])]
+        entries = operation.get("error", {}).get("errors", [])
+        return [classify_operation_error(entry, pending.zone, self.project) for entry in entries]
 
     # -- deleting ----------------------------------------------------------
 
-    def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
+    def delete_run_vms(
+        self,
+        run_id: str,
+        deadline_seconds: float = 300,
+        poll_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+    ) -> list[str]:
         """Delete every VM labelled with the run and poll the list until none is left.
 
         VMs that appear meanwhile (a scheduler still creating) are deleted too.
@@ -204,7 +189,7 @@ class Compute:
         """
         sleep = sleep or self.sleep
         deadline = clock() + deadline_seconds
-        asked = set()
+        asked: set[str] = set()
         while True:
             vms = self.list_run_vms(run_id)
             if not vms:
@@ -217,26 +202,28 @@ class Compute:
                 return sorted(vm.name for vm in vms)
             sleep(poll_seconds)
 
-    def _batch_uri(self):
+    def _batch_uri(self) -> str:
         # googleapiclient builds the batch URI from the discovery document's
         # rootUrl and ignores an api_endpoint override, which would send a
         # local run's batch to the real service; derive it from the base URL.
         return urllib.parse.urljoin(self.service._baseUrl, "/batch/compute/v1")
 
-    def delete_vms(self, vms):
+    def delete_vms(self, vms: Iterable[Vm]) -> None:
         """Delete VMs in batch HTTP requests; already-gone VMs are a warning, not an error.
 
-        Calls answered 429/5xx are sent again with backoff (up to ``NUM_RETRIES``
-        rounds); what still fails is logged, for the caller's next pass.
+        Calls that fail transiently are sent again by the retry policy (up to
+        ``backoff.retries`` rounds); what still fails is logged, for the
+        caller's next pass.
         """
         by_name = {vm.name: vm for vm in vms}
         to_delete = list(by_name)
-        given_up = {}
-        for round_number in range(NUM_RETRIES + 1):
+        given_up: dict[str, BaseException] = {}
+        failures: dict[str, BaseException] = {}
+        for round_number in range(self.backoff.retries + 1):
             if not to_delete:
                 break
             if round_number:
-                self.sleep(min(8.0, 0.5 * 2 ** (round_number - 1)) * (0.5 + random.random() / 2))
+                self.backoff.wait(round_number)
             failures = self._delete_batch([by_name[name] for name in to_delete])
             to_delete = [name for name, exception in failures.items() if is_transient(exception)]
             given_up.update((name, exception) for name, exception in failures.items() if name not in to_delete)
@@ -244,20 +231,20 @@ class Compute:
         for name, exception in given_up.items():
             log.warning("deleting VM %s failed (%s); the next reconcile step tries again", name, exception)
 
-    def _delete_batch(self, vms):
+    def _delete_batch(self, vms: list[Vm]) -> dict[str, BaseException]:
         """One pass of batched deletes. Returns {name: exception} of the calls that failed."""
-        failures = {}
+        failures: dict[str, BaseException] = {}
 
-        def on_response(request_id, response, exception):
+        def on_response(request_id: str, response: object, exception: BaseException | None) -> None:
             if exception is None:
                 return
-            if isinstance(exception, HttpError) and exception.resp.status == 404:
+            if isinstance(classify(exception, "compute") if is_google_error(exception) else exception, NotFound):
                 log.warning("VM %s was already gone", request_id)
             else:
                 failures[request_id] = exception
 
-        for start in range(0, len(vms), 500):  # Compute batch requests hold at most 1,000 calls
-            chunk = vms[start : start + 500]
+        for start in range(0, len(vms), DELETE_BATCH_SIZE):
+            chunk = vms[start : start + DELETE_BATCH_SIZE]
             batch = BatchHttpRequest(callback=on_response, batch_uri=self._batch_uri())
             for vm in chunk:
                 batch.add(
@@ -266,58 +253,56 @@ class Compute:
                 )
             try:
                 batch.execute()
-            except HttpError as error:  # the whole batch refused: every call in it failed
+            except Exception as error:  # the whole batch refused or unanswered: every call in it failed
+                if not is_google_error(error):
+                    raise
                 failures.update((vm.name, error) for vm in chunk)
         return failures
 
     # -- one VM, and images (cflow image build) -----------------------------
 
-    def image_exists(self, name):
+    def image_exists(self, name: str) -> bool:
         """True if the project has an image called ``name``."""
         try:
             self._execute(self.service.images().get(project=self.project, image=name))
             return True
-        except HttpError as error:
-            if error.resp.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
 
-    def get_image(self, name):
+    def get_image(self, name: str) -> dict[str, Any]:
         """The project's image ``name`` (compute#image JSON)."""
         return self._execute(self.service.images().get(project=self.project, image=name))
 
-    def insert_vm(self, zone, body):
+    def insert_vm(self, zone: str, body: Mapping[str, Any]) -> str:
         """instances.insert of one VM; returns the zone operation's name."""
-        return self._execute(self.instances.insert(project=self.project, zone=zone, body=body))["name"]
+        return self._execute(self.instances.insert(project=self.project, zone=zone, body=body), zone=zone)["name"]
 
-    def stop_vm(self, zone, name):
+    def stop_vm(self, zone: str, name: str) -> str:
         """instances.stop; returns the zone operation's name."""
-        return self._execute(self.instances.stop(project=self.project, zone=zone, instance=name))["name"]
+        return self._execute(self.instances.stop(project=self.project, zone=zone, instance=name), zone=zone)["name"]
 
-    def delete_vm(self, zone, name):
+    def delete_vm(self, zone: str, name: str) -> str | None:
         """instances.delete; returns the zone operation's name, or None if the VM was already gone."""
         try:
-            return self._execute(self.instances.delete(project=self.project, zone=zone, instance=name))["name"]
-        except HttpError as error:
-            if error.resp.status == 404:
-                return None
-            raise
+            return self._execute(self.instances.delete(project=self.project, zone=zone, instance=name), zone=zone)["name"]
+        except NotFound:
+            return None
 
-    def serial_output(self, zone, name, start=0):
+    def serial_output(self, zone: str, name: str, start: int = 0) -> tuple[str, int]:
         """The VM's serial console from byte ``start``: returns (text, the ``start`` of the next read)."""
-        answer = self._execute(self.instances.getSerialPortOutput(project=self.project, zone=zone, instance=name, start=start))
+        answer = self._execute(self.instances.getSerialPortOutput(project=self.project, zone=zone, instance=name, start=start), zone=zone)
         return answer.get("contents", ""), int(answer.get("next", start))
 
-    def insert_image_from_disk(self, name, family, zone, disk, description=""):
+    def insert_image_from_disk(self, name: str, family: str, zone: str, disk: str, description: str = "") -> str:
         """images.insert from the (detached or stopped VM's) disk ``disk`` of ``zone``; returns the global operation's name."""
         body = {"name": name, "family": family, "description": description, "sourceDisk": f"projects/{self.project}/zones/{zone}/disks/{disk}"}
         return self._execute(self.service.images().insert(project=self.project, body=body))["name"]
 
-    def wait_operation(self, operation, zone=None):
+    def wait_operation(self, operation: str, zone: str | None = None) -> dict[str, Any]:
         """One operations.wait (zonal, or global when ``zone`` is None): returns the operation, DONE or not.
 
         The service holds the call until the operation is DONE or about two minutes pass.
         """
         if zone is None:
             return self._execute(self.service.globalOperations().wait(project=self.project, operation=operation))
-        return self._execute(self.service.zoneOperations().wait(project=self.project, zone=zone, operation=operation))
+        return self._execute(self.service.zoneOperations().wait(project=self.project, zone=zone, operation=operation), zone=zone)

@@ -5,12 +5,12 @@ serves one per VM and sets ``GCE_METADATA_HOST`` (the variable google-auth
 honours) to it.
 """
 
-import json
 import logging
 import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,14 @@ class Metadata:
         environ: the environment to read (tests pass their own).
     """
 
-    def __init__(self, host=None, environ=None):
+    def __init__(self, host: str | None = None, environ: Mapping[str, str] | None = None) -> None:
         self.environ = os.environ if environ is None else environ
         self.host = host or self.environ.get("GCE_METADATA_HOST") or DEFAULT_HOST
 
-    def _url(self, path):
+    def _url(self, path: str) -> str:
         return f"http://{self.host}/computeMetadata/v1/{path}"
 
-    def get(self, path, timeout=5.0):
+    def get(self, path: str, timeout: float = 5.0) -> str | None:
         """Returns the text at ``path`` (e.g. "instance/name"), or None if it does not exist.
 
         Raises:
@@ -54,29 +54,21 @@ class Metadata:
         except (urllib.error.URLError, OSError) as error:
             raise MetadataError(f"metadata server {self.host} unreachable: {error}") from None
 
-    def attribute(self, key):
+    def attribute(self, key: str) -> str | None:
+        """The instance attribute ``key`` (custom metadata), or None."""
         return self.get(f"instance/attributes/{key}")
 
-    def instance_name(self):
+    def instance_name(self) -> str | None:
         return self.get("instance/name")
 
-    def zone(self):
-        """The zone's short name (the server answers projects/NUM/zones/ZONE)."""
-        value = self.get("instance/zone") or ""
-        return value.rsplit("/", 1)[-1]
-
-    def preempted(self):
+    def preempted(self) -> bool:
         """True once the VM is being preempted."""
         try:
             return (self.get("instance/preempted", timeout=2.0) or "").strip().upper() == "TRUE"
         except MetadataError:
             return False
 
-    def token(self):
-        document = self.get("instance/service-accounts/default/token")
-        return json.loads(document)["access_token"] if document else None
-
-    def power_off(self):
+    def power_off(self) -> None:
         """Power this VM off, as `poweroff` does on GCE.
 
         On the emulator the guest asks its metadata server (never the host's

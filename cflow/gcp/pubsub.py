@@ -10,14 +10,22 @@ user's prefixes and the run id so that no other run's messages leak in:
 Attempts: a failed attempt is handed back by republishing the item with its
 attempt count raised, then acking the old message; a preemption is handed back
 by a nack (deadline 0), which keeps the message and so its attempt count.
+
+Every method raises only CFlow's ``CloudError`` classes (``cflow.errors``): a
+run's topics that are gone are a ``NotFound``.
 """
 
 import collections
 import json
 import logging
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from google.api_core import exceptions as google_exceptions
+
+from cflow.gcp.errors import translated
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +52,11 @@ class RunTopics:
     dead_subscription: str
 
     @classmethod
-    def for_run(cls, project, run_id, topic_prefix, subscription_prefix):
-        def topic(kind):
+    def for_run(cls, project: str, run_id: str, topic_prefix: str, subscription_prefix: str) -> "RunTopics":
+        def topic(kind: str) -> str:
             return f"projects/{project}/topics/{topic_prefix}-{kind}-{run_id}"
 
-        def subscription(kind):
+        def subscription(kind: str) -> str:
             return f"projects/{project}/subscriptions/{subscription_prefix}-{kind}-{run_id}"
 
         return cls(
@@ -61,11 +69,11 @@ class RunTopics:
             dead_subscription=subscription("dead"),
         )
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, str]:
         return dict(self.__dict__)
 
     @classmethod
-    def from_dict(cls, document):
+    def from_dict(cls, document: Mapping[str, str]) -> "RunTopics":
         return cls(**document)
 
 
@@ -75,7 +83,7 @@ class Received:
 
     ack_id: str
     data: bytes
-    attributes: dict
+    attributes: dict[str, str]
     delivery_attempt: int
 
 
@@ -85,15 +93,18 @@ class PubSub:
     Args:
         publisher: a ``pubsub_v1.PublisherClient`` (with batch settings of the caller's choice).
         subscriber: a ``pubsub_v1.SubscriberClient``.
+        project: the project, named in error messages (optional).
     """
 
-    def __init__(self, publisher, subscriber):
+    def __init__(self, publisher: Any, subscriber: Any, project: str | None = None) -> None:
         self.publisher = publisher
         self.subscriber = subscriber
+        self.project = project
 
     # -- lifecycle ---------------------------------------------------------
 
-    def create_run_topics(self, topics, ack_deadline_seconds):
+    @translated("pubsub")
+    def create_run_topics(self, topics: RunTopics, ack_deadline_seconds: int) -> bool:
         """Create the run's topics and subscriptions; existing ones are kept.
 
         Returns:
@@ -115,8 +126,8 @@ class PubSub:
         self._create_subscription(topics.dead_subscription, topics.dead_topic, 60)
         return created_work
 
-    def _create_subscription(self, name, topic, ack_deadline_seconds, dead_letter_policy=None):
-        request = {
+    def _create_subscription(self, name: str, topic: str, ack_deadline_seconds: int, dead_letter_policy: dict[str, Any] | None = None) -> bool:
+        request: dict[str, Any] = {
             "name": name,
             "topic": topic,
             "ack_deadline_seconds": ack_deadline_seconds,
@@ -131,7 +142,8 @@ class PubSub:
         except google_exceptions.AlreadyExists:
             return False
 
-    def delete_run_topics(self, topics):
+    @translated("pubsub")
+    def delete_run_topics(self, topics: RunTopics) -> None:
         """Delete the run's subscriptions and topics; ones already gone are skipped."""
         for subscription in (topics.work_subscription, topics.events_subscription, topics.dead_subscription):
             try:
@@ -144,16 +156,16 @@ class PubSub:
             except google_exceptions.NotFound:
                 log.debug("topic %s already gone", topic)
 
-    def subscription_exists(self, subscription):
-        try:
-            self.subscriber.get_subscription(subscription=subscription)
-            return True
-        except google_exceptions.NotFound:
-            return False
-
     # -- publish -----------------------------------------------------------
 
-    def publish_many(self, topic, messages, on_progress=None, max_outstanding=PUBLISH_WINDOW):
+    @translated("pubsub")
+    def publish_many(
+        self,
+        topic: str,
+        messages: Iterable[tuple[bytes, Mapping[str, str]]],
+        on_progress: Callable[[int], None] | None = None,
+        max_outstanding: int = PUBLISH_WINDOW,
+    ) -> int:
         """Publish ``(data, attributes)`` pairs; the client batches them.
 
         At most ``max_outstanding`` messages wait for the service at a time,
@@ -164,13 +176,13 @@ class PubSub:
         Returns:
             The number published, once every one is acknowledged by the service.
         Raises:
-            The publish error of the first message that failed; later ones
-            may not have been sent.
+            CloudError: of the first message that failed; later ones may not
+                have been sent.
         """
-        in_flight = collections.deque()
+        in_flight: collections.deque[Future[str]] = collections.deque()
         count = 0
 
-        def settle_oldest():
+        def settle_oldest() -> None:
             nonlocal count
             in_flight.popleft().result()
             count += 1
@@ -185,11 +197,13 @@ class PubSub:
             settle_oldest()
         return count
 
-    def publish(self, topic, data, attributes):
+    @translated("pubsub")
+    def publish(self, topic: str, data: bytes, attributes: Mapping[str, str]) -> str:
         """Publish one message and wait until the service has it; returns its id."""
         return self.publisher.publish(topic, data, **attributes).result()
 
-    def publish_event(self, topic, event, wait=True):
+    @translated("pubsub")
+    def publish_event(self, topic: str, event: Mapping[str, Any], wait: bool = True) -> str | None:
         """Publish one event. With ``wait=False`` return at once; a failure is only logged."""
         data, attributes = json.dumps(event, sort_keys=True).encode(), {"cflow_event": event["type"]}
         if wait:
@@ -200,7 +214,8 @@ class PubSub:
 
     # -- pull and settle ---------------------------------------------------
 
-    def pull(self, subscription, max_messages=1, timeout=30.0):
+    @translated("pubsub")
+    def pull(self, subscription: str, max_messages: int = 1, timeout: float = 30.0) -> list[Received]:
         """Synchronous pull. Returns up to ``max_messages`` ``Received``; [] when none came in time."""
         try:
             response = self.subscriber.pull(
@@ -218,18 +233,23 @@ class PubSub:
             for received in response.received_messages
         ]
 
-    def extend_lease(self, subscription, ack_id, seconds):
+    @translated("pubsub")
+    def extend_lease(self, subscription: str, ack_id: str, seconds: int) -> None:
         self.subscriber.modify_ack_deadline(subscription=subscription, ack_ids=[ack_id], ack_deadline_seconds=seconds)
 
-    def ack(self, subscription, ack_ids):
+    @translated("pubsub")
+    def ack(self, subscription: str, ack_ids: Iterable[str]) -> None:
+        ack_ids = list(ack_ids)
         if ack_ids:
-            self.subscriber.acknowledge(subscription=subscription, ack_ids=list(ack_ids))
+            self.subscriber.acknowledge(subscription=subscription, ack_ids=ack_ids)
 
-    def nack(self, subscription, ack_id):
+    @translated("pubsub")
+    def nack(self, subscription: str, ack_id: str) -> None:
         """Hand a message back for immediate redelivery, keeping its attributes."""
         self.extend_lease(subscription, ack_id, 0)
 
-    def drain_events(self, subscription, max_messages=1000, timeout=0.5):
+    @translated("pubsub")
+    def drain_events(self, subscription: str, max_messages: int = 1000, timeout: float = 0.5) -> list[dict[str, Any]]:
         """Pull and ack the events waiting, or the first to come within ``timeout`` seconds.
 
         Returns the decoded event dicts; undecodable ones are logged and dropped.
@@ -245,8 +265,8 @@ class PubSub:
         return events
 
 
-def _log_failed_event(kind):
-    def check(future):
+def _log_failed_event(kind: str) -> Callable[["Future[str]"], None]:
+    def check(future: "Future[str]") -> None:
         error = future.exception()
         if error is not None:
             log.warning("could not publish %s event: %s", kind, error)

@@ -1,70 +1,46 @@
-"""Cloud Storage: a run's package, outputs, logs, markers and combined results.
+"""Cloud Storage: the bucket (``Bucket``) and one run's objects in it (``RunStorage``).
 
-Everything of a run lives under ``gs://BUCKET/cflow/runs/RUN_ID/``:
+Object names come from ``cflow.gcp.layout``, which documents the run's
+folder. Done and failed markers are the source of truth for completion: a
+scheduler restarted with the run's id reads them back.
 
-    run.json               the run's settings and item count (written first)
-    items.jsonl            the work items, one JSON object a line (for resume)
-    package/package.tar.gz what workers download at boot
-    outputs/ITEM/NAME      a task's output files
-    logs/ITEM/attempt-N.log a task's stdout+stderr, one per attempt
-    done/ITEM              done marker, created once (ifGenerationMatch=0)
-    failed/ITEM            failed marker, created once
-    attempts/ITEM/N        attempt N failed and was settled (successor queued), created once
-    combined/NAME          the combined result
-
-Done and failed markers are the source of truth for completion: a scheduler
-restarted with the run's id reads them back.
+Every method raises only CFlow's ``CloudError`` classes (``cflow.errors``);
+the ones a caller may expect (an object that does not exist, a marker that
+is already there) are answers, not errors.
 """
 
+import datetime
 import json
 import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 from google.api_core import exceptions as google_exceptions
 
 from cflow import tasks
 from cflow.errors import CloudError, ConfigError
+from cflow.gcp import layout
+from cflow.gcp.errors import translated
 
 log = logging.getLogger(__name__)
 
-RUNS_PREFIX = "cflow/runs/"
 
-
-def _check_item_id(item_id):
-    # Ids name objects: one that is not CFlow's own could climb out of the run's prefix.
-    return tasks.validate_item_id(item_id)
-
-
-def run_prefix(run_id):
-    return f"{RUNS_PREFIX}{run_id}/"
-
-
-class RunStorage:
-    """One run's objects in one bucket.
+class Bucket:
+    """A bucket as a whole: it exists, the runs in it, the demo's inputs, a TASKS prefix.
 
     Args:
         client: a ``google.cloud.storage.Client``.
-        bucket_name: the bucket (must exist unless ``ensure_bucket`` creates it).
-        run_id: the run; every object name is under ``run_prefix(run_id)``.
+        bucket_name: the bucket.
     """
 
-    def __init__(self, client, bucket_name, run_id):
+    def __init__(self, client: Any, bucket_name: str) -> None:
         self.client = client
         self.bucket_name = bucket_name
-        self.run_id = run_id
-        self.prefix = run_prefix(run_id)
-        self.bucket = client.bucket(bucket_name)
+        self.project = getattr(client, "project", None)
 
-    # -- paths -------------------------------------------------------------
-
-    def url(self, relative):
-        return f"gs://{self.bucket_name}/{self.prefix}{relative}"
-
-    def _blob(self, relative):
-        return self.bucket.blob(self.prefix + relative)
-
-    # -- bucket ------------------------------------------------------------
-
-    def ensure_bucket(self, create_if_missing):
+    @translated("storage")
+    def ensure_exists(self, create_if_missing: bool) -> None:
         """Check the bucket exists; create it when ``create_if_missing`` (local mode).
 
         Raises:
@@ -90,95 +66,204 @@ class RunStorage:
         except google_exceptions.Conflict:
             pass  # created meanwhile by another run: what we wanted
 
+    @translated("storage")
+    def list_object_names(self, prefix: str) -> list[str]:
+        """The names of the objects under ``prefix`` (a gs:// TASKS), in the service's order."""
+        return [blob.name for blob in self.client.list_blobs(self.bucket_name, prefix=prefix)]
+
+    @translated("storage")
+    def list_run_ids(self) -> list[str]:
+        """Run ids that have a folder in this bucket, sorted (for ``cflow list``)."""
+        iterator = self.client.list_blobs(self.bucket_name, prefix=layout.RUNS_PREFIX, delimiter="/")
+        folders: set[str] = set()
+        for page in iterator.pages:
+            folders.update(page.prefixes)
+        return sorted(layout.run_id_of_folder(folder) for folder in folders)
+
+    @translated("storage")
+    def stage_demo_inputs(self, objects: Mapping[str, bytes], content_type: str = "text/csv") -> int:
+        """Upload the demo's inputs (``{name: bytes}``) under the demo folder, skipping those already there.
+
+        Returns:
+            How many were uploaded.
+        """
+        bucket = self.client.bucket(self.bucket_name)
+        present = set(self.list_object_names(layout.DEMO_PREFIX))
+        uploaded = 0
+        for name, data in objects.items():
+            object_name = layout.demo_object(name)
+            if object_name not in present:
+                bucket.blob(object_name).upload_from_string(data, content_type=content_type)
+                uploaded += 1
+        return uploaded
+
+
+class RunStorage:
+    """One run's objects in one bucket.
+
+    Args:
+        client: a ``google.cloud.storage.Client``.
+        bucket_name: the bucket (must exist: see ``Bucket.ensure_exists``).
+        run_id: the run; every object name is under ``layout.run_prefix(run_id)``.
+    """
+
+    def __init__(self, client: Any, bucket_name: str, run_id: str) -> None:
+        self.client = client
+        self.bucket_name = bucket_name
+        self.run_id = run_id
+        self.project = getattr(client, "project", None)
+        self.prefix = layout.run_prefix(run_id)
+        self.bucket = client.bucket(bucket_name)
+
+    # -- paths -------------------------------------------------------------
+
+    def url(self, relative: str = "") -> str:
+        """``gs://BUCKET/cflow/runs/RUN_ID/RELATIVE``."""
+        return layout.run_url(self.bucket_name, self.run_id, relative)
+
+    def log_url(self, item_id: str, attempt: int) -> str:
+        return self.url(layout.log(item_id, attempt))
+
+    def _blob(self, relative: str) -> Any:
+        return self.bucket.blob(self.prefix + relative)
+
+    def _list(self, relative_prefix: str) -> list[tuple[str, Any]]:
+        """``(name relative to the prefix, blob)`` of the run's objects under ``relative_prefix``."""
+        prefix = self.prefix + relative_prefix
+        return [(blob.name[len(prefix):], blob) for blob in self.client.list_blobs(self.bucket_name, prefix=prefix)]
+
     # -- small JSON documents ---------------------------------------------
 
-    def write_json(self, relative, document):
-        self._blob(relative).upload_from_string(
-            json.dumps(document, sort_keys=True), content_type="application/json"
-        )
+    def _write_json(self, relative: str, document: object) -> None:
+        self._blob(relative).upload_from_string(json.dumps(document, sort_keys=True), content_type="application/json")
 
-    def read_json(self, relative):
-        """Returns the parsed document, or None if it does not exist."""
+    def _read_json(self, relative: str) -> Any:
+        """The parsed document, or None if it does not exist."""
         try:
             return json.loads(self._blob(relative).download_as_bytes())
         except google_exceptions.NotFound:
             return None
 
-    def write_manifest(self, manifest):
-        self.write_json("run.json", manifest)
+    @translated("storage")
+    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        """Write run.json: last of a run's first objects (after the package and items.jsonl)."""
+        self._write_json(layout.MANIFEST, manifest)
 
-    def read_manifest(self):
-        return self.read_json("run.json")
+    @translated("storage")
+    def read_manifest(self) -> dict[str, Any] | None:
+        """run.json as a dict, or None if the run (or the bucket) does not exist."""
+        return self._read_json(layout.MANIFEST)
 
-    def write_items(self, items):
-        lines = (json.dumps({"id": item.id, "index": item.index, "args": list(item.args)}) for item in items)
-        self._blob("items.jsonl").upload_from_string("\n".join(lines) + "\n", content_type="application/x-ndjson")
+    @translated("storage")
+    def write_items(self, items: Iterable[tasks.WorkItem]) -> None:
+        lines = (json.dumps(item.to_dict()) for item in items)
+        self._blob(layout.ITEMS).upload_from_string("\n".join(lines) + "\n", content_type="application/x-ndjson")
 
-    def read_items(self):
-        """Returns the run's items as dicts in item order, or None if never written."""
+    @translated("storage")
+    def read_items(self) -> list[tasks.WorkItem] | None:
+        """The run's items in item order, or None if never written."""
         try:
-            text = self._blob("items.jsonl").download_as_text()
+            text = self._blob(layout.ITEMS).download_as_text()
         except google_exceptions.NotFound:
             return None
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [tasks.WorkItem.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]
+
+    @translated("storage")
+    def mark_published(self, count: int, now: float) -> None:
+        """Record that every unfinished item was published (a run killed before this publishes again)."""
+        self._write_json(layout.PUBLISHED, {"count": count, "time": now})
+
+    @translated("storage")
+    def is_published(self) -> bool:
+        return self._read_json(layout.PUBLISHED) is not None
+
+    @translated("storage")
+    def read_cancelled(self) -> dict[str, Any] | None:
+        """cancelled.json (``{"time": EPOCH_SECONDS}``), or None if the run was never cancelled."""
+        return self._read_json(layout.CANCELLED)
+
+    @translated("storage")
+    def mark_cancelled(self, now: float) -> dict[str, Any]:
+        """Write cancelled.json unless it exists; a second cancel keeps the first time. Returns the record."""
+        existing = self.read_cancelled()
+        if existing is not None:
+            return existing
+        record = {"time": now}
+        self._write_json(layout.CANCELLED, record)
+        return record
 
     # -- package -----------------------------------------------------------
 
-    PACKAGE = "package/package.tar.gz"
-
-    def upload_package(self, tar_gz_bytes):
-        self._blob(self.PACKAGE).upload_from_string(tar_gz_bytes, content_type="application/gzip")
-        return self.url(self.PACKAGE)
-
-    def download_package(self):
-        return self._blob(self.PACKAGE).download_as_bytes()
+    @translated("storage")
+    def upload_package(self, tar_gz_bytes: bytes) -> str:
+        """Upload the package; returns its gs:// URL (what workers download)."""
+        self._blob(layout.PACKAGE).upload_from_string(tar_gz_bytes, content_type="application/gzip")
+        return self.url(layout.PACKAGE)
 
     # -- outputs and logs --------------------------------------------------
 
-    def upload_output(self, item_id, name, local_path):
+    @translated("storage")
+    def upload_output(self, item_id: str, name: str, local_path: str | Path) -> None:
         """Raises ValueError if the item id or name could leave the item's folder (``../``, ``/``, NUL)."""
-        _check_item_id(item_id)
+        # Ids and names become object names: one that is not CFlow's own could climb out of the run's prefix.
+        tasks.validate_item_id(item_id)
         tasks.validate_output_name(name)
-        self._blob(f"outputs/{item_id}/{name}").upload_from_filename(str(local_path))
+        self._blob(layout.output(item_id, name)).upload_from_filename(str(local_path))
 
-    def list_output_names(self, item_id):
-        prefix = f"{self.prefix}outputs/{item_id}/"
-        return sorted(blob.name[len(prefix):] for blob in self.client.list_blobs(self.bucket_name, prefix=prefix))
+    @translated("storage")
+    def list_output_names(self, item_id: str) -> list[str]:
+        return sorted(name for name, _ in self._list(layout.outputs_of(item_id)))
 
-    def recorded_output_names(self, item_id):
+    @translated("storage")
+    def recorded_output_names(self, item_id: str) -> list[str]:
         """The outputs of the attempt recorded done (its done marker lists them).
 
         An item that ran twice may have left files of the other attempt under
         outputs/ITEM/; only the recorded attempt's files are its result.
         """
-        marker = self.read_marker("done", item_id) or {}
+        marker = self.read_marker(layout.DONE, item_id) or {}
         outputs = marker.get("outputs")
         return sorted(outputs) if isinstance(outputs, list) else self.list_output_names(item_id)
 
-    def read_output(self, item_id, name):
-        return self._blob(f"outputs/{item_id}/{name}").download_as_bytes()
+    @translated("storage")
+    def read_output(self, item_id: str, name: str) -> bytes:
+        return self._blob(layout.output(item_id, name)).download_as_bytes()
 
-    def log_path(self, item_id, attempt):
-        return f"logs/{item_id}/attempt-{attempt}.log"
+    @translated("storage")
+    def upload_log(self, item_id: str, attempt: int, local_path: str | Path) -> str:
+        """Upload an attempt's log (replacing a partial one of the same attempt); returns its gs:// URL."""
+        tasks.validate_item_id(item_id)
+        self._blob(layout.log(item_id, attempt)).upload_from_filename(str(local_path), content_type="text/plain")
+        return self.log_url(item_id, attempt)
 
-    def upload_log(self, item_id, attempt, local_path):
-        _check_item_id(item_id)
-        self._blob(self.log_path(item_id, attempt)).upload_from_filename(str(local_path), content_type="text/plain")
-        return self.url(self.log_path(item_id, attempt))
-
-    def read_log(self, item_id, attempt):
+    @translated("storage")
+    def read_log(self, item_id: str, attempt: int) -> str | None:
+        """The log's text (undecodable bytes replaced), or None if that attempt has none."""
         try:
-            return self._blob(self.log_path(item_id, attempt)).download_as_bytes().decode("utf-8", errors="replace")
+            return self._blob(layout.log(item_id, attempt)).download_as_bytes().decode("utf-8", errors="replace")
         except google_exceptions.NotFound:
             return None
 
-    def upload_combined(self, name, local_path):
-        self._blob(f"combined/{name}").upload_from_filename(str(local_path))
-        return self.url(f"combined/{name}")
+    @translated("storage")
+    def log_attempts(self, item_id: str) -> list[int]:
+        """The attempt numbers that have a log for ``item_id``, ascending."""
+        attempts = (layout.attempt_of_log(name) for name, _ in self._list(layout.logs_of(item_id)))
+        return sorted(attempt for attempt in attempts if attempt is not None)
+
+    @translated("storage")
+    def count_logs(self) -> int:
+        """Number of log objects: each attempt (and each preempted one) uploads one."""
+        return len(self._list(layout.LOGS))
+
+    @translated("storage")
+    def upload_combined(self, name: str, local_path: str | Path) -> str:
+        """Upload one combined file; returns its gs:// URL."""
+        self._blob(layout.combined(name)).upload_from_filename(str(local_path))
+        return self.url(layout.combined(name))
 
     # -- markers -----------------------------------------------------------
 
-    def _create_once(self, relative, document):
+    def _create_once(self, relative: str, document: object) -> bool:
         """Create the object only if absent. Returns False if it already existed."""
         try:
             self._blob(relative).upload_from_string(
@@ -188,42 +273,49 @@ class RunStorage:
         except google_exceptions.PreconditionFailed:
             return False
 
-    def write_done_marker(self, item_id, info):
+    @translated("storage")
+    def write_done_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:
         """Record the item done. Returns False if another attempt already did."""
-        return self._create_once(f"done/{_check_item_id(item_id)}", info)
+        return self._create_once(layout.marker(layout.DONE, tasks.validate_item_id(item_id)), info)
 
-    def write_failed_marker(self, item_id, info):
+    @translated("storage")
+    def write_failed_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:
         """Record the item failed for good. Returns False if already recorded."""
-        return self._create_once(f"failed/{_check_item_id(item_id)}", info)
+        return self._create_once(layout.marker(layout.FAILED, tasks.validate_item_id(item_id)), info)
 
-    def write_attempt_marker(self, item_id, attempt, info):
+    @translated("storage")
+    def write_attempt_marker(self, item_id: str, attempt: int, info: Mapping[str, Any]) -> bool:
         """Record that failed attempt ``attempt`` was settled. Returns False if already recorded."""
-        return self._create_once(f"attempts/{_check_item_id(item_id)}/{int(attempt)}", info)
+        return self._create_once(layout.attempt_marker(tasks.validate_item_id(item_id), attempt), info)
 
-    def attempt_recorded(self, item_id, attempt):
+    @translated("storage")
+    def attempt_recorded(self, item_id: str, attempt: int) -> bool:
         """True once ``write_attempt_marker`` recorded this attempt: a redelivery of it must not run."""
-        return self._blob(f"attempts/{item_id}/{int(attempt)}").exists()
+        return bool(self._blob(layout.attempt_marker(item_id, attempt)).exists())
 
-    def is_done(self, item_id):
-        return self._blob(f"done/{item_id}").exists()
+    @translated("storage")
+    def is_done(self, item_id: str) -> bool:
+        return bool(self._blob(layout.marker(layout.DONE, item_id)).exists())
 
-    def _list_ids(self, folder):
-        prefix = f"{self.prefix}{folder}/"
-        return {blob.name[len(prefix):] for blob in self.client.list_blobs(self.bucket_name, prefix=prefix)}
+    @translated("storage")
+    def is_finished(self, item_id: str) -> bool:
+        """True once the item has a done or a failed marker."""
+        return self.is_done(item_id) or self.read_marker(layout.FAILED, item_id) is not None
 
-    def list_done_ids(self):
-        return self._list_ids("done")
+    @translated("storage")
+    def marker_times(self, kind: str) -> dict[str, datetime.datetime]:
+        """``{item_id: when its marker was written}`` of one kind (``layout.DONE`` or ``layout.FAILED``)."""
+        return {name: blob.updated for name, blob in self._list(layout.markers(kind)) if name}
 
-    def list_failed_ids(self):
-        return self._list_ids("failed")
+    @translated("storage")
+    def list_done_ids(self) -> set[str]:
+        return {name for name, _ in self._list(layout.markers(layout.DONE))}
 
-    def read_marker(self, folder, item_id):
-        return self.read_json(f"{folder}/{item_id}")
+    @translated("storage")
+    def list_failed_ids(self) -> set[str]:
+        return {name for name, _ in self._list(layout.markers(layout.FAILED))}
 
-    def list_run_ids(self):
-        """Run ids that have a folder in this bucket (for ``cflow list``)."""
-        iterator = self.client.list_blobs(self.bucket_name, prefix=RUNS_PREFIX, delimiter="/")
-        prefixes = set()
-        for page in iterator.pages:
-            prefixes.update(page.prefixes)
-        return sorted(p[len(RUNS_PREFIX):].rstrip("/") for p in prefixes)
+    @translated("storage")
+    def read_marker(self, kind: str, item_id: str) -> dict[str, Any] | None:
+        """The marker's JSON (``layout.DONE`` or ``layout.FAILED``), or None if the item has none."""
+        return self._read_json(layout.marker(kind, item_id))

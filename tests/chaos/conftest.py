@@ -143,11 +143,11 @@ def assert_each_item_once(project, run_id, item_ids):
 
 def is_done(storage, item_id):
     """``storage.is_done`` that answers False while the run has not made its bucket yet."""
-    from google.api_core import exceptions
+    from cflow.errors import NotFound
 
     try:
         return storage.is_done(item_id)
-    except exceptions.NotFound:
+    except NotFound:
         return False
 
 
@@ -192,6 +192,15 @@ class StackClients:
         from cflow.gcp.pubsub import PubSub
 
         return PubSub(self.publisher, self.subscriber)
+
+    def subscription_exists(self, subscription):
+        from google.api_core import exceptions
+
+        try:
+            self.subscriber.get_subscription(subscription=subscription)
+            return True
+        except exceptions.NotFound:
+            return False
 
     def vms(self, run_id=None):
         selector = f"labels.cflow-run = {run_id}" if run_id else "labels.cflow-role = worker"

@@ -29,11 +29,11 @@ def kill_scheduler_midway(project, clients, done_before_kill=3):
 
 
 def done_ids(storage):
-    from google.api_core import exceptions
+    from cflow.errors import NotFound
 
     try:
         return storage.list_done_ids()
-    except exceptions.NotFound:  # the run has not made its bucket yet
+    except NotFound:  # the run has not made its bucket yet
         return set()
 
 
@@ -69,7 +69,7 @@ def test_resume_after_pubsub_lost_every_message_republishes_what_is_unfinished(p
     assert "published" in err  # the unfinished items went out again
     assert_each_item_once(project, run_id, item_ids(ITEMS))
     assert_nothing_recorded_done_ran_again(project, done_at_kill, killed_at)
-    assert not clients.pubsub().subscription_exists(topics.work_subscription)
+    assert not clients.subscription_exists(topics.work_subscription)
 
 
 def cflow_command(project, *args):
@@ -98,10 +98,10 @@ def test_cflow_cancel_stops_a_running_scheduler_cleanly(project, clients):
     assert f"error: run {run_id} was cancelled" in err.splitlines()[-1]
     assert clients.vms(run_id) == []
     topics = RunTopics.from_dict(storage.read_manifest()["topics"])
-    assert not clients.pubsub().subscription_exists(topics.work_subscription)
+    assert not clients.subscription_exists(topics.work_subscription)
     assert storage.list_output_names("000000") == ["result.jsonl"]  # outputs and logs are kept
     assert storage.read_log("000000", 1) is not None
-    assert storage.read_json("cancelled.json") is not None
+    assert storage.read_cancelled() is not None
 
     resumed = project.run("--resume", run_id, timeout=60)
     assert resumed[0] == 1 and "was cancelled and cannot be resumed" in resumed[2]
@@ -122,7 +122,7 @@ def test_ctrl_c_with_yes_cancels_the_run_and_exits_130(project, clients):
     assert f"run {run_id} cancelled: VMs, topics and subscriptions deleted" in err
     assert "Traceback" not in err
     storage = clients.run_storage(run_id)
-    assert storage.read_json("cancelled.json") is not None
+    assert storage.read_cancelled() is not None
     assert clients.vms(run_id) == []
     topics = RunTopics.from_dict(storage.read_manifest()["topics"])
-    assert not clients.pubsub().subscription_exists(topics.work_subscription)
+    assert not clients.subscription_exists(topics.work_subscription)

@@ -8,6 +8,7 @@ import types
 import pytest
 
 from cflow import tasks
+from cflow.gcp import layout
 from cflow.package import build_package, package_files
 from tests.chaos.conftest import ChaosProject, run_id_of, vm_dirs
 from tests.fakes import FakeMetadata, FakePubSub, FakeStorage
@@ -65,7 +66,7 @@ def test_a_run_uploads_no_key_and_prints_no_token_or_key(tmp_path, local_stack, 
     assert status == 0, err
     run_id = run_id_of(out)
     storage = clients.run_storage(run_id)
-    assert_no_key_in_package(storage.download_package())
+    assert_no_key_in_package(storage.bucket.blob(storage.prefix + layout.PACKAGE).download_as_bytes())
     # Every log of the run: the scheduler's, each VM's serial port, boot, worker and shutdown logs, the task logs.
     texts = {"scheduler stdout": out, "scheduler stderr": err}
     disks = [disk for disk in vm_dirs(local_stack) if run_id in disk.name]

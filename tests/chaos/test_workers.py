@@ -60,7 +60,7 @@ def test_item_already_done_and_delivered_again_is_acked_without_running(project,
         # A lost ack or a duplicate delivery, made by hand: the done item comes round again.
         manifest = storage.read_manifest()
         first_item = storage.read_items()[0]
-        data, attributes = tasks.encode_message(tasks.WorkItem("000000", 0, tuple(first_item["args"])), 1)
+        data, attributes = tasks.encode_message(tasks.WorkItem("000000", 0, first_item.args), 1)
         clients.pubsub().publish(manifest["topics"]["work_topic"], data, attributes)
         project.release("000001")
 

@@ -45,3 +45,21 @@ def test_gcp_without_credentials_is_one_line_and_exit_2(project, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no Google credentials found" in lines[0] and "gcloud auth application-default login" in lines[0]
+
+
+def test_resume_refuses_settings_that_differ_from_the_runs_own(project, compute, local_stack):
+    project.write("echo a\n", WORKER_NODE_CNT=1, MAX_ATTEMPTS=3)
+    status, out, err = project.run()
+    assert status == 0, err
+    run_id = next(line.split()[-1] for line in out.splitlines() if line.startswith("run id: "))
+
+    project.write("echo a\n", MAX_ATTEMPTS=5, VM_TYPE="e2-medium")
+    status, out, err = project.run("--resume", run_id, timeout=120)
+
+    assert status == 2, err
+    error_lines = [line for line in err.splitlines() if "error" in line]
+    assert len(error_lines) == 1, err
+    assert f"run {run_id} started with other settings than const.py has now" in error_lines[0]
+    assert "MAX_ATTEMPTS 3 at the start, 5 in const.py" in error_lines[0]
+    assert "VM_TYPE 'e2-small' at the start, 'e2-medium' in const.py" in error_lines[0]
+    assert run_vms(compute, local_stack.project, run_id) == []

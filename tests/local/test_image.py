@@ -10,6 +10,7 @@ import pytest
 
 from cflow.image import BuildRequest, ImageBuilder, ImageBuildError, build_script
 from tests.e2e.conftest import REPO, Project, run_id_of
+from tests.fakes import ScriptedCompute
 
 IMAGE_BUILD_ROLE = "labels.cflow-role = image-build"
 
@@ -80,44 +81,6 @@ def compute(local_stack):
 # ---------------------------------------------------------------- failure paths, scripted
 
 
-class ScriptedCompute:
-    """Answers the seam calls ImageBuilder makes; the serial console plays ``chunks``, one per read."""
-
-    def __init__(self, chunks):
-        self.chunks = list(chunks)
-        self.calls = []
-        self.console = ""
-
-    def insert_vm(self, zone, body):
-        self.calls.append(("insert_vm", body["name"]))
-        self.body = body
-        return "op-insert"
-
-    def wait_operation(self, operation, zone=None):
-        self.calls.append(("wait", operation))
-        return {"status": "DONE"}
-
-    def serial_output(self, zone, name, start=0):
-        if self.chunks:
-            self.console += self.chunks.pop(0)
-        return self.console[start:], len(self.console)
-
-    def stop_vm(self, zone, name):
-        self.calls.append(("stop_vm", name))
-        return "op-stop"
-
-    def insert_image_from_disk(self, name, family, zone, disk, description=""):
-        self.calls.append(("insert_image", name, family, disk))
-        return "op-image"
-
-    def get_image(self, name):
-        return {"name": name, "status": "READY"}
-
-    def delete_vm(self, zone, name):
-        self.calls.append(("delete_vm", name))
-        return "op-delete"
-
-
 class FakeClock:
     def __init__(self):
         self.now = 0.0
@@ -131,7 +94,8 @@ class FakeClock:
 
 def build_with(chunks, timeout_s=60):
     compute, clock, out = ScriptedCompute(chunks), FakeClock(), io.StringIO()
-    request = BuildRequest("img-1", "fam", "us-central1-a", "projects/debian-cloud/global/images/family/debian-12", 10, {}, "#!/bin/bash\necho init\n", timeout_s)
+    request = BuildRequest("img-1", "fam", "us-central1-a", "projects/debian-cloud/global/images/family/debian-12", 10, {},
+                           "#!/bin/bash\necho init\n", timeout_s)
     builder = ImageBuilder(compute, out, clock=clock, sleep=clock.sleep, poll_interval_s=2)
     try:
         return builder.build(request, vm_name="cflow-image-build-test"), compute, out.getvalue()
@@ -140,7 +104,9 @@ def build_with(chunks, timeout_s=60):
 
 
 def test_ready_split_across_reads_stops_then_images_then_deletes_the_vm():
-    result, compute, progress = build_with(["Jan 1 vm startup-script: cflow-image-build: inst", "alling x\n", "x startup-script: cflow-image-build: re", "ady\n"])
+    result, compute, progress = build_with(
+        ["Jan 1 vm startup-script: cflow-image-build: inst", "alling x\n", "x startup-script: cflow-image-build: re", "ady\n"]
+    )
 
     assert result == {"name": "img-1", "status": "READY"}
     names = [call[0] for call in compute.calls]

@@ -9,12 +9,15 @@ import pytest
 from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 
-from cflow import cli, ops
+from cflow import cli
 from cflow.errors import EXIT_INTERRUPTED
+from cflow.gcp import layout
 from cflow.gcp.clients import build_compute
 from cflow.gcp.compute import Compute
 from cflow.gcp.pubsub import PubSub, RunTopics
 from cflow.gcp.storage import RunStorage
+from cflow.ops import logs as ops_logs
+from cflow.ops.text import format_time
 from cflow.tasks import make_items
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,11 +93,11 @@ class SeededRun:
         self.storage.bucket.blob(self.storage.prefix + relative).upload_from_string(text)
 
     def log(self, index, attempt, text):
-        self.put(self.storage.log_path(self.item(index), attempt), text)
-        return self.storage.url(self.storage.log_path(self.item(index), attempt))
+        self.put(layout.log(self.item(index), attempt), text)
+        return self.storage.url(layout.log(self.item(index), attempt))
 
     def output(self, index, name, text):
-        self.put(f"outputs/{self.item(index)}/{name}", text)
+        self.put(layout.output(self.item(index), name), text)
 
     def done(self, index, attempt=1):
         url = self.log(index, attempt, f"item {index} ok\n")
@@ -267,11 +270,11 @@ def test_logs_follow_prints_only_what_is_new_until_the_item_is_done(const_py, st
         worker_steps[len(pauses) - 1]()
 
     out, err = io.StringIO(), io.StringIO()
-    status = ops.logs_command(follow_args(const_py, stack_env.dir, run.run_id, run.item(0)), out=out, err=err, sleep=sleep)
+    status = ops_logs.logs_command(follow_args(const_py, stack_env.dir, run.run_id, run.item(0)), out=out, err=err, sleep=sleep)
 
     assert status == 0
     assert out.getvalue() == "a\nb\nc\nd\n"
-    assert pauses == [ops.FOLLOW_INTERVAL_SECONDS] * 3
+    assert pauses == [ops_logs.FOLLOW_INTERVAL_SECONDS] * 3
     assert f"--- item {run.item(0)}, attempt 2 ---" in err.getvalue()
     assert "finished; stopped following" in err.getvalue()
 
@@ -284,7 +287,7 @@ def test_logs_follow_stops_on_ctrl_c_with_exit_130(const_py, stack_env, storage_
         raise KeyboardInterrupt
 
     out = io.StringIO()
-    status = ops.logs_command(follow_args(const_py, stack_env.dir, run.run_id, run.item(0)), out=out, err=io.StringIO(), sleep=interrupted)
+    status = ops_logs.logs_command(follow_args(const_py, stack_env.dir, run.run_id, run.item(0)), out=out, err=io.StringIO(), sleep=interrupted)
 
     assert status == EXIT_INTERRUPTED == 130
     assert out.getvalue() == "started\n"
@@ -346,6 +349,14 @@ def run_with_fleet(storage_client, bucket, pubsub, compute, stack_env):
     pubsub.delete_run_topics(topics)
 
 
+def subscription_exists(pubsub, subscription):
+    try:
+        pubsub.subscriber.get_subscription(subscription=subscription)
+        return True
+    except google_exceptions.NotFound:
+        return False
+
+
 def topic_exists(pubsub, topic):
     try:
         pubsub.publisher.get_topic(topic=topic)
@@ -371,18 +382,18 @@ def test_cancel_deletes_vms_and_topics_and_keeps_outputs_and_logs(cflow, run_wit
     assert f"cancelled run {run.run_id}: deleted 2 VM(s)" in out
     assert compute.list_run_vms(run.run_id) == []
     for subscription in (topics.work_subscription, topics.events_subscription, topics.dead_subscription):
-        assert not pubsub.subscription_exists(subscription)
+        assert not subscription_exists(pubsub, subscription)
     for topic in (topics.work_topic, topics.events_topic, topics.dead_topic):
         assert not topic_exists(pubsub, topic)
     assert run.storage.read_output(run.item(0), "out.txt") == b"kept\n"
-    assert run.storage.bucket.blob(run.storage.prefix + run.storage.log_path(run.item(0), 1)).download_as_text() == "item 0 ok\n"
-    first_mark = run.storage.read_json("cancelled.json")
+    assert run.storage.read_log(run.item(0), 1) == "item 0 ok\n"
+    first_mark = run.storage.read_cancelled()
     assert isinstance(first_mark["time"], float)
 
     status, out, err = cflow("cancel", run.run_id, "--yes")
     assert status == 0, err
     assert f"cancelled run {run.run_id}: deleted 0 VM(s)" in out
-    assert run.storage.read_json("cancelled.json") == first_mark
+    assert run.storage.read_cancelled() == first_mark
 
     status, out, _ = cflow("status", run.run_id)
     assert field(out, "state").startswith("cancelled at ")
@@ -402,8 +413,8 @@ def test_cancel_without_a_terminal_refuses_without_yes(cflow, run_with_fleet, pu
     )
     assert out == ""
     assert len(compute.list_run_vms(run.run_id)) == 2
-    assert pubsub.subscription_exists(topics.work_subscription)
-    assert run.storage.read_json("cancelled.json") is None
+    assert subscription_exists(pubsub, topics.work_subscription)
+    assert run.storage.read_cancelled() is None
 
 
 def test_cancel_answered_no_changes_nothing(cflow, storage_client, bucket, monkeypatch):
@@ -415,7 +426,7 @@ def test_cancel_answered_no_changes_nothing(cflow, storage_client, bucket, monke
     assert status == 1
     assert "delete 0 VMs" in out
     assert out.rstrip().endswith(f"run {run.run_id} not cancelled")
-    assert run.storage.read_json("cancelled.json") is None
+    assert run.storage.read_cancelled() is None
 
 
 # ---------------------------------------------------------------- combine
@@ -439,7 +450,7 @@ def test_combine_concatenates_done_items_in_item_order(cflow, storage_client, bu
     lines = out.splitlines()
     assert lines[0] == f"run {run.run_id}: combined 2 file(s) from 3 done item(s)"
     assert re.fullmatch(rf"  {re.escape(str(dest / 'rows.csv'))}\s+gs://{bucket}/cflow/runs/{run.run_id}/combined/rows.csv", lines[2])
-    assert run.storage.bucket.blob(f"{run.storage.prefix}combined/rows.csv").download_as_text() == (dest / "rows.csv").read_text()
+    assert run.storage.bucket.blob(run.storage.prefix + layout.combined("rows.csv")).download_as_text() == (dest / "rows.csv").read_text()
 
 
 def test_combine_with_nothing_done_says_so(cflow, storage_client, bucket):
@@ -460,7 +471,7 @@ def test_list_shows_runs_newest_first_with_counts_and_state(cflow, storage_clien
     finished.done(0)
     finished.failed(1, attempts=1, reason="exit status 1", log_text="x\n")
     cancelled = SeededRun(storage_client, bucket, "0101-1100-cccc", count=3, created=now - 200)
-    cancelled.storage.write_json("cancelled.json", {"time": now - 150})
+    cancelled.storage.mark_cancelled(now - 150)
     going = SeededRun(storage_client, bucket, "0101-1000-bbbb", count=12, created=now - 100)
     going.done(5)
 
@@ -471,9 +482,9 @@ def test_list_shows_runs_newest_first_with_counts_and_state(cflow, storage_clien
     assert re.split(r"\s{2,}", lines[0]) == ["RUN ID", "CREATED", "ITEMS", "DONE", "FAILED", "STATE"]
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
     assert rows == [
-        ["0101-1000-bbbb", ops.format_time(now - 100), "12", "1", "0", "in progress"],
-        ["0101-1100-cccc", ops.format_time(now - 200), "3", "0", "0", "cancelled"],
-        ["0101-0900-aaaa", ops.format_time(now - 300), "2", "1", "1", "finished"],
+        ["0101-1000-bbbb", format_time(now - 100), "12", "1", "0", "in progress"],
+        ["0101-1100-cccc", format_time(now - 200), "3", "0", "0", "cancelled"],
+        ["0101-0900-aaaa", format_time(now - 300), "2", "1", "1", "finished"],
     ]
     # Aligned: every column starts at the same place on every line.
     assert len({line.index("  ") for line in lines[1:]}) == 1

@@ -1,4 +1,4 @@
-"""Google API refusals become one actionable line each."""
+"""Google API refusals become CFlow's own classes, each with one actionable line."""
 
 import json
 
@@ -7,12 +7,30 @@ import pytest
 from google.api_core import exceptions as api_exceptions
 from googleapiclient.errors import HttpError
 
-from cflow.errors import EXIT_USAGE, CloudSetupError, ConfigError
-from cflow.gcp.errors import translate
+from cflow.errors import (
+    EXIT_USAGE,
+    ApiNotEnabled,
+    BucketNotFound,
+    CloudError,
+    CloudSetupError,
+    ConfigError,
+    Conflict,
+    CredentialsRejected,
+    NotFound,
+    PermanentRequestError,
+    PermissionDenied,
+    PreconditionFailed,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnreachable,
+    TransientError,
+    ZoneStockout,
+)
+from cflow.gcp.errors import classify, classify_operation_error, is_transient, translated
 
 
-def http_error(status, reason, message):
-    body = {"error": {"code": status, "message": message, "errors": [{"reason": reason, "message": message, "domain": "global"}]}}
+def http_error(status, reason, message, **extra):
+    body = {"error": {"code": status, "message": message, "errors": [{"reason": reason, "message": message, "domain": "global"}], **extra}}
     return HttpError(httplib2.Response({"status": status}), json.dumps(body).encode())
 
 
@@ -21,42 +39,144 @@ class StorageResponse:
 
 
 def test_compute_api_not_enabled():
-    error = translate(http_error(403, "accessNotConfigured", "Compute Engine API has not been used in project 42 before or it is disabled."), "proj")
+    error = classify(http_error(403, "accessNotConfigured", "Compute Engine API has not been used in project 42 before or it is disabled."), project="proj")
     assert isinstance(error, CloudSetupError) and error.exit_status == EXIT_USAGE
     assert str(error) == "the Compute Engine API is not enabled in project proj; enable it: gcloud services enable compute.googleapis.com"
 
 
 def test_pubsub_api_not_enabled():
-    error = translate(api_exceptions.PermissionDenied("Cloud Pub/Sub API has not been used in project 42 before or it is disabled."), "proj")
+    error = classify(api_exceptions.PermissionDenied("Cloud Pub/Sub API has not been used in project 42 before or it is disabled."), project="proj")
     assert "gcloud services enable pubsub.googleapis.com" in str(error)
 
 
 def test_compute_permission_denied_names_the_role():
-    error = translate(http_error(403, "forbidden", "Required 'compute.instances.create' permission for 'projects/p'"), "p")
+    error = classify(http_error(403, "forbidden", "Required 'compute.instances.create' permission for 'projects/p'"), project="p")
     assert "roles/compute.instanceAdmin.v1" in str(error) and "compute.instances.create" in str(error)
 
 
 def test_storage_permission_denied_names_the_role():
-    error = translate(api_exceptions.Forbidden("caller does not have storage.objects.create access", response=StorageResponse()), "p")
+    error = classify(api_exceptions.Forbidden("caller does not have storage.objects.create access", response=StorageResponse()), project="p")
     assert "Cloud Storage" in str(error) and "roles/storage.objectAdmin" in str(error)
 
 
 def test_pubsub_permission_denied_names_the_role():
-    error = translate(api_exceptions.PermissionDenied("User not authorized to perform this action."), "p")
+    error = classify(api_exceptions.PermissionDenied("User not authorized to perform this action."), project="p")
     assert "Pub/Sub" in str(error) and "roles/pubsub.editor" in str(error)
 
 
 def test_quota_exceeded():
-    error = translate(http_error(403, "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1."), "p")
+    error = classify(http_error(403, "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1."), project="p")
     assert "quota exceeded" in str(error) and "Limit: 8.0" in str(error) and "WORKER_NODE_CNT" in str(error)
 
 
 def test_missing_bucket_is_a_configuration_error():
-    error = translate(api_exceptions.NotFound("The specified bucket does not exist.", response=StorageResponse()), "p")
+    error = classify(api_exceptions.NotFound("The specified bucket does not exist.", response=StorageResponse()), project="p")
     assert isinstance(error, ConfigError) and "BUCKET" in str(error)
 
 
 @pytest.mark.parametrize("message", ["line one\nline two", "x" * 2000])
 def test_every_translation_is_one_short_line(message):
-    text = str(translate(http_error(500, "backendError", message), "p"))
+    text = str(classify(http_error(500, "backendError", message), project="p"))
     assert "\n" not in text and len(text) < 400
+
+
+# -- the classes, as the rest of CFlow reacts to them -----------------------------
+
+
+@pytest.mark.parametrize(
+    "error, cls",
+    [
+        (http_error(404, "notFound", "The resource 'projects/p/zones/z/instances/x' was not found"), NotFound),
+        (http_error(409, "alreadyExists", "The resource 'x' already exists"), Conflict),
+        (http_error(412, "conditionNotMet", "fingerprint mismatch"), PreconditionFailed),
+        (http_error(429, "rateLimitExceeded", "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'"), RateLimited),
+        (http_error(403, "userRateLimitExceeded", "User Rate Limit Exceeded"), RateLimited),
+        (http_error(503, "backendError", "The service is currently unavailable."), TransientError),
+        (http_error(400, "resourceNotReady", "The resource 'disk-1' is not ready"), TransientError),
+        (http_error(400, "invalid", "Invalid value for field 'machineType'"), PermanentRequestError),
+        (http_error(401, "authError", "Invalid Credentials"), CredentialsRejected),
+        (http_error(403, "forbidden", "Required 'compute.instances.create' permission"), PermissionDenied),
+        (http_error(403, "accessNotConfigured", "Compute Engine API has not been used in project 42"), ApiNotEnabled),
+        (http_error(403, "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1."), QuotaExceeded),
+        (http_error(503, "ZONE_RESOURCE_POOL_EXHAUSTED", "The zone does not have enough resources"), ZoneStockout),
+        (api_exceptions.NotFound("Subscription does not exist"), NotFound),
+        (api_exceptions.ServiceUnavailable("unavailable"), TransientError),
+        (api_exceptions.DeadlineExceeded("deadline"), TransientError),
+        (api_exceptions.TooManyRequests("slow down"), RateLimited),
+        (api_exceptions.PreconditionFailed("generation mismatch", response=StorageResponse()), PreconditionFailed),
+        (api_exceptions.BadRequest("bad"), PermanentRequestError),
+        (ConnectionRefusedError(111, "Connection refused"), ServiceUnreachable),
+        (TimeoutError("timed out"), ServiceUnreachable),
+    ],
+)
+def test_every_google_error_gets_one_class(error, cls):
+    classified = classify(error, project="p")
+    assert type(classified) is cls
+    assert isinstance(classified, CloudError) and "\n" not in str(classified)
+
+
+def test_the_service_answer_is_kept_on_the_error():
+    error = classify(http_error(400, "invalid", "Invalid value for field 'network': 'nets/none'"), "compute", "p")
+    assert (error.status, error.reason, error.message, error.service) == (400, "invalid", "Invalid value for field 'network': 'nets/none'", "compute")
+    assert str(error) == "Compute Engine refused a request: Invalid value for field 'network': 'nets/none'"
+
+
+def test_transient_errors_are_the_ones_worth_a_retry():
+    assert is_transient(http_error(503, "backendError", "x"))
+    assert is_transient(http_error(429, "rateLimitExceeded", "x"))
+    assert is_transient(ConnectionResetError(104, "reset"))
+    assert not is_transient(http_error(404, "notFound", "x"))
+    assert not is_transient(http_error(403, "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded. Limit: 8.0 in region r."))
+    assert not is_transient(ValueError("not a Google error"))
+
+
+def test_quota_metric_region_and_limit_come_from_the_message():
+    error = classify(http_error(403, "QUOTA_EXCEEDED", "Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1."), "compute")
+    assert (error.metric, error.region, error.limit) == ("CPUS", "us-central1", 8.0)
+
+
+def test_quota_details_come_from_quota_info_when_gce_sends_it():
+    entry = {
+        "code": "QUOTA_EXCEEDED",
+        "message": "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region europe-west4.",
+        "errorDetails": [{"quotaInfo": {"metricName": "compute.googleapis.com/n2_cpus", "limitName": "N2-CPUS-per-project-region",
+                                        "dimensions": {"region": "europe-west4"}, "limit": 24}}],
+    }
+    error = classify_operation_error(entry, "europe-west4-a")
+    assert isinstance(error, QuotaExceeded)
+    assert (error.metric, error.region, error.limit) == ("compute.googleapis.com/n2_cpus", "europe-west4", 24.0)
+    assert error.reason == "QUOTA_EXCEEDED"
+
+
+def test_operation_errors_are_classified_too():
+    stockout = classify_operation_error({"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": "no resources"}, "us-central1-a")
+    assert isinstance(stockout, ZoneStockout) and stockout.zone == "us-central1-a" and stockout.reason == "ZONE_RESOURCE_POOL_EXHAUSTED"
+    unknown = classify_operation_error({"code": "UNSUPPORTED_OPERATION", "message": "no can do"})
+    assert isinstance(unknown, PermanentRequestError) and unknown.reason == "UNSUPPORTED_OPERATION"
+    assert isinstance(classify_operation_error({"code": "RESOURCE_NOT_READY", "message": "later"}), TransientError)
+
+
+def test_a_missing_bucket_is_both_not_found_and_a_setting_to_fix():
+    error = classify(api_exceptions.NotFound("The specified bucket does not exist.", response=StorageResponse()))
+    assert isinstance(error, BucketNotFound) and isinstance(error, NotFound) and isinstance(error, ConfigError)
+    assert error.exit_status == EXIT_USAGE
+    assert isinstance(classify(http_error(403, "forbidden", "x")), CloudSetupError)
+
+
+def test_translated_seam_methods_raise_only_cflow_classes_with_the_google_error_as_cause():
+    class Seam:
+        project = "proj-1"
+
+        @translated("compute")
+        def refused(self):
+            raise http_error(404, "notFound", "The resource 'zones/nowhere' was not found")
+
+        @translated("compute")
+        def broken(self):
+            raise KeyError("not a cloud error")
+
+    with pytest.raises(NotFound) as caught:
+        Seam().refused()
+    assert isinstance(caught.value.__cause__, HttpError)
+    with pytest.raises(KeyError):
+        Seam().broken()

@@ -172,18 +172,13 @@ def test_unfinished_items_skip_done_and_failed():
 
 # -- cancel, lost queues, and Compute faults ----------------------------------
 
-import json  # noqa: E402
-
-from google.api_core import exceptions as google_exceptions  # noqa: E402
-from googleapiclient.errors import HttpError  # noqa: E402
-
-from cflow.gcp.compute import ZoneStockout  # noqa: E402
+from cflow.errors import NotFound, TransientError, ZoneStockout  # noqa: E402
 from cflow.scheduler import RunCancelled  # noqa: E402
 
 
 def test_cancelled_run_stops_the_step_before_anything_is_created():
     scheduler, compute, _pubsub, storage, _clock = make_scheduler()
-    storage.documents["cancelled.json"] = {"time": 1.0}
+    storage.cancelled = {"time": 1.0}
     with pytest.raises(RunCancelled, match=f"run {RUN} was cancelled"):
         scheduler.step()
     assert compute.count("bulkInsert") == 0
@@ -193,8 +188,8 @@ def test_cancel_landing_mid_step_is_reported_as_cancelled_not_as_a_lost_queue():
     scheduler, _compute, pubsub, storage, _clock = make_scheduler()
 
     def cancelled_meanwhile(subscription, max_messages=1000, timeout=0.5):
-        storage.documents["cancelled.json"] = {"time": 1.0}
-        raise google_exceptions.NotFound("Subscription does not exist")
+        storage.cancelled = {"time": 1.0}
+        raise NotFound("Pub/Sub refused a request: Subscription does not exist")
 
     pubsub.drain_events = cancelled_meanwhile
     with pytest.raises(RunCancelled):
@@ -248,9 +243,8 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
 
 def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
     scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
-    response = types.SimpleNamespace(status=503, reason="Service Unavailable")
-    body = json.dumps({"error": {"message": "Backend error", "errors": [{"reason": "backendError"}]}}).encode()
-    compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(HttpError(response, body))
+    error = TransientError("Compute Engine refused a request: Backend error", status=503, reason="backendError", message="Backend error")
+    compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(error)
     scheduler.step()
     scheduler.step()
     assert sum("Backend error" in r.getMessage() for r in caplog.records) == 1
@@ -319,9 +313,84 @@ def test_wait_sleeps_out_the_interval_when_events_cannot_be_read():
 
     def gone(subscription, max_messages=1000, timeout=0.5):
         clock.now += 0.01
-        raise google_exceptions.NotFound("Subscription does not exist")
+        raise NotFound("Pub/Sub refused a request: Subscription does not exist")
 
     pubsub.drain_events = gone
     slept = []
     scheduler.wait(2.0, sleep=slept.append)
     assert slept == [pytest.approx(1.99)]
+
+
+# -- the run loop's failure budget ---------------------------------------------
+
+from cflow.scheduler import SchedulerGaveUp, StepFailureBudget, run_steps  # noqa: E402
+
+
+class FlakySteps:
+    """Stands in for Scheduler.step: plays the outcomes it is given in turn (an error to raise,
+    "ok", or "done" for the step that finds every item ended), then "ok" for ever."""
+
+    def __init__(self, scheduler, outcomes):
+        self.scheduler = scheduler
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else "ok"
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome == "done":
+            self.scheduler.progress.done = self.scheduler.progress.total
+        return self.scheduler.progress
+
+
+def test_failed_steps_back_off_and_a_good_step_resets_the_count(caplog):
+    scheduler, _compute, _pubsub, _storage, clock = make_scheduler(item_count=1, workers=1)
+    outage = TransientError("Compute Engine refused a request: unavailable", status=503)
+    scheduler.step = FlakySteps(scheduler, [outage, outage, "ok", outage, outage, outage, "done"])
+    slept, shown = [], []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock.now += seconds
+
+    scheduler.wait = lambda seconds, sleep: sleep(seconds)
+    progress = run_steps(scheduler, shown.append, step_interval=2.0, sleep=sleep)
+
+    assert progress.finished
+    # 2 and 4 s after the first two failures; the step interval; then 2, 4, 8 s: the good step started the count anew.
+    assert slept == [2.0, 4.0, 2.0, 2.0, 4.0, 8.0]
+    assert len(shown) == 2
+    warnings = [r.getMessage() for r in caplog.records if "the scheduler's step failed" in r.getMessage()]
+    assert len(warnings) == 5 and "Compute Engine refused a request: unavailable" in warnings[0]
+
+
+def test_five_failed_steps_in_a_row_end_the_run_in_one_line_saying_how_to_resume():
+    scheduler, *_ = make_scheduler()
+    scheduler.step = FlakySteps(scheduler, [KeyError("vm"), *[TransientError("Pub/Sub refused a request:\nunavailable")] * 10])
+    slept = []
+
+    with pytest.raises(SchedulerGaveUp) as caught:
+        run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
+
+    text = str(caught.value)
+    assert scheduler.step.calls == 5 and slept == [2.0, 4.0, 8.0, 16.0]
+    assert "\n" not in text
+    assert text == (f"run {RUN}: the scheduler's step failed 5 times in a row (last: Pub/Sub refused a request: unavailable); "
+                    f"the run is left as it is: carry on with `python3 scheduler.py --resume {RUN}` or stop it with `cflow cancel {RUN}`")
+
+
+def test_a_cancel_ends_the_loop_at_once_without_using_the_budget():
+    scheduler, _compute, _pubsub, storage, _clock = make_scheduler()
+    storage.cancelled = {"time": 1.0}
+    slept = []
+    with pytest.raises(RunCancelled):
+        run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
+    assert slept == []
+
+
+def test_the_budget_waits_are_capped():
+    budget = StepFailureBudget(RUN, max_consecutive=10)
+    waits = [budget.failed(RuntimeError("x")) for _ in range(9)]
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0]

@@ -248,6 +248,16 @@ def test_garbage_messages_raise_a_clear_value_error(data, attributes, complaint)
     assert complaint in str(caught.value)
 
 
+def test_an_item_is_json_data_one_way_and_checked_the_other():
+    item = WorkItem("000007", 7, ("a b", "ünï"))
+    assert item.to_dict() == {"id": "000007", "index": 7, "args": ["a b", "ünï"]}
+    assert WorkItem.from_dict(json.loads(json.dumps(item.to_dict()))) == item
+    with pytest.raises(MessageError, match="keys id, index, args"):
+        WorkItem.from_dict({"id": "000007", "index": 7})
+    with pytest.raises(MessageError, match="does not match"):
+        WorkItem.from_dict({"id": "000007", "index": 8, "args": []})
+
+
 @pytest.mark.parametrize("attempt", [0, -1, True, "1", 1.0])
 def test_encode_refuses_bad_attempts(attempt):
     with pytest.raises(ValueError):
@@ -311,7 +321,3 @@ def test_demo_shards_format_and_relation():
         for x1, x2, x3, y in (map(float, row) for row in rows[1:]):
             expected = demo_data.INTERCEPT + sum(c * x for c, x in zip(demo_data.COEFFICIENTS, (x1, x2, x3)))
             assert abs(y - expected) < 6 * demo_data.NOISE_SD
-
-
-def test_demo_tasks_text_parses_to_the_shard_names():
-    assert parse_tasks_text(demo_data.tasks_text(4)) == [[name] for name in demo_data.make_shards(count=4, rows=1)]

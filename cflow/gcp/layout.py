@@ -1,0 +1,99 @@
+"""The bucket's layout: the name of every object CFlow keeps in Cloud Storage.
+
+Nothing else spells these paths. Everything of a run lives under
+``gs://BUCKET/cflow/runs/RUN_ID/``; the functions below return names
+relative to that folder:
+
+    package/package.tar.gz   what workers download at boot (uploaded first)
+    items.jsonl              the work items, one JSON object a line (for resume)
+    run.json                 the run's settings and item count, written after the
+                             package and items.jsonl: a run with run.json has both
+    published.json           every unfinished item was published (count, time)
+    cancelled.json           the run was cancelled (time); outputs and logs are kept
+    outputs/ITEM/NAME        a task's output files
+    logs/ITEM/attempt-N.log  a task's stdout+stderr, one per attempt
+    done/ITEM                done marker, created once (the source of truth)
+    failed/ITEM              failed marker, created once
+    attempts/ITEM/N          attempt N failed and was settled, created once
+    combined/NAME            the combined result
+
+The demo's input shards live beside the runs, under ``gs://BUCKET/cflow/demo/``.
+"""
+
+import re
+
+RUNS_PREFIX = "cflow/runs/"
+DEMO_PREFIX = "cflow/demo/"
+
+PACKAGE = "package/package.tar.gz"
+ITEMS = "items.jsonl"
+MANIFEST = "run.json"
+PUBLISHED = "published.json"
+CANCELLED = "cancelled.json"
+COMBINED = "combined/"
+LOGS = "logs/"
+
+# Marker kinds: the folder each kind of marker lives in.
+DONE = "done"
+FAILED = "failed"
+
+LOG_NAME_RE = re.compile(r"attempt-([0-9]+)\.log")
+
+
+def run_prefix(run_id: str) -> str:
+    """The object-name prefix of a run's folder, e.g. ``cflow/runs/0612-1530-ab12/``."""
+    return f"{RUNS_PREFIX}{run_id}/"
+
+
+def run_url(bucket: str, run_id: str, relative: str = "") -> str:
+    """``gs://BUCKET/cflow/runs/RUN_ID/RELATIVE``."""
+    return f"gs://{bucket}/{run_prefix(run_id)}{relative}"
+
+
+def run_id_of_folder(folder: str) -> str:
+    """The run id of a folder name listed under ``RUNS_PREFIX`` (``cflow/runs/ID/`` -> ``ID``)."""
+    return folder[len(RUNS_PREFIX):].rstrip("/")
+
+
+def outputs_of(item_id: str) -> str:
+    return f"outputs/{item_id}/"
+
+
+def output(item_id: str, name: str) -> str:
+    return f"{outputs_of(item_id)}{name}"
+
+
+def logs_of(item_id: str) -> str:
+    return f"{LOGS}{item_id}/"
+
+
+def log(item_id: str, attempt: int) -> str:
+    return f"{logs_of(item_id)}attempt-{int(attempt)}.log"
+
+
+def attempt_of_log(name: str | None) -> int | None:
+    """The attempt number in a log's name or URL (``.../attempt-3.log`` -> 3), or None for other names."""
+    match = LOG_NAME_RE.fullmatch((name or "").rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def markers(kind: str) -> str:
+    """The folder of one kind of marker (``DONE`` or ``FAILED``)."""
+    return f"{kind}/"
+
+
+def marker(kind: str, item_id: str) -> str:
+    return f"{markers(kind)}{item_id}"
+
+
+def attempt_marker(item_id: str, attempt: int) -> str:
+    return f"attempts/{item_id}/{int(attempt)}"
+
+
+def combined(name: str) -> str:
+    return f"{COMBINED}{name}"
+
+
+def demo_object(name: str) -> str:
+    """The object name of a demo input (``shards/part-007.csv`` -> ``cflow/demo/shards/part-007.csv``)."""
+    return f"{DEMO_PREFIX}{name}"

@@ -1,0 +1,150 @@
+"""``cflow status RUN_ID``: a run's items, attempts, VMs and time left."""
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
+
+from cflow.errors import EXIT_OK
+from cflow.gcp import layout
+from cflow.lifecycle import STATE_CANCELLED, STATE_FINISHED, STATE_IN_PROGRESS, run_state
+from cflow.ops.session import open_session
+from cflow.ops.text import aligned, format_duration, format_time
+from cflow.ops.view import RunView, list_vms
+
+if TYPE_CHECKING:
+    from cflow.gcp.compute import Compute
+
+
+def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    status = subparsers.add_parser(
+        "status", parents=[common],
+        help="show a run's items, attempts, VMs and time left",
+        description="Show a run's progress from Cloud Storage and Compute: items queued, running (estimated "
+        "from live VMs), done and failed; attempts and retries; VMs by state; elapsed and estimated time left.",
+    )
+    status.add_argument("run_id", metavar="RUN_ID", help="the run's id, as `cflow run` printed it (see `cflow list`)")
+    status.set_defaults(func=status_command)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStatus:
+    """A run's progress as ``cflow status`` shows it.
+
+    ``running`` is an estimate: the live VMs, at most the items left, since
+    which item a VM holds is only known to the scheduler.
+    """
+
+    run_id: str
+    bucket: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    running: int
+    attempts: int
+    vms: dict[str, int]  # status -> count
+    created: float | None
+    elapsed: float | None  # seconds since created, or until the run ended
+    cancelled_at: float | None = None
+
+    @property
+    def left(self) -> int:
+        return max(self.total - self.done - self.failed, 0)
+
+    @property
+    def queued(self) -> int:
+        return max(self.left - self.running, 0)
+
+    @property
+    def retries(self) -> int:
+        return max(self.attempts - self.done - self.failed, 0)
+
+    @property
+    def seconds_left(self) -> float | None:
+        """elapsed / done * left while the run goes on and something is done; else None."""
+        if self.state != STATE_IN_PROGRESS or not self.done or self.elapsed is None:
+            return None
+        return self.elapsed / self.done * self.left
+
+
+def read_status(view: RunView, compute: "Compute", now: float) -> RunStatus:
+    """Build a run's ``RunStatus``.
+
+    Args:
+        view: the run's ``RunView``.
+        compute: ``cflow.gcp.compute.Compute`` of the run's project.
+        now: wall-clock seconds (``time.time()``).
+    Raises:
+        RunNotFound, CloudError.
+    """
+    from cflow.scheduler import LIVE_STATES
+
+    manifest = view.manifest()
+    done_times, failed_times = view.done_and_failed()
+    total = int(manifest.get("item_count", 0))
+    vms: dict[str, int] = {}
+    for vm in list_vms(compute, view.run_id):
+        vms[vm.status] = vms.get(vm.status, 0) + 1
+    live = sum(count for status, count in vms.items() if status in LIVE_STATES)
+    cancelled = view.cancelled()
+    state = run_state(total, len(done_times), len(failed_times), cancelled is not None)
+    created = manifest.get("created")
+    ended = None
+    if state == STATE_FINISHED and (done_times or failed_times):
+        ended = max([*done_times.values(), *failed_times.values()]).timestamp()
+    elif state == STATE_CANCELLED and cancelled is not None:
+        ended = cancelled.get("time")
+    elapsed = None
+    if created is not None:
+        elapsed = max((ended if ended is not None else now) - created, 0.0)
+    left = max(total - len(done_times) - len(failed_times), 0)
+    return RunStatus(
+        run_id=view.run_id,
+        bucket=view.bucket_name,
+        state=state,
+        total=total,
+        done=len(done_times),
+        failed=len(failed_times),
+        running=min(live, left) if state == STATE_IN_PROGRESS else 0,
+        attempts=view.count_logs(),
+        vms=vms,
+        created=created,
+        elapsed=elapsed,
+        cancelled_at=cancelled.get("time") if cancelled else None,
+    )
+
+
+def status_lines(status: RunStatus) -> list[str]:
+    """The lines ``cflow status`` prints for ``status``."""
+    state = status.state
+    if state == STATE_CANCELLED and status.cancelled_at:
+        state = f"cancelled at {format_time(status.cancelled_at)}"
+    rows = [
+        ("run", f"{status.run_id} ({layout.run_url(status.bucket, status.run_id)})"),
+        ("state", state),
+        ("items", str(status.total)),
+        ("  queued", str(status.queued)),
+        ("  running", f"{status.running} (estimate: live VMs, at most the items left)"),
+        ("  done", str(status.done)),
+        ("  failed", str(status.failed) + (f" (`cflow logs {status.run_id}` shows them)" if status.failed else "")),
+        ("attempts", f"{status.attempts} ({status.retries} retries)"),
+        ("VMs", ", ".join(f"{count} {name}" for name, count in sorted(status.vms.items())) or "none"),
+    ]
+    if status.created is not None:
+        rows.append(("created", format_time(status.created)))
+    if status.elapsed is not None:
+        rows.append(("elapsed" if status.state == STATE_IN_PROGRESS else "took", format_duration(status.elapsed)))
+    if status.seconds_left is not None:
+        rows.append(("time left", f"~{format_duration(status.seconds_left)} (estimate)"))
+    return aligned(rows)
+
+
+def status_command(args: argparse.Namespace, out: IO[str] | None = None, now: Callable[[], float] = time.time) -> int:
+    out = out or sys.stdout
+    session = open_session(args)
+    status = read_status(session.run(args.run_id), session.compute(), now())
+    print("\n".join(status_lines(status)), file=out, flush=True)
+    return EXIT_OK

@@ -69,6 +69,6 @@ exactly that. The VM runs its shutdown script and ends TERMINATED (operation
 
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);
-``cflow.local.compute.testing.compute_emulator_process()`` runs it as a
-subprocess for tests.
+``cflow.local.launchers.launch_compute_emulator()`` runs it as a background
+subprocess, as the local stack does.
 """

@@ -123,10 +123,10 @@ class Spans:
 
     def gaps(self):
         """Seconds each worker spent between one task's end and its next task's start (dispatch overhead)."""
-        by_worker = {}
+        by_worker: dict[str, list[tuple[float, float]]] = {}
         for (_, start, end), worker in zip(self.lines, self.workers):
             by_worker.setdefault(worker, []).append((start, end))
-        gaps = []
+        gaps: list[float] = []
         for runs in by_worker.values():
             runs.sort()
             gaps.extend(later[0] - earlier[1] for earlier, later in zip(runs, runs[1:]))
@@ -143,7 +143,7 @@ class Spans:
         seconds in its tasks, seconds in the gaps between them): these add up
         to the span.
         """
-        by_worker = {}
+        by_worker: dict[str, list[tuple[float, float]]] = {}
         for (_, start, end), worker in zip(self.lines, self.workers):
             by_worker.setdefault(worker, []).append((start, end))
         runs = sorted(max(by_worker.values(), key=lambda runs: max(end for _, end in runs)))
@@ -153,7 +153,7 @@ class Spans:
 
     def first_starts(self):
         """Each worker's first task start, sorted (how staggered the fleet came up)."""
-        firsts = {}
+        firsts: dict[str, float] = {}
         for (_, start, _), worker in zip(self.lines, self.workers):
             firsts[worker] = min(start, firsts.get(worker, start))
         return sorted(firsts.values())

@@ -104,7 +104,8 @@ def compute_emulator_process(*extra_args, shutdown_grace_s=2, start_timeout_s=30
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def compute_client(base_url):

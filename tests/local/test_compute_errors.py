@@ -96,6 +96,7 @@ def test_unknown_zone_machine_type_and_image(compute):
 
 
 def test_bad_labels_metadata_and_scheduling_are_400(compute):
+    changes: dict
     for changes in (
         {"labels": {"Bad Key": "x"}},
         {"labels": {"ok": "UPPER"}},

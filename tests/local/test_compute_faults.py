@@ -107,7 +107,7 @@ def test_boot_delay_shows_provisioning_and_staging_before_running(start_compute_
         compute = compute_client(emulator.base_url)
         zone = "us-central1-c"
         operation = insert(compute, zone, "slow-boot")
-        seen = []
+        seen: list[str] = []
 
         def running():
             status = compute.instances().get(project=PROJECT, zone=zone, instance="slow-boot").execute()["status"]

@@ -112,4 +112,5 @@ def test_the_in_process_api_stops_its_vms_too(tmp_path):
     finally:
         emulator.stop()
     assert processes_with(needle) == []
-    assert emulator.watchdog.pid is not None and _state(emulator.watchdog.pid) in ("gone", "Z")
+    assert emulator.watchdog is not None and emulator.watchdog.pid is not None
+    assert _state(emulator.watchdog.pid) in ("gone", "Z")

@@ -75,7 +75,7 @@ class Instances:
         faults = self.core.faults
         region = self.core.catalog.region_of(zone)
         free = faults.free_cpus(self._cpus_in_region(project, region))
-        if free is None:
+        if free is None or faults.cpu_quota is None:
             return wanted
         fit = free // cpus_each
         if fit < minimum:

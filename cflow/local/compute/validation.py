@@ -187,7 +187,8 @@ def check_scheduling(scheduling: Any, field: str) -> dict[str, Any]:
     if interruptible and automatic_restart:
         raise api_errors.invalid_field(f"{field}.automaticRestart", "true", "Preemptible instances cannot be automatically restarted.")
     if interruptible and on_host_maintenance != "TERMINATE":
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE.")
+        detail = "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE."
+        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, detail)
     result = {
         "onHostMaintenance": on_host_maintenance,
         "automaticRestart": automatic_restart,
@@ -199,7 +200,8 @@ def check_scheduling(scheduling: Any, field: str) -> dict[str, Any]:
         if action not in ("STOP", "DELETE"):
             raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Must be STOP or DELETE.")
         if not interruptible:
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Instance termination action can only be set for Spot or preemptible VMs.")
+            detail = "Instance termination action can only be set for Spot or preemptible VMs."
+            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, detail)
         result["instanceTerminationAction"] = action
     elif model == "SPOT":
         result["instanceTerminationAction"] = "STOP"

@@ -13,9 +13,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, wait_operation
+from common import compute_client, compute_emulator, wait_zone_operation
 
 PROJECT = "bench-project"
 ZONE = "us-central1-a"
@@ -41,8 +41,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="cflow-bench-") as state_dir, \
-            compute_emulator_process("--state-dir", state_dir, shutdown_grace_s=2) as emulator:
-        compute = compute_client(emulator.base_url)
+            compute_emulator(state_dir, shutdown_grace=2) as (emulator, process):
+        compute = compute_client(emulator.endpoint)
         # Warm up code paths (and their allocations) before the baseline.
         for _ in range(20):
             compute.instances().list(project=PROJECT, zone=ZONE).execute()
@@ -59,7 +59,7 @@ def main(argv=None):
         operation = compute.instances().bulkInsert(
             project=PROJECT, zone=ZONE, body={"count": args.vms, "namePattern": "bench-####", "instanceProperties": properties}
         ).execute()
-        wait_operation(compute, PROJECT, ZONE, operation, timeout_s=120)
+        wait_zone_operation(compute, PROJECT, ZONE, operation, timeout_s=120)
         while running_count(compute) < args.vms:
             time.sleep(0.05)
         boot_s = time.monotonic() - started
@@ -77,8 +77,8 @@ def main(argv=None):
         assert len(response["items"]) == args.vms
 
         started = time.monotonic()
-        emulator.process.send_signal(signal.SIGTERM)
-        emulator.process.wait(120)
+        process.send_signal(signal.SIGTERM)
+        process.wait(120)
         shutdown_s = time.monotonic() - started
 
     per_vm_kib = (loaded_kib - baseline_kib) / args.vms

@@ -6,6 +6,9 @@ shared lives here:
 
 - ``bench_stack(dir, **compute_options)``: ``LocalStack(dir).up(...)`` and
   ``.down()`` as a context manager, with the start time measured.
+- ``compute_emulator(state_dir, **compute_options)``: the Compute emulator
+  alone, started as the stack starts it; ``compute_client(endpoint)`` and
+  ``wait_zone_operation`` to drive it.
 - ``BenchProject``: a throwaway CFlow project folder (const.py, tasks.txt,
   task/task.sh and the worker scripts copied from this checkout), run with
   ``python3 scheduler.py`` as a user runs it.
@@ -30,6 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from cflow.local.launchers import launch_compute_emulator  # noqa: E402
+from cflow.local.services import stop_and_reap  # noqa: E402
 from cflow.local.stack import ComputeOptions, LocalStack  # noqa: E402
 
 WORKER_SCRIPTS = ("init.sh", "startup-signal.py", "shutdown-signal.py")
@@ -118,10 +123,10 @@ class Spans:
 
     def gaps(self):
         """Seconds each worker spent between one task's end and its next task's start (dispatch overhead)."""
-        by_worker = {}
+        by_worker: dict[str, list[tuple[float, float]]] = {}
         for (_, start, end), worker in zip(self.lines, self.workers):
             by_worker.setdefault(worker, []).append((start, end))
-        gaps = []
+        gaps: list[float] = []
         for runs in by_worker.values():
             runs.sort()
             gaps.extend(later[0] - earlier[1] for earlier, later in zip(runs, runs[1:]))
@@ -138,7 +143,7 @@ class Spans:
         seconds in its tasks, seconds in the gaps between them): these add up
         to the span.
         """
-        by_worker = {}
+        by_worker: dict[str, list[tuple[float, float]]] = {}
         for (_, start, end), worker in zip(self.lines, self.workers):
             by_worker.setdefault(worker, []).append((start, end))
         runs = sorted(max(by_worker.values(), key=lambda runs: max(end for _, end in runs)))
@@ -148,7 +153,7 @@ class Spans:
 
     def first_starts(self):
         """Each worker's first task start, sorted (how staggered the fleet came up)."""
-        firsts = {}
+        firsts: dict[str, float] = {}
         for (_, start, _), worker in zip(self.lines, self.workers):
             firsts[worker] = min(start, firsts.get(worker, start))
         return sorted(firsts.values())
@@ -192,6 +197,42 @@ def bench_stack(stack_dir, **compute_options):
         yield info, time.monotonic() - started
     finally:
         stack.down()
+
+
+@contextlib.contextmanager
+def compute_emulator(state_dir, **compute_options):
+    """Run the Compute emulator alone (state in ``state_dir``) for the ``with`` block, as the local stack starts it.
+
+    Yields:
+        (Service, Popen): ``service.endpoint`` is ``http://127.0.0.1:PORT/compute/v1/``;
+        the block may end the process itself (SIGTERM to ``service.pid``).
+    """
+    service, process = launch_compute_emulator(state_dir, Path(state_dir) / "compute.log", options=ComputeOptions(**compute_options))
+    try:
+        yield service, process
+    finally:
+        if process.poll() is None:
+            stop_and_reap(service, process)
+
+
+def compute_client(endpoint):
+    """A googleapiclient compute v1 client aimed at ``endpoint``, built as CFlow builds it."""
+    from google.auth.credentials import AnonymousCredentials
+
+    from cflow.gcp.clients import build_compute
+
+    return build_compute(AnonymousCredentials(), endpoint)
+
+
+def wait_zone_operation(compute, project, zone, operation, timeout_s=120):
+    """Wait (zoneOperations.wait, repeated) until ``operation`` is DONE; return it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = compute.zoneOperations().wait(project=project, zone=zone, operation=operation["name"]).execute()
+        if result["status"] == "DONE":
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"operation {operation['name']} not DONE after {timeout_s} s")
 
 
 def run_on_bench_stack(name, json_path, measure):

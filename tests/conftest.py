@@ -24,17 +24,37 @@ and ``list_buckets`` (the client finds none by itself), and anonymous
 credentials keep it from looking for real ones. Resumable uploads work
 because the server is started with ``-external-url`` equal to its own URL.
 Buckets persist for the session: use a unique bucket name per test.
+
+The ``stack`` marker: every test that uses a fixture which starts an
+emulator (``STACK_FIXTURES``, or any fixture named ``*_stack``, directly or
+through other fixtures) is marked ``stack`` at collection, so
+``pytest -m "not stack"`` runs the fast tests alone and starts no emulator. A
+test that starts an emulator itself (not through a fixture) carries
+``@pytest.mark.stack`` explicitly.
 """
 
 import pytest
 
-from cflow.local.stack import (
-    ComputeOptions,
-    LocalStack,
-    launch_pubsub_emulator,
-    launch_storage_server,
-    stop_service,
-)
+from cflow.local.launchers import launch_pubsub_emulator, launch_storage_server
+from cflow.local.services import stop_and_reap
+from cflow.local.stack import ComputeOptions, LocalStack
+
+# Fixtures that start an emulator (besides any fixture named *_stack):
+# compute_emulator, compute and start_compute_emulator live in tests/local/conftest.py.
+STACK_FIXTURES = frozenset({"local_stack", "pubsub_emulator", "gcs_server", "compute_emulator", "start_compute_emulator"})
+
+
+def starts_an_emulator(fixture_name):
+    """True for a fixture that starts (or is) an emulator: what the ``stack`` marker is given for."""
+    return fixture_name in STACK_FIXTURES or fixture_name.endswith("_stack")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # tryfirst: the marker must be on the items before `-m` deselects by it.
+    for item in items:
+        if any(starts_an_emulator(name) for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +65,7 @@ def pubsub_emulator(tmp_path_factory):
     try:
         yield service.endpoint
     finally:
-        stop_service(service)
-        process.wait()
+        stop_and_reap(service, process)
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +76,7 @@ def gcs_server(tmp_path_factory):
     try:
         yield service.endpoint
     finally:
-        stop_service(service)
-        process.wait()
+        stop_and_reap(service, process)
 
 
 @pytest.fixture(scope="session")

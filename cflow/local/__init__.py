@@ -8,6 +8,12 @@ The same CFlow code talks to these as to GCP; only endpoints change:
 - Cloud Storage: fake-gcs-server; ``STORAGE_EMULATOR_HOST=http://HOST:PORT``.
 - Metadata server: one per emulated VM; ``GCE_METADATA_HOST`` and
   ``GCE_METADATA_IP`` (both ``HOST:PORT``, as google-auth reads them).
+
+Modules: ``stack`` (LocalStack: up, down, status, stack.json), ``stack_cli``
+(``cflow local``), ``launchers`` (the three programs: find, launch, options),
+``services`` (one background service: launch, wait until ready, stop, port
+retry), ``procfs`` (/proc: process state, start time, boot id, listening
+sockets), ``compute`` (the Compute Engine emulator).
 """
 
 LOCAL_PROJECT = "cflow-local"

@@ -5,15 +5,20 @@ sets the variables that point CFlow and the Google clients at it; only the
 ``export`` lines go to stdout, progress goes to stderr.
 """
 
+import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from cflow.errors import StackError
 from cflow.local import DEFAULT_STACK_DIR
 
+if TYPE_CHECKING:
+    from cflow.local.launchers import ComputeOptions
+
 logger = logging.getLogger(__name__)
 
 
-def add_parser(subparsers):
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``cflow local`` and its subcommands on ``subparsers``."""
     local = subparsers.add_parser(
         "local",
@@ -54,19 +59,19 @@ def add_parser(subparsers):
     status.set_defaults(func=run_status)
 
 
-def _add_dir_argument(parser):
+def _add_dir_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dir", default=DEFAULT_STACK_DIR, metavar="D",
         help=f"the stack's directory: state, logs, data (default: {DEFAULT_STACK_DIR})",
     )
 
 
-def _dir_flag(args):
+def _dir_flag(args: argparse.Namespace) -> str:
     return "" if args.dir == DEFAULT_STACK_DIR else f" --dir {args.dir}"
 
 
-def _compute_options(args):
-    from cflow.local.stack import ComputeOptions
+def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
+    from cflow.local.launchers import ComputeOptions
 
     options = ComputeOptions(
         preempt_mean_s=args.preempt_mean_s,
@@ -85,7 +90,8 @@ def _compute_options(args):
     return None if options == ComputeOptions() else options
 
 
-def run_up(args):
+def run_up(args: argparse.Namespace) -> int:
+    """``cflow local up``: print the export lines of the running (or started) stack."""
     from cflow.local.stack import LocalStack, export_lines
 
     info, started = LocalStack(args.dir).up_reporting_start(_compute_options(args))
@@ -96,7 +102,8 @@ def run_up(args):
     return 0
 
 
-def run_env(args):
+def run_env(args: argparse.Namespace) -> int:
+    """``cflow local env``: print the export lines of the running stack."""
     from cflow.local.stack import LocalStack, export_lines
 
     info = LocalStack(args.dir).info()
@@ -109,7 +116,8 @@ def run_env(args):
     return 0
 
 
-def run_down(args):
+def run_down(args: argparse.Namespace) -> int:
+    """``cflow local down``: stop the stack, VMs first."""
     from cflow.local.stack import LocalStack
 
     stopped = LocalStack(args.dir).down()
@@ -120,7 +128,8 @@ def run_down(args):
     return 0
 
 
-def run_status(args):
+def run_status(args: argparse.Namespace) -> int:
+    """``cflow local status``: each service and the VMs by state; 1 unless all are alive."""
     from cflow.local.stack import LocalStack
 
     stack = LocalStack(args.dir)

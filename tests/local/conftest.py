@@ -1,8 +1,12 @@
-"""Fixtures for the Compute emulator's tests: one emulator subprocess per test module."""
+"""Fixtures for the Compute emulator's tests: one emulator subprocess per test module, or one per test.
+
+Each of them starts an emulator, so tests using them are marked ``stack``
+(see tests/conftest.py).
+"""
 
 import pytest
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process
+from tests.helpers import compute_client, compute_emulator_process
 
 
 @pytest.fixture(scope="module")
@@ -12,12 +16,22 @@ def state_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def emulator(state_dir):
+def compute_emulator(state_dir):
+    """The module's Compute emulator subprocess (an EmulatorProcess), with its state in ``state_dir``."""
     with compute_emulator_process("--state-dir", state_dir) as process:
         yield process
 
 
 @pytest.fixture(scope="module")
-def compute(emulator):
+def compute(compute_emulator):
     """A googleapiclient compute v1 client pointed at the module's emulator."""
-    return compute_client(emulator.base_url)
+    return compute_client(compute_emulator.base_url)
+
+
+@pytest.fixture
+def start_compute_emulator():
+    """``compute_emulator_process`` for a test that needs an emulator with options of its own.
+
+    Use it as ``with start_compute_emulator("--cpu-quota", "8") as emulator:``.
+    """
+    return compute_emulator_process

@@ -3,17 +3,18 @@
 from googleapiclient.errors import HttpError
 from googleapiclient.http import BatchHttpRequest
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from tests.helpers import compute_client, instance_body, wait_operation, wait_until
 
 PROJECT = "batch-project"
 ZONE = "us-central1-b"
 
 
-def test_batched_deletes_answer_each_call_and_delete_the_vms():
-    with compute_emulator_process() as emulator:
+def test_batched_deletes_answer_each_call_and_delete_the_vms(start_compute_emulator):
+    with start_compute_emulator() as emulator:
         compute = compute_client(emulator.base_url)
         for name in ("batch-1", "batch-2", "batch-3"):
-            wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body(name, zone=ZONE, startup_script="sleep 1000")).execute())
+            body = instance_body(name, zone=ZONE, startup_script="sleep 1000")
+            wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute())
         answers = {}
 
         def on_answer(request_id, response, exception):

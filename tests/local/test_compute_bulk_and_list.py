@@ -3,7 +3,7 @@
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import instance_body, wait_operation, wait_until
+from tests.helpers import instance_body, wait_operation, wait_until
 
 PROJECT = "bulk-project"
 ZONE = "us-west1-a"
@@ -126,7 +126,8 @@ def test_list_and_aggregated_list_page_through_every_vm(compute):
 
 
 def test_set_labels_checks_the_fingerprint(compute):
-    wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("labelled", zone=ZONE, labels={"a": "1"})).execute())
+    body = instance_body("labelled", zone=ZONE, labels={"a": "1"})
+    wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute())
     current = compute.instances().get(project=PROJECT, zone=ZONE, instance="labelled").execute()
     body = {"labels": {"a": "2", "b": "x"}, "labelFingerprint": current["labelFingerprint"]}
     wait_operation(compute, PROJECT, ZONE, compute.instances().setLabels(project=PROJECT, zone=ZONE, instance="labelled", body=body).execute())

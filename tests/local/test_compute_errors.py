@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import instance_body, wait_operation
+from tests.helpers import instance_body, wait_operation
 
 PROJECT = "errors-project"
 ZONE = "asia-east1-a"
@@ -96,6 +96,7 @@ def test_unknown_zone_machine_type_and_image(compute):
 
 
 def test_bad_labels_metadata_and_scheduling_are_400(compute):
+    changes: dict
     for changes in (
         {"labels": {"Bad Key": "x"}},
         {"labels": {"ok": "UPPER"}},
@@ -126,18 +127,18 @@ def test_unparsable_filter_and_page_size_are_400(compute):
         assert_google_error(refused(call).content, 400, "invalid")
 
 
-def test_malformed_bodies_and_unknown_paths_never_500(emulator):
+def test_malformed_bodies_and_unknown_paths_never_500(compute_emulator):
     instances = f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances"
-    status, content = raw(emulator, "POST", instances, b"{not json")
+    status, content = raw(compute_emulator, "POST", instances, b"{not json")
     assert status == 400 and assert_google_error(content, 400, "parseError")
-    status, content = raw(emulator, "POST", instances, b"[1, 2]")
+    status, content = raw(compute_emulator, "POST", instances, b"[1, 2]")
     assert status == 400 and assert_google_error(content, 400, "parseError")
-    status, content = raw(emulator, "POST", instances, json.dumps({"name": 5, "machineType": ["x"], "disks": "no"}).encode())
+    status, content = raw(compute_emulator, "POST", instances, json.dumps({"name": 5, "machineType": ["x"], "disks": "no"}).encode())
     assert status == 400
-    status, content = raw(emulator, "POST", instances + "/bulkInsert", json.dumps({"count": "many", "namePattern": "a-#"}).encode())
+    status, content = raw(compute_emulator, "POST", instances + "/bulkInsert", json.dumps({"count": "many", "namePattern": "a-#"}).encode())
     assert status == 400 and assert_google_error(content, 400, "invalid")
     for method, path in (("GET", "/compute/v1/projects/p/nonsense"), ("PUT", instances), ("GET", "/elsewhere"), ("POST", instances + "/x/explode")):
-        status, content = raw(emulator, method, path, b"{}" if method != "GET" else None)
+        status, content = raw(compute_emulator, method, path, b"{}" if method != "GET" else None)
         assert status == 404 and assert_google_error(content, 404, "notFound")
 
 

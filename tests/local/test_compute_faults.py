@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from tests.helpers import compute_client, instance_body, wait_operation, wait_until
 
 PROJECT = "faults-project"
 
@@ -27,8 +27,8 @@ def error_codes(operation):
     return [entry["code"] for entry in operation.get("error", {}).get("errors", [])]
 
 
-def test_zone_capacity_stocks_out_inserts_and_trims_bulk_inserts():
-    with compute_emulator_process("--zone-capacity", "us-central1-a=2", "--zone-capacity", "us-central1-b=3") as emulator:
+def test_zone_capacity_stocks_out_inserts_and_trims_bulk_inserts(start_compute_emulator):
+    with start_compute_emulator("--zone-capacity", "us-central1-a=2", "--zone-capacity", "us-central1-b=3") as emulator:
         compute = compute_client(emulator.base_url)
         zone = "us-central1-a"
         for name in ("cap-1", "cap-2"):
@@ -55,8 +55,8 @@ def test_zone_capacity_stocks_out_inserts_and_trims_bulk_inserts():
         assert [vm["name"] for vm in compute.instances().list(project=PROJECT, zone=zone).execute()["items"]] == ["b-1", "b-2", "b-3"]
 
 
-def test_cpu_quota_refuses_inserts_beyond_the_region_limit():
-    with compute_emulator_process("--cpu-quota", "8") as emulator:
+def test_cpu_quota_refuses_inserts_beyond_the_region_limit(start_compute_emulator):
+    with start_compute_emulator("--cpu-quota", "8") as emulator:
         compute = compute_client(emulator.base_url)
         wait_operation(compute, PROJECT, "us-east1-b", insert(compute, "us-east1-b", "q-1", machine_type="e2-standard-4"))
         wait_operation(compute, PROJECT, "us-east1-c", insert(compute, "us-east1-c", "q-2", machine_type="e2-standard-2"))
@@ -89,10 +89,10 @@ def answers(emulator, count):
     return statuses
 
 
-def test_error_rate_answers_a_seeded_share_of_requests_with_429_or_503():
-    with compute_emulator_process("--error-rate", "0.5", "--seed", "11") as emulator:
+def test_error_rate_answers_a_seeded_share_of_requests_with_429_or_503(start_compute_emulator):
+    with start_compute_emulator("--error-rate", "0.5", "--seed", "11") as emulator:
         first = answers(emulator, 60)
-    with compute_emulator_process("--error-rate", "0.5", "--seed", "11") as emulator:
+    with start_compute_emulator("--error-rate", "0.5", "--seed", "11") as emulator:
         second = answers(emulator, 60)
         # googleapiclient retries these as GCP code does.
         zone = compute_client(emulator.base_url).zones().get(project=PROJECT, zone="us-central1-a").execute(num_retries=10)
@@ -102,12 +102,12 @@ def test_error_rate_answers_a_seeded_share_of_requests_with_429_or_503():
     assert 15 <= first.count(200) <= 45
 
 
-def test_boot_delay_shows_provisioning_and_staging_before_running():
-    with compute_emulator_process("--boot-delay", "1.2") as emulator:
+def test_boot_delay_shows_provisioning_and_staging_before_running(start_compute_emulator):
+    with start_compute_emulator("--boot-delay", "1.2") as emulator:
         compute = compute_client(emulator.base_url)
         zone = "us-central1-c"
         operation = insert(compute, zone, "slow-boot")
-        seen = []
+        seen: list[str] = []
 
         def running():
             status = compute.instances().get(project=PROJECT, zone=zone, instance="slow-boot").execute()["status"]
@@ -115,13 +115,13 @@ def test_boot_delay_shows_provisioning_and_staging_before_running():
                 seen.append(status)
             return status == "RUNNING"
 
-        wait_until(running, timeout_s=10, interval_s=0.05)
+        wait_until(running, timeout=10, what="the VM to boot", interval=0.05)
         assert seen == ["PROVISIONING", "STAGING", "RUNNING"]
         assert wait_operation(compute, PROJECT, zone, operation)["status"] == "DONE"
 
 
-def test_preempt_mean_preempts_spot_vms_only():
-    with compute_emulator_process("--preempt-mean-s", "0.3", "--seed", "3") as emulator:
+def test_preempt_mean_preempts_spot_vms_only(start_compute_emulator):
+    with start_compute_emulator("--preempt-mean-s", "0.3", "--seed", "3") as emulator:
         compute = compute_client(emulator.base_url)
         zone = "europe-west1-c"
         wait_operation(compute, PROJECT, zone, insert(compute, zone, "spot", spot=True))
@@ -130,6 +130,6 @@ def test_preempt_mean_preempts_spot_vms_only():
         def get(name):
             return compute.instances().get(project=PROJECT, zone=zone, instance=name).execute()
 
-        wait_until(lambda: get("spot")["status"] == "TERMINATED", timeout_s=15, what="random preemption")
+        wait_until(lambda: get("spot")["status"] == "TERMINATED", timeout=15, what="random preemption")
         assert get("spot")["statusMessage"] == "Instance was preempted."
         assert get("standard")["status"] == "RUNNING"

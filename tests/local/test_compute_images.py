@@ -8,7 +8,7 @@ import pytest
 from googleapiclient.errors import HttpError
 
 from cflow.local.compute.disk_images import DiskImages
-from cflow.local.compute.testing import instance_body, wait_operation, wait_until
+from tests.helpers import instance_body, wait_operation, wait_until
 from tests.local.test_compute_schema import DISCOVERY, check
 
 PROJECT = "images-project"
@@ -68,14 +68,14 @@ def insert_image(compute, name, disk, family=None, **params):
     return compute.images().insert(project=PROJECT, body=body, **params).execute()
 
 
-def test_the_boot_disk_is_a_zone_resource_named_after_the_vm(compute, emulator, schemas):
+def test_the_boot_disk_is_a_zone_resource_named_after_the_vm(compute, compute_emulator, schemas):
     body = instance_body("img-disk-1", zone=ZONE, startup_script="true")
     body["disks"].append({"autoDelete": False, "initializeParams": {"diskName": "img-data-1", "diskSizeGb": "20"}, "boot": False})
     wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute())
 
     boot = compute.disks().get(project=PROJECT, zone=ZONE, disk="img-disk-1").execute()
     check(boot, {"$ref": "Disk"}, schemas, "Disk")
-    assert boot["users"] == [f"{emulator.base_url}projects/{PROJECT}/zones/{ZONE}/instances/img-disk-1"]
+    assert boot["users"] == [f"{compute_emulator.base_url}projects/{PROJECT}/zones/{ZONE}/instances/img-disk-1"]
     assert boot["sourceImage"].endswith("projects/debian-cloud/global/images/debian-12-bookworm-v20240110")
     assert boot["sizeGb"] == "10" and boot["status"] == "READY"
     listing = compute.disks().list(project=PROJECT, zone=ZONE).execute()
@@ -96,21 +96,21 @@ def test_the_boot_disk_is_a_zone_resource_named_after_the_vm(compute, emulator, 
     assert error_of(compute.disks().get(project=PROJECT, zone=ZONE, disk="img-data-1"))[0] == 404
 
 
-def test_an_image_of_a_stopped_vms_disk_holds_its_files_and_a_vm_from_it_sees_them(compute, emulator, state_dir, schemas):
+def test_an_image_of_a_stopped_vms_disk_holds_its_files_and_a_vm_from_it_sees_them(compute, compute_emulator, state_dir, schemas):
     baked_vm(compute, "img-src-1", "from the image")
     operation = insert_image(compute, "img-one", f"projects/{PROJECT}/zones/{ZONE}/disks/img-src-1", family="img-fam-a")
     check(operation, schemas["Operation"], schemas, "Operation")  # the schema itself: a global one has no zone
     assert "zone" not in operation and operation["operationType"] == "insert"
-    assert operation["selfLink"] == f"{emulator.base_url}projects/{PROJECT}/global/operations/{operation['name']}"
+    assert operation["selfLink"] == f"{compute_emulator.base_url}projects/{PROJECT}/global/operations/{operation['name']}"
     done = wait_global(compute, operation)
-    assert done["targetLink"] == f"{emulator.base_url}projects/{PROJECT}/global/images/img-one"
+    assert done["targetLink"] == f"{compute_emulator.base_url}projects/{PROJECT}/global/images/img-one"
     assert done["name"] in {op["name"] for op in compute.globalOperations().list(project=PROJECT).execute()["items"]}
     assert compute.globalOperations().get(project=PROJECT, operation=done["name"]).execute()["status"] == "DONE"
 
     image = compute.images().get(project=PROJECT, image="img-one").execute()
     check(image, {"$ref": "Image"}, schemas, "Image")
     assert (image["status"], image["family"], image["diskSizeGb"]) == ("READY", "img-fam-a", "10")
-    assert image["sourceDisk"] == f"{emulator.base_url}projects/{PROJECT}/zones/{ZONE}/disks/img-src-1"
+    assert image["sourceDisk"] == f"{compute_emulator.base_url}projects/{PROJECT}/zones/{ZONE}/disks/img-src-1"
     assert int(image["archiveSizeBytes"]) > 0
     tree = glob.glob(os.path.join(state_dir, "images", PROJECT, "img-one-*"))[0]
     assert open(os.path.join(tree, "opt", "baked", "hello.txt")).read() == "from the image\n"
@@ -131,7 +131,7 @@ def test_an_image_of_a_stopped_vms_disk_holds_its_files_and_a_vm_from_it_sees_th
 
 
 @pytest.mark.parametrize("reference", ["full-url", "zones/{zone}/disks/{disk}"])
-def test_a_running_vms_disk_is_refused_unless_forced(compute, emulator, reference):
+def test_a_running_vms_disk_is_refused_unless_forced(compute, compute_emulator, reference):
     name = "img-busy-1" if reference == "full-url" else "img-busy-2"
     baked_vm(compute, name, "busy", stop=False)
     source = f"https://www.googleapis.com/compute/v1/projects/{PROJECT}/zones/{ZONE}/disks/{name}" if reference == "full-url" else f"zones/{ZONE}/disks/{name}"
@@ -139,7 +139,8 @@ def test_a_running_vms_disk_is_refused_unless_forced(compute, emulator, referenc
     code, reason, message = error_of(compute.images().insert(project=PROJECT, body={"name": f"{name}-img", "sourceDisk": source}))
 
     assert (code, reason) == (400, "resourceInUseByAnotherResource")
-    assert message == f"The disk resource 'projects/{PROJECT}/zones/{ZONE}/disks/{name}' is already being used by 'projects/{PROJECT}/zones/{ZONE}/instances/{name}'"
+    zone_path = f"projects/{PROJECT}/zones/{ZONE}"
+    assert message == f"The disk resource '{zone_path}/disks/{name}' is already being used by '{zone_path}/instances/{name}'"
     assert error_of(compute.images().get(project=PROJECT, image=f"{name}-img"))[0] == 404
     wait_global(compute, insert_image(compute, f"{name}-img", source, forceCreate=True))
     assert compute.images().get(project=PROJECT, image=f"{name}-img").execute()["status"] == "READY"
@@ -168,7 +169,8 @@ def test_get_from_family_is_the_newest_image_that_is_not_deprecated(compute):
 def test_delete_removes_the_image_and_its_content_and_names_are_unique(compute, state_dir):
     baked_vm(compute, "img-src-3", "three")
     wait_global(compute, insert_image(compute, "img-gone", f"zones/{ZONE}/disks/img-src-3"))
-    assert error_of(compute.images().insert(project=PROJECT, body={"name": "img-gone", "sourceDisk": f"zones/{ZONE}/disks/img-src-3"}))[:2] == (409, "alreadyExists")
+    again = compute.images().insert(project=PROJECT, body={"name": "img-gone", "sourceDisk": f"zones/{ZONE}/disks/img-src-3"})
+    assert error_of(again)[:2] == (409, "alreadyExists")
     tree = glob.glob(os.path.join(state_dir, "images", PROJECT, "img-gone-*"))[0]
 
     operation = compute.images().delete(project=PROJECT, image="img-gone").execute()

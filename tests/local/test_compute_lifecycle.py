@@ -7,14 +7,14 @@ import time
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import compute_emulator_process, instance_body, wait_operation, wait_until
+from tests.helpers import compute_emulator_process, instance_body, wait_operation, wait_until
 
 PROJECT = "lifecycle-project"
 ZONE = "us-central1-a"
 
 
 @pytest.fixture(scope="module")
-def emulator(state_dir):
+def compute_emulator(state_dir):
     with compute_emulator_process(
         "--state-dir", state_dir, "--pubsub-emulator-host", "127.0.0.1:8681", "--storage-emulator-host", "http://127.0.0.1:8682"
     ) as process:
@@ -40,6 +40,10 @@ def status(compute, name):
     return compute.instances().get(project=PROJECT, zone=ZONE, instance=name).execute()["status"]
 
 
+def serial_output(compute, name):
+    return compute.instances().getSerialPortOutput(project=PROJECT, zone=ZONE, instance=name).execute()["contents"]
+
+
 def process_alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -48,7 +52,7 @@ def process_alive(pid):
         return False
 
 
-def test_insert_boots_the_vm_and_runs_its_startup_script_in_its_disk(compute, emulator, state_dir):
+def test_insert_boots_the_vm_and_runs_its_startup_script_in_its_disk(compute, compute_emulator, state_dir):
     script = "echo $$ > startup.pid; pwd > cwd.txt; env > env.txt; echo booted >> boots.txt; sleep 1000"
     operation = compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("life-1", startup_script=script)).execute()
     assert operation["kind"] == "compute#operation" and operation["operationType"] == "insert"
@@ -57,7 +61,7 @@ def test_insert_boots_the_vm_and_runs_its_startup_script_in_its_disk(compute, em
 
     instance = compute.instances().get(project=PROJECT, zone=ZONE, instance="life-1").execute()
     assert instance["status"] == "RUNNING"
-    assert instance["selfLink"] == f"{emulator.base_url}projects/{PROJECT}/zones/{ZONE}/instances/life-1"
+    assert instance["selfLink"] == f"{compute_emulator.base_url}projects/{PROJECT}/zones/{ZONE}/instances/life-1"
     assert instance["zone"].endswith(f"/zones/{ZONE}") and instance["machineType"].endswith("/machineTypes/e2-small")
     assert instance["networkInterfaces"][0]["networkIP"].startswith("10.")
 
@@ -70,14 +74,15 @@ def test_insert_boots_the_vm_and_runs_its_startup_script_in_its_disk(compute, em
     assert environment["CFLOW_EMULATED_VM"] == "1"
     assert environment["PUBSUB_EMULATOR_HOST"] == "127.0.0.1:8681"
     assert environment["STORAGE_EMULATOR_HOST"] == "http://127.0.0.1:8682"
-    assert environment["CFLOW_COMPUTE_ENDPOINT"] == emulator.base_url
+    assert environment["CFLOW_COMPUTE_ENDPOINT"] == compute_emulator.base_url
     assert environment["GCE_METADATA_HOST"] == environment["GCE_METADATA_IP"]
     assert environment["GCE_METADATA_HOST"].startswith("127.0.0.1:")
     assert "CFLOW_VM_MARKER" in environment
 
 
 def test_stop_then_start_reruns_the_startup_script_and_keeps_the_disk(compute, state_dir):
-    compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("life-2", startup_script="echo $$ > startup.pid; echo boot >> boots.txt; sleep 1000")).execute()
+    body = instance_body("life-2", startup_script="echo $$ > startup.pid; echo boot >> boots.txt; sleep 1000")
+    compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute()
     wait_until(lambda: status(compute, "life-2") == "RUNNING")
     root = disk_dir(state_dir, "life-2")
     first_pid = int(read_when_present(os.path.join(root, "startup.pid")))
@@ -115,7 +120,7 @@ def test_a_startup_script_that_exits_leaves_the_vm_running(compute, state_dir):
     wait_until(lambda: status(compute, "life-4") == "RUNNING")
     read_when_present(os.path.join(disk_dir(state_dir, "life-4"), "done.txt"))
     serial = wait_until(
-        lambda: "exit status 0" in (text := compute.instances().getSerialPortOutput(project=PROJECT, zone=ZONE, instance="life-4").execute()["contents"]) and text,
+        lambda: "exit status 0" in (text := serial_output(compute, "life-4")) and text,
         what="exit status in the serial console",
     )
     assert "startup-script" in serial
@@ -150,7 +155,7 @@ def test_the_guest_powers_itself_off_through_the_metadata_server(compute, state_
     startup = "sleep 0.2; poweroff; sleep 1000"
     shutdown = "echo ran > shutdown.txt"
     compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("life-6", startup_script=startup, shutdown_script=shutdown)).execute()
-    wait_until(lambda: status(compute, "life-6") == "TERMINATED", timeout_s=15, what="guest power-off")
+    wait_until(lambda: status(compute, "life-6") == "TERMINATED", timeout=15, what="guest power-off")
     assert read_when_present(os.path.join(disk_dir(state_dir, "life-6"), "shutdown.txt")).strip() == "ran"
     operations = compute.zoneOperations().list(project=PROJECT, zone=ZONE).execute()["items"]
     assert any(op["operationType"] == "compute.instances.guestTerminate" and op["targetLink"].endswith("/life-6") for op in operations)

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from cflow.local.compute.testing import instance_body, wait_operation, wait_until
+from tests.helpers import instance_body, wait_operation, wait_until
 
 PROJECT = "metadata-project"
 ZONE = "europe-west1-b"
@@ -101,7 +101,8 @@ def test_wait_for_change_returns_the_new_value_when_metadata_changes(compute, vm
     thread.start()
     current = compute.instances().get(project=PROJECT, zone=ZONE, instance=VM).execute()["metadata"]
     items = [item if item["key"] != "role" else {"key": "role", "value": "leader"} for item in current["items"]]
-    wait_operation(compute, PROJECT, ZONE, compute.instances().setMetadata(project=PROJECT, zone=ZONE, instance=VM, body={"fingerprint": current["fingerprint"], "items": items}).execute())
+    request = compute.instances().setMetadata(project=PROJECT, zone=ZONE, instance=VM, body={"fingerprint": current["fingerprint"], "items": items})
+    wait_operation(compute, PROJECT, ZONE, request.execute())
     thread.join(10)
     assert results["answer"][0] == 200 and results["answer"][2] == "leader"
 

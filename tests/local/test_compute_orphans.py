@@ -4,7 +4,9 @@ import os
 import signal
 import time
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+import pytest
+
+from tests.helpers import compute_client, instance_body, wait_operation, wait_until
 
 PROJECT = "orphans-project"
 ZONE = "us-central1-f"
@@ -46,8 +48,8 @@ def boot_fleet(emulator, state_dir, count, shutdown_script=None):
     return needle
 
 
-def test_sigterm_powers_every_vm_off_in_parallel_and_exits_zero(tmp_path):
-    with compute_emulator_process("--state-dir", tmp_path, shutdown_grace_s=2) as emulator:
+def test_sigterm_powers_every_vm_off_in_parallel_and_exits_zero(tmp_path, start_compute_emulator):
+    with start_compute_emulator("--state-dir", tmp_path, shutdown_grace_s=2) as emulator:
         needle = boot_fleet(emulator, tmp_path, 3, shutdown_script="sleep 1; echo done > shutdown.txt")
         started = time.monotonic()
         emulator.process.send_signal(signal.SIGTERM)
@@ -59,15 +61,15 @@ def test_sigterm_powers_every_vm_off_in_parallel_and_exits_zero(tmp_path):
     assert elapsed < 5
 
 
-def test_sigkill_of_the_emulator_leaves_no_vm_process(tmp_path):
-    with compute_emulator_process("--state-dir", tmp_path) as emulator:
+def test_sigkill_of_the_emulator_leaves_no_vm_process(tmp_path, start_compute_emulator):
+    with start_compute_emulator("--state-dir", tmp_path) as emulator:
         needle = boot_fleet(emulator, tmp_path, 2)
         watchdogs = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _parent(pid) == emulator.pid and b"watchdog.py" in _cmdline(pid)]
         assert len(watchdogs) == 1
         emulator.process.send_signal(signal.SIGKILL)
         emulator.process.wait(10)
-        wait_until(lambda: processes_with(needle) == [], timeout_s=15, what="VM processes killed by the watchdog")
-        wait_until(lambda: not os.path.exists(f"/proc/{watchdogs[0]}") or _state(watchdogs[0]) == "Z", timeout_s=15, what="watchdog exit")
+        wait_until(lambda: processes_with(needle) == [], timeout=15, what="VM processes killed by the watchdog")
+        wait_until(lambda: not os.path.exists(f"/proc/{watchdogs[0]}") or _state(watchdogs[0]) == "Z", timeout=15, what="watchdog exit")
 
 
 def _parent(pid):
@@ -94,6 +96,7 @@ def _cmdline(pid):
         return b""
 
 
+@pytest.mark.stack  # the emulator runs in this process, not behind a fixture
 def test_the_in_process_api_stops_its_vms_too(tmp_path):
     from cflow.local.compute.emulator import ComputeEmulator, EmulatorOptions
 
@@ -109,4 +112,5 @@ def test_the_in_process_api_stops_its_vms_too(tmp_path):
     finally:
         emulator.stop()
     assert processes_with(needle) == []
-    assert emulator.watchdog.pid is not None and _state(emulator.watchdog.pid) in ("gone", "Z")
+    assert emulator.watchdog is not None and emulator.watchdog.pid is not None
+    assert _state(emulator.watchdog.pid) in ("gone", "Z")

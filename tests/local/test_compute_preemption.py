@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from googleapiclient.errors import HttpError
 
-from cflow.local.compute.testing import instance_body, wait_operation, wait_until
+from tests.helpers import instance_body, wait_operation, wait_until
 
 PROJECT = "preemption-project"
 ZONE = "us-east1-b"
@@ -55,7 +55,7 @@ def test_a_spot_vm_is_preempted_runs_its_shutdown_script_and_terminates(compute,
     watcher.start()
     compute.instances().simulateMaintenanceEvent(project=PROJECT, zone=ZONE, instance="spot-1").execute()
 
-    terminated = wait_until(lambda: (vm := get(compute, "spot-1"))["status"] == "TERMINATED" and vm, timeout_s=15, what="TERMINATED")
+    terminated = wait_until(lambda: (vm := get(compute, "spot-1"))["status"] == "TERMINATED" and vm, timeout=15, what="TERMINATED")
     assert terminated["statusMessage"] == "Instance was preempted."
     watcher.join(10)
     assert seen["preempted"] == "TRUE"
@@ -78,7 +78,7 @@ def test_a_spot_vm_with_delete_action_is_deleted_on_preemption(compute, state_di
         except HttpError as error:
             return error.resp.status == 404
 
-    wait_until(gone, timeout_s=15, what="spot-2 deleted")
+    wait_until(gone, timeout=15, what="spot-2 deleted")
     assert vm_file(state_dir, "spot-2", "preempted.txt") == "TRUE"
 
 
@@ -87,7 +87,8 @@ def test_a_standard_vm_is_live_migrated_and_keeps_running(compute, state_dir):
     pid = int(vm_file(state_dir, "standard-1", "startup.pid"))
     operation = compute.instances().simulateMaintenanceEvent(project=PROJECT, zone=ZONE, instance="standard-1").execute()
     assert wait_operation(compute, PROJECT, ZONE, operation).get("error") is None
-    migrations = compute.zoneOperations().list(project=PROJECT, zone=ZONE, filter="operationType = compute.instances.migrateOnHostMaintenance").execute()["items"]
+    migration_filter = "operationType = compute.instances.migrateOnHostMaintenance"
+    migrations = compute.zoneOperations().list(project=PROJECT, zone=ZONE, filter=migration_filter).execute()["items"]
     assert [op["targetLink"].rsplit("/", 1)[1] for op in migrations] == ["standard-1"]
     assert get(compute, "standard-1")["status"] == "RUNNING"
     assert os.path.exists(f"/proc/{pid}")

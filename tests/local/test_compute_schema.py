@@ -7,7 +7,7 @@ import re
 import googleapiclient
 import pytest
 
-from cflow.local.compute.testing import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
+from tests.helpers import compute_client, instance_body, wait_operation, wait_until
 
 PROJECT = "schema-project"
 ZONE = "europe-west4-b"
@@ -15,7 +15,10 @@ FULL_ZONE = "europe-west4-c"
 DISCOVERY = os.path.join(os.path.dirname(googleapiclient.__file__), "discovery_cache", "documents", "compute.v1.json")
 # Fields GCP code relies on; the checker below also refuses any field the schema does not know.
 REQUIRED = {
-    "Instance": {"kind", "id", "name", "selfLink", "zone", "machineType", "status", "creationTimestamp", "labelFingerprint", "metadata", "scheduling", "networkInterfaces", "disks"},
+    "Instance": {
+        "kind", "id", "name", "selfLink", "zone", "machineType", "status", "creationTimestamp", "labelFingerprint", "metadata", "scheduling",
+        "networkInterfaces", "disks",
+    },
     "Operation": {"kind", "id", "name", "zone", "operationType", "targetLink", "status", "progress", "insertTime", "startTime", "user", "selfLink"},
     "InstanceList": {"kind", "id", "items", "selfLink"},
     "InstanceAggregatedList": {"kind", "id", "items", "selfLink"},
@@ -85,8 +88,8 @@ def test_the_checker_catches_wrong_shapes(schemas):
             check(bad, {"$ref": "Zone"}, schemas, "zone")
 
 
-def test_every_resource_and_operation_fits_its_schema(schemas):
-    with compute_emulator_process("--zone-capacity", f"{FULL_ZONE}=0") as emulator:
+def test_every_resource_and_operation_fits_its_schema(schemas, start_compute_emulator):
+    with start_compute_emulator("--zone-capacity", f"{FULL_ZONE}=0") as emulator:
         compute = compute_client(emulator.base_url)
         seen = []
 
@@ -103,7 +106,8 @@ def test_every_resource_and_operation_fits_its_schema(schemas):
         properties = instance_body("x", zone=ZONE, startup_script="sleep 1000")
         properties.pop("name")
         properties["machineType"] = "e2-micro"
-        bulk = compute.instances().bulkInsert(project=PROJECT, zone=ZONE, body={"count": 2, "namePattern": "schema-bulk-#", "instanceProperties": properties}).execute()
+        bulk_body = {"count": 2, "namePattern": "schema-bulk-#", "instanceProperties": properties}
+        bulk = compute.instances().bulkInsert(project=PROJECT, zone=ZONE, body=bulk_body).execute()
         record(wait_operation(compute, PROJECT, ZONE, bulk), "Operation")
         failed = compute.instances().insert(project=PROJECT, zone=FULL_ZONE, body=instance_body("schema-none", zone=FULL_ZONE)).execute()
         failed = record(wait_operation(compute, PROJECT, FULL_ZONE, failed), "Operation")
@@ -116,8 +120,10 @@ def test_every_resource_and_operation_fits_its_schema(schemas):
         preempted = record(compute.instances().get(project=PROJECT, zone=ZONE, instance="schema-spot").execute(), "Instance")
         assert preempted["statusMessage"] and preempted["lastStopTimestamp"]
         current = compute.instances().get(project=PROJECT, zone=ZONE, instance="schema-std").execute()
-        record(compute.instances().setLabels(project=PROJECT, zone=ZONE, instance="schema-std", body={"labels": {"a": "b"}, "labelFingerprint": current["labelFingerprint"]}).execute(), "Operation")
-        record(compute.instances().setMetadata(project=PROJECT, zone=ZONE, instance="schema-std", body={"fingerprint": current["metadata"]["fingerprint"], "items": []}).execute(), "Operation")
+        labels = {"labels": {"a": "b"}, "labelFingerprint": current["labelFingerprint"]}
+        record(compute.instances().setLabels(project=PROJECT, zone=ZONE, instance="schema-std", body=labels).execute(), "Operation")
+        metadata = {"fingerprint": current["metadata"]["fingerprint"], "items": []}
+        record(compute.instances().setMetadata(project=PROJECT, zone=ZONE, instance="schema-std", body=metadata).execute(), "Operation")
         record(compute.instances().stop(project=PROJECT, zone=ZONE, instance="schema-std").execute(), "Operation")
 
         listing = record(compute.instances().list(project=PROJECT, zone=ZONE, maxResults=2).execute(), "InstanceList")
@@ -126,7 +132,8 @@ def test_every_resource_and_operation_fits_its_schema(schemas):
         record(compute.instances().aggregatedList(project=PROJECT).execute(), "InstanceAggregatedList")
         record(compute.instances().aggregatedList(project=PROJECT, maxResults=1).execute(), "InstanceAggregatedList")
         operations = record(compute.zoneOperations().list(project=PROJECT, zone=ZONE).execute(), "OperationList")
-        assert {"insert", "bulkInsert", "compute.instances.preempted", "setLabels", "setMetadata", "stop", "simulateMaintenanceEvent"} <= {op["operationType"] for op in operations["items"]}
+        expected = {"insert", "bulkInsert", "compute.instances.preempted", "setLabels", "setMetadata", "stop", "simulateMaintenanceEvent"}
+        assert expected <= {op["operationType"] for op in operations["items"]}
         record(compute.instances().delete(project=PROJECT, zone=ZONE, instance="schema-bulk-1").execute(), "Operation")
         record(compute.instances().getSerialPortOutput(project=PROJECT, zone=ZONE, instance="schema-bulk-2").execute(), "SerialPortOutput")
 

@@ -19,6 +19,7 @@ from cflow.gcp.storage import RunStorage
 from cflow.ops import logs as ops_logs
 from cflow.ops.text import format_time
 from cflow.tasks import make_items
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -325,13 +326,9 @@ def start_vms(compute, zone, run_id, count):
         "networkInterfaces": [{"network": "global/networks/default"}],
         "metadata": {"items": [{"key": "startup-script", "value": "sleep 600"}]},
     })
-    deadline = time.monotonic() + VM_DEADLINE_S
-    while True:
-        statuses = sorted(vm.status for vm in compute.list_run_vms(run_id))
-        if statuses == ["RUNNING"] * count:
-            return names
-        assert time.monotonic() < deadline, f"VMs not running after {VM_DEADLINE_S} s: {statuses}"
-        time.sleep(0.2)
+    running = ["RUNNING"] * count
+    wait_until(lambda: sorted(vm.status for vm in compute.list_run_vms(run_id)) == running, VM_DEADLINE_S, f"{count} VMs RUNNING", interval=0.2)
+    return names
 
 
 @pytest.fixture

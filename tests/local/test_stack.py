@@ -1,12 +1,15 @@
 """The local stack through the real ``cflow local`` command, and its process bookkeeping."""
 
+import contextlib
 import dataclasses
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -14,14 +17,18 @@ import pytest
 
 from cflow.errors import StackError
 from cflow.local import LOCAL_PROJECT, LOCAL_ZONE
-from cflow.local.stack import (
-    LocalStack,
+from cflow.local.services import (
+    PortAnsweredByAnother,
     Service,
+    ServiceExited,
+    free_loopback_port,
     launch_background,
-    running_stack,
+    launch_on_free_port,
     stop_service,
     wait_until_ready,
 )
+from cflow.local.stack import LocalStack, running_stack
+from tests.helpers import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("pubsub", "storage", "compute")
@@ -82,15 +89,6 @@ def processes_holding_files_under(directory):
     return holders
 
 
-def wait_for(condition, timeout_s=30.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def start_vm(compute_endpoint, startup_script):
     """Insert one VM through the Compute REST API, as CFlow's workers are created."""
     body = {
@@ -110,6 +108,7 @@ def start_vm(compute_endpoint, startup_script):
         assert response.status == 200
 
 
+@pytest.mark.stack
 def test_up_env_status_down_through_the_command(tmp_path):
     stack_dir = tmp_path / "stack"
 
@@ -152,9 +151,9 @@ def test_up_env_status_down_through_the_command(tmp_path):
 
         vm_pid_file = tmp_path / "vm.pid"
         start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n")
-        assert wait_for(lambda: vm_pid_file.exists() and vm_pid_file.read_text().strip())
+        wait_until(lambda: vm_pid_file.exists() and vm_pid_file.read_text().strip(), 30, "the VM's startup script")
         vm_pid = int(vm_pid_file.read_text())
-        assert wait_for(lambda: "VMs: 1 RUNNING" in cflow("local", "status", "--dir", str(stack_dir)).stdout)
+        wait_until(lambda: "VMs: 1 RUNNING" in cflow("local", "status", "--dir", str(stack_dir)).stdout, 30, "the VM in `cflow local status`")
     finally:
         down = cflow("local", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stderr
@@ -173,13 +172,14 @@ def test_up_env_status_down_through_the_command(tmp_path):
     assert len(env_after.stderr.strip().splitlines()) == 1 and "cflow local up" in env_after.stderr
 
 
+@pytest.mark.stack
 def test_up_restarts_a_partly_dead_stack(tmp_path):
     stack = LocalStack(tmp_path / "stack")
     first = stack.up()
     try:
         before = recorded_services(stack.dir)
         os.killpg(before["storage"].pgid, signal.SIGKILL)
-        assert wait_for(lambda: not before["storage"].is_alive())
+        wait_until(lambda: not before["storage"].is_alive(), 30, "the killed storage server to die")
         assert stack.info() is None
 
         up = cflow("local", "up", "--dir", str(stack.dir))
@@ -195,6 +195,7 @@ def test_up_restarts_a_partly_dead_stack(tmp_path):
     assert processes_holding_files_under(stack.dir) == set()
 
 
+@pytest.mark.stack
 def test_running_stack_stops_only_what_it_started(tmp_path):
     with running_stack(tmp_path / "stack", shutdown_grace=1) as info:
         services = recorded_services(info.dir)
@@ -207,7 +208,7 @@ def test_running_stack_stops_only_what_it_started(tmp_path):
 
 
 def test_up_refuses_other_compute_options_on_a_running_stack(local_stack):
-    from cflow.local.stack import ComputeOptions
+    from cflow.local.launchers import ComputeOptions
 
     with pytest.raises(StackError, match="cflow local down"):
         LocalStack(local_stack.dir).up(ComputeOptions(preempt_mean_s=5))
@@ -250,6 +251,7 @@ def test_missing_java_is_a_one_line_error_with_the_install_hint(tmp_path):
     assert_one_line_error_and_nothing_started(result, tmp_path / "stack", "Java", "openjdk-17-jre-headless")
 
 
+@pytest.mark.stack
 def test_a_compute_emulator_that_fails_to_start_leaves_nothing_running(tmp_path):
     stack_dir = tmp_path / "stack"
     for _ in range(2):  # the second failure must quote its own log lines, not the first's
@@ -315,3 +317,225 @@ def test_shared_fixtures_serve_the_official_clients(pubsub_emulator, gcs_server,
     with pytest.raises(PreconditionFailed):
         bucket.blob("done/item-1").upload_from_string("again", if_generation_match=0)
     assert bucket.blob("done/item-1").download_as_bytes() == b"ok"
+
+
+# ---------------------------------------------------------------- a port taken by another program
+
+
+@contextlib.contextmanager
+def garbage_server():
+    """A TCP server on a free loopback port that answers every connection with a line that is not HTTP."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.recv(65536)  # the request, read so that closing sends no reset
+                connection.sendall(b"garbage from another program\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        done.set()
+        thread.join(5)
+        listener.close()
+
+
+@contextlib.contextmanager
+def foreign_http_server():
+    """Another program's HTTP server on a free loopback port: it answers 200 to everything."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def ports(*sequence):
+    """A port picker that hands out ``sequence``, then free ports."""
+    remaining = list(sequence)
+    return lambda: remaining.pop(0) if remaining else free_loopback_port()
+
+
+def http_service_argv(pid_file, taken_port):
+    """The command of a toy service: on ``taken_port`` it never binds (as if it lost the race); elsewhere it serves HTTP.
+
+    Every attempt appends its pid to ``pid_file``, so the test can check each one was stopped.
+    """
+
+    def argv(port):
+        serve = "sleep 60" if port == taken_port else f"{sys.executable} -m http.server --bind 127.0.0.1 {port}"
+        return ["sh", "-c", f"echo $$ >> {pid_file}; exec {serve}"]
+
+    return argv
+
+
+def free_port_then(port):
+    """A port picker for a stack: a free port for the first service, then always ``port``."""
+    picked = []
+
+    def pick():
+        picked.append(port)
+        return free_loopback_port() if len(picked) == 1 else port
+
+    return pick
+
+
+def launched_pids(pid_file):
+    return [int(line) for line in pid_file.read_text().split()]
+
+
+def test_a_port_that_answers_garbage_is_given_up_for_another(tmp_path):
+    pid_file = tmp_path / "pids"
+    with garbage_server() as taken:
+        service, process = launch_on_free_port(
+            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
+        )
+    try:
+        assert service.endpoint != f"127.0.0.1:{taken}" and service.is_alive()
+        first, second = launched_pids(pid_file)
+        assert second == service.pid and not Path(f"/proc/{first}").exists(), "the attempt on the taken port still runs"
+    finally:
+        stop_service(service)
+        process.wait(timeout=5)
+
+
+def test_a_port_answered_well_by_another_program_is_not_taken_for_ours(tmp_path):
+    pid_file = tmp_path / "pids"
+    with foreign_http_server() as taken:
+        service, process = launch_on_free_port(
+            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
+        )
+        try:
+            assert service.endpoint != f"127.0.0.1:{taken}"
+            first, second = launched_pids(pid_file)
+            assert second == service.pid and not Path(f"/proc/{first}").exists()
+        finally:
+            stop_service(service)
+            process.wait(timeout=5)
+
+
+def test_after_the_last_port_the_error_is_one_line_naming_the_log_and_every_attempt_is_stopped(tmp_path):
+    pid_file = tmp_path / "pids"
+    with garbage_server() as taken, pytest.raises(PortAnsweredByAnother) as raised:
+        launch_on_free_port(
+            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=lambda: taken, attempts=3,
+        )
+    message = str(raised.value)
+    assert "\n" not in message and "toy service" in message and "toy.log" in message, message
+    assert f"ports tried: {taken}, {taken}, {taken}" in message and "BadStatusLine" in message, message
+    pids = launched_pids(pid_file)
+    assert len(pids) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_a_service_that_exits_while_starting_is_retried_on_another_port(tmp_path):
+    attempts = []
+
+    def argv(port):
+        attempts.append(port)
+        if len(attempts) == 1:
+            return ["sh", "-c", "echo address already in use; exit 1"]
+        return [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+
+    service, process = launch_on_free_port("toy service", argv, tmp_path / "toy.log", lambda port: f"http://127.0.0.1:{port}/", deadline_s=30)
+    try:
+        assert len(attempts) == 2 and service.endpoint == f"127.0.0.1:{attempts[1]}"
+    finally:
+        stop_service(service)
+        process.wait(timeout=5)
+    with pytest.raises(ServiceExited, match=r"exited while starting; see .*toy\.log .*address already in use.* \(ports tried: \d+, \d+\)"):
+        launch_on_free_port("toy service", lambda port: ["sh", "-c", "echo address already in use; exit 1"], tmp_path / "toy.log",
+                            lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, attempts=2)
+
+
+@pytest.mark.stack
+def test_an_up_that_fails_stops_what_it_started_and_says_which_service_in_one_line(tmp_path):
+    with garbage_server() as taken:
+        # The Pub/Sub emulator gets a free port; fake-gcs-server only ever the one that answers garbage.
+        stack = LocalStack(tmp_path / "stack", pick_port=free_port_then(taken))
+        with pytest.raises(StackError) as raised:
+            stack.up()
+    message = str(raised.value)
+    assert "\n" not in message and "Cloud Storage server" in message and "storage.log" in message, message
+    assert not (stack.dir / "stack.json").exists()
+    assert processes_holding_files_under(stack.dir) == set(), "a service of the failed start still runs"
+    pubsub_log = (stack.dir / "pubsub.log").read_text()
+    assert pubsub_log, "the Pub/Sub emulator was never started, so this test proves nothing"
+
+
+# ---------------------------------------------------------------- the `stack` marker
+
+# Every test of these modules starts an emulator (through a fixture or itself).
+STACK_ONLY_MODULES = (
+    "tests/e2e/test_run.py", "tests/e2e/test_operator.py", "tests/chaos/test_preemption.py", "tests/chaos/test_compute_faults.py",
+    "tests/local/test_gcp_seams.py", "tests/local/test_compute_lifecycle.py",
+    "tests/local/test_compute_metadata.py", "tests/local/test_compute_bulk_and_list.py", "tests/local/test_compute_errors.py",
+    "tests/local/test_compute_preemption.py", "tests/local/test_compute_batch.py", "tests/local/test_compute_faults.py",
+    "tests/local/test_compute_orphans.py",
+)  # fmt: skip
+# Modules with both kinds: (a test that starts an emulator, one that starts none).
+MIXED_MODULES = (
+    ("tests/local/test_compute_schema.py::test_every_resource_and_operation_fits_its_schema",
+     "tests/local/test_compute_schema.py::test_the_checker_catches_wrong_shapes"),
+    ("tests/local/test_compute_images.py::test_public_images_are_read_only",
+     "tests/local/test_compute_images.py::test_an_image_deleted_while_a_vm_waits_to_copy_it_stays_until_copied"),
+    ("tests/local/test_image.py::test_build_on_the_local_stack_then_a_run_boots_from_the_image",
+     "tests/local/test_image.py::test_without_a_running_stack_it_says_how_to_start_one"),
+    ("tests/local/test_ops.py::test_status_counts_items_attempts_and_estimates_time_left",
+     "tests/local/test_ops.py::test_no_running_stack_is_one_line_and_starts_nothing"),
+    ("tests/local/test_stack.py::test_shared_fixtures_serve_the_official_clients",
+     "tests/local/test_stack.py::test_a_recycled_pid_is_never_signalled"),
+    ("tests/local/test_stack.py::test_up_env_status_down_through_the_command",
+     "tests/local/test_stack.py::test_a_port_that_answers_garbage_is_given_up_for_another"),
+)  # fmt: skip
+
+
+def collected(*args):
+    """The ids pytest selects with ``args``, collected (not run) in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {line.partition("[")[0] for line in result.stdout.splitlines() if "::" in line}
+
+
+def test_not_stack_selects_exactly_the_tests_that_start_no_emulator():
+    fast = collected("-m", "not stack")
+    slow = collected("-m", "stack")
+
+    assert fast and slow and not fast & slow
+    assert any(test.startswith("tests/unit/") for test in fast)
+    assert not [test for test in fast if test.startswith(STACK_ONLY_MODULES)]
+    assert all(any(test.startswith(module) for test in slow) for module in STACK_ONLY_MODULES)
+    for stack_test, fast_test in MIXED_MODULES:
+        assert stack_test in slow and stack_test not in fast
+        assert fast_test in fast and fast_test not in slow

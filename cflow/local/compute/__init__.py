@@ -67,8 +67,20 @@ Guest power-off: a VM powers itself off, as ``poweroff`` does on GCE, with
 exactly that. The VM runs its shutdown script and ends TERMINATED (operation
 ``compute.instances.guestTerminate``). Nothing on the host is touched.
 
+Where things live: ``emulator`` (assembly, options), ``cli`` (the command),
+``server`` (HTTP routes, one table per resource, and batches), ``engine``
+(the parts wired together), ``core`` (lock, ids, shared tables, operations),
+one part per resource: ``zones``, ``instances``, ``disks``, ``images``,
+``operations``; ``lifecycle`` (the VM state machine), ``guest_metadata`` and
+``metadata`` (what a VM's metadata server answers, and the servers),
+``resources`` (records and their JSON), ``validation`` (request bodies),
+``filters`` (list filters), ``paging`` (page tokens), ``api_errors`` (GCE's
+error answers), ``catalog`` (zones, machine types, images), ``faults``,
+``timers``, ``vm`` (guest processes), ``disk_images`` (disk and image
+content), ``watchdog`` (kills VMs of a dead emulator).
+
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);
-``cflow.local.compute.testing.compute_emulator_process()`` runs it as a
-subprocess for tests.
+``cflow.local.launchers.launch_compute_emulator()`` runs it as a background
+subprocess, as the local stack does.
 """

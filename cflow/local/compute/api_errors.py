@@ -10,6 +10,8 @@ The factory functions below carry GCE's own wording and reasons, so client
 code that branches on ``reason`` or status behaves as it would against GCP.
 """
 
+from typing import Any
+
 NAME_REGEX = "(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?|[1-9][0-9]{0,19})"
 
 
@@ -22,14 +24,14 @@ class ApiError(Exception):
         message: the human-readable message GCE would send.
     """
 
-    def __init__(self, code, reason, message, domain="global"):
+    def __init__(self, code: int, reason: str, message: str, domain: str = "global") -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
         self.domain = domain
 
-    def to_json(self):
+    def to_json(self) -> dict[str, Any]:
         """Returns the error body as a JSON-ready dict."""
         return {
             "error": {
@@ -40,59 +42,59 @@ class ApiError(Exception):
         }
 
 
-def not_found(resource_path):
+def not_found(resource_path: str) -> ApiError:
     return ApiError(404, "notFound", f"The resource '{resource_path}' was not found")
 
 
-def already_exists(resource_path):
+def already_exists(resource_path: str) -> ApiError:
     return ApiError(409, "alreadyExists", f"The resource '{resource_path}' already exists")
 
 
-def invalid_field(field, value, detail):
+def invalid_field(field: str, value: object, detail: str) -> ApiError:
     return ApiError(400, "invalid", f"Invalid value for field '{field}': '{value}'. {detail}")
 
 
-def invalid_name(field, value):
+def invalid_name(field: str, value: object) -> ApiError:
     return invalid_field(field, value, f"Must be a match of regex '{NAME_REGEX}'")
 
 
-def required(field):
+def required(field: str) -> ApiError:
     return ApiError(400, "required", f"Required field '{field}' not specified")
 
 
-def bad_request(message):
+def bad_request(message: str) -> ApiError:
     return ApiError(400, "badRequest", message)
 
 
-def parse_error(detail):
+def parse_error(detail: str) -> ApiError:
     return ApiError(400, "parseError", f"Invalid JSON payload received. {detail}")
 
 
-def resource_not_ready(resource_path):
+def resource_not_ready(resource_path: str) -> ApiError:
     return ApiError(400, "resourceNotReady", f"The resource '{resource_path}' is not ready")
 
 
-def resource_in_use(resource_path, user_path):
+def resource_in_use(resource_path: str, user_path: str) -> ApiError:
     return ApiError(400, "resourceInUseByAnotherResource", f"The disk resource '{resource_path}' is already being used by '{user_path}'")
 
 
-def invalid_resource_usage(detail):
+def invalid_resource_usage(detail: str) -> ApiError:
     return ApiError(400, "invalidResourceUsage", f"Invalid resource usage: '{detail}'.")
 
 
-def permission_denied(permission, resource_path):
+def permission_denied(permission: str, resource_path: str) -> ApiError:
     return ApiError(403, "forbidden", f"Required '{permission}' permission for '{resource_path}'")
 
 
-def condition_not_met(message):
+def condition_not_met(message: str) -> ApiError:
     return ApiError(412, "conditionNotMet", message)
 
 
-def quota_exceeded(metric, limit, region):
+def quota_exceeded(metric: str, limit: float, region: str | None) -> ApiError:
     return ApiError(403, "QUOTA_EXCEEDED", f"Quota '{metric}' exceeded. Limit: {float(limit)} in region {region}.")
 
 
-def rate_limit_exceeded(project):
+def rate_limit_exceeded(project: str) -> ApiError:
     return ApiError(
         429,
         "rateLimitExceeded",
@@ -101,9 +103,9 @@ def rate_limit_exceeded(project):
     )
 
 
-def backend_error():
+def backend_error() -> ApiError:
     return ApiError(503, "backendError", "The service is currently unavailable.")
 
 
-def unknown_url(path):
+def unknown_url(path: str) -> ApiError:
     return ApiError(404, "notFound", f"The requested URL {path} was not found on this server.")

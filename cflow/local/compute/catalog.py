@@ -7,6 +7,7 @@ there from the start and read-only; project images come and go with
 
 import hashlib
 import threading
+from typing import Any
 
 from cflow.local.compute import api_errors
 from cflow.zones import KNOWN_ZONES, region_of
@@ -14,7 +15,7 @@ from cflow.zones import KNOWN_ZONES, region_of
 CATALOG_TIMESTAMP = "2016-01-01T00:00:00.000-08:00"
 
 
-def _machine_types():
+def _machine_types() -> dict[str, tuple[int, int, bool, str]]:
     """Returns {name: (guestCpus, memoryMb, isSharedCpu, description)}."""
     types = {
         "e2-micro": (2, 1024, True, "Efficient Instance, 2 vCPU (1/8 shared physical core) and 1 GB RAM"),
@@ -45,7 +46,7 @@ PUBLIC_PROJECTS = frozenset(project for project, _, _, _ in PUBLIC_IMAGES)
 DEPRECATION_STATES = ("DEPRECATED", "OBSOLETE", "DELETED")
 
 
-def stable_id(text):
+def stable_id(text: str) -> int:
     """Returns a uint64-style id (as int) derived from ``text``, stable across runs."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
@@ -57,25 +58,26 @@ class Catalog:
     point back at it.
     """
 
-    def __init__(self, base_url):
+    def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.zone_region = {zone: region_of(zone) for zone in KNOWN_ZONES}
         self.machine_types = _machine_types()
         self._images_lock = threading.Lock()
-        self._images = {}  # (project, name) -> image JSON
+        self._images: dict[tuple[str, str], dict[str, Any]] = {}
         for project, name, family, description in PUBLIC_IMAGES:
             self.add_image(project, name, family=family, description=description)
 
     # Zones and regions.
 
-    def region_of(self, zone):
+    def region_of(self, zone: str) -> str | None:
         """Returns the zone's region name, or None for an unknown zone."""
         return self.zone_region.get(zone)
 
-    def zone_url(self, project, zone):
+    def zone_url(self, project: str, zone: str) -> str:
+        """``BASE/projects/P/zones/Z``."""
         return f"{self.base_url}projects/{project}/zones/{zone}"
 
-    def zone_json(self, project, zone):
+    def zone_json(self, project: str, zone: str) -> dict[str, Any]:
         """Returns a compute#zone; raises ApiError 404 for an unknown zone."""
         region = self.zone_region.get(zone)
         if region is None:
@@ -93,17 +95,18 @@ class Catalog:
             "supportsPzs": False,
         }
 
-    def zone_names(self):
+    def zone_names(self) -> list[str]:
+        """Every zone, sorted."""
         return sorted(self.zone_region)
 
     # Machine types.
 
-    def guest_cpus(self, machine_type):
+    def guest_cpus(self, machine_type: str) -> int | None:
         """Returns the vCPU count, or None for an unknown machine type."""
         entry = self.machine_types.get(machine_type)
         return entry[0] if entry else None
 
-    def machine_type_json(self, project, zone, name):
+    def machine_type_json(self, project: str, zone: str, name: str) -> dict[str, Any]:
         """Returns a compute#machineType; raises ApiError 404 if unknown."""
         entry = self.machine_types.get(name)
         if entry is None or zone not in self.zone_region:
@@ -128,7 +131,7 @@ class Catalog:
 
     # Images.
 
-    def add_image(self, project, name, family=None, description="", disk_size_gb=10):
+    def add_image(self, project: str, name: str, family: str | None = None, description: str = "", disk_size_gb: int = 10) -> dict[str, Any]:
         """Registers an image (public or project-owned) and returns its JSON."""
         image = {
             "kind": "compute#image",
@@ -151,7 +154,7 @@ class Catalog:
             self._images[(project, name)] = image
         return image
 
-    def image_json(self, project, name):
+    def image_json(self, project: str, name: str) -> dict[str, Any]:
         """Returns a compute#image; raises ApiError 404 if unknown."""
         with self._images_lock:
             image = self._images.get((project, name))
@@ -159,7 +162,7 @@ class Catalog:
             raise api_errors.not_found(f"projects/{project}/global/images/{name}")
         return image
 
-    def image_from_family(self, project, family):
+    def image_from_family(self, project: str, family: str) -> dict[str, Any]:
         """Returns the newest READY, non-deprecated image of ``family``; raises ApiError 404 if none."""
         with self._images_lock:
             matches = [
@@ -175,23 +178,19 @@ class Catalog:
         # Insertion order is creation order: a project image is added when it is created.
         return matches[-1]
 
-    def images_of(self, project):
+    def images_of(self, project: str) -> list[dict[str, Any]]:
+        """The project's images, in creation order."""
         with self._images_lock:
             return [image for (owner, _), image in self._images.items() if owner == project]
 
-    @staticmethod
-    def is_public_project(project):
-        """True for the projects of the public images, which no caller may change."""
-        return project in PUBLIC_PROJECTS
-
-    def insert_image(self, project, image):
+    def insert_image(self, project: str, image: dict[str, Any]) -> None:
         """Adds a project image (its JSON); raises ApiError 409 if the name is taken."""
         with self._images_lock:
             if (project, image["name"]) in self._images:
                 raise api_errors.already_exists(f"projects/{project}/global/images/{image['name']}")
             self._images[(project, image["name"])] = image
 
-    def update_image(self, project, name, **fields):
+    def update_image(self, project: str, name: str, **fields: Any) -> dict[str, Any]:
         """Replaces fields of an image (a value of None removes the field); returns the new JSON.
 
         The JSON is replaced, never mutated, so answers already handed out stay as they were.
@@ -206,11 +205,12 @@ class Catalog:
             self._images[(project, name)] = image
             return image
 
-    def remove_image(self, project, name):
+    def remove_image(self, project: str, name: str) -> None:
+        """Forgets the image (nothing if it is not there)."""
         with self._images_lock:
             self._images.pop((project, name), None)
 
-    def resolve_source_image(self, source, request_project):
+    def resolve_source_image(self, source: str, request_project: str) -> dict[str, Any]:
         """Resolves a ``sourceImage`` reference as GCE accepts them.
 
         Accepts full URLs, ``projects/P/global/images/[family/]X`` and

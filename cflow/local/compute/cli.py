@@ -8,30 +8,42 @@ import argparse
 import signal
 import sys
 import threading
+import weakref
+from typing import TypeAlias
 
 EMULATOR_GROUP = "emulator"
 
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+# The ``emulator`` group parser -> its sub-subparsers (argparse keeps no public link between them).
+_GROUP_SUBPARSERS: "weakref.WeakKeyDictionary[argparse.ArgumentParser, SubParsers]" = weakref.WeakKeyDictionary()
 
-def emulator_subparsers(subparsers):
+
+def emulator_subparsers(subparsers: SubParsers) -> SubParsers:
     """Returns the sub-subparsers of the ``emulator`` group, creating the group once."""
     existing = subparsers.choices.get(EMULATOR_GROUP)
     if existing is not None:
-        return existing._cflow_emulator_subparsers
+        return _GROUP_SUBPARSERS[existing]
     group = subparsers.add_parser(EMULATOR_GROUP, help="run a local emulator of a Google Cloud service")
     group_subparsers = group.add_subparsers(dest="emulator", metavar="SERVICE")
-    group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
-    group._cflow_emulator_subparsers = group_subparsers
+
+    def print_help(args: argparse.Namespace) -> int:
+        group.print_help()
+        return 2
+
+    group.set_defaults(func=print_help)
+    _GROUP_SUBPARSERS[group] = group_subparsers
     return group_subparsers
 
 
-def _zone_capacity(text):
+def _zone_capacity(text: str) -> tuple[str, int]:
     zone, separator, count = text.partition("=")
     if not separator or not zone or not count.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not ZONE=N (e.g. us-central1-a=10)")
     return zone, int(count)
 
 
-def add_parser(subparsers):
+def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
+    """Registers ``cflow emulator compute``."""
     from cflow.local import LOCAL_PROJECT
 
     parser = emulator_subparsers(subparsers).add_parser(
@@ -48,7 +60,9 @@ def add_parser(subparsers):
     parser.add_argument("--storage-emulator-host", help="http://HOST:PORT given to every VM as STORAGE_EMULATOR_HOST")
     parser.add_argument("--shutdown-grace", type=float, metavar="S", help="grace period of shutdown scripts (default 30 s Spot, 90 s standard)")
     parser.add_argument("--preempt-mean-s", type=float, metavar="S", help="preempt each Spot VM after a random lifetime with this mean")
-    parser.add_argument("--zone-capacity", type=_zone_capacity, action="append", default=[], metavar="ZONE=N", help="at most N live VMs in ZONE (repeatable); more stock out")
+    parser.add_argument(
+        "--zone-capacity", type=_zone_capacity, action="append", default=[], metavar="ZONE=N", help="at most N live VMs in ZONE (repeatable); more stock out"
+    )
     parser.add_argument("--cpu-quota", type=int, metavar="N", help="vCPUs of live VMs allowed per region; more is 403 QUOTA_EXCEEDED")
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
@@ -57,7 +71,7 @@ def add_parser(subparsers):
     return parser
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     """Runs the emulator until SIGTERM or SIGINT; returns 0 after every VM is down."""
     from cflow.local.compute.emulator import ComputeEmulator, EmulatorOptions
 

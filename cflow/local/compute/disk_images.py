@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import threading
+from collections.abc import Callable
 
 from cflow.local.compute.vm import BOOKKEEPING_PATHS
 
@@ -30,17 +31,17 @@ class DiskImages:
     ``discard``ed meanwhile is removed only when the last hold is gone.
     """
 
-    def __init__(self, state_dir):
+    def __init__(self, state_dir: str) -> None:
         self.root = os.path.join(state_dir, "images")
         self._lock = threading.Lock()
-        self._holds = {}
-        self._discarded = set()
+        self._holds: dict[str, int] = {}
+        self._discarded: set[str] = set()
 
-    def tree_dir(self, project, name, image_id):
+    def tree_dir(self, project: str, name: str, image_id: int) -> str:
         """Where the content of image ``name`` (id ``image_id``) of ``project`` lives."""
         return os.path.join(self.root, project, f"{name}-{image_id}")
 
-    def capture(self, disk_dir, tree_dir):
+    def capture(self, disk_dir: str | None, tree_dir: str) -> int:
         """Copies the disk directory's tree into ``tree_dir``; returns its size in bytes.
 
         A disk with no directory (``disk_dir`` None: not a boot disk; or one
@@ -59,12 +60,12 @@ class DiskImages:
             raise OSError(f"cannot copy {disk_dir} into an image: {error}") from None
         return _tree_size(tree_dir)
 
-    def hold(self, tree_dir):
+    def hold(self, tree_dir: str) -> None:
         """Keeps ``tree_dir`` on disk until ``restore`` or ``release`` for this hold."""
         with self._lock:
             self._holds[tree_dir] = self._holds.get(tree_dir, 0) + 1
 
-    def release(self, tree_dir):
+    def release(self, tree_dir: str) -> None:
         """Drops one hold (the VM went before its first boot); removes a discarded tree with no holds left."""
         with self._lock:
             left = self._holds.get(tree_dir, 0) - 1
@@ -77,7 +78,7 @@ class DiskImages:
         if remove:
             shutil.rmtree(tree_dir, ignore_errors=True)
 
-    def restore(self, tree_dir, disk_dir):
+    def restore(self, tree_dir: str, disk_dir: str) -> None:
         """Copies the image tree into a VM's disk directory, then drops the hold taken for it.
 
         Raises:
@@ -90,7 +91,7 @@ class DiskImages:
         finally:
             self.release(tree_dir)
 
-    def discard(self, tree_dir):
+    def discard(self, tree_dir: str) -> None:
         """Removes an image's tree now, or when the last VM holding it has copied it."""
         with self._lock:
             if self._holds.get(tree_dir):
@@ -99,8 +100,8 @@ class DiskImages:
         shutil.rmtree(tree_dir, ignore_errors=True)
 
     @staticmethod
-    def _ignore_for(root):
-        def ignore(directory, names):
+    def _ignore_for(root: str) -> Callable[[str, list[str]], set[str]]:
+        def ignore(directory: str, names: list[str]) -> set[str]:
             relative = os.path.relpath(directory, root)
             skipped = set()
             for name in names:
@@ -120,7 +121,7 @@ class DiskImages:
         return ignore
 
 
-def _copy_if_present(source, destination):
+def _copy_if_present(source: str, destination: str) -> str:
     # A running VM's files come and go (forceCreate); one deleted mid-copy is no part of the image.
     try:
         return shutil.copy2(source, destination)
@@ -128,7 +129,7 @@ def _copy_if_present(source, destination):
         return destination
 
 
-def _tree_size(tree_dir):
+def _tree_size(tree_dir: str) -> int:
     total = 0
     for directory, _, files in os.walk(tree_dir):
         for name in files:

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 from cflow.errors import CflowError
 from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
@@ -18,7 +19,7 @@ from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
 from cflow.local.compute.metadata import MetadataServers
-from cflow.local.compute.server import ApiServer, Dispatcher
+from cflow.local.compute.server import ApiServer, Dispatcher, engine_routes
 from cflow.local.compute.timers import TimerQueue
 from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, Watchdog
 
@@ -46,17 +47,18 @@ class EmulatorOptions:
     storage_emulator_host: str | None = None
     shutdown_grace_s: float | None = None
     preempt_mean_s: float | None = None
-    zone_capacity: dict = dataclasses.field(default_factory=dict)
+    zone_capacity: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_quota: int | None = None
     error_rate: float = 0.0
     boot_delay_s: float = 0.0
     seed: int | None = None
 
-    def validate(self, known_zones):
+    def validate(self, known_zones: set[str]) -> None:
         """Raises EmulatorOptionError for values the emulator cannot honour."""
         if not 0.0 <= self.error_rate < 1.0:
             raise EmulatorOptionError(f"--error-rate {self.error_rate} must be in [0, 1); use e.g. 0.1 for 10% of requests")
-        for name, value in (("--shutdown-grace", self.shutdown_grace_s), ("--preempt-mean-s", self.preempt_mean_s), ("--boot-delay", self.boot_delay_s)):
+        durations = (("--shutdown-grace", self.shutdown_grace_s), ("--preempt-mean-s", self.preempt_mean_s), ("--boot-delay", self.boot_delay_s))
+        for name, value in durations:
             if value is not None and value < 0:
                 raise EmulatorOptionError(f"{name} {value} must not be negative")
         if self.cpu_quota is not None and self.cpu_quota < 0:
@@ -68,7 +70,7 @@ class EmulatorOptions:
                 raise EmulatorOptionError(f"--zone-capacity {zone}={capacity} must not be negative")
 
 
-def _raise_open_file_limit():
+def _raise_open_file_limit() -> None:
     # Each VM holds a listening socket; the default soft limit (1024) caps a fleet early.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
@@ -76,6 +78,18 @@ def _raise_open_file_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
         except (ValueError, OSError):
             pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Running:
+    """What ``start`` set going, for ``stop`` to end in order."""
+
+    server: ApiServer
+    engine: ComputeEngine
+    timers: TimerQueue
+    power_off: PowerOff
+    metadata_servers: MetadataServers
+    watchdog: Watchdog
 
 
 class ComputeEmulator:
@@ -90,93 +104,101 @@ class ComputeEmulator:
     scripts within the grace period, then kills) and releases everything.
     """
 
-    def __init__(self, options, wall_clock=time.time, monotonic=time.monotonic):
+    def __init__(self, options: EmulatorOptions, wall_clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.options = options
         self._wall_clock = wall_clock
         self._monotonic = monotonic
-        self._temporary_state_dir = None
-        self._server = None
-        self._server_thread = None
+        self._temporary_state_dir: str | None = None
+        self._running: _Running | None = None
         self._stopped = threading.Event()
-        self.base_url = None
-        self.engine = None
-        self.state_dir = None
-        self.watchdog = None
+        self.base_url: str | None = None
+        self.engine: ComputeEngine | None = None
+        self.state_dir: str | None = None
+        self.watchdog: Watchdog | None = None
 
-    def start(self):
-        """Starts serving; returns the base URL ``http://H:P/compute/v1/``."""
+    def start(self) -> str:
+        """Starts serving; returns the base URL ``http://H:P/compute/v1/``.
+
+        Raises:
+            EmulatorOptionError: an option is invalid, or the address cannot be listened on.
+        """
         options = self.options
         options.validate(set(Catalog("").zone_names()))
         _raise_open_file_limit()
         try:
-            self._server = ApiServer((options.host, options.port))
+            server = ApiServer((options.host, options.port))
         except OSError as error:
-            raise EmulatorOptionError(f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port") from None
+            raise EmulatorOptionError(
+                f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port"
+            ) from None
         if options.state_dir:
-            self.state_dir = os.path.abspath(options.state_dir)
-            os.makedirs(self.state_dir, exist_ok=True)
+            state_dir = os.path.abspath(options.state_dir)
+            os.makedirs(state_dir, exist_ok=True)
         else:
-            self.state_dir = self._temporary_state_dir = tempfile.mkdtemp(prefix="cflow-compute-")
-        host, port = self._server.server_address[:2]
-        url_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        self.base_url = f"http://{url_host}:{port}/compute/v1/"
-        catalog = Catalog(self.base_url)
+            state_dir = self._temporary_state_dir = tempfile.mkdtemp(prefix="cflow-compute-")
+        self.state_dir = state_dir
+        host, port = server.server_address[:2]
+        url_host = "127.0.0.1" if host in ("0.0.0.0", "") else str(host)
+        base_url = self.base_url = f"http://{url_host}:{port}/compute/v1/"
+        catalog = Catalog(base_url)
 
         marker_prefix = f"{secrets.token_hex(6)}-"
-        self.watchdog = Watchdog(marker_prefix)
-        self.watchdog.start()
-        vm_environment = {ENV_COMPUTE: self.base_url}
+        watchdog = self.watchdog = Watchdog(marker_prefix)
+        watchdog.start()
+        vm_environment = {ENV_COMPUTE: base_url}
         if options.pubsub_emulator_host:
             vm_environment[ENV_PUBSUB] = options.pubsub_emulator_host
         if options.storage_emulator_host:
             vm_environment[ENV_STORAGE] = options.storage_emulator_host
-        launcher = GuestLauncher(self.state_dir, marker_prefix, vm_environment, self.watchdog)
-        self._power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
-        self._timers = TimerQueue(self._monotonic)
+        launcher = GuestLauncher(state_dir, marker_prefix, vm_environment, watchdog)
+        power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
+        timers = TimerQueue(self._monotonic)
+        metadata_servers = MetadataServers("127.0.0.1")
         faults = Faults(options.error_rate, options.zone_capacity, options.cpu_quota, options.preempt_mean_s, options.seed)
-        self.engine = ComputeEngine(
-            base_url=self.base_url,
+        engine = self.engine = ComputeEngine(
+            base_url=base_url,
             catalog=catalog,
             faults=faults,
             launcher=launcher,
-            power_off=self._power_off,
-            disk_images=DiskImages(self.state_dir),
-            timers=self._timers,
+            power_off=power_off,
+            disk_images=DiskImages(state_dir),
+            metadata_ports=metadata_servers,
+            timers=timers,
             wall_clock=self._wall_clock,
             boot_delay_s=options.boot_delay_s,
             shutdown_grace_s=options.shutdown_grace_s,
             id_random=random.Random(None if options.seed is None else options.seed + 1),
         )
-        self._metadata_servers = MetadataServers("127.0.0.1", self.engine)
-        self.engine.bind_metadata_servers(self._metadata_servers)
-        self._server.dispatcher = Dispatcher(self.engine, faults)
-        self._metadata_servers.start()
-        self._power_off.start()
-        self._timers.start()
-        self.engine.start_reaper()
-        self._server_thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="compute-api", daemon=True)
-        self._server_thread.start()
-        logger.info("compute emulator: state in %s, watchdog pid %s", self.state_dir, self.watchdog.pid)
-        return self.base_url
+        server.dispatcher = Dispatcher(engine_routes(engine), faults)
+        metadata_servers.start(engine.guest_metadata)
+        power_off.start()
+        timers.start()
+        engine.start()
+        server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="compute-api", daemon=True)
+        server_thread.start()
+        self._running = _Running(server, engine, timers, power_off, metadata_servers, watchdog)
+        logger.info("compute emulator: state in %s, watchdog pid %s", state_dir, watchdog.pid)
+        return base_url
 
-    def stop(self):
+    def stop(self) -> None:
         """Powers off every VM (in parallel), then stops serving. Idempotent."""
-        if self._stopped.is_set() or self.engine is None:
+        running = self._running
+        if self._stopped.is_set() or running is None:
             return
         self._stopped.set()
-        self.engine.shutdown()
-        self._server.shutdown()
-        self._server.server_close()
-        self._timers.stop()
-        self._power_off.stop()
-        self._metadata_servers.stop()
-        self.watchdog.close()
+        running.engine.shutdown()
+        running.server.shutdown()
+        running.server.server_close()
+        running.timers.stop()
+        running.power_off.stop()
+        running.metadata_servers.stop()
+        running.watchdog.close()
         if self._temporary_state_dir:
             shutil.rmtree(self._temporary_state_dir, ignore_errors=True)
 
-    def __enter__(self):
+    def __enter__(self) -> "ComputeEmulator":
         self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -2,6 +2,7 @@
 
 import random
 import threading
+from collections.abc import Mapping
 
 from cflow.local.compute import api_errors
 
@@ -18,7 +19,14 @@ class Faults:
         seed: random seed, so a faulty run can be replayed.
     """
 
-    def __init__(self, error_rate=0.0, zone_capacity=None, cpu_quota=None, preempt_mean_s=None, seed=None):
+    def __init__(
+        self,
+        error_rate: float = 0.0,
+        zone_capacity: Mapping[str, int] | None = None,
+        cpu_quota: int | None = None,
+        preempt_mean_s: float | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.error_rate = error_rate
         self.zone_capacity = dict(zone_capacity or {})
         self.cpu_quota = cpu_quota
@@ -26,7 +34,7 @@ class Faults:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
 
-    def request_error(self, project):
+    def request_error(self, project: str) -> api_errors.ApiError | None:
         """Returns an ApiError to answer this request with, or None."""
         if self.error_rate <= 0:
             return None
@@ -36,16 +44,16 @@ class Faults:
             rate_limited = self._random.random() < 0.5
         return api_errors.rate_limit_exceeded(project) if rate_limited else api_errors.backend_error()
 
-    def free_capacity(self, zone, live_in_zone):
+    def free_capacity(self, zone: str, live_in_zone: int) -> int | None:
         """Returns how many more VMs fit in ``zone`` (None: no limit)."""
         limit = self.zone_capacity.get(zone)
         return None if limit is None else max(0, limit - live_in_zone)
 
-    def free_cpus(self, cpus_in_region):
+    def free_cpus(self, cpus_in_region: int) -> int | None:
         """Returns how many more vCPUs the region's quota allows (None: no limit)."""
         return None if self.cpu_quota is None else max(0, self.cpu_quota - cpus_in_region)
 
-    def preemption_delay(self):
+    def preemption_delay(self) -> float | None:
         """Returns seconds until a Spot VM that just started is preempted, or None."""
         if not self.preempt_mean_s:
             return None

@@ -14,8 +14,14 @@ Supported, as GCE documents it:
 
 import fnmatch
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from cflow.local.compute import api_errors
+
+Predicate = Callable[[dict[str, Any]], bool]
+Token = tuple[str | None, str | None]  # (kind, text); (None, None) past the end
+Comparable = TypeVar("Comparable", str, float)  # numbers when both sides are numbers, else text
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -28,8 +34,8 @@ _TOKEN = re.compile(
 )
 
 
-def _tokenize(text):
-    tokens = []
+def _tokenize(text: str) -> list[Token]:
+    tokens: list[Token] = []
     position = 0
     text = text.strip()
     while position < len(text):
@@ -38,6 +44,7 @@ def _tokenize(text):
             raise ValueError(f"unexpected character at {position}")
         position = match.end()
         kind = match.lastgroup
+        assert kind is not None  # every alternative is a named group
         value = match.group(kind)
         if kind == "quoted":
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
@@ -45,7 +52,7 @@ def _tokenize(text):
     return tokens
 
 
-def _lookup(resource, field):
+def _lookup(resource: Any, field: str) -> Any:
     value = resource
     for part in field.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -54,13 +61,13 @@ def _lookup(resource, field):
     return value
 
 
-def _as_text(value):
+def _as_text(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
 
 
-def _compare(resource, field, op, expected):
+def _compare(resource: dict[str, Any], field: str, op: str, expected: str) -> bool:
     actual = _lookup(resource, field)
     if op == ":":
         if expected == "*":
@@ -85,34 +92,39 @@ def _compare(resource, field, op, expected):
         return matched if op == "=" else not matched
     if actual is None:
         return False
-    left, right = _as_text(actual), expected
+    text = _as_text(actual)
     try:
-        left, right = float(left), float(right)
+        return _order(op, float(text), float(expected))
     except ValueError:
-        pass
+        return _order(op, text, expected)
+
+
+def _order(op: str, left: Comparable, right: Comparable) -> bool:
     return {"<": left < right, "<=": left <= right, ">": left > right, ">=": left >= right}[op]
 
 
 class _Parser:
-    def __init__(self, tokens):
+    """Recursive descent over the tokens; each rule returns a predicate."""
+
+    def __init__(self, tokens: list[Token]) -> None:
         self.tokens = tokens
         self.position = 0
 
-    def peek(self):
+    def peek(self) -> Token:
         return self.tokens[self.position] if self.position < len(self.tokens) else (None, None)
 
-    def take(self):
+    def take(self) -> Token:
         token = self.peek()
         self.position += 1
         return token
 
-    def parse(self):
+    def parse(self) -> Predicate:
         predicate = self.and_expression()
         if self.position != len(self.tokens):
             raise ValueError("trailing tokens")
         return predicate
 
-    def and_expression(self):
+    def and_expression(self) -> Predicate:
         terms = [self.or_expression()]
         while True:
             kind, value = self.peek()
@@ -123,14 +135,14 @@ class _Parser:
             terms.append(self.or_expression())
         return terms[0] if len(terms) == 1 else (lambda resource: all(term(resource) for term in terms))
 
-    def or_expression(self):
+    def or_expression(self) -> Predicate:
         terms = [self.unary()]
         while self.peek() == ("word", "OR"):
             self.take()
             terms.append(self.unary())
         return terms[0] if len(terms) == 1 else (lambda resource: any(term(resource) for term in terms))
 
-    def unary(self):
+    def unary(self) -> Predicate:
         kind, value = self.peek()
         if kind == "word" and value in ("NOT", "-"):
             self.take()
@@ -144,24 +156,24 @@ class _Parser:
             return inner
         return self.comparison()
 
-    def comparison(self):
+    def comparison(self) -> Predicate:
         kind, field = self.take()
-        if kind != "word":
+        if kind != "word" or field is None:
             raise ValueError("expected a field name")
         kind, op = self.take()
         if kind == "word" and op in ("eq", "ne"):
             pass
-        elif kind != "op":
+        elif kind != "op" or op is None:
             raise ValueError("expected an operator")
         kind, expected = self.take()
-        if kind not in ("word", "quoted"):
+        if kind not in ("word", "quoted") or expected is None:
             raise ValueError("expected a value")
         if op in ("eq", "ne"):
             re.compile(expected)
         return lambda resource: _compare(resource, field, op, expected)
 
 
-def compile_filter(text):
+def compile_filter(text: str | None) -> Predicate:
     """Compiles a list filter into a predicate over a resource's JSON dict.
 
     Args:

@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
+from typing import Any, Protocol, cast
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +37,36 @@ class Verbatim(dict):
     """A metadata directory whose keys are user data (attributes, account emails): never camelCased."""
 
 
-class MetadataSource:
-    """What the metadata servers ask of the emulator; the engine implements it.
+class MetadataSource(Protocol):
+    """What the metadata servers ask of the emulator (``guest_metadata.GuestMetadata``); ``vm_key`` is the instance id."""
 
-    ``metadata_tree(vm_key)`` returns a nested dict (str leaves) or None if
-    the VM is gone; ``metadata_token(vm_key)`` returns the token JSON;
-    ``wait_metadata_change(vm_key, version, timeout_s)`` blocks until the VM's
-    metadata version differs from ``version`` (or timeout) and returns the
-    current version, or None once the VM is gone or the emulator stops; ``metadata_version(vm_key)``; ``guest_poweroff(vm_key)``.
-    """
+    def metadata_tree(self, vm_key: int) -> dict[str, Any] | None:
+        """A nested dict (str leaves; ``Verbatim`` for user keys), or None if the VM is gone."""
+        ...
+
+    def metadata_token(self, vm_key: int) -> dict[str, Any] | None:
+        """The access token JSON, or None if the VM has no service account."""
+        ...
+
+    def metadata_version(self, vm_key: int) -> int:
+        """The VM's metadata version."""
+        ...
+
+    def wait_metadata_change(self, vm_key: int, version: int, timeout_s: float) -> int | None:
+        """Blocks until the version differs from ``version`` (or timeout); the current one, or None once the VM is gone."""
+        ...
+
+    def guest_poweroff(self, vm_key: int) -> bool:
+        """The guest asks to power off; False if the VM is gone."""
+        ...
 
 
-def _camel(key):
+def _camel(key: str) -> str:
     head, *rest = key.split("-")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
 
 
-def _to_json(node):
+def _to_json(node: Any) -> Any:
     if isinstance(node, Verbatim):
         return {key: _to_json(value) for key, value in node.items()}
     if isinstance(node, dict):
@@ -60,7 +74,7 @@ def _to_json(node):
     return node
 
 
-def _resolve(tree, path):
+def _resolve(tree: dict[str, Any], path: str) -> Any:
     node = tree
     for part in [part for part in path.split("/") if part]:
         if not isinstance(node, dict) or part not in node:
@@ -69,7 +83,7 @@ def _resolve(tree, path):
     return node
 
 
-def _render(node, recursive, as_json):
+def _render(node: Any, recursive: bool, as_json: bool) -> tuple[str, str]:
     """Returns (content type, body text) for a tree node."""
     if isinstance(node, dict):
         if recursive or as_json:
@@ -82,28 +96,35 @@ def _render(node, recursive, as_json):
     return "application/text", str(node)
 
 
-def _listing(directory):
+def _listing(directory: dict[str, Any]) -> list[str]:
     return [key + "/" if isinstance(value, dict) else key for key, value in directory.items()]
 
 
 class _Binding:
-    """What a connection's handler knows: which VM it serves and whom to ask."""
+    """What a connection's handler knows: which VM it serves and whom to ask (the handler's ``server``)."""
 
-    def __init__(self, vm_key, source):
+    def __init__(self, vm_key: int, source: MetadataSource) -> None:
         self.vm_key = vm_key
         self.source = source
 
 
 class _MetadataHandler(BaseHTTPRequestHandler):
+    """Serves one connection to a VM's metadata server."""
+
     protocol_version = "HTTP/1.1"
     server_version = "Metadata Server for VM"
     sys_version = ""
     timeout = 60
 
-    def log_message(self, format, *args):
-        logger.debug("metadata %s: " + format, self.server.vm_key, *args)
+    @property
+    def binding(self) -> _Binding:
+        """The VM this connection is for (handed to the handler where a server usually goes)."""
+        return cast(_Binding, self.server)
 
-    def _send(self, status, body, content_type="application/text", etag=None):
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metadata %s: " + format, self.binding.vm_key, *args)
+
+    def _send(self, status: int, body: str, content_type: str = "application/text", etag: str | None = None) -> None:
         data = body.encode()
         self.send_response(status)
         self.send_header("Metadata-Flavor", "Google")
@@ -114,13 +135,15 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _flavor_ok(self):
+    def _flavor_ok(self) -> bool:
         return self.headers.get("Metadata-Flavor", "") == "Google"
 
-    def do_GET(self):
+    def do_GET(self) -> None:
+        """Metadata reads."""
         self._serve()
 
-    def do_POST(self):
+    def do_POST(self) -> None:
+        """Guest power-off, and token requests sent as POST."""
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(length)
@@ -129,7 +152,7 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             if not self._flavor_ok():
                 self._send(403, "Missing required header: Metadata-Flavor: Google\n")
                 return
-            accepted = self.server.source.guest_poweroff(self.server.vm_key)
+            accepted = self.binding.source.guest_poweroff(self.binding.vm_key)
             self._send(200 if accepted else 404, "OK\n" if accepted else "Not Found\n")
             return
         if parsed.path.endswith("/token"):
@@ -137,7 +160,7 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             return
         self._send(405, "Method Not Allowed\n")
 
-    def _serve(self):
+    def _serve(self) -> None:
         parsed = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         path = parsed.path
@@ -152,7 +175,7 @@ class _MetadataHandler(BaseHTTPRequestHandler):
             self._send(404, "Not Found\n", "text/html; charset=UTF-8")
             return
         relative = path[len(prefix) :].lstrip("/")
-        source, vm_key = self.server.source, self.server.vm_key
+        source, vm_key = self.binding.source, self.binding.vm_key
         if relative.startswith("instance/service-accounts/") and relative.endswith("/token"):
             token = source.metadata_token(vm_key)
             if token is None:
@@ -178,8 +201,8 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         content_type, body, etag = answer
         self._send(200, body, content_type, etag)
 
-    def _lookup(self, relative, recursive, as_json):
-        tree = self.server.source.metadata_tree(self.server.vm_key)
+    def _lookup(self, relative: str, recursive: bool, as_json: bool) -> tuple[str, str, str] | None:
+        tree = self.binding.source.metadata_tree(self.binding.vm_key)
         if tree is None:
             return None
         node = _resolve(tree, relative)
@@ -188,20 +211,24 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         content_type, body = _render(node, recursive, as_json)
         return content_type, body, hashlib.sha256(body.encode()).hexdigest()[:16]
 
-    def _wait_for_change(self, relative, recursive, as_json, answer, version, last_etag, timeout_s):
+    def _wait_for_change(
+        self, relative: str, recursive: bool, as_json: bool, answer: tuple[str, str, str], version: int, last_etag: str | None, timeout_s: float
+    ) -> tuple[str, str, str] | None:
         deadline = time.monotonic() + timeout_s
         baseline = last_etag or answer[2]
         while answer[2] == baseline:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            version = self.server.source.wait_metadata_change(self.server.vm_key, version, remaining)
-            if version is None:
+            changed_version = self.binding.source.wait_metadata_change(self.binding.vm_key, version, remaining)
+            if changed_version is None:
                 # The VM is gone or the emulator is stopping: answer now, do not spin.
                 return self._lookup(relative, recursive, as_json)
-            answer = self._lookup(relative, recursive, as_json)
-            if answer is None:
+            version = changed_version
+            current = self._lookup(relative, recursive, as_json)
+            if current is None:
                 return None
+            answer = current
         return answer
 
 
@@ -210,15 +237,17 @@ class MetadataServers:
 
     Args:
         host: interface to listen on (127.0.0.1).
-        source: a MetadataSource.
+
+    ``open``/``close`` a VM's server at any time; connections are served,
+    asking ``source`` about the VM, once ``start(source)`` has run.
     """
 
-    def __init__(self, host, source):
+    def __init__(self, host: str) -> None:
         self._host = host
-        self._source = source
+        self._source: MetadataSource | None = None
         self._selector = selectors.DefaultSelector()
-        self._listeners = {}  # vm_key -> socket
-        self._pending = []
+        self._listeners: dict[int, socket.socket] = {}
+        self._pending: list[tuple[str, int, socket.socket]] = []
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -226,10 +255,12 @@ class MetadataServers:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="metadata-accept", daemon=True)
 
-    def start(self):
+    def start(self, source: MetadataSource) -> None:
+        """Starts serving every VM's metadata from ``source``."""
+        self._source = source
         self._thread.start()
 
-    def open(self, vm_key):
+    def open(self, vm_key: int) -> int:
         """Starts listening for one VM; returns its port."""
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -240,9 +271,10 @@ class MetadataServers:
             self._listeners[vm_key] = listener
             self._pending.append(("add", vm_key, listener))
         self._wake()
-        return listener.getsockname()[1]
+        port: int = listener.getsockname()[1]
+        return port
 
-    def close(self, vm_key):
+    def close(self, vm_key: int) -> None:
         """Stops listening for one VM (connections already open finish)."""
         with self._lock:
             listener = self._listeners.pop(vm_key, None)
@@ -250,7 +282,8 @@ class MetadataServers:
                 self._pending.append(("remove", vm_key, listener))
         self._wake()
 
-    def stop(self):
+    def stop(self) -> None:
+        """Stops accepting and closes every listener (connections being served finish on their own)."""
         with self._lock:
             self._stopped = True
         self._wake()
@@ -262,18 +295,19 @@ class MetadataServers:
         self._wake_write.close()
         self._selector.close()
 
-    def _wake(self):
+    def _wake(self) -> None:
         try:
             self._wake_write.send(b"\0")
         except OSError:
             pass
 
-    def _apply_pending(self):
+    def _apply_pending(self) -> bool:
         with self._lock:
             pending, self._pending = self._pending, []
             stopped = self._stopped
         for action, vm_key, listener in pending:
             if action == "add":
+                assert self._source is not None, "start() sets the source before the thread runs"
                 self._selector.register(listener, selectors.EVENT_READ, _Binding(vm_key, self._source))
             else:
                 try:
@@ -283,7 +317,7 @@ class MetadataServers:
                 listener.close()
         return stopped
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             if self._apply_pending():
                 return
@@ -296,16 +330,17 @@ class MetadataServers:
                         pass
                     continue
                 try:
-                    connection, address = key.fileobj.accept()
+                    connection, address = cast(socket.socket, key.fileobj).accept()
                 except (BlockingIOError, OSError):
                     continue
                 connection.setblocking(True)
                 threading.Thread(target=self._serve_connection, args=(connection, address, key.data), daemon=True).start()
 
     @staticmethod
-    def _serve_connection(connection, address, binding):
+    def _serve_connection(connection: socket.socket, address: Any, binding: _Binding) -> None:
         try:
-            _MetadataHandler(connection, address, binding)
+            # The handler takes its server as third argument; ours is the binding (see ``_MetadataHandler.binding``).
+            _MetadataHandler(connection, address, cast(Any, binding))
         except (ConnectionError, TimeoutError, OSError):
             pass
         except Exception:

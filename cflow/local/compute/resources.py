@@ -1,128 +1,141 @@
-"""Instance and operation records, and their Compute Engine v1 JSON forms.
+"""Instance, disk and operation records, and their Compute Engine v1 JSON forms.
 
-Records are plain objects with ``__slots__`` (a VM costs the emulator a few
-kB); an instance's JSON is built once per change (``touch()``) and cached,
-because list calls over hundreds of VMs are the hot path.
+Records are slotted dataclasses (a VM costs the emulator a few kB); an
+instance's JSON is built once per change (``touch()``) and cached, because
+list calls over hundreds of VMs are the hot path. Every record is mutated
+only under the core's lock (``core.ComputeCore.lock``).
 """
 
 import base64
+import dataclasses
 import datetime
 import hashlib
 import json
+from typing import TYPE_CHECKING, Any
 
 from cflow.local.compute.catalog import stable_id
 
+if TYPE_CHECKING:
+    from cflow.local.compute.validation import DiskSpec
+    from cflow.local.compute.vm import Guest
+
 STANDARD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
+ResourceKey = tuple[str, str, str]  # (project, zone, name) of a zonal resource
+OperationKey = tuple[str, str | None, str]  # (project, zone or None for a global operation, name)
 
-def rfc3339(epoch_s):
+
+def rfc3339(epoch_s: float) -> str:
     """Formats a wall-clock time as GCE does: milliseconds and an explicit offset."""
     return datetime.datetime.fromtimestamp(epoch_s, tz=datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def fingerprint(value):
+def fingerprint(value: object) -> str:
     """Returns a GCE-style fingerprint (8 bytes, base64) of a JSON-able value."""
     digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:8]
     return base64.b64encode(digest).decode()
 
 
-def project_number(project):
+def project_number(project: str) -> int:
+    """The project's number (stable: derived from its id)."""
     return stable_id("project/" + project) % 10**12
 
 
-def default_service_account(project):
+def default_service_account(project: str) -> str:
+    """The e-mail of the project's Compute Engine default service account."""
     return f"{project_number(project)}-compute@developer.gserviceaccount.com"
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Instance:
-    """One VM's state. Mutated only under the engine's lock; call ``touch()`` after."""
+    """One VM's state. Mutated only under the core's lock; call ``touch()`` after.
 
-    __slots__ = (
-        "_json",
-        "_text",
-        "after_stop",
-        "boot_operations",
-        "cpus",
-        "creation_ts",
-        "delete_operations",
-        "description",
-        "disk_image",
-        "disks",
-        "epoch",
-        "guest",
-        "hostname",
-        "id",
-        "label_fingerprint",
-        "labels",
-        "last_start_ts",
-        "last_stop_ts",
-        "machine_type",
-        "metadata_fingerprint",
-        "metadata_items",
-        "metadata_port",
-        "metadata_version",
-        "name",
-        "network_interfaces",
-        "preempted",
-        "project",
-        "region",
-        "scheduling",
-        "service_accounts",
-        "status",
-        "status_message",
-        "stop_operations",
-        "stop_status_message",
-        "tags",
-        "zone",
-    )  # fmt: skip
+    ``epoch`` grows at every boot and power-off, so a timer armed for an
+    earlier one is recognised as stale. ``after_stop`` is what STOPPING ends
+    in ("terminate" or "delete"). ``disk_image`` is the image tree held for
+    the first boot's disk copy (None once copied). ``guest`` is its live
+    processes while it runs. The ``*_operations`` complete when the VM
+    reaches RUNNING, TERMINATED or is gone.
+    """
 
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
-        self.epoch = 0
-        self.metadata_version = 0
-        self.preempted = False
-        self.boot_operations = []
-        self.stop_operations = []
-        self.delete_operations = []
+    id: int
+    name: str
+    project: str
+    zone: str
+    region: str
+    machine_type: str
+    cpus: int
+    status: str
+    description: str
+    labels: dict[str, str]
+    label_fingerprint: str
+    metadata_items: list[dict[str, str]]
+    metadata_fingerprint: str
+    scheduling: dict[str, Any]
+    network_interfaces: list[dict[str, Any]]
+    disks: "list[DiskSpec]"
+    service_accounts: list[dict[str, Any]]
+    tags: list[str]
+    hostname: str | None
+    creation_ts: str
+    metadata_port: int = 0
+    status_message: str | None = None
+    stop_status_message: str | None = None
+    last_start_ts: str | None = None
+    last_stop_ts: str | None = None
+    after_stop: str | None = None
+    disk_image: str | None = None
+    guest: "Guest | None" = None
+    epoch: int = 0
+    metadata_version: int = 0
+    preempted: bool = False
+    boot_operations: "list[Operation]" = dataclasses.field(default_factory=list)
+    stop_operations: "list[Operation]" = dataclasses.field(default_factory=list)
+    delete_operations: "list[Operation]" = dataclasses.field(default_factory=list)
+    _json: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    _text: str | None = dataclasses.field(default=None, repr=False)
 
     @property
-    def key(self):
+    def key(self) -> ResourceKey:
+        """(project, zone, name): how the tables find it."""
         return (self.project, self.zone, self.name)
 
     @property
-    def is_spot_or_preemptible(self):
+    def is_spot_or_preemptible(self) -> bool:
+        """True for a VM GCE may preempt (shorter shutdown grace, preempted by ``--preempt-mean-s``)."""
         return bool(self.scheduling.get("preemptible")) or self.scheduling.get("provisioningModel") == "SPOT"
 
-    def metadata_value(self, key):
+    def metadata_value(self, key: str) -> str | None:
+        """The value of metadata item ``key``, or None if there is none."""
         for item in self.metadata_items:
             if item["key"] == key:
                 return item.get("value", "")
         return None
 
-    def touch(self):
+    def touch(self) -> None:
         """Drops the cached JSON; call after every change."""
         self._json = None
         self._text = None
 
-    def to_json(self, base_url):
+    def to_json(self, base_url: str) -> dict[str, Any]:
         """Returns the compute#instance dict (cached until ``touch()``; do not mutate)."""
         if self._json is None:
             self._json = self._render(base_url)
         return self._json
 
-    def to_text(self, base_url):
+    def to_text(self, base_url: str) -> str:
         """Returns the compute#instance JSON text (cached until ``touch()``)."""
         if self._text is None:
             self._text = json.dumps(self.to_json(base_url), separators=(",", ":"))
         return self._text
 
-    def self_link(self, base_url):
+    def self_link(self, base_url: str) -> str:
+        """The instance's URL under ``base_url``."""
         return f"{base_url}projects/{self.project}/zones/{self.zone}/instances/{self.name}"
 
-    def _render(self, base_url):
+    def _render(self, base_url: str) -> dict[str, Any]:
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
-        metadata = {"kind": "compute#metadata", "fingerprint": self.metadata_fingerprint}
+        metadata: dict[str, Any] = {"kind": "compute#metadata", "fingerprint": self.metadata_fingerprint}
         if self.metadata_items:
             metadata["items"] = [dict(item) for item in self.metadata_items]
         resource = {
@@ -162,8 +175,8 @@ class Instance:
         return resource
 
 
-def _render_interface(interface, base_url, instance):
-    rendered = {
+def _render_interface(interface: dict[str, Any], base_url: str, instance: Instance) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
         "kind": "compute#networkInterface",
         "network": f"{base_url}projects/{instance.project}/global/networks/{interface['network']}",
         "subnetwork": f"{base_url}projects/{instance.project}/regions/{instance.region}/subnetworks/{interface['subnetwork']}",
@@ -182,8 +195,8 @@ def _render_interface(interface, base_url, instance):
     return rendered
 
 
-def _render_disk(disk, zone_url):
-    rendered = {
+def _render_disk(disk: "DiskSpec", zone_url: str) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
         "kind": "compute#attachedDisk",
         "type": "PERSISTENT",
         "mode": "READ_WRITE",
@@ -201,49 +214,48 @@ def _render_disk(disk, zone_url):
     return rendered
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Disk:
-    """One persistent disk (a VM's boot disk is one). Mutated only under the engine's lock.
+    """One persistent disk (a VM's boot disk is one).
 
     ``directory`` is where its content lives on the host (the VM's disk
     directory for a boot disk, None for other disks); ``user`` is the key of
     the instance it is attached to, or None.
     """
 
-    __slots__ = (
-        "creation_ts",
-        "directory",
-        "disk_type",
-        "id",
-        "last_attach_ts",
-        "last_detach_ts",
-        "licenses",
-        "name",
-        "project",
-        "size_gb",
-        "source_image",
-        "source_image_id",
-        "user",
-        "zone",
-    )  # fmt: skip
-
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
+    id: int
+    name: str
+    project: str
+    zone: str
+    size_gb: int
+    disk_type: str
+    source_image: str | None
+    source_image_id: str | None
+    licenses: list[str]
+    directory: str | None
+    user: ResourceKey | None
+    creation_ts: str
+    last_attach_ts: str | None = None
+    last_detach_ts: str | None = None
 
     @property
-    def key(self):
+    def key(self) -> ResourceKey:
+        """(project, zone, name): how the disks table finds it."""
         return (self.project, self.zone, self.name)
 
     @property
-    def path(self):
+    def path(self) -> str:
+        """``projects/P/zones/Z/disks/NAME``."""
         return f"projects/{self.project}/zones/{self.zone}/disks/{self.name}"
 
-    def self_link(self, base_url):
+    def self_link(self, base_url: str) -> str:
+        """The disk's URL under ``base_url``."""
         return base_url + self.path
 
-    def to_json(self, base_url):
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        """Returns the compute#disk dict."""
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
-        resource = {
+        resource: dict[str, Any] = {
             "kind": "compute#disk",
             "id": str(self.id),
             "creationTimestamp": self.creation_ts,
@@ -272,46 +284,45 @@ class Disk:
         return resource
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Operation:
-    """One zonal operation, or a global one (``zone`` None). Mutated only under the engine's lock."""
+    """One zonal operation, or a global one (``zone`` None).
 
-    __slots__ = (
-        "bulk_status",
-        "end_ts",
-        "errors",
-        "http_error_code",
-        "http_error_message",
-        "id",
-        "insert_ts",
-        "name",
-        "operation_type",
-        "progress",
-        "project",
-        "remaining",
-        "sequence",
-        "start_ts",
-        "status",
-        "status_message",
-        "target_id",
-        "target_link",
-        "user",
-        "zone",
-    )  # fmt: skip
+    ``remaining`` counts the VMs an insert or bulkInsert still waits for;
+    ``bulk_status`` is a bulkInsert's per-location status.
+    """
 
-    def __init__(self, **fields):
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
-        self.errors = []
-        self.remaining = 0
+    id: int
+    name: str
+    project: str
+    zone: str | None
+    operation_type: str
+    target_link: str
+    target_id: int | None
+    status: str
+    progress: int
+    insert_ts: str
+    start_ts: str
+    user: str
+    sequence: int
+    end_ts: str | None = None
+    status_message: str | None = None
+    errors: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    http_error_code: int | None = None
+    http_error_message: str | None = None
+    bulk_status: dict[str, Any] | None = None
+    remaining: int = 0
 
     @property
-    def key(self):
+    def key(self) -> OperationKey:
+        """(project, zone or None, name): how the operations table finds it."""
         return (self.project, self.zone, self.name)
 
-    def to_json(self, base_url):
+    def to_json(self, base_url: str) -> dict[str, Any]:
+        """Returns the compute#operation dict."""
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
         scope_url = zone_url if self.zone is not None else f"{base_url}projects/{self.project}/global"
-        resource = {
+        resource: dict[str, Any] = {
             "kind": "compute#operation",
             "id": str(self.id),
             "name": self.name,

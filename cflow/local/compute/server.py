@@ -1,6 +1,10 @@
-"""HTTP routing: Compute Engine v1 REST paths (and the batch endpoint) onto the engine.
+"""HTTP routing: Compute Engine v1 REST paths (and the batch endpoint) onto the engine's parts.
 
-Serves ``/compute/v1/...`` as googleapiclient calls it with
+One route table per resource (``zone_routes``, ``instance_routes``,
+``operation_routes``, ``disk_routes``, ``image_routes``) maps a method and a
+path to the part's method; ``Dispatcher`` finds the route, applies
+``--error-rate`` faults, parses the body and renders the answer or the
+``ApiError``. Serves ``/compute/v1/...`` as googleapiclient calls it with
 ``client_options={"api_endpoint": "http://H:P/compute/v1/"}``, and
 ``POST /batch/compute/v1`` (multipart/mixed, as ``BatchHttpRequest`` sends
 it). googleapiclient derives a service's batch URI from the discovery
@@ -8,239 +12,209 @@ document's rootUrl, not from ``api_endpoint``: callers must pass
 ``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")`` themselves.
 """
 
+import dataclasses
+import email.message
 import email.parser
 import json
 import logging
 import re
 import secrets
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
 
 from cflow.local.compute import api_errors
-from cflow.local.compute.engine import RawJson
-from cflow.local.compute.filters import compile_filter
+from cflow.local.compute.disks import Disks
+from cflow.local.compute.engine import ComputeEngine
+from cflow.local.compute.faults import Faults
+from cflow.local.compute.images import Images
+from cflow.local.compute.instances import Instances
+from cflow.local.compute.operations import Operations
+from cflow.local.compute.paging import Answer, Json, RawJson
+from cflow.local.compute.zones import Zones
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/compute/v1/"
 BATCH_PATHS = ("/batch/compute/v1", "/batch/compute/v1/", "/batch")
 MAX_BODY_BYTES = 32 * 1024 * 1024
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
+# Path fragments, relative to /compute/v1/.
 _P = r"projects/(?P<project>[^/]+)"
 _Z = _P + r"/zones/(?P<zone>[^/]+)"
 _I = _Z + r"/instances/(?P<instance>[^/]+)"
 _O = _Z + r"/operations/(?P<operation>[^/]+)"
 _D = _Z + r"/disks/(?P<disk>[^/]+)"
 _G = _P + r"/global/operations/(?P<operation>[^/]+)"
+_IMAGE = _P + r"/global/images/(?P<image>[^/]+)"
+
+PathArgs = dict[str, str]  # the path's named groups: project, zone, instance...
+Query = dict[str, str]
+Handler = Callable[[PathArgs, Query, Json | None], Answer]
 
 
-ROUTES = tuple(
-    (method, re.compile(pattern), handler)
-    for method, pattern, handler in (
-        ("GET", _P + r"/zones", "list_zones"),
-        ("GET", _Z, "get_zone"),
-        ("GET", _Z + r"/machineTypes", "list_machine_types"),
-        ("GET", _Z + r"/machineTypes/(?P<name>[^/]+)", "get_machine_type"),
-        ("GET", _P + r"/aggregated/instances", "aggregated_list_instances"),
-        ("POST", _Z + r"/instances", "insert_instance"),
-        ("GET", _Z + r"/instances", "list_instances"),
-        ("POST", _Z + r"/instances/bulkInsert", "bulk_insert"),
-        ("GET", _I, "get_instance"),
-        ("DELETE", _I, "delete_instance"),
-        ("POST", _I + r"/stop", "stop_instance"),
-        ("POST", _I + r"/start", "start_instance"),
-        ("POST", _I + r"/setLabels", "set_labels"),
-        ("POST", _I + r"/setMetadata", "set_metadata"),
-        ("POST", _I + r"/simulateMaintenanceEvent", "simulate_maintenance_event"),
-        ("GET", _I + r"/serialPort", "serial_port_output"),
-        ("GET", _Z + r"/operations", "list_operations"),
-        ("GET", _O, "get_operation"),
-        ("DELETE", _O, "delete_operation"),
-        ("POST", _O + r"/wait", "wait_operation"),
-        ("GET", _Z + r"/disks", "list_disks"),
-        ("GET", _D, "get_disk"),
-        ("DELETE", _D, "delete_disk"),
-        ("GET", _P + r"/global/images", "list_images"),
-        ("POST", _P + r"/global/images", "insert_image"),
-        ("GET", _P + r"/global/images/family/(?P<family>[^/]+)", "get_image_from_family"),
-        ("GET", _P + r"/global/images/(?P<image>[^/]+)", "get_image"),
-        ("DELETE", _P + r"/global/images/(?P<image>[^/]+)", "delete_image"),
-        ("POST", _P + r"/global/images/(?P<image>[^/]+)/deprecate", "deprecate_image"),
-        ("GET", _P + r"/global/operations", "list_global_operations"),
-        ("GET", _G, "get_global_operation"),
-        ("DELETE", _G, "delete_global_operation"),
-        ("POST", _G + r"/wait", "wait_global_operation"),
-    )
-)
-BODY_METHODS = ("POST", "PUT", "PATCH")
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One API method: an HTTP method and path pattern, and what answers it."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
 
 
-class Handlers:
-    """One method per route: (path arguments, query dict, parsed body) -> JSON-ready result.
+def route(method: str, pattern: str, handler: Handler) -> Route:
+    """A Route; ``pattern`` must match the whole path after /compute/v1/."""
+    return Route(method, re.compile(pattern), handler)
 
-    Args:
-        engine: the ComputeEngine (instances, operations) and its catalog.
-    """
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.catalog = engine.catalog
+# One table per resource: (method, path) -> the part's method, with the path's and query's arguments.
 
-    def _list(self, kind, project, path, items):
-        return {"kind": kind, "id": f"projects/{project}/{path}", "items": items, "selfLink": f"{self.engine.base_url}projects/{project}/{path}"}
 
-    def list_zones(self, args, query, body):
-        predicate = compile_filter(query.get("filter"))
-        zones = (self.catalog.zone_json(args["project"], name) for name in self.catalog.zone_names())
-        return self._list("compute#zoneList", args["project"], "zones", [zone for zone in zones if predicate(zone)])
+def zone_routes(zones: Zones) -> list[Route]:
+    """zones.* and machineTypes.*."""
+    return [
+        route("GET", _P + r"/zones", lambda path, query, body: zones.list_zones(path["project"], query.get("filter"))),
+        route("GET", _Z, lambda path, query, body: zones.get_zone(path["project"], path["zone"])),
+        route("GET", _Z + r"/machineTypes", lambda path, query, body: zones.list_machine_types(path["project"], path["zone"], query.get("filter"))),
+        route(
+            "GET",
+            _Z + r"/machineTypes/(?P<name>[^/]+)",
+            lambda path, query, body: zones.get_machine_type(path["project"], path["zone"], path["name"]),
+        ),
+    ]
 
-    def get_zone(self, args, query, body):
-        return self.catalog.zone_json(args["project"], args["zone"])
 
-    def list_machine_types(self, args, query, body):
-        project, zone = args["project"], args["zone"]
-        self.catalog.zone_json(project, zone)
-        predicate = compile_filter(query.get("filter"))
-        types = (self.catalog.machine_type_json(project, zone, name) for name in sorted(self.catalog.machine_types))
-        return self._list("compute#machineTypeList", project, f"zones/{zone}/machineTypes", [item for item in types if predicate(item)])
+def instance_routes(instances: Instances) -> list[Route]:
+    """instances.*."""
 
-    def get_machine_type(self, args, query, body):
-        return self.catalog.machine_type_json(args["project"], args["zone"], args["name"])
+    def listing(path: PathArgs, query: Query) -> tuple[str | None, str | None, str | None]:
+        return query.get("filter"), query.get("maxResults"), query.get("pageToken")
 
-    def list_images(self, args, query, body):
-        predicate = compile_filter(query.get("filter"))
-        images = [image for image in self.catalog.images_of(args["project"]) if predicate(image)]
-        return self._list("compute#imageList", args["project"], "global/images", images)
+    return [
+        route("GET", _P + r"/aggregated/instances", lambda path, query, body: instances.aggregated_list(path["project"], *listing(path, query))),
+        route("POST", _Z + r"/instances", lambda path, query, body: instances.insert(path["project"], path["zone"], body)),
+        route("GET", _Z + r"/instances", lambda path, query, body: instances.list_instances(path["project"], path["zone"], *listing(path, query))),
+        route("POST", _Z + r"/instances/bulkInsert", lambda path, query, body: instances.bulk_insert(path["project"], path["zone"], body)),
+        route("GET", _I, lambda path, query, body: instances.get(path["project"], path["zone"], path["instance"])),
+        route("DELETE", _I, lambda path, query, body: instances.delete(path["project"], path["zone"], path["instance"])),
+        route("POST", _I + r"/stop", lambda path, query, body: instances.stop(path["project"], path["zone"], path["instance"])),
+        route("POST", _I + r"/start", lambda path, query, body: instances.start(path["project"], path["zone"], path["instance"])),
+        route("POST", _I + r"/setLabels", lambda path, query, body: instances.set_labels(path["project"], path["zone"], path["instance"], body)),
+        route("POST", _I + r"/setMetadata", lambda path, query, body: instances.set_metadata(path["project"], path["zone"], path["instance"], body)),
+        route(
+            "POST",
+            _I + r"/simulateMaintenanceEvent",
+            lambda path, query, body: instances.simulate_maintenance_event(path["project"], path["zone"], path["instance"]),
+        ),
+        route(
+            "GET",
+            _I + r"/serialPort",
+            lambda path, query, body: instances.serial_port_output(path["project"], path["zone"], path["instance"], query.get("start")),
+        ),
+    ]
 
-    def insert_image(self, args, query, body):
-        force_create = str(query.get("forceCreate", "")).lower() == "true"
-        return self.engine.insert_image(args["project"], body, force_create)
 
-    def delete_image(self, args, query, body):
-        return self.engine.delete_image(args["project"], args["image"])
+def operation_routes(operations: Operations) -> list[Route]:
+    """zoneOperations.* and globalOperations.* (a global operation has zone None)."""
 
-    def deprecate_image(self, args, query, body):
-        return self.engine.deprecate_image(args["project"], args["image"], body)
+    def listing(path: PathArgs, query: Query, zone: str | None) -> Json:
+        return operations.list_operations(path["project"], zone, query.get("filter"), query.get("maxResults"), query.get("pageToken"))
 
-    def list_disks(self, args, query, body):
-        return self.engine.list_disks(args["project"], args["zone"], query.get("filter"))
+    return [
+        route("GET", _Z + r"/operations", lambda path, query, body: listing(path, query, path["zone"])),
+        route("GET", _O, lambda path, query, body: operations.get(path["project"], path["zone"], path["operation"])),
+        route("DELETE", _O, lambda path, query, body: operations.delete(path["project"], path["zone"], path["operation"])),
+        route("POST", _O + r"/wait", lambda path, query, body: operations.wait(path["project"], path["zone"], path["operation"])),
+        route("GET", _P + r"/global/operations", lambda path, query, body: listing(path, query, None)),
+        route("GET", _G, lambda path, query, body: operations.get(path["project"], None, path["operation"])),
+        route("DELETE", _G, lambda path, query, body: operations.delete(path["project"], None, path["operation"])),
+        route("POST", _G + r"/wait", lambda path, query, body: operations.wait(path["project"], None, path["operation"])),
+    ]
 
-    def get_disk(self, args, query, body):
-        return self.engine.get_disk(args["project"], args["zone"], args["disk"])
 
-    def delete_disk(self, args, query, body):
-        return self.engine.delete_disk(args["project"], args["zone"], args["disk"])
+def disk_routes(disks: Disks) -> list[Route]:
+    """disks.*."""
+    return [
+        route("GET", _Z + r"/disks", lambda path, query, body: disks.list_disks(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _D, lambda path, query, body: disks.get(path["project"], path["zone"], path["disk"])),
+        route("DELETE", _D, lambda path, query, body: disks.delete(path["project"], path["zone"], path["disk"])),
+    ]
 
-    def list_global_operations(self, args, query, body):
-        return self.engine.list_operations(args["project"], None, query.get("filter"), query.get("maxResults"), query.get("pageToken"))
 
-    def get_global_operation(self, args, query, body):
-        return self.engine.get_operation(args["project"], None, args["operation"])
+def image_routes(images: Images) -> list[Route]:
+    """images.*."""
 
-    def delete_global_operation(self, args, query, body):
-        return self.engine.delete_operation(args["project"], None, args["operation"])
+    def force_create(query: Query) -> bool:
+        return str(query.get("forceCreate", "")).lower() == "true"
 
-    def wait_global_operation(self, args, query, body):
-        return self.engine.wait_operation(args["project"], None, args["operation"])
+    return [
+        route("GET", _P + r"/global/images", lambda path, query, body: images.list_images(path["project"], query.get("filter"))),
+        route("POST", _P + r"/global/images", lambda path, query, body: images.insert(path["project"], body, force_create(query))),
+        route("GET", _P + r"/global/images/family/(?P<family>[^/]+)", lambda path, query, body: images.get_from_family(path["project"], path["family"])),
+        route("GET", _IMAGE, lambda path, query, body: images.get(path["project"], path["image"])),
+        route("DELETE", _IMAGE, lambda path, query, body: images.delete(path["project"], path["image"])),
+        route("POST", _IMAGE + r"/deprecate", lambda path, query, body: images.deprecate(path["project"], path["image"], body)),
+    ]
 
-    def get_image(self, args, query, body):
-        return self.catalog.image_json(args["project"], args["image"])
 
-    def get_image_from_family(self, args, query, body):
-        return self.catalog.image_from_family(args["project"], args["family"])
-
-    def aggregated_list_instances(self, args, query, body):
-        return self.engine.aggregated_list_instances(args["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
-
-    def list_instances(self, args, query, body):
-        return self.engine.list_instances(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
-
-    def insert_instance(self, args, query, body):
-        return self.engine.insert_instance(args["project"], args["zone"], body)
-
-    def bulk_insert(self, args, query, body):
-        return self.engine.bulk_insert(args["project"], args["zone"], body)
-
-    def get_instance(self, args, query, body):
-        return self.engine.get_instance(args["project"], args["zone"], args["instance"])
-
-    def delete_instance(self, args, query, body):
-        return self.engine.delete_instance(args["project"], args["zone"], args["instance"])
-
-    def stop_instance(self, args, query, body):
-        return self.engine.stop_instance(args["project"], args["zone"], args["instance"])
-
-    def start_instance(self, args, query, body):
-        return self.engine.start_instance(args["project"], args["zone"], args["instance"])
-
-    def set_labels(self, args, query, body):
-        return self.engine.set_labels(args["project"], args["zone"], args["instance"], body)
-
-    def set_metadata(self, args, query, body):
-        return self.engine.set_metadata(args["project"], args["zone"], args["instance"], body)
-
-    def simulate_maintenance_event(self, args, query, body):
-        return self.engine.simulate_maintenance_event(args["project"], args["zone"], args["instance"])
-
-    def serial_port_output(self, args, query, body):
-        return self.engine.serial_port_output(args["project"], args["zone"], args["instance"], query.get("start"))
-
-    def list_operations(self, args, query, body):
-        return self.engine.list_operations(args["project"], args["zone"], query.get("filter"), query.get("maxResults"), query.get("pageToken"))
-
-    def get_operation(self, args, query, body):
-        return self.engine.get_operation(args["project"], args["zone"], args["operation"])
-
-    def delete_operation(self, args, query, body):
-        return self.engine.delete_operation(args["project"], args["zone"], args["operation"])
-
-    def wait_operation(self, args, query, body):
-        return self.engine.wait_operation(args["project"], args["zone"], args["operation"])
+def engine_routes(engine: ComputeEngine) -> list[Route]:
+    """Every route of the emulator, the most frequent first."""
+    return [
+        *zone_routes(engine.zones),
+        *instance_routes(engine.instances),
+        *operation_routes(engine.operations),
+        *disk_routes(engine.disks),
+        *image_routes(engine.images),
+    ]
 
 
 class Dispatcher:
     """Answers one API call: (method, path, query string, body bytes) -> (status, JSON text or None).
 
     Args:
-        engine: the ComputeEngine.
+        routes: the API's routes (``engine_routes``).
         faults: the Faults (``--error-rate`` answers come before any work).
     """
 
-    def __init__(self, engine, faults):
-        self.handlers = Handlers(engine)
+    def __init__(self, routes: list[Route], faults: Faults) -> None:
+        self.routes = routes
         self.faults = faults
 
-    def dispatch(self, method, path, query_string, body_bytes):
+    def dispatch(self, method: str, path: str, query_string: str, body_bytes: bytes) -> tuple[int, str | None]:
+        """Answers the call; an ApiError becomes its status and Google's error JSON, anything else a 500."""
         try:
             return 200, self._dispatch(method, path, query_string, body_bytes)
         except api_errors.ApiError as error:
             return error.code, json.dumps(error.to_json())
         except Exception:
             logger.exception("compute emulator failed on %s %s", method, path)
-            error = api_errors.ApiError(500, "internalError", "Internal error. Please try again or contact Google Support.")
-            return 500, json.dumps(error.to_json())
+            internal = api_errors.ApiError(500, "internalError", "Internal error. Please try again or contact Google Support.")
+            return 500, json.dumps(internal.to_json())
 
-    def _dispatch(self, method, path, query_string, body_bytes):
+    def _dispatch(self, method: str, path: str, query_string: str, body_bytes: bytes) -> str | None:
         if not path.startswith(API_PREFIX):
             raise api_errors.unknown_url(path)
         relative = urllib.parse.unquote(path[len(API_PREFIX) :]).strip("/")
-        for route_method, pattern, handler in ROUTES:
-            match = pattern.fullmatch(relative)
-            if match is None or route_method != method:
+        for candidate in self.routes:
+            match = candidate.pattern.fullmatch(relative)
+            if match is None or candidate.method != method:
                 continue
-            fault = self.faults.request_error(match.groupdict().get("project", ""))
+            arguments = match.groupdict()
+            fault = self.faults.request_error(arguments.get("project", ""))
             if fault is not None:
                 raise fault
             query = dict(urllib.parse.parse_qsl(query_string, keep_blank_values=True))
             body = self._parse_body(body_bytes) if method in BODY_METHODS else None
-            result = getattr(self.handlers, handler)(match.groupdict(), query, body)
+            result = candidate.handler(arguments, query, body)
             if result is None:
                 return None
             return result if isinstance(result, RawJson) else json.dumps(result)
         raise api_errors.unknown_url(path)
 
     @staticmethod
-    def _parse_body(body_bytes):
+    def _parse_body(body_bytes: bytes) -> Json:
         if not body_bytes or not body_bytes.strip():
             return {}
         try:
@@ -252,25 +226,31 @@ class Dispatcher:
         return body
 
 
-_STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+_STATUS_TEXT = {
+    200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
+    429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
+}  # fmt: skip
+_JSON = "application/json; charset=UTF-8"
 
 
-def answer_batch(dispatcher, content_type, body_bytes):
+def _error_body(error: api_errors.ApiError) -> bytes:
+    return json.dumps(error.to_json()).encode()
+
+
+def answer_batch(dispatcher: Dispatcher, content_type: str | None, body_bytes: bytes) -> tuple[int, str, bytes]:
     """Answers a multipart/mixed batch; returns (status, content type, body bytes).
 
     Each part is an ``application/http`` request; the answer has one
     ``application/http`` part per request, ``Content-ID: <response-ID>``.
     """
     if "multipart/mixed" not in (content_type or ""):
-        error = api_errors.bad_request("A batch request must be multipart/mixed.")
-        return 400, "application/json; charset=UTF-8", json.dumps(error.to_json()).encode()
+        return 400, _JSON, _error_body(api_errors.bad_request("A batch request must be multipart/mixed."))
     message = email.parser.Parser().parsestr(f"Content-Type: {content_type}\r\n\r\n" + body_bytes.decode("utf-8", errors="replace"))
     if not message.is_multipart():
-        error = api_errors.bad_request("The batch request has no parts.")
-        return 400, "application/json; charset=UTF-8", json.dumps(error.to_json()).encode()
+        return 400, _JSON, _error_body(api_errors.bad_request("The batch request has no parts."))
     boundary = "batch_" + secrets.token_hex(12)
     chunks = []
-    for part in message.get_payload():
+    for part in cast(list[email.message.Message], message.get_payload()):
         # googleapiclient's MIME generator folds long headers; unfold (RFC 5322 2.2.3).
         content_id = re.sub(r"\r?\n", "", part.get("Content-ID") or "").strip()
         status, text = _answer_part(dispatcher, part.get_payload())
@@ -287,10 +267,10 @@ def answer_batch(dispatcher, content_type, body_bytes):
     return 200, f"multipart/mixed; boundary={boundary}", b"".join(chunks)
 
 
-def _answer_part(dispatcher, payload):
+def _answer_part(dispatcher: Dispatcher, payload: Any) -> tuple[int, str | None]:
     if isinstance(payload, list):
         return 400, json.dumps(api_errors.bad_request("Nested multipart parts are not supported.").to_json())
-    request_line, _, rest = payload.lstrip("\r\n").partition("\n")
+    request_line, _, rest = str(payload).lstrip("\r\n").partition("\n")
     pieces = request_line.strip().split(" ")
     if len(pieces) < 2:
         return 400, json.dumps(api_errors.bad_request("Malformed request line in batch part.").to_json())
@@ -302,34 +282,38 @@ def _answer_part(dispatcher, payload):
 
 
 class ApiServer(ThreadingHTTPServer):
-    """The emulator's HTTP server; ``dispatcher`` is set before serving."""
+    """The emulator's HTTP server, answering through ``dispatcher``."""
 
     daemon_threads = True
     request_queue_size = 256
     allow_reuse_address = True
 
-    def __init__(self, address):
+    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher | None = None) -> None:
         super().__init__(address, ApiRequestHandler)
-        self.dispatcher = None
+        self.dispatcher = dispatcher
 
 
 class ApiRequestHandler(BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection to the API: batches go to ``answer_batch``, the rest to the dispatcher."""
+
     protocol_version = "HTTP/1.1"
     server_version = "cflow-compute-emulator"
     sys_version = ""
 
-    def log_message(self, format, *args):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Request lines go to the debug log, not stderr."""
         logger.debug("api: " + format, *args)
 
-    def _handle(self):
+    def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
-            self._reply(413, "application/json; charset=UTF-8", json.dumps(api_errors.bad_request("Request too large.").to_json()).encode())
+            self._reply(413, _JSON, _error_body(api_errors.bad_request("Request too large.")))
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
         parsed = urllib.parse.urlsplit(self.path)
-        dispatcher = self.server.dispatcher
+        dispatcher = cast(ApiServer, self.server).dispatcher
+        assert dispatcher is not None, "the emulator sets the dispatcher before serving"
         if self.command == "POST" and parsed.path in BATCH_PATHS:
             status, content_type, data = answer_batch(dispatcher, self.headers.get("Content-Type"), body)
             self._reply(status, content_type, data)
@@ -338,9 +322,9 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         if text is None:
             self._reply(204, None, b"")
         else:
-            self._reply(status, "application/json; charset=UTF-8", text.encode())
+            self._reply(status, _JSON, text.encode())
 
-    def _reply(self, status, content_type, data):
+    def _reply(self, status: int, content_type: str | None, data: bytes) -> None:
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)

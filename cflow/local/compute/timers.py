@@ -4,6 +4,8 @@ import heapq
 import itertools
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -13,10 +15,11 @@ class TimerHandle:
 
     __slots__ = ("cancelled",)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.cancelled = False
 
-    def cancel(self):
+    def cancel(self) -> None:
+        """The callback will not run (if it has not yet)."""
         self.cancelled = True
 
 
@@ -30,18 +33,19 @@ class TimerQueue:
     short; an exception in one is logged and does not stop the others.
     """
 
-    def __init__(self, monotonic):
+    def __init__(self, monotonic: Callable[[], float]) -> None:
         self._monotonic = monotonic
-        self._heap = []
+        self._heap: list[tuple[float, int, TimerHandle, Callable[..., Any], tuple[Any, ...]]] = []
         self._sequence = itertools.count()
         self._wakeup = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="compute-timers", daemon=True)
 
-    def start(self):
+    def start(self) -> None:
+        """Starts the thread that runs due callbacks."""
         self._thread.start()
 
-    def call_later(self, delay_s, callback, *args):
+    def call_later(self, delay_s: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
         """Schedules ``callback(*args)`` after ``delay_s`` seconds; returns a TimerHandle."""
         handle = TimerHandle()
         with self._wakeup:
@@ -49,7 +53,7 @@ class TimerQueue:
             self._wakeup.notify()
         return handle
 
-    def stop(self):
+    def stop(self) -> None:
         """Stops the thread; pending callbacks are dropped."""
         with self._wakeup:
             self._stopped = True
@@ -57,7 +61,7 @@ class TimerQueue:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self._wakeup:
                 while not self._stopped and (not self._heap or self._heap[0][0] > self._monotonic()):

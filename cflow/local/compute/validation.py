@@ -6,9 +6,13 @@ and never anything else for anything a client can send.
 """
 
 import re
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from cflow.local.compute import api_errors
 from cflow.local.compute.resources import STANDARD_SCOPES, default_service_account
+
+if TYPE_CHECKING:
+    from cflow.local.compute.catalog import Catalog
 
 NAME_RULE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 LABEL_KEY_RULE = re.compile(r"[a-z][-_a-z0-9]{0,62}")
@@ -18,8 +22,48 @@ MAX_METADATA_VALUE_BYTES = 256 * 1024
 MAX_METADATA_BYTES = 512 * 1024
 MAX_LABELS = 64
 
+class DiskSpec(TypedDict):
+    """One disk of an instance, as the engine keeps it (GCE's own field names)."""
 
-def check_name(name, field="resource.name"):
+    diskName: str
+    deviceName: str
+    index: int
+    boot: bool
+    autoDelete: bool
+    diskSizeGb: int
+    licenses: list[str]
+    diskType: str
+    sourceImage: str | None
+    sourceImageId: str | None
+
+
+class InstanceSpec(TypedDict):
+    """A checked Instance (insert) or InstanceProperties (bulkInsert) body; ``name`` is None in the latter."""
+
+    name: str | None
+    machine_type: str
+    cpus: int
+    description: str
+    labels: dict[str, str]
+    metadata_items: list[dict[str, str]]
+    scheduling: dict[str, Any]
+    disks: list[DiskSpec]
+    network_interfaces: list[dict[str, Any]]
+    service_accounts: list[dict[str, Any]]
+    tags: list[str]
+    hostname: str | None
+
+
+class ImageSpec(TypedDict):
+    """A checked images.insert body (made from a disk)."""
+
+    name: str
+    family: str | None
+    description: str
+    source_disk: str
+
+
+def check_name(name: Any, field: str = "resource.name") -> None:
     """Raises 400 unless ``name`` follows GCE's resource name rule."""
     if name is None or name == "":
         raise api_errors.required(field)
@@ -30,14 +74,14 @@ def check_name(name, field="resource.name"):
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", bool: "a boolean", str: "a string", int: "an integer"}
 
 
-def _expect(value, kind, field):
+def _expect(value: Any, kind: type, field: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         shown = value if not isinstance(value, (dict, list)) else ""
         raise api_errors.invalid_field(field, shown, f"Expected {_JSON_TYPE_NAMES[kind]}.")
     return value
 
 
-def parse_int64(value, field):
+def parse_int64(value: Any, field: str) -> int:
     """int64 fields arrive as JSON strings (or numbers); returns an int or raises 400."""
     if isinstance(value, bool):
         raise api_errors.invalid_field(field, value, "Expected an integer.")
@@ -48,7 +92,7 @@ def parse_int64(value, field):
     raise api_errors.invalid_field(field, value, "Expected an integer.")
 
 
-def check_labels(labels, field):
+def check_labels(labels: Any, field: str) -> dict[str, str]:
     """Returns a validated copy of a labels map."""
     if labels is None:
         return {}
@@ -69,7 +113,7 @@ def check_labels(labels, field):
     return dict(labels)
 
 
-def check_metadata_items(metadata, field):
+def check_metadata_items(metadata: Any, field: str) -> list[dict[str, str]]:
     """Returns validated metadata items ``[{key, value}]`` from a Metadata body."""
     if metadata is None:
         return []
@@ -104,11 +148,11 @@ def check_metadata_items(metadata, field):
     return result
 
 
-def _last_segment(reference):
+def _last_segment(reference: str) -> str:
     return reference.rstrip("/").rsplit("/", 1)[-1]
 
 
-def check_machine_type(reference, zone, catalog, field):
+def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str) -> tuple[str, int]:
     """Returns (machine type name, vCPUs) for a full/partial URL or a bare name."""
     if not reference:
         raise api_errors.required(field)
@@ -126,7 +170,7 @@ def check_machine_type(reference, zone, catalog, field):
     return name, cpus
 
 
-def check_scheduling(scheduling, field):
+def check_scheduling(scheduling: Any, field: str) -> dict[str, Any]:
     """Returns the full Scheduling dict with GCE's defaults for the provisioning model."""
     scheduling = {} if scheduling is None else _expect(scheduling, dict, field)
     model = scheduling.get("provisioningModel", "STANDARD")
@@ -143,7 +187,8 @@ def check_scheduling(scheduling, field):
     if interruptible and automatic_restart:
         raise api_errors.invalid_field(f"{field}.automaticRestart", "true", "Preemptible instances cannot be automatically restarted.")
     if interruptible and on_host_maintenance != "TERMINATE":
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE.")
+        detail = "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE."
+        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, detail)
     result = {
         "onHostMaintenance": on_host_maintenance,
         "automaticRestart": automatic_restart,
@@ -155,19 +200,20 @@ def check_scheduling(scheduling, field):
         if action not in ("STOP", "DELETE"):
             raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Must be STOP or DELETE.")
         if not interruptible:
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Instance termination action can only be set for Spot or preemptible VMs.")
+            detail = "Instance termination action can only be set for Spot or preemptible VMs."
+            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, detail)
         result["instanceTerminationAction"] = action
     elif model == "SPOT":
         result["instanceTerminationAction"] = "STOP"
     return result
 
 
-def check_disks(disks, instance_name, request_project, catalog, field):
+def check_disks(disks: Any, instance_name: str, request_project: str, catalog: "Catalog", field: str) -> list[DiskSpec]:
     """Returns disk specs; the boot disk must be made from a known image (404 otherwise)."""
     if not disks:
         raise api_errors.invalid_field(field, "", "Boot disk must be specified.")
     _expect(disks, list, field)
-    result = []
+    result: list[DiskSpec] = []
     boot_seen = False
     for index, disk in enumerate(disks):
         _expect(disk, dict, f"{field}[{index}]")
@@ -177,7 +223,7 @@ def check_disks(disks, instance_name, request_project, catalog, field):
         if disk.get("source") and not params:
             raise api_errors.not_found(str(disk["source"]).split("/compute/v1/")[-1])
         source_image = params.get("sourceImage")
-        licenses = []
+        licenses: list[str] = []
         image = None
         if boot:
             if boot_seen:
@@ -218,7 +264,7 @@ def check_disks(disks, instance_name, request_project, catalog, field):
     return result
 
 
-def disk_reference(reference, request_project, field):
+def disk_reference(reference: Any, request_project: str, field: str) -> tuple[str, str, str]:
     """Parses a disk reference as GCE accepts them: a full URL, ``projects/P/zones/Z/disks/D`` or ``zones/Z/disks/D``.
 
     Returns (project, zone, disk); raises 400 invalid for anything else.
@@ -237,7 +283,7 @@ def disk_reference(reference, request_project, field):
     return parts[1], parts[3], parts[5]
 
 
-def image_spec(body, field="resource"):
+def image_spec(body: Any, field: str = "resource") -> ImageSpec:
     """Validates an images.insert body made from a disk.
 
     Returns a dict: name, family (or None), description, source_disk (the reference as sent).
@@ -263,7 +309,7 @@ def image_spec(body, field="resource"):
     return {"name": body["name"], "family": family, "description": description, "source_disk": body["sourceDisk"]}
 
 
-def check_network_interfaces(interfaces, field):
+def check_network_interfaces(interfaces: Any, field: str) -> list[dict[str, Any]]:
     """Returns interface specs (network and subnetwork names, access configs)."""
     if interfaces is None:
         interfaces = [{}]
@@ -284,7 +330,8 @@ def check_network_interfaces(interfaces, field):
     return result
 
 
-def check_service_accounts(accounts, project, field):
+def check_service_accounts(accounts: Any, project: str, field: str) -> list[dict[str, Any]]:
+    """Returns the service accounts with ``default`` resolved to the project's default account."""
     if not accounts:
         return []
     _expect(accounts, list, field)
@@ -298,7 +345,7 @@ def check_service_accounts(accounts, project, field):
     return result
 
 
-def instance_spec(body, project, zone, catalog, field="resource", name_required=True):
+def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field: str = "resource", name_required: bool = True) -> InstanceSpec:
     """Validates an Instance (insert) or InstanceProperties (bulkInsert) body.
 
     Returns a dict: name, machine_type, cpus, description, labels,
@@ -333,7 +380,7 @@ def instance_spec(body, project, zone, catalog, field="resource", name_required=
     }
 
 
-def name_pattern_parts(pattern, field="bulkInsertInstanceResource.namePattern"):
+def name_pattern_parts(pattern: Any, field: str = "bulkInsertInstanceResource.namePattern") -> tuple[str, int, str]:
     """Splits a namePattern around its one run of '#' (1 to 18 of them).
 
     Returns (prefix, digits, suffix); raises 400 invalid otherwise.

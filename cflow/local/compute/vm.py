@@ -22,6 +22,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
+
+from cflow.local import procfs
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +71,16 @@ class Guest:
 
     __slots__ = ("disk_dir", "environment", "leader", "marker", "process_groups", "serial_log", "shutdown")
 
-    def __init__(self, marker, disk_dir, environment, serial_log):
+    def __init__(self, marker: str, disk_dir: str, environment: dict[str, str], serial_log: str) -> None:
         self.marker = marker
         self.disk_dir = disk_dir
         self.environment = environment
         self.serial_log = serial_log
-        self.leader = None
-        self.process_groups = set()
-        self.shutdown = None
+        self.leader: subprocess.Popen[bytes] | None = None
+        self.process_groups: set[int] = set()
+        self.shutdown: subprocess.Popen[bytes] | None = None
 
-    def processes_reaped(self):
+    def processes_reaped(self) -> bool:
         """True once the startup and shutdown script processes have exited (and are reaped)."""
         return all(process.poll() is not None for process in (self.leader, self.shutdown) if process is not None)
 
@@ -92,7 +95,7 @@ class ProcessScan:
 
     __slots__ = ("group_members", "marked")
 
-    def __init__(self, marked, group_members):
+    def __init__(self, marked: dict[str, list[int]], group_members: dict[int, int]) -> None:
         self.marked = marked
         self.group_members = group_members
 
@@ -100,36 +103,31 @@ class ProcessScan:
 class ProcessTable:
     """Finds processes by the marker variable in /proc/PID/environ."""
 
-    def __init__(self, marker_prefix):
+    def __init__(self, marker_prefix: str) -> None:
         self._needle = f"\0{MARKER_NAME}={marker_prefix}".encode()
 
-    def scan(self):
+    def scan(self) -> ProcessScan:
         """Returns a ProcessScan. Zombies are left out: they hold no resources and
         whoever inherited them (possibly a slow init) reaps them in its own time."""
-        marked = {}
-        group_members = {}
+        marked: dict[str, list[int]] = {}
+        group_members: dict[int, int] = {}
         own_pid = os.getpid()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == own_pid:
+        for pid, process_stat in procfs.iter_processes():
+            if pid == own_pid or not procfs.is_alive(process_stat):
                 continue
             try:
-                with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                    fields = stat_file.read().rsplit(b")", 1)[1].split()
-                if fields[0] in (b"Z", b"X"):
-                    continue
-                with open(f"/proc/{entry}/environ", "rb") as environ_file:
+                with open(f"/proc/{pid}/environ", "rb") as environ_file:
                     environ = b"\0" + environ_file.read()
-            except (OSError, IndexError):
+            except OSError:
                 continue
-            pgid = int(fields[2])
-            group_members[pgid] = group_members.get(pgid, 0) + 1
+            group_members[process_stat.pgid] = group_members.get(process_stat.pgid, 0) + 1
             start = environ.find(self._needle)
             if start < 0:
                 continue
             value_start = start + len(MARKER_NAME) + 2
             value_end = environ.find(b"\0", value_start)
             value = environ[value_start : value_end if value_end >= 0 else None].decode(errors="replace")
-            marked.setdefault(value, []).append(int(entry))
+            marked.setdefault(value, []).append(pid)
         return ProcessScan(marked, group_members)
 
 
@@ -143,12 +141,13 @@ class Watchdog:
     (``close()``, or the emulator's death) triggers its cleanup.
     """
 
-    def __init__(self, marker_prefix):
+    def __init__(self, marker_prefix: str) -> None:
         self._marker_prefix = marker_prefix
-        self._process = None
+        self._process: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
 
-    def start(self):
+    def start(self) -> None:
+        """Starts the watchdog process."""
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watchdog.py")
         self._process = subprocess.Popen(
             [sys.executable, "-I", "-S", script, MARKER_NAME, self._marker_prefix],
@@ -159,31 +158,35 @@ class Watchdog:
         )
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
+        """The watchdog's pid (None before ``start``)."""
         return self._process.pid if self._process else None
 
-    def _send(self, line):
+    def _send(self, line: str) -> None:
         with self._lock:
-            if self._process is None or self._process.stdin.closed:
+            stdin = self._process.stdin if self._process is not None else None
+            if stdin is None or stdin.closed:
                 return
             try:
-                self._process.stdin.write(line + "\n")
-                self._process.stdin.flush()
+                stdin.write(line + "\n")
+                stdin.flush()
             except (BrokenPipeError, ValueError):
                 logger.warning("compute emulator watchdog is gone; VM processes may outlive a crash")
 
-    def track(self, pgid):
+    def track(self, pgid: int) -> None:
+        """The watchdog kills process group ``pgid`` if the emulator dies."""
         self._send(f"track {pgid}")
 
-    def forget(self, pgid):
+    def forget(self, pgid: int) -> None:
+        """Process group ``pgid`` is gone; the watchdog leaves it alone."""
         self._send(f"forget {pgid}")
 
-    def close(self, timeout_s=15):
+    def close(self, timeout_s: float = 15) -> None:
         """Closes the pipe and waits for the watchdog's cleanup to finish."""
         with self._lock:
             if self._process is None:
                 return
-            if not self._process.stdin.closed:
+            if self._process.stdin is not None and not self._process.stdin.closed:
                 self._process.stdin.close()
         try:
             self._process.wait(timeout_s)
@@ -201,7 +204,9 @@ class GuestLauncher:
         watchdog: told about every process group started.
     """
 
-    def __init__(self, state_dir, marker_prefix, base_environment, watchdog, host_environment=None):
+    def __init__(
+        self, state_dir: str, marker_prefix: str, base_environment: Mapping[str, str], watchdog: Watchdog, host_environment: Mapping[str, str] | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.marker_prefix = marker_prefix
         self.watchdog = watchdog
@@ -209,10 +214,11 @@ class GuestLauncher:
         self.base_environment = {name: host_environment[name] for name in INHERITED_VARIABLES if name in host_environment}
         self.base_environment.update(base_environment)
 
-    def disk_dir(self, name, instance_id):
+    def disk_dir(self, name: str, instance_id: int) -> str:
+        """Where VM ``name`` (id ``instance_id``) has its disk: ``STATE_DIR/vms/NAME-ID``."""
         return os.path.join(self.state_dir, "vms", f"{name}-{instance_id}")
 
-    def prepare_disk(self, name, instance_id, metadata_host):
+    def prepare_disk(self, name: str, instance_id: int, metadata_host: str) -> Guest:
         """Creates the VM's disk dir (home, tmp, bin with the poweroff shim); returns a Guest."""
         disk_dir = self.disk_dir(name, instance_id)
         home, tmp, bin_dir = (os.path.join(disk_dir, part) for part in ("home", "tmp", "bin"))
@@ -236,7 +242,7 @@ class GuestLauncher:
         environment[MARKER_NAME] = f"{self.marker_prefix}{instance_id}"
         return Guest(environment[MARKER_NAME], disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME))
 
-    def _script_command(self, guest, script_name, content):
+    def _script_command(self, guest: Guest, script_name: str, content: str) -> list[str]:
         path = os.path.join(guest.disk_dir, script_name)
         with open(path, "w") as script_file:
             script_file.write(content)
@@ -245,7 +251,7 @@ class GuestLauncher:
             return [path]
         return ["bash", path]
 
-    def _spawn(self, guest, script_name, content, process_group):
+    def _spawn(self, guest: Guest, script_name: str, content: str, process_group: int) -> "subprocess.Popen[bytes]":
         command = self._script_command(guest, script_name, content)
         with open(guest.serial_log, "ab") as serial:
             serial.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cflow-emulator: running {script_name}\n".encode())
@@ -260,7 +266,7 @@ class GuestLauncher:
                 process_group=process_group,
             )
 
-    def boot(self, guest, startup_script):
+    def boot(self, guest: Guest, startup_script: str | None) -> None:
         """Starts the startup script (if any) in a new process group of the VM."""
         if not startup_script:
             return
@@ -268,7 +274,7 @@ class GuestLauncher:
         guest.process_groups.add(guest.leader.pid)
         self.watchdog.track(guest.leader.pid)
 
-    def start_shutdown_script(self, guest, shutdown_script):
+    def start_shutdown_script(self, guest: Guest, shutdown_script: str | None) -> None:
         """Starts the shutdown script in the VM's process group (a new one if that is gone)."""
         if not shutdown_script:
             return
@@ -282,7 +288,7 @@ class GuestLauncher:
         guest.process_groups.add(guest.shutdown.pid)
         self.watchdog.track(guest.shutdown.pid)
 
-    def reap(self, guest):
+    def reap(self, guest: Guest) -> int | None:
         """Reaps exited scripts and forgets process groups that are now empty.
 
         Returns the startup script's exit status the first time it is seen, else None.
@@ -300,7 +306,7 @@ class GuestLauncher:
         return status
 
 
-def _group_alive(pgid):
+def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
         return True
@@ -310,7 +316,7 @@ def _group_alive(pgid):
         return True
 
 
-def _signal_guest(guest, signal_number, marked_pids):
+def _signal_guest(guest: Guest, signal_number: int, marked_pids: list[int]) -> None:
     for pgid in list(guest.process_groups):
         try:
             os.killpg(pgid, signal_number)
@@ -326,14 +332,14 @@ def _signal_guest(guest, signal_number, marked_pids):
 class _PowerOffJob:
     __slots__ = ("deadline", "grace_s", "guest", "on_done", "phase", "shutdown_script", "term_deadline")
 
-    def __init__(self, guest, shutdown_script, grace_s, on_done):
+    def __init__(self, guest: Guest, shutdown_script: str | None, grace_s: float, on_done: Callable[[], None]) -> None:
         self.guest = guest
         self.shutdown_script = shutdown_script
         self.grace_s = grace_s
         self.on_done = on_done
         self.phase = "new"
-        self.deadline = None
-        self.term_deadline = None
+        self.deadline = 0.0  # set when the job starts
+        self.term_deadline = 0.0
 
 
 class PowerOff:
@@ -351,37 +357,42 @@ class PowerOff:
         monotonic: clock function.
     """
 
-    def __init__(self, launcher, process_table, monotonic, poll_interval_s=0.05, term_wait_s=1.0):
+    def __init__(
+        self, launcher: GuestLauncher, process_table: ProcessTable, monotonic: Callable[[], float], poll_interval_s: float = 0.05, term_wait_s: float = 1.0
+    ) -> None:
         self._launcher = launcher
         self._process_table = process_table
         self._monotonic = monotonic
         self._poll_interval_s = poll_interval_s
         self._term_wait_s = term_wait_s
-        self._jobs = []
+        self._jobs: list[_PowerOffJob] = []
         self._wakeup = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="compute-poweroff", daemon=True)
 
-    def start(self):
+    def start(self) -> None:
+        """Starts the power-off thread."""
         self._thread.start()
 
-    def submit(self, guest, shutdown_script, grace_s, on_done):
+    def submit(self, guest: Guest, shutdown_script: str | None, grace_s: float, on_done: Callable[[], None]) -> None:
         """Queues one guest for power-off; returns at once."""
         with self._wakeup:
             self._jobs.append(_PowerOffJob(guest, shutdown_script, grace_s, on_done))
             self._wakeup.notify()
 
-    def pending(self):
+    def pending(self) -> int:
+        """How many guests are being powered off."""
         with self._wakeup:
             return len(self._jobs)
 
-    def stop(self):
+    def stop(self) -> None:
+        """Stops the thread (guests still being powered off are left as they are)."""
         with self._wakeup:
             self._stopped = True
             self._wakeup.notify()
         self._thread.join(timeout=5)
 
-    def _run(self):
+    def _run(self) -> None:
         while True:
             with self._wakeup:
                 while not self._jobs and not self._stopped:
@@ -402,7 +413,7 @@ class PowerOff:
                 if self._jobs and not self._stopped:
                     self._wakeup.wait(self._poll_interval_s)
 
-    def _advance(self, jobs):
+    def _advance(self, jobs: list[_PowerOffJob]) -> list[_PowerOffJob]:
         now = self._monotonic()
         for job in jobs:
             if job.phase == "new":
@@ -436,7 +447,7 @@ class PowerOff:
         return finished
 
     @staticmethod
-    def _gone(guest, marked_pids, scan):
+    def _gone(guest: Guest, marked_pids: list[int], scan: ProcessScan) -> bool:
         if not guest.processes_reaped() or marked_pids:
             return False
         return not any(scan.group_members.get(pgid) for pgid in guest.process_groups)

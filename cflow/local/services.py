@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cflow import procinfo
 from cflow.errors import StackError
-from cflow.local import procfs
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,20 @@ class Service:
         """True while the process we started is running (not a zombie, not a recycled pid)."""
         # A zombie counts as dead: the process that started it (maybe the one
         # that ran `up`) may not have collected it yet.
-        stat = procfs.read_stat(self.pid)
-        return procfs.is_alive(stat) and self._is_ours(stat)
+        stat = procinfo.read_stat(self.pid)
+        return procinfo.is_alive(stat) and self._is_ours(stat)
 
-    def _is_ours(self, stat: procfs.ProcStat | None) -> bool:
-        return stat is not None and stat.start_ticks == self.start_time and self.boot_id == procfs.boot_id()
+    def _is_ours(self, stat: procinfo.ProcStat | None) -> bool:
+        return stat is not None and stat.start_ticks == self.start_time and self.boot_id == procinfo.boot_id()
 
     def group_exists(self) -> bool:
         """True while any live member of our process group is left (the leader may be gone already)."""
-        if self.boot_id != procfs.boot_id():
+        if self.boot_id != procinfo.boot_id():
             return False
-        stat = procfs.read_stat(self.pid)
-        if procfs.is_alive(stat) and not self._is_ours(stat):
+        stat = procinfo.read_stat(self.pid)
+        if procinfo.is_alive(stat) and not self._is_ours(stat):
             return False  # the pid belongs to someone else now, so our group is gone
-        return bool(procfs.live_group_members(self.pgid))
+        return bool(procinfo.live_group_members(self.pgid))
 
     def to_json(self) -> dict[str, Any]:
         """The record kept in stack.json."""
@@ -159,9 +159,9 @@ def launch_background(
             )
         except OSError as error:
             raise StackError(f"cannot start the {name} ({argv[0]}): {error.strerror}; check its installation") from error
-    stat = procfs.read_stat(process.pid)
+    stat = procinfo.read_stat(process.pid)
     start_time = stat.start_ticks if stat else -1
-    service = Service(name, process.pid, start_time, procfs.boot_id(), endpoint, str(log_path), tuple(argv), log_offset)
+    service = Service(name, process.pid, start_time, procinfo.boot_id(), endpoint, str(log_path), tuple(argv), log_offset)
     logger.debug("started %s: pid %d, log %s", name, process.pid, log_path)
     return service, process
 
@@ -300,7 +300,7 @@ def port_answers_as(service: Service, port: int, url: str) -> bool:
     """
     if not http_answers(url):
         return False
-    if not procfs.group_listens_on(service.pgid, port):
+    if not procinfo.group_listens_on(service.pgid, port):
         raise ForeignAnswer(f"port {port} is answered by another program")
     return True
 

@@ -10,7 +10,7 @@ same as a context manager that stops only what it started.
 
 What lives elsewhere: launching, waiting for and stopping one service
 (``cflow.local.services``); the three programs and their options
-(``cflow.local.launchers``); /proc (``cflow.local.procfs``).
+(``cflow.local.launchers``); /proc (``cflow.procinfo``).
 
 Layout of ``STACK_DIR``: ``stack.json`` (present while the stack runs),
 ``pubsub.log``, ``storage.log``, ``compute.log``, ``gcs/`` (Cloud Storage

@@ -45,14 +45,17 @@ def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
     if not run_id or not bucket:
         raise SystemExit("cflow worker: this VM has no cflow-run/cflow-bucket metadata; it was not started by CFlow")
     target = "local" if os.environ.get("CFLOW_EMULATED_VM") == "1" else "gcp"
-    clients = build_worker_clients(target, metadata.get("project/project-id"))
+    project, vm_name = metadata.get("project/project-id"), metadata.instance_name()
+    if not project or not vm_name:
+        raise SystemExit("cflow worker: the metadata server gave no project id or instance name")
+    clients = build_worker_clients(target, project)
     storage = RunStorage(clients.storage, bucket, run_id)
     manifest = storage.read_manifest()
     if manifest is None:
         raise SystemExit(f"cflow worker: run {run_id} has no run.json in gs://{bucket}; was the run cancelled?")
     settings = WorkerSettings.from_manifest(manifest)
     pubsub = PubSub(clients.publisher, clients.subscriber)
-    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), metadata.instance_name())
+    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name)
 
 
 def _configure_logging() -> None:

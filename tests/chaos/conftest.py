@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from cflow.local.stack import ComputeOptions, LocalStack
-from tests.e2e.conftest import Project, run_id_of, run_vms, wait_for  # noqa: F401  (re-exported for the tests)
+from tests.e2e.conftest import Project, run_id_of, run_vms  # noqa: F401  (re-exported for the tests)
+from tests.helpers import wait_until  # noqa: F401  (re-exported for the tests)
 
 CHAOS_TASK = r'''
 import json, os, subprocess, sys, time, urllib.request

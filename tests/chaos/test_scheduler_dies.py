@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.chaos.conftest import assert_each_item_once, is_done, item_ids, run_id_of, stopped_on_exit, wait_for, wait_for_exit
+from tests.chaos.conftest import assert_each_item_once, is_done, item_ids, run_id_of, stopped_on_exit, wait_for_exit, wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -19,9 +19,9 @@ def kill_scheduler_midway(project, clients, done_before_kill=3):
     """Start a run of ITEMS short items, SIGKILL its scheduler once some are done. Returns (run id, done ids, kill time)."""
     project.write_items([project.line("work", 0.5) for _ in range(ITEMS)], WORKER_NODE_CNT=2)
     with stopped_on_exit(project.start()) as scheduler:
-        run_id = wait_for(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
+        run_id = wait_until(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
         storage = clients.run_storage(run_id)
-        wait_for(lambda: len(done_ids(storage)) >= done_before_kill, 120, f"{done_before_kill} items to be done")
+        wait_until(lambda: len(done_ids(storage)) >= done_before_kill, 120, f"{done_before_kill} items to be done")
         scheduler.send_signal(signal.SIGKILL)
         scheduler.wait()
     killed_at = time.time()
@@ -83,10 +83,10 @@ def test_cflow_cancel_stops_a_running_scheduler_cleanly(project, clients):
 
     project.write_items([project.line("work", 0.1), *(project.line("slow") for _ in range(4))], WORKER_NODE_CNT=2)
     with stopped_on_exit(project.start()) as scheduler:
-        run_id = wait_for(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
+        run_id = wait_until(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
         storage = clients.run_storage(run_id)
-        wait_for(lambda: is_done(storage, "000000"), 120, "item 000000 to be done")
-        wait_for(lambda: any(project.started(item_id) for item_id in item_ids(5)[1:]), 60, "a slow item to start")
+        wait_until(lambda: is_done(storage, "000000"), 120, "item 000000 to be done")
+        wait_until(lambda: any(project.started(item_id) for item_id in item_ids(5)[1:]), 60, "a slow item to start")
 
         cancel = cflow_command(project, "cancel", run_id, "--yes")
         assert cancel.returncode == 0, cancel.stderr
@@ -112,8 +112,8 @@ def test_ctrl_c_with_yes_cancels_the_run_and_exits_130(project, clients):
 
     project.write_items([project.line("slow") for _ in range(3)], WORKER_NODE_CNT=2)
     with stopped_on_exit(project.start("--yes")) as scheduler:
-        run_id = wait_for(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
-        wait_for(lambda: any(project.started(item_id) for item_id in item_ids(3)), 120, "a slow item to start")
+        run_id = wait_until(lambda: "run id: " in project.output()[0] and run_id_of(project.output()[0]), 30, "the run id")
+        wait_until(lambda: any(project.started(item_id) for item_id in item_ids(3)), 120, "a slow item to start")
         os.kill(scheduler.pid, signal.SIGINT)
         status = wait_for_exit(scheduler, 90)
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from tests.e2e.conftest import run_id_of, run_vms, wait_for
+from tests.e2e.conftest import run_id_of, run_vms
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.stack
 
@@ -68,11 +69,11 @@ def test_spot_vm_preempted_mid_task_loses_nothing(project, compute, local_stack,
 
     scheduler = project.start()
     try:
-        first = wait_for(lambda: (rendezvous / "started-0").exists() and json.loads((rendezvous / "started-0").read_text()),
+        first = wait_until(lambda: (rendezvous / "started-0").exists() and json.loads((rendezvous / "started-0").read_text()),
                          120, "the slow item to start")
         zone = next(vm["zone"].rsplit("/", 1)[-1] for vm in run_vms(compute, local_stack.project) if vm["name"] == first["vm"])
         compute.instances().simulateMaintenanceEvent(project=local_stack.project, zone=zone, instance=first["vm"]).execute()
-        second = wait_for(lambda: (rendezvous / "started-1").exists() and json.loads((rendezvous / "started-1").read_text()),
+        second = wait_until(lambda: (rendezvous / "started-1").exists() and json.loads((rendezvous / "started-1").read_text()),
                           120, "the slow item to run again elsewhere")
         (rendezvous / "release").touch()
         out, err = scheduler.communicate(timeout=180)

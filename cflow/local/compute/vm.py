@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from cflow.local import procfs
+from cflow import procinfo
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class ProcessTable:
         marked: dict[str, list[int]] = {}
         group_members: dict[int, int] = {}
         own_pid = os.getpid()
-        for pid, process_stat in procfs.iter_processes():
-            if pid == own_pid or not procfs.is_alive(process_stat):
+        for pid, process_stat in procinfo.iter_processes():
+            if pid == own_pid or not procinfo.is_alive(process_stat):
                 continue
             try:
                 with open(f"/proc/{pid}/environ", "rb") as environ_file:

@@ -35,3 +35,13 @@ def start_compute_emulator():
     Use it as ``with start_compute_emulator("--cpu-quota", "8") as emulator:``.
     """
     return compute_emulator_process
+
+
+@pytest.fixture(scope="module")
+def gcloud(compute_emulator, tmp_path_factory):
+    """The real gcloud CLI pointed at the module's emulator (``tests.gcloud_support.Gcloud``); skips without gcloud."""
+    from tests.gcloud_support import GCLOUD, MISSING_REASON, Gcloud
+
+    if not GCLOUD:
+        pytest.skip(MISSING_REASON)
+    return Gcloud(compute_emulator.base_url, tmp_path_factory.mktemp("gcloud-config"))

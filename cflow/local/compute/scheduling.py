@@ -40,8 +40,9 @@ TERMINATION_ACTIONS = ("STOP", "DELETE")
 # Fields only a TERMINATED VM may change with setScheduling (the API reference: "You can only call
 # this method on a stopped instance"); the host maintenance policy may change on a running VM.
 STOPPED_ONLY_FIELDS = ("provisioningModel", "preemptible", "instanceTerminationAction", "maxRunDuration", "terminationTime")
-# What GCE derives from the provisioning model when they are not given.
-_DERIVED_FIELDS = ("preemptible", "automaticRestart", "onHostMaintenance", "instanceTerminationAction")
+# What GCE derives from the provisioning model when they are not given. Not the termination
+# action: a change that makes it invalid must clear it (gcloud's --clear-instance-termination-action).
+_DERIVED_FIELDS = ("preemptible", "automaticRestart", "onHostMaintenance")
 
 Scheduling = dict[str, Any]
 
@@ -183,7 +184,8 @@ def merged(current: Scheduling, change: Any, field: str = "scheduling") -> Sched
 
     Fields absent from ``change`` keep their value, an explicit null clears one
     (as gcloud's ``--clear-*`` flags send it). What GCE derives from the
-    provisioning model is derived again when the model or ``preemptible``
+    provisioning model (``preemptible``, ``automaticRestart``,
+    ``onHostMaintenance``) is derived again when the model or ``preemptible``
     changes and the change does not say it.
     """
     if not isinstance(change, dict):

@@ -53,10 +53,11 @@ class Instance:
     ``epoch`` grows at every boot and power-off, so a timer armed for an
     earlier one is recognised as stale. ``after_stop`` is what STOPPING ends
     in ("terminate" or "delete"). ``termination_ts`` is when a running VM's
-    time limit ends it (``maxRunDuration``, ``terminationTime``). ``disk_image`` is the image tree held for
-    the first boot's disk copy (None once copied). ``guest`` is its live
-    processes while it runs. The ``*_operations`` complete when the VM
-    reaches RUNNING, TERMINATED or is gone.
+    time limit ends it (``maxRunDuration``, ``terminationTime``).
+    ``disk_image`` is the image tree held for the first boot's disk copy
+    (None once copied). ``guest`` is its live processes while it runs. The
+    ``*_operations`` complete when the VM reaches RUNNING, TERMINATED or is
+    gone.
     """
 
     id: int

@@ -14,7 +14,9 @@ import pytest
 from googleapiclient.errors import HttpError
 
 from cflow.local.compute.emulator import ComputeEmulator, EmulatorOptions
+from cflow.local.compute.resources import rfc3339
 from tests.helpers import compute_client, instance_body, wait_operation, wait_until
+from tests.local.test_compute_schema import DISCOVERY, check
 
 PROJECT = "scheduling-project"
 ZONE = "europe-west1-b"
@@ -41,7 +43,8 @@ def insert(compute, name, scheduling, zone=ZONE, **options):
 
 
 def in_an_hour():
-    return (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat(timespec="seconds").replace("+00:00", "Z")
+    """An hour from now, as GCE shows timestamps (milliseconds, an offset)."""
+    return rfc3339(time.time() + 3600)
 
 
 SPOT_MESSAGE = "Scheduling must have preemptible be false when AutomaticRestart is true."
@@ -257,14 +260,19 @@ def test_max_run_duration_stops_the_vm_and_counts_again_from_each_start(stepped,
 
 @pytest.mark.stack
 def test_termination_time_stops_the_vm_and_a_later_start_is_refused(stepped):
-    at = datetime.datetime.fromtimestamp(stepped.clock.wall() + 120, datetime.UTC).isoformat(timespec="seconds")
+    at = datetime.datetime.fromtimestamp(int(stepped.clock.wall()) + 120, datetime.UTC).isoformat().replace("+00:00", "Z")
     scheduling = {"terminationTime": at, "instanceTerminationAction": "STOP"}
     wait_operation(stepped.compute, PROJECT, ZONE, insert(stepped.compute, "until", scheduling, startup_script="sleep 1000").execute())
-    assert timestamp(stepped.instance("until")["resourceStatus"]["scheduling"]["terminationTimestamp"]) == pytest.approx(timestamp(at))
+    instance = stepped.instance("until")
+    # GCE writes it back as it writes every timestamp.
+    assert instance["scheduling"]["terminationTime"] == at.replace("Z", ".000+00:00")
+    assert timestamp(instance["resourceStatus"]["scheduling"]["terminationTimestamp"]) == timestamp(at)
     stepped.advance(121)
     wait_until(lambda: stepped.instance("until")["status"] == "TERMINATED", 30, "the VM stopped at its termination time")
     error = refused(stepped.compute.instances().start(project=PROJECT, zone=ZONE, instance="until"))
-    assert google_error(error) == (400, "invalid", f"Invalid value for field 'scheduling.terminationTime': '{at}'. The termination time must be in the future.")
+    shown = at.replace("Z", ".000+00:00")
+    message = f"Invalid value for field 'scheduling.terminationTime': '{shown}'. The termination time must be in the future."
+    assert google_error(error) == (400, "invalid", message)
 
 
 # instances.setScheduling.
@@ -300,3 +308,16 @@ def test_set_scheduling_changes_the_time_limit_of_a_stopped_vm_only(compute):
     scheduling = compute.instances().get(project=PROJECT, zone=ZONE, instance=name).execute()["scheduling"]
     assert "maxRunDuration" not in scheduling and "instanceTerminationAction" not in scheduling
     wait_operation(compute, PROJECT, ZONE, compute.instances().delete(project=PROJECT, zone=ZONE, instance=name).execute())
+
+
+def test_time_limited_vms_and_set_scheduling_fit_the_discovery_schemas(compute):
+    with open(DISCOVERY) as handle:
+        schemas = json.load(handle)["schemas"]
+    scheduling = {"provisioningModel": "SPOT", "maxRunDuration": {"seconds": "600", "nanos": 5}, "terminationTime": in_an_hour()}
+    wait_operation(compute, PROJECT, ZONE, insert(compute, "sched-schema", scheduling).execute())
+    check(compute.instances().get(project=PROJECT, zone=ZONE, instance="sched-schema").execute(), {"$ref": "Instance"}, schemas, "Instance")
+    wait_operation(compute, PROJECT, ZONE, compute.instances().stop(project=PROJECT, zone=ZONE, instance="sched-schema").execute())
+    operation = set_scheduling(compute, "sched-schema", {"instanceTerminationAction": "DELETE"}).execute()
+    check(operation, {"$ref": "Operation"}, schemas, "Operation")
+    check(compute.instances().get(project=PROJECT, zone=ZONE, instance="sched-schema").execute(), {"$ref": "Instance"}, schemas, "Instance")
+    wait_operation(compute, PROJECT, ZONE, compute.instances().delete(project=PROJECT, zone=ZONE, instance="sched-schema").execute())

@@ -167,7 +167,7 @@ class Instances:
         core = self.core
         core.check_zone(zone)
         spec = validation.instance_spec(body, project, zone, core.catalog)
-        scheduling.refuse_past_termination(spec["scheduling"], core.wall_clock(), "resource.scheduling")
+        scheduling.refuse_past_termination(body.get("scheduling") if isinstance(body, dict) else None, core.wall_clock(), "resource.scheduling")
         name = spec["name"]
         assert name is not None  # instance_spec requires it for an insert
         with core.lock:
@@ -200,7 +200,7 @@ class Instances:
             return self._bulk_internal_error(project, zone)
         properties_field = f"{BULK_FIELD}.instanceProperties"
         spec = validation.instance_spec(properties, project, zone, core.catalog, properties_field, name_required=False)
-        scheduling.refuse_past_termination(spec["scheduling"], core.wall_clock(), f"{properties_field}.scheduling")
+        scheduling.refuse_past_termination(properties.get("scheduling"), core.wall_clock(), f"{properties_field}.scheduling")
         pattern_parts = validation.name_pattern_parts(pattern) if pattern else None
         with core.lock:
             core.refuse_if_closing()
@@ -514,14 +514,15 @@ class Instances:
         core.check_zone(zone)
         with core.lock:
             instance = self.record(project, zone, name)
-            wanted = scheduling.check(scheduling.merged(instance.scheduling, body), "scheduling")
+            asked = scheduling.merged(instance.scheduling, body)
+            wanted = scheduling.check(asked, "scheduling")
             changed = scheduling.stopped_only_changes(instance.scheduling, wanted)
             if changed and instance.status != "TERMINATED":
                 raise api_errors.invalid_resource_usage(
                     f"Instance must be stopped (TERMINATED) to change scheduling.{changed[0]}; it is {instance.status}"
                 )
             if "terminationTime" in changed:
-                scheduling.refuse_past_termination(wanted, core.wall_clock(), "scheduling")
+                scheduling.refuse_past_termination(asked, core.wall_clock(), "scheduling")
             operation = core.new_operation(project, zone, "setScheduling", instance.self_link(core.base_url), instance.id)
             instance.scheduling = wanted
             instance.metadata_version += 1  # what its metadata server shows under scheduling/ changed

@@ -31,6 +31,7 @@ import datetime
 from typing import Any
 
 from cflow.local.compute import api_errors
+from cflow.local.compute.resources import rfc3339
 
 MIN_RUN_S = 30
 MAX_RUN_S = 120 * 24 * 3600
@@ -155,14 +156,18 @@ def _time_limit(scheduling: Scheduling, field: str, legacy_preemptible: bool) ->
             )
         result["maxRunDuration"] = {"seconds": str(seconds), "nanos": nanos} if nanos else {"seconds": str(seconds)}
     if termination_time not in (None, ""):
-        parse_rfc3339(termination_time, f"{field}.terminationTime")
-        result["terminationTime"] = termination_time
+        # Shown as GCE writes every timestamp: milliseconds and an offset.
+        result["terminationTime"] = rfc3339(parse_rfc3339(termination_time, f"{field}.terminationTime"))
     return result
 
 
-def refuse_past_termination(scheduling: Scheduling, now_s: float, field: str) -> None:
-    """Raises 400 if the VM's ``terminationTime`` has passed: it could never run (checked at insert and start)."""
-    termination_time = scheduling.get("terminationTime")
+def refuse_past_termination(scheduling: Any, now_s: float, field: str) -> None:
+    """Raises 400 if a Scheduling's ``terminationTime`` has passed: the VM could never run.
+
+    Checked at insert, start and setScheduling, on the Scheduling as sent
+    (the message quotes the value the client sent) or as kept.
+    """
+    termination_time = scheduling.get("terminationTime") if isinstance(scheduling, dict) else None
     if termination_time and parse_rfc3339(termination_time, f"{field}.terminationTime") <= now_s:
         raise api_errors.invalid_field(f"{field}.terminationTime", termination_time, "The termination time must be in the future.")
 

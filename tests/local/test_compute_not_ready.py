@@ -16,12 +16,27 @@ from cflow.gcp.compute import Compute, Vm
 from cflow.gcp.errors import classify
 from cflow.gcp.retry import Backoff
 from cflow.local.launchers import ComputeOptions
-from tests.helpers import compute_client, instance_body, wait_operation, wait_until
+from tests.helpers import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
 
 PROJECT = "not-ready-project"
 ZONE = "us-central1-a"
-BOOT_DELAY_S = 4
+# Long enough for the calls that must meet a VM still booting, or still stopping, on a busy machine.
+BOOT_DELAY_S = 6
+SHUTDOWN_GRACE_S = 8
 BOOTING = ("PROVISIONING", "STAGING")
+
+
+@pytest.fixture(scope="module")
+def slow(slow_emulator):
+    """A googleapiclient aimed at an emulator whose VMs take BOOT_DELAY_S to boot and SHUTDOWN_GRACE_S to stop."""
+    return compute_client(slow_emulator.base_url)
+
+
+@pytest.fixture(scope="module")
+def slow_emulator():
+    """The module's emulator of slow VMs (not the shared ``compute_emulator``: its VMs boot at once and stop in 2 s)."""
+    with compute_emulator_process("--boot-delay", BOOT_DELAY_S, shutdown_grace_s=SHUTDOWN_GRACE_S) as emulator:
+        yield emulator
 
 
 def refused(call):
@@ -50,23 +65,25 @@ def lifecycle_calls(compute, name):
     }
 
 
-def test_delete_stop_and_start_of_a_booting_vm_are_400_resource_not_ready(start_compute_emulator):
-    with start_compute_emulator("--boot-delay", BOOT_DELAY_S) as emulator:
-        compute = compute_client(emulator.base_url)
-        insert = compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("booting", startup_script="sleep 1000")).execute()
-        assert status(compute, "booting") in BOOTING
-        for call in lifecycle_calls(compute, "booting").values():
-            assert_not_ready(refused(call), "booting")
-        # Refused means nothing was done: the VM boots as if nobody had asked.
-        assert wait_operation(compute, PROJECT, ZONE, insert)["status"] == "DONE"
-        assert status(compute, "booting") == "RUNNING"
-        # Once RUNNING, the same calls are accepted.
-        wait_operation(compute, PROJECT, ZONE, compute.instances().delete(project=PROJECT, zone=ZONE, instance="booting").execute())
-        assert refused(compute.instances().get(project=PROJECT, zone=ZONE, instance="booting")).resp.status == 404
+@pytest.mark.stack
+def test_delete_stop_and_start_of_a_booting_vm_are_400_resource_not_ready(slow):
+    compute = slow
+    insert = compute.instances().insert(project=PROJECT, zone=ZONE, body=instance_body("booting", startup_script="sleep 1000")).execute()
+    assert status(compute, "booting") in BOOTING
+    for call in lifecycle_calls(compute, "booting").values():
+        assert_not_ready(refused(call), "booting")
+    # Refused means nothing was done: the VM boots as if nobody had asked.
+    assert wait_operation(compute, PROJECT, ZONE, insert)["status"] == "DONE"
+    assert status(compute, "booting") == "RUNNING"
+    # Once RUNNING, the same calls are accepted.
+    wait_operation(compute, PROJECT, ZONE, compute.instances().delete(project=PROJECT, zone=ZONE, instance="booting").execute())
+    assert refused(compute.instances().get(project=PROJECT, zone=ZONE, instance="booting")).resp.status == 404
 
 
-def test_delete_stop_and_start_of_a_stopping_vm_are_400_resource_not_ready(compute):
-    # The shutdown script keeps the VM STOPPING for a while (the module's emulator gives it 2 s of grace).
+@pytest.mark.stack
+def test_delete_stop_and_start_of_a_stopping_vm_are_400_resource_not_ready(slow):
+    compute = slow
+    # The shutdown script keeps the VM STOPPING until its grace runs out.
     body = instance_body("stopping", startup_script="sleep 1000", shutdown_script="sleep 1000")
     wait_operation(compute, PROJECT, ZONE, compute.instances().insert(project=PROJECT, zone=ZONE, body=body).execute())
     stop = compute.instances().stop(project=PROJECT, zone=ZONE, instance="stopping").execute()

@@ -188,14 +188,20 @@ def launch_storage_server(
 
 @dataclasses.dataclass(frozen=True)
 class ComputeOptions:
-    """Fault and timing options of the Compute emulator; None leaves the emulator's default.
+    """Fault, quota and policy options of the Compute emulator; None (or empty, False) leaves the emulator's default.
 
-    ``zone_capacity`` holds ``"ZONE=N"`` strings, as on the command line.
+    ``zone_capacity`` holds ``"ZONE=N"`` strings and ``quota``
+    ``"[REGION:]METRIC=N"`` strings, as on the command line;
+    ``deny_external_ip`` and ``no_default_network`` are the switches of the
+    same names.
     """
 
     preempt_mean_s: float | None = None
     zone_capacity: tuple[str, ...] = ()
     cpu_quota: int | None = None
+    quota: tuple[str, ...] = ()
+    deny_external_ip: bool = False
+    no_default_network: bool = False
     error_rate: float | None = None
     boot_delay: float | None = None
     shutdown_grace: float | None = None
@@ -207,21 +213,23 @@ class ComputeOptions:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             flag = "--" + field.name.replace("_", "-")
-            if field.name == "zone_capacity":
+            if isinstance(value, tuple):
                 for item in value:
                     argv += [flag, item]
+            elif isinstance(value, bool):
+                argv += [flag] if value else []
             elif value is not None:
                 argv += [flag, str(value)]
         return argv
 
     def to_json(self) -> dict[str, Any]:
         """The record kept in stack.json."""
-        return {**dataclasses.asdict(self), "zone_capacity": list(self.zone_capacity)}
+        return {**dataclasses.asdict(self), "zone_capacity": list(self.zone_capacity), "quota": list(self.quota)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ComputeOptions":
         """Read a record written by ``to_json``."""
-        return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ()))})
+        return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ())), "quota": tuple(data.get("quota", ()))})
 
 
 def require_compute_emulator() -> None:

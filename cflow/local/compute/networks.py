@@ -202,11 +202,12 @@ class Networks:
             "selfLink": base_url + network.path,
             "selfLinkWithId": f"{base_url}projects/{network.project}/global/networks/{network.id}",
             "autoCreateSubnetworks": network.auto,
-            "subnetworks": [base_url + subnet.path for subnet in sorted(subnets, key=lambda subnet: subnet.key)],
             "routingConfig": {"routingMode": network.routing_mode},
             "mtu": network.mtu,
             "networkFirewallPolicyEnforcementOrder": "AFTER_CLASSIC_FIREWALL",
         }
+        if subnets:
+            resource["subnetworks"] = [base_url + subnet.path for subnet in sorted(subnets, key=lambda subnet: subnet.key)]
         if network.description:
             resource["description"] = network.description
         return resource

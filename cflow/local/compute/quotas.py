@@ -20,6 +20,11 @@ What counts where, as GCE counts it:
 - ``IN_USE_ADDRESSES``: one per access config (external IP) of a live VM;
 - ``INSTANCES``: every VM of the region, TERMINATED ones included.
 
+``regions.get`` also reports, without enforcing them, ``DISKS_TOTAL_GB``
+(pd-standard disks) and ``SSD_TOTAL_GB`` (other disk types) of the region,
+and ``STATIC_ADDRESSES`` (always 0: reserved addresses are not emulated), so
+``gcloud compute regions list`` fills its columns.
+
 Refusals: ``instances.insert`` and ``start`` answer 403 ``quotaExceeded``
 (domain usageLimits) at once, "Quota 'CPUS' exceeded.  Limit: 8.0 in region
 us-east1." ("... globally." for a project-wide metric). ``bulkInsert`` is
@@ -49,6 +54,7 @@ PREEMPTIBLE_METRICS = ("PREEMPTIBLE_CPUS", *(f"PREEMPTIBLE_{metric}" for metric 
 REGIONAL_METRICS = ("CPUS", "INSTANCES", "IN_USE_ADDRESSES", *GPU_METRICS, *PREEMPTIBLE_METRICS)
 PROJECT_METRICS = ("GPUS_ALL_REGIONS",)
 ALL_METRICS = REGIONAL_METRICS + PROJECT_METRICS
+REPORTED_ONLY_METRICS = ("DISKS_TOTAL_GB", "SSD_TOTAL_GB", "STATIC_ADDRESSES")
 
 MetricScope = tuple[str, str | None]  # (metric, region), region None for a project-wide metric
 
@@ -194,8 +200,13 @@ class Quotas:
         return charges
 
     def usage(self, project: str) -> dict[MetricScope, float]:
-        """What the project's VMs use now, by metric and region."""
+        """What the project's VMs (and disks) use now, by metric and region."""
         used: dict[MetricScope, float] = {}
+        for disk in self.core.disks.values():
+            region = self.core.catalog.region_of(disk.zone)
+            if disk.project == project and region is not None:
+                disk_scope: MetricScope = ("DISKS_TOTAL_GB" if disk.disk_type == "pd-standard" else "SSD_TOTAL_GB", region)
+                used[disk_scope] = used.get(disk_scope, 0.0) + disk.size_gb
         for instance in self.core.instances.values():
             if instance.project != project:
                 continue
@@ -219,10 +230,11 @@ class Quotas:
         return fit, refusal
 
     def region_quotas(self, project: str, region: str) -> list[dict[str, Any]]:
-        """``regions.get``'s ``quotas``: metric, limit and usage of each regional metric."""
+        """``regions.get``'s ``quotas``: metric, limit and usage of each regional metric (and the reported-only ones)."""
         used = self.usage(project)
         return [
-            {"metric": metric, "limit": self.limits.limit(metric, region), "usage": used.get((metric, region), 0.0)} for metric in REGIONAL_METRICS
+            {"metric": metric, "limit": self.limits.limit(metric, region), "usage": used.get((metric, region), 0.0)}
+            for metric in REGIONAL_METRICS + REPORTED_ONLY_METRICS
         ]
 
     def project_quotas(self, project: str) -> list[dict[str, Any]]:

@@ -48,7 +48,11 @@ def test_accelerator_types_are_offered_in_some_zones_and_not_others(compute):
     assert [item["name"] for item in filtered] == ["nvidia-tesla-t4"]
 
     aggregated = compute.acceleratorTypes().aggregatedList(project=PROJECT).execute()
-    t4_zones = {scope.split("/")[1] for scope, entry in aggregated["items"].items() if any(item["name"] == "nvidia-tesla-t4" for item in entry.get("acceleratorTypes", []))}
+    t4_zones = {
+        scope.split("/")[1]
+        for scope, entry in aggregated["items"].items()
+        if any(item["name"] == "nvidia-tesla-t4" for item in entry.get("acceleratorTypes", []))
+    }
     assert "us-central1-a" in t4_zones and "us-east1-b" not in t4_zones
     with open(DISCOVERY) as handle:
         schemas = json.load(handle)["schemas"]

@@ -236,13 +236,13 @@ def test_networks_and_subnets_in_use_cannot_be_deleted(compute):
     user = f"projects/{project}/zones/{ZONE}/instances/user"
 
     assert refusal(lambda: compute.subnetworks().delete(project=project, region=REGION, subnetwork="vpc-a").execute()) == (
-        400, "resourceInUseByAnotherResource", f"The subnetwork resource 'projects/{project}/regions/{REGION}/subnetworks/vpc-a' is already being used by '{user}'",
+        400, "resourceInUseByAnotherResource",
+        f"The subnetwork resource 'projects/{project}/regions/{REGION}/subnetworks/vpc-a' is already being used by '{user}'",
     )  # fmt: skip
     failed = compute.networks().delete(project=project, network="vpc").execute()
     assert failed["status"] == "DONE" and failed["httpErrorStatusCode"] == 400
-    assert failed["error"]["errors"] == [
-        {"code": "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE", "message": f"The network resource 'projects/{project}/global/networks/vpc' is already being used by '{user}'"}
-    ]
+    in_use = f"The network resource 'projects/{project}/global/networks/vpc' is already being used by '{user}'"
+    assert failed["error"]["errors"] == [{"code": "RESOURCE_IN_USE_BY_ANOTHER_RESOURCE", "message": in_use}]
     assert refusal(lambda: compute.subnetworks().delete(project=project, region=REGION, subnetwork="default").execute()) == (
         400, "invalidResourceUsage", "Invalid resource usage: 'Cannot delete auto subnetwork from an auto subnet mode network.'.",
     )  # fmt: skip

@@ -165,15 +165,14 @@ def test_bulk_insert_is_refused_at_once_without_room_and_fails_in_its_operation_
         # Room for 3 of the 4: accepted, then failed in the operation with GCE's code, message and quotaInfo; nothing is created.
         failed = wait_operation(compute, PROJECT, zone, compute.instances().bulkInsert(project=PROJECT, zone=zone, body=body).execute())
         assert (failed["httpErrorStatusCode"], failed["httpErrorMessage"]) == (403, "FORBIDDEN")
+        quota_info = {
+            "metricName": "compute.googleapis.com/cpus",
+            "limitName": "CPUS-per-project-region",
+            "limit": 6.0,
+            "dimensions": {"region": "us-central1"},
+        }
         assert failed["error"]["errors"] == [
-            {
-                "code": "QUOTA_EXCEEDED",
-                "message": "Quota 'CPUS' exceeded.  Limit: 6.0 in region us-central1.",
-                "errorDetails": [
-                    {"quotaInfo": {"metricName": "compute.googleapis.com/cpus", "limitName": "CPUS-per-project-region", "limit": 6.0,
-                                   "dimensions": {"region": "us-central1"}}}  # fmt: skip
-                ],
-            }
+            {"code": "QUOTA_EXCEEDED", "message": "Quota 'CPUS' exceeded.  Limit: 6.0 in region us-central1.", "errorDetails": [{"quotaInfo": quota_info}]}
         ]
         assert compute.instances().list(project=PROJECT, zone=zone).execute().get("items", []) == []
         with open(DISCOVERY) as handle:

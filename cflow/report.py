@@ -510,7 +510,10 @@ def throughput_bin_seconds(span: float, done: int) -> float:
     """A round bin width: at most ``THROUGHPUT_BINS`` bins, at least 6, and few enough that a bin holds ~2 items on average."""
     wanted = max(span / THROUGHPUT_BINS, min(span / 6, span / max(done / 2, 1.0)), 1.0)
     steps = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 21600, 43200, 86400)
-    return float(next((step for step in steps if step >= wanted), math.ceil(wanted / 86400) * 86400))
+    step = next((step for step in steps if step >= wanted), math.ceil(wanted / 86400) * 86400)
+    if span / step < 6:  # rounding up left too few bins to show a shape
+        step = max((s for s in steps if s <= span / 6), default=1)
+    return float(step)
 
 
 def render_throughput(data: ReportInput, axis: TimeAxis) -> str:

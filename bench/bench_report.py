@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cflow.history import AttemptSpan, VmRecord  # noqa: E402
-from cflow.protocol import EventKind  # noqa: E402
-from cflow.report import FailedRow, ReportInput, render  # noqa: E402
+from cflow.history import AttemptSpan, VmRecord
+from cflow.protocol import EventKind
+from cflow.report import FailedRow, ReportInput, render
 
 SIZE_LIMIT_BYTES = 2_000_000
 START = 1_764_000_000.0

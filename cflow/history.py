@@ -106,8 +106,8 @@ class VmRecord:
     Attributes:
         created: when the scheduler asked for it (None: first seen in a listing,
             e.g. created by a scheduler that ran before a resume).
-        first_seen: when a listing first showed it.
-        running: when a listing first showed it RUNNING.
+        first_seen: when a listing, or an event from its worker, first showed it.
+        running: when a listing first showed it RUNNING, or its worker was first heard from.
         preempted: when it was preempted (its hand-back event, or its status).
         gone: when a listing no longer showed it, or the fleet was deleted at the end.
     """
@@ -220,6 +220,18 @@ class VmHistory:
             if record.gone is None and record.first_seen is not None and record.name not in seen:
                 record.gone = now
                 self.dirty = True
+
+    def heard_from(self, name: str | None, when: float) -> None:
+        """An event came from the VM ``name``'s worker at ``when``: it exists and runs (maybe between two listings)."""
+        record = self.records.get(name or "")
+        if record is None:
+            return
+        if record.first_seen is None:
+            record.first_seen = when
+            self.dirty = True
+        if record.running is None:
+            record.running = when
+            self.dirty = True
 
     def mark_preempted(self, name: str | None, when: float) -> None:
         """The VM ``name`` was preempted at ``when`` (the first news of it counts)."""

@@ -320,6 +320,9 @@ class Scheduler:
     def _read_events(self, timeout=0.5):
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
+            sent = event.get("time")
+            # A VM preempted between two listings is known only by its events.
+            self.vm_history.heard_from(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
             if kind == EventKind.STARTED:
                 self.item_by_vm[vm] = event.get("item")
                 self.idle_vms.discard(vm)
@@ -342,8 +345,7 @@ class Scheduler:
                 log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
             elif kind == EventKind.PREEMPTED:
                 self.progress.preemptions += 1
-                when = event.get("time")
-                self.vm_history.mark_preempted(vm, float(when) if isinstance(when, int | float) else self.wall_clock())
+                self.vm_history.mark_preempted(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
                 log.info("VM %s preempted; item %s handed back", vm, event.get("item"))
             elif kind == EventKind.MALFORMED:
                 log.warning("VM %s dropped a work message that is not CFlow's: %s", vm, event.get("detail"))

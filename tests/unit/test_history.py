@@ -213,3 +213,20 @@ def test_vms_that_never_came_are_dropped_and_unknown_ones_are_added():
     document = history.to_document()
     assert [record.name for record in vm_records_from_document(document)] == ["a", "x"]
     assert vm_records_from_document({"vms": [{"zone": "no name"}]}) == []
+
+
+def test_a_vm_preempted_between_two_listings_is_known_from_its_events_and_gone_at_the_next_listing():
+    scheduler, compute, pubsub, storage, clock, wall = make_scheduler()
+    scheduler.step()
+    name = f"w-{RUN}-0001"
+    del compute.vms[name]  # came up, ran, was preempted and deleted itself between two listings
+    pubsub.pending_events += [{"type": "started", "vm": name, "item": "000000", "attempt": 1, "time": wall.now + 1},
+                              {"type": "preempted", "vm": name, "item": "000000", "attempt": 1, "time": wall.now + 3}]
+    clock.now += VM_HISTORY_WRITE_SECONDS
+    wall.now += VM_HISTORY_WRITE_SECONDS
+    scheduler.step()
+
+    record = records(storage)[name]
+    assert (record.first_seen, record.running) == (1_700_000_001.0, 1_700_000_001.0)
+    assert record.preempted == 1_700_000_003.0
+    assert record.gone == wall.now

@@ -507,8 +507,8 @@ def _done_times(data: ReportInput) -> list[float]:
 
 
 def throughput_bin_seconds(span: float, done: int) -> float:
-    """A round bin width: at most ``THROUGHPUT_BINS`` bins, at least 6, and few enough that a bin holds ~2 items on average."""
-    wanted = max(span / THROUGHPUT_BINS, min(span / 6, span / max(done / 2, 1.0)), 1.0)
+    """A round bin width: at most ``THROUGHPUT_BINS`` bins, at least 6, and few enough that a bin holds ~5 items on average."""
+    wanted = max(span / THROUGHPUT_BINS, min(span / 6, span / max(done / 5, 1.0)), 1.0)
     steps = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 21600, 43200, 86400)
     step = next((step for step in steps if step >= wanted), math.ceil(wanted / 86400) * 86400)
     if span / step < 6:  # rounding up left too few bins to show a shape
@@ -567,35 +567,47 @@ def _nice_ceiling(value: float) -> float:
     return 10.0 * magnitude
 
 
-def workers_alive(lives: Iterable[VmLife], axis: TimeAxis, samples: int = WORKER_SAMPLES) -> list[tuple[float, int, int]]:
-    """``(time, VMs alive, VMs running a task)`` at ``samples`` points over the run."""
-    events: list[tuple[float, int]] = []
+def workers_alive(lives: Iterable[VmLife], axis: TimeAxis, samples: int = WORKER_SAMPLES) -> list[tuple[float, float, float]]:
+    """``(time, VMs alive, VMs running a task)`` over ``samples`` equal slices of the run, each the slice's average.
+
+    Averages, not values at instants: the gap between two tasks is milliseconds,
+    and an instant that falls into one would show a worker idle that was not.
+    """
+    alive: list[tuple[float, int]] = []
     busy: list[tuple[float, int]] = []
     for life in lives:
-        events += [(life.start, 1), (life.end, -1)]
+        alive += [(life.start, 1), (life.end, -1)]
         for span in life.spans:
             busy += [(span.started, 1), (span.ended, -1)]
-    events.sort()
-    busy.sort()
-    points = []
-    alive = working = 0
-    e = b = 0
-    for k in range(samples + 1):
-        moment = axis.start + (axis.end - axis.start) * k / samples
-        while e < len(events) and events[e][0] <= moment:
-            alive += events[e][1]
-            e += 1
-        while b < len(busy) and busy[b][0] <= moment:
-            working += busy[b][1]
-            b += 1
-        points.append((moment, alive, max(working, 0)))
-    return points
+    edges = [axis.start + (axis.end - axis.start) * k / samples for k in range(samples + 1)]
+    alive_areas, busy_areas = _areas(alive, edges), _areas(busy, edges)
+    return [((edges[k] + edges[k + 1]) / 2, alive_areas[k] / (edges[k + 1] - edges[k]), busy_areas[k] / (edges[k + 1] - edges[k]))
+            for k in range(samples)]
+
+
+def _areas(changes: list[tuple[float, int]], edges: list[float]) -> list[float]:
+    """The integral of a count that steps by each ``(time, +1/-1)``, over each slice between two ``edges``."""
+    changes = sorted(changes)
+    areas = [0.0] * (len(edges) - 1)
+    level, at, index = 0, edges[0], 0
+    while index < len(changes) and changes[index][0] <= edges[0]:
+        level += changes[index][1]
+        index += 1
+    for k in range(len(edges) - 1):
+        while index < len(changes) and changes[index][0] < edges[k + 1]:
+            moment, step = changes[index]
+            areas[k] += max(level, 0) * (moment - at)
+            level, at = level + step, moment
+            index += 1
+        areas[k] += max(level, 0) * (edges[k + 1] - at)
+        at = edges[k + 1]
+    return areas
 
 
 def render_workers(figures: Figures, axis: TimeAxis) -> str:
     """Workers alive (area) and running a task (line) over the run."""
     points = workers_alive(figures.lives, axis)
-    most = max((alive for _, alive, _ in points), default=0)
+    most = math.ceil(max((alive for _, alive, _ in points), default=0) - 1e-9)
     # A count of VMs: a small one gets an even top, so the half-way line is a whole VM too.
     peak = float(most + most % 2) if most < 10 else _nice_ceiling(most)
     peak = peak or 2.0
@@ -605,13 +617,13 @@ def render_workers(figures: Figures, axis: TimeAxis) -> str:
     def y(value: float) -> float:
         return bottom - value / peak * height
 
-    alive_path = [f"M{_n(axis.x(points[0][0]))} {_n(bottom)}"]
+    alive_path = [f"M{PLOT_LEFT} {_n(bottom)}"]
     busy_path = []
     for index, (moment, alive, working) in enumerate(points):
         x = _n(axis.x(moment))
         alive_path.append(f"L{x} {_n(y(alive))}")
         busy_path.append(f"{'M' if index == 0 else 'L'}{x} {_n(y(working))}")
-    alive_path.append(f"L{_n(axis.x(points[-1][0]))} {_n(bottom)}Z")
+    alive_path.append(f"L{PLOT_LEFT + PLOT_WIDTH} {_n(bottom)}Z")
     return (f'<svg class="chart workers" viewBox="0 0 {CHART_WIDTH} {_n(bottom + 22)}" role="img" aria-label="Workers alive">'
             + axis.grid(top, bottom, labels=True) + _y_axis(peak, top, bottom, "VMs")
             + f'<path class="alive" d="{"".join(alive_path)}"><title>VMs alive (at most {most})</title></path>'

@@ -7,9 +7,16 @@ Each size is ITEMS:VMS. The run is made up the way real runs look: items of
 failing once, 0.5% failing for good, a few VMs preempted mid-task (their item
 runs again elsewhere), a duplicate now and then, and replacement VMs for the
 preempted ones. It builds the report with ``cflow.report.render`` (pure: no
-Cloud Storage involved; gathering is a few listings and is not measured
-here), prints the build time (best of --repeat) and the page's size, and
-checks the page stays under 2 MB. ``--out DIR`` keeps the pages to look at.
+Cloud Storage involved), prints the build time (best of --repeat) and the
+page's size, and checks the page stays under 2 MB. ``--out DIR`` keeps the
+pages to look at.
+
+``--gather-items N`` also measures gathering (``cflow.ops.report.gather``,
+what ``cflow report`` and the end of a run read): it starts fake-gcs-server
+alone on a temporary folder (as the commands do with no stack running),
+writes a run of N items there as workers leave one (run.json, items.jsonl,
+a done marker with its span per item, a few failures, vms.json), times
+gathering it, and stops the server.
 """
 
 import argparse
@@ -96,17 +103,76 @@ def synthetic_input(items: int, vms: int, seed: int = 14) -> ReportInput:
                        failed, len(failed), labels, spans, records, prices, "e2-standard-2", True)
 
 
+def measure_gather(items: int) -> dict[str, float]:
+    """Write a run of ``items`` items to a fake-gcs-server of its own, then time gathering its report."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from cflow.gcp.storage import RunStorage
+    from cflow.history import VmHistory
+    from cflow.local.stored_runs import stack_storage
+    from cflow.ops.report import gather
+    from cflow.ops.view import RunView
+    from cflow.tasks import make_items
+
+    data = synthetic_input(items, max(items // 100, 1))
+    with tempfile.TemporaryDirectory(prefix="bench-report-") as folder:
+        (Path(folder) / "gcs").mkdir()
+        with stack_storage(folder) as served:
+            os.environ["STORAGE_EMULATOR_HOST"] = served.url
+            client = storage.Client(project="cflow-local", credentials=AnonymousCredentials())
+            client.create_bucket("bench-bucket")
+            run = RunStorage(client, "bench-bucket", data.run_id)
+            work = make_items([[f"gs://bench-bucket/inputs/shard-{i:06d}.csv"] for i in range(items)])
+            run.write_items(work)
+            run.write_manifest({"run_id": data.run_id, "created": data.created, "item_count": items, "bucket": "bench-bucket",
+                                "settings": {"vm_type": "e2-standard-2", "vm_spot": True, "prices": dict(data.prices)}})
+            history = VmHistory(data.vms)
+            history.dirty = True
+            run.write_vm_history(history.to_document())
+            started = time.perf_counter()
+
+            def record(span: AttemptSpan) -> None:
+                info = {"item": span.item, **span.fields(), "log": run.log_url(span.item, span.attempt)}
+                if span.outcome == EventKind.DONE:
+                    run.write_done_marker(span.item, info)
+                elif span.outcome in (EventKind.RETRY, EventKind.FAILED):
+                    run.write_attempt_marker(span.item, span.attempt, {**info, "reason": "exit status 1"})
+                    if span.outcome == EventKind.FAILED:
+                        run.write_failed_marker(span.item, {**info, "reason": "exit status 1", "attempts": span.attempt})
+                else:
+                    run.write_timeline_record(span)
+
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(record, data.spans))
+            seeded = time.perf_counter() - started
+            started = time.perf_counter()
+            gathered = gather(RunView(run), time.time())
+            seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            render(gathered)
+            rendered = time.perf_counter() - started
+    print(f"gather: {items:,} items ({len(gathered.spans):,} spans, {gathered.failed_count:,} failed) read in {seconds:.2f} s "
+          f"from fake-gcs-server, rendered in {rendered:.2f} s (writing them took {seeded:.1f} s)")
+    return {"gather_items": items, "gather_seconds": round(seconds, 3), "render_seconds": round(rendered, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["10000:100", "10000:1000", "100000:1000"], metavar="ITEMS:VMS")
     parser.add_argument("--repeat", type=int, default=3, help="builds per size; the best is reported (default 3)")
     parser.add_argument("--out", metavar="DIR", help="write each report here to look at it")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
+    parser.add_argument("--gather-items", type=int, default=0, metavar="N",
+                        help="also time gathering a run of N items from a local fake-gcs-server (default: skip)")
     args = parser.parse_args(argv)
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; nproc {os.cpu_count()}; load avg {load}")
     failures = 0
-    results = []
+    results: list[dict[str, float]] = []
     for size in args.sizes:
         items, vms = (int(part) for part in size.split(":"))
         data = synthetic_input(items, vms)
@@ -126,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / f"report-{items}-{vms}.html").write_text(page)
+    if args.gather_items:
+        results.append(measure_gather(args.gather_items))
     if args.json:
         with open(args.json, "a") as stream:
             stream.write(json.dumps({"bench": "report", "results": results}) + "\n")

@@ -184,7 +184,8 @@ def test_a_path_is_not_a_run_id(cflow):
     assert "Traceback" not in err
 
 
-def test_cancel_without_a_running_stack_is_one_line_and_starts_nothing(tmp_path, capsys):
+def test_no_running_stack_is_one_line_and_starts_nothing(tmp_path, capsys):
+    """Cancel needs the stack the run uses: without it, one line, and nothing is started."""
     const_py = write_const(tmp_path / "project", "any-bucket")
     stack_dir = tmp_path / "no-stack"
 

@@ -163,6 +163,7 @@ def test_the_run_keeps_each_attempt_and_each_vm(finished_run):
 
 
 def chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
     profile = cwd / f"chromium-profile-{time.monotonic_ns()}"
     try:
         return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
@@ -181,8 +182,9 @@ def test_the_report_renders_in_a_real_browser_with_one_row_per_vm_and_one_bar_pe
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert console == []  # no script error, no console message at all
-    root = re.search(r"<html[^>]*>", dom.stdout).group(0)
-    attributes = dict(re.findall(r'([-\w]+)="([^"]*)"', root))
+    root = re.search(r"<html[^>]*>", dom.stdout)
+    assert root is not None, dom.stdout[:500]
+    attributes = dict(re.findall(r'([-\w]+)="([^"]*)"', root.group(0)))
     assert attributes.get("data-script") == "ok" and "data-script-error" not in attributes
     assert attributes["data-report"] == finished_run.run_id
     assert int(attributes["data-rows"]) == len(vms) >= 2

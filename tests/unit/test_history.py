@@ -97,6 +97,7 @@ def test_a_preempted_attempt_leaves_a_timeline_record_from_its_start_to_the_hand
     (name,) = [key for key in storage.objects if key.startswith("timeline/")]
     assert name.startswith("timeline/000010/2-vm-1-")
     span = AttemptSpan.from_fields("000010", json.loads(storage.objects[name]))
+    assert span is not None
     assert span.outcome == EventKind.PREEMPTED and span.started == pytest.approx(started, abs=0.001)
     assert time.time() - 5 < span.ended <= time.time() + 0.001  # kept to the millisecond
     # The span is written after the nack, not in the way of it.
@@ -142,8 +143,8 @@ def make_scheduler(workers=2, spot=True):
     compute, pubsub, storage = FakeCompute(), FakeSchedulerPubSub(), FakeRunStorage()
     clock, wall = Clock(), Clock(1_700_000_000.0)
     properties = {"machineType": "e2-small", "scheduling": {"provisioningModel": "SPOT" if spot else "STANDARD"}}
-    scheduler = Scheduler(config, RUN, items, compute, pubsub, storage, RunTopics.for_run("p", RUN, "t", "s"), properties,
-                          clock=clock, wall_clock=wall)
+    scheduler = Scheduler(config, RUN, items, compute, pubsub, storage, RunTopics.for_run("p", RUN, "t", "s"),  # type: ignore[arg-type]
+                          properties, clock=clock, wall_clock=wall)
     return scheduler, compute, pubsub, storage, clock, wall
 
 

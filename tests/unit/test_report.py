@@ -2,6 +2,7 @@
 
 import html.parser
 import re
+from typing import Any
 
 from cflow import report
 from cflow.history import AttemptSpan, VmRecord
@@ -17,7 +18,7 @@ def vm(number, created, gone, spot=True, preempted=None, machine_type="e2-small"
                     first_seen=created + 1, running=created + 2, preempted=preempted, gone=gone)
 
 
-def small_run(**changes):
+def small_run(**changes: Any) -> ReportInput:
     """3 VMs (one preempted, one standard), 5 items: done, preempted then done elsewhere, retried then failed, a duplicate."""
     vms = [vm(1, T, T + 60), vm(2, T, T + 25, preempted=T + 20), vm(3, T + 24, T + 64, spot=False)]
     spans = [
@@ -32,7 +33,7 @@ def small_run(**changes):
     ]
     labels = {"000000": "000000 (echo fine)", "000001": "000001 (slow rendezvous)", "000002": "000002 (poison bad)",
               "000003": "000003 (echo 3)", "000004": "000004 (echo 4)"}
-    fields = dict(
+    fields: dict[str, Any] = dict(
         run_id=RUN, state="finished", source=f"gs://b/cflow/runs/{RUN}/", created=T, generated=T + 70, total_items=5,
         done_times={"000000": T + 9, "000001": T + 50, "000003": T + 31, "000004": T + 40},
         failed=[FailedRow("000002", labels["000002"], 2, "exit status 7", "/stack/gcs/b/cflow/runs/x/logs/000002/attempt-2.log")],
@@ -85,7 +86,7 @@ def test_figures_count_vm_time_by_where_it_went_and_cost_by_machine_type():
     spot, standard = figures.costs
     assert (spot.spot, spot.vms, spot.seconds) == (True, 2, 85)
     assert (standard.spot, standard.vms, standard.seconds) == (False, 1, 40)
-    assert abs(figures.cost - (85 / 3600 * 0.005 + 40 / 3600 * 0.0168)) < 1e-12
+    assert figures.cost is not None and abs(figures.cost - (85 / 3600 * 0.005 + 40 / 3600 * 0.0168)) < 1e-12
     assert figures.efficiency == figures.busy / figures.vm_seconds
 
 

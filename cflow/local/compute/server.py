@@ -377,6 +377,7 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
     """One HTTP/1.1 connection to the API: batches go to ``answer_batch``, the rest to the dispatcher."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle held the body ~40 ms for the client's delayed ACK
     server_version = "cflow-compute-emulator"
     sys_version = ""
 

@@ -11,7 +11,9 @@ shared lives here:
   ``wait_zone_operation`` to drive it.
 - ``BenchProject``: a throwaway CFlow project folder (const.py, tasks.txt,
   task/task.sh and the worker scripts copied from this checkout), run with
-  ``python3 scheduler.py`` as a user runs it.
+  ``python3 scheduler.py`` as a user runs it: against a running stack
+  (``run``), or the whole command with no stack running (``run_whole``: it
+  starts and stops its own), each printed line stamped as it arrives.
 - statistics (``percentile``, ``describe``), task time-stamp files, the
   machine line (nproc, memory, load, date) printed with every result.
 """
@@ -21,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -298,14 +301,16 @@ class BenchProject:
     Args:
         root: the folder (created).
         task_script: text of task/task.sh.
+        tree: the CFlow checkout the worker scripts come from and whose scheduler.py ``run_whole`` runs.
         settings: const.py values (UPPERCASE names), written as Python literals.
     """
 
-    def __init__(self, root, task_script, **settings):
+    def __init__(self, root, task_script, tree=REPO, **settings):
         self.root = Path(root)
+        self.tree = Path(tree)
         (self.root / "task").mkdir(parents=True, exist_ok=True)
         for name in WORKER_SCRIPTS:
-            shutil.copy2(REPO / name, self.root / name)
+            shutil.copy2(self.tree / name, self.root / name)
         task = self.root / "task" / "task.sh"
         task.write_text(task_script)
         task.chmod(0o755)
@@ -318,6 +323,18 @@ class BenchProject:
         (self.root / "const.py").write_text(text)
         (self.root / "tasks.txt").write_text("".join(line + "\n" for line in task_lines))
 
+    def run_whole(self, *extra, timeout=1800):
+        """Run ``python3 scheduler.py`` from the project folder as a new user does: no stack running, so it starts
+        one in ``.cflow/local`` and stops it at the end.
+
+        Returns a ``WholeRun`` (every line with its arrival time).
+        """
+        tree = self.tree
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), environment.get("PYTHONPATH")]))
+        command = [sys.executable, str(tree / "scheduler.py"), *extra]
+        return run_whole_command(command, self.root, environment, timeout)
+
     def run(self, stack_dir, *extra, timeout=1800):
         """Run scheduler.py against the stack in ``stack_dir``; returns a SchedulerRun."""
         command = [sys.executable, str(REPO / "scheduler.py"), "--config", str(self.root / "const.py"),
@@ -327,6 +344,82 @@ class BenchProject:
         started_at, started = time.time(), time.monotonic()
         result = subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=timeout, env=environment)
         return SchedulerRun(result.returncode, started_at, time.monotonic() - started, result.stdout, result.stderr)
+
+
+@dataclass
+class TimedLine:
+    """One line the command printed (stdout or stderr), with when it arrived (epoch seconds)."""
+
+    at: float
+    text: str
+
+
+@dataclass
+class WholeRun:
+    """What one whole ``python3 scheduler.py`` left: exit status, its time span, every line it printed with its arrival time."""
+
+    exit_status: int
+    started_at: float  # epoch seconds, comparable with task stamps
+    ended_at: float
+    lines: list
+
+    @property
+    def wall_seconds(self):
+        return self.ended_at - self.started_at
+
+    @property
+    def output(self):
+        return "\n".join(line.text for line in self.lines)
+
+    def first(self, pattern):
+        """The arrival time of the first line matching the regex ``pattern``, or None."""
+        compiled = re.compile(pattern)
+        return next((line.at for line in self.lines if compiled.search(line.text)), None)
+
+    def last(self, pattern):
+        compiled = re.compile(pattern)
+        return next((line.at for line in reversed(self.lines) if compiled.search(line.text)), None)
+
+    def check(self):
+        """Raises RuntimeError (with the output's tail) unless the run ended with status 0."""
+        if self.exit_status != 0:
+            tail = "\n".join(line.text for line in self.lines[-20:])
+            raise RuntimeError(f"scheduler.py exited with status {self.exit_status}:\n{tail}")
+        return self
+
+
+def run_whole_command(command, cwd, environment, timeout=1800):
+    """Run ``command`` as a user does, stamping each line of its merged stdout and stderr as it arrives.
+
+    Returns a ``WholeRun``. The clock is the epoch (``time.time``) measured
+    through ``time.monotonic`` from one start reading, so the stamps compare
+    with the tasks' own stamps and do not jump with the wall clock.
+    """
+    wall0, mono0 = time.time(), time.monotonic()
+
+    def now():
+        return wall0 + (time.monotonic() - mono0)
+
+    lines = []
+    started_at = now()
+    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1)
+    assert process.stdout is not None  # a pipe
+    try:
+        deadline = time.monotonic() + timeout
+        for text in process.stdout:
+            lines.append(TimedLine(now(), text.rstrip("\n")))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{command[1]} ran over {timeout} s")
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=60)
+        raise
+    finally:
+        process.stdout.close()
+    return WholeRun(process.returncode, started_at, now(), lines)
 
 
 def write_json_result(path, document):

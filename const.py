@@ -53,6 +53,11 @@ COMBINE = "concat"
 # subfolder per run.
 RESULT_DIR = "output"
 
+# True: each combined file is downloaded into RESULT_DIR/RUN_ID.
+# False: it stays in the bucket only, under gs://BUCKET/cflow/runs/RUN_ID/combined/
+# (the summary says where): for results too big to bring to this machine.
+COMBINE_DOWNLOAD = True
+
 # ---------------------------------------------------------------- the workers
 
 # Number of worker VMs (fewer are created when fewer items are left).

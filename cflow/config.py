@@ -677,6 +677,10 @@ class Config:
     task_timeout: float = setting(3600, "seconds one attempt may run before it is killed and counts as failed", _check_task_timeout)
     combine: str = setting("concat", "'concat' joins each output file across items in item order; 'none' keeps outputs per item", _one_of(COMBINE_MODES))
     result_dir: Path = setting("output", "folder on the controller for the combined result, one subfolder per run", _check_result_dir)
+    combine_download: bool = setting(
+        True, "True: download each combined file into RESULT_DIR/RUN_ID; False: leave it in the bucket's combined/ folder",
+        _boolean("True to download the combined files, False to leave them in the bucket"),
+    )
     # The workers.
     worker_node_cnt: int = setting(5, "number of worker VMs (fewer when fewer items are left)", _positive_int("set it to the number of worker VMs"))
     vm_name_prefix: str = setting("cflow-worker", "workers are named PREFIX-RUNID-N", _check_vm_name_prefix)

@@ -11,8 +11,9 @@ needs; everything else that happens to a run happens here, once, for both
 - ``cancel_run``: mark it cancelled (first, so a cancel cut short still
   shows), delete its topics (so a scheduler still running stops on its next
   step instead of creating workers), delete its VMs until they are gone;
-- ``combine_outputs``: concatenate the done items' outputs into
-  RESULT_DIR/RUN_ID and upload them to the run's combined/ folder;
+- ``combine_outputs``: concatenate the done items' outputs into the run's
+  combined/ folder (in the bucket where it can, ``cflow.combine``) and
+  download them into RESULT_DIR/RUN_ID (unless COMBINE_DOWNLOAD = False);
 - ``run_state``: finished, cancelled, or in progress.
 """
 
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cflow.combine import combine_concat
+from cflow import combine
 from cflow.errors import CloudError, ConfigError
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ def new_manifest(config: "Config", run_id: str, project: str, topics: "RunTopics
         "topics": topics.to_dict(),
         "task_command": list(config.task_module_cmd),
         "task_timeout": config.task_timeout,
+        # The workers keep a CSV output's header apart only for a run that combines (cflow.worker.record).
+        "combine": config.combine,
         "max_attempts": config.max_attempts,
         "lease_seconds": config.lease_seconds,
         "idle_poweroff_seconds": max(120, 3 * config.lease_seconds),
@@ -179,12 +182,8 @@ def cancel_run(
 # ---------------------------------------------------------------- combine
 
 
-@dataclasses.dataclass(frozen=True)
-class CombinedFile:
-    """One combined output: where it was written and where it was uploaded."""
-
-    path: Path
-    url: str
+# One combined output: its gs:// URL, and the local file it was downloaded to (None: left in the bucket).
+CombinedFile = combine.Combined
 
 
 def done_in_item_order(item_ids: Iterable[str], done_ids: set[str] | Mapping[str, object]) -> list[str]:
@@ -192,21 +191,24 @@ def done_in_item_order(item_ids: Iterable[str], done_ids: set[str] | Mapping[str
     return [item_id for item_id in item_ids if item_id in done_ids]
 
 
-def combine_outputs(storage: "RunStorage", done_item_ids: Sequence[str], result_dir: str | Path) -> dict[str, CombinedFile]:
-    """Concatenate the done items' outputs into ``result_dir/RUN_ID`` and upload each file to combined/.
+def combine_outputs(
+    storage: "RunStorage", done_item_ids: Sequence[str], result_dir: str | Path, download: bool = True
+) -> dict[str, CombinedFile]:
+    """Concatenate the done items' outputs into the run's combined/ folder and download them into ``result_dir/RUN_ID``.
 
     Only each item's recorded outputs count (those its done marker lists).
+    Joined in the bucket where the copies allow it (``cflow.combine``).
 
     Args:
         storage: the run's ``RunStorage``.
         done_item_ids: the done items, in item order.
         result_dir: RESULT_DIR.
+        download: False leaves the combined files in the bucket only (COMBINE_DOWNLOAD = False).
     Returns:
         ``{name: CombinedFile}`` in name order.
     Raises:
         ValueError: an output name is unsafe (see ``cflow.tasks.validate_output_name``).
-        CloudError: reading or uploading failed.
+        CloudError: reading, joining or uploading failed.
     """
-    dest = Path(result_dir) / storage.run_id
-    written = combine_concat(done_item_ids, storage.recorded_output_names, storage.read_output, dest)
-    return {name: CombinedFile(path, storage.upload_combined(name, path)) for name, path in written.items()}
+    dest = Path(result_dir) / storage.run_id if download else None
+    return combine.combine_outputs(storage, done_item_ids, dest)

@@ -72,9 +72,9 @@ class FakeStorage:
     def is_done(self, item_id):
         return f"done/{item_id}" in self.objects
 
-    def upload_output(self, item_id, name, local_path):
+    def upload_output(self, item_id, name, local_path, offset=0):
         self.calls.append(("output", item_id, name))
-        self.objects[f"outputs/{item_id}/{name}"] = Path(local_path).read_bytes()
+        self.objects[f"outputs/{item_id}/{name}"] = Path(local_path).read_bytes()[offset:]
 
     def upload_log(self, item_id, attempt, local_path):
         self.calls.append(("log", item_id, attempt))

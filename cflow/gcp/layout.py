@@ -10,7 +10,10 @@ relative to that folder:
                              package and items.jsonl: a run with run.json has both
     published.json           every unfinished item was published (count, time)
     cancelled.json           the run was cancelled (time); outputs and logs are kept
-    outputs/ITEM/NAME        a task's output files
+    outputs/ITEM/NAME        a task's output files; in a run that combines, a
+                             CSV's first line is kept apart in the done
+                             marker (``cflow.combine.OutputShape``) and the
+                             object holds the rest
     logs/ITEM/attempt-N.log  a task's stdout+stderr, one per attempt
     done/ITEM                done marker, created once (the source of truth)
     failed/ITEM              failed marker, created once
@@ -19,6 +22,9 @@ relative to that folder:
                              back, or a duplicate): where and when it ran
     vms.json                 every VM of the run as the scheduler saw it
     combined/NAME            the combined result
+    combining/NAME/...       the temporaries of combining NAME in the bucket
+                             (a header, a newline, a level's joins), deleted
+                             when it is done
 
 The done and attempt markers and the timeline records carry their attempt's
 span (``cflow.history.AttemptSpan``) as custom metadata, so one listing of
@@ -38,6 +44,7 @@ MANIFEST = "run.json"
 PUBLISHED = "published.json"
 CANCELLED = "cancelled.json"
 COMBINED = "combined/"
+COMBINING = "combining/"
 LOGS = "logs/"
 VM_HISTORY = "vms.json"
 TIMELINE = "timeline/"
@@ -114,6 +121,16 @@ def item_of_record(name: str) -> str:
 
 def combined(name: str) -> str:
     return f"{COMBINED}{name}"
+
+
+def combining_piece(name: str, kind: str) -> str:
+    """A temporary piece of combining ``name`` in the bucket: its ``header``, or the ``newline`` between copies."""
+    return f"{COMBINING}{name}/{kind}"
+
+
+def combining_part(name: str, level: int, index: int) -> str:
+    """A temporary join of combining ``name``: the ``index``-th of tree level ``level`` (1 joins the sources)."""
+    return f"{COMBINING}{name}/{int(level)}-{int(index):06d}"
 
 
 def demo_object(name: str) -> str:

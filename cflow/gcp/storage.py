@@ -16,13 +16,16 @@ import dataclasses
 import datetime
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import mimetypes
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as google_exceptions
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from cflow import tasks
+from cflow.combine import OutputShape, shapes_from_json, shapes_from_metadata, shapes_metadata
 from cflow.errors import CloudError, ConfigError
 from cflow.gcp import layout
 from cflow.gcp.errors import translated
@@ -211,21 +214,36 @@ class RunStorage:
 
     # -- package -----------------------------------------------------------
 
+    def package_url(self) -> str:
+        """The package's gs:// URL (what workers download), uploaded or not."""
+        return self.url(layout.PACKAGE)
+
     @translated("storage")
     def upload_package(self, tar_gz_bytes: bytes) -> str:
         """Upload the package; returns its gs:// URL (what workers download)."""
         self._blob(layout.PACKAGE).upload_from_string(tar_gz_bytes, content_type="application/gzip")
-        return self.url(layout.PACKAGE)
+        return self.package_url()
 
     # -- outputs and logs --------------------------------------------------
 
     @translated("storage")
-    def upload_output(self, item_id: str, name: str, local_path: str | Path) -> None:
-        """Raises ValueError if the item id or name could leave the item's folder (``../``, ``/``, NUL)."""
+    def upload_output(self, item_id: str, name: str, local_path: str | Path, offset: int = 0) -> None:
+        """Upload an output file, from byte ``offset`` on (after a header kept apart, see ``cflow.combine.OutputShape``).
+
+        Raises ValueError if the item id or name could leave the item's folder (``../``, ``/``, NUL).
+        """
         # Ids and names become object names: one that is not CFlow's own could climb out of the run's prefix.
         tasks.validate_item_id(item_id)
         tasks.validate_output_name(name)
-        self._blob(layout.output(item_id, name)).upload_from_filename(str(local_path))
+        blob = self._blob(layout.output(item_id, name))
+        if not offset:
+            blob.upload_from_filename(str(local_path))
+            return
+        size = Path(local_path).stat().st_size - offset
+        with open(local_path, "rb") as stream:
+            stream.seek(offset)
+            # The content type upload_from_filename would have guessed from the name.
+            blob.upload_from_file(stream, size=size, content_type=mimetypes.guess_type(str(local_path))[0])
 
     @translated("storage")
     def list_output_names(self, item_id: str) -> list[str]:
@@ -238,9 +256,21 @@ class RunStorage:
         An item that ran twice may have left files of the other attempt under
         outputs/ITEM/; only the recorded attempt's files are its result.
         """
+        return self.recorded_outputs(item_id)[0]
+
+    @translated("storage")
+    def recorded_outputs(self, item_id: str) -> tuple[list[str], dict[str, OutputShape] | None]:
+        """The recorded attempt's output names, and their shapes (None: its worker recorded none), from its done marker."""
         marker = self.read_marker(layout.DONE, item_id) or {}
         outputs = marker.get("outputs")
-        return sorted(outputs) if isinstance(outputs, list) else self.list_output_names(item_id)
+        names = sorted(outputs) if isinstance(outputs, list) else self.list_output_names(item_id)
+        shapes = shapes_from_json(marker.get("output_shapes"))
+        return names, shapes if shapes is not None and set(shapes) == set(names) else None
+
+    @translated("storage")
+    def done_output_shapes(self) -> dict[str, dict[str, OutputShape] | None]:
+        """``{item_id: {name: shape}}`` of every done marker, from one listing (their metadata); None where it has none."""
+        return {record.name: shapes_from_metadata(record.metadata) for record in self.list_records(layout.markers(layout.DONE))}
 
     @translated("storage")
     def read_output(self, item_id: str, name: str) -> bytes:
@@ -275,8 +305,41 @@ class RunStorage:
     @translated("storage")
     def upload_combined(self, name: str, local_path: str | Path) -> str:
         """Upload one combined file; returns its gs:// URL."""
-        self._blob(layout.combined(name)).upload_from_filename(str(local_path))
+        self.upload_file(layout.combined(name), Path(local_path))
         return self.url(layout.combined(name))
+
+    # -- combining in the bucket (cflow.combine) ------------------------------
+
+    @translated("storage")
+    def compose(self, sources: Sequence[str], destination: str) -> None:
+        """Join the run's objects ``sources`` (at most 32, in order) into ``destination``, replacing it.
+
+        Its content type is the one its name suggests, as an upload's would be.
+        """
+        target = self._blob(destination)
+        target.content_type = mimetypes.guess_type(destination)[0] or "application/octet-stream"
+        # Joining the same sources again gives the same object, so a retry is safe.
+        target.compose([self._blob(source) for source in sources], retry=DEFAULT_RETRY)
+
+    @translated("storage")
+    def upload_bytes(self, relative: str, data: bytes) -> None:
+        self._blob(relative).upload_from_string(data, content_type=mimetypes.guess_type(relative)[0] or "application/octet-stream")
+
+    @translated("storage")
+    def upload_file(self, relative: str, path: Path) -> None:
+        self._blob(relative).upload_from_filename(str(path))
+
+    @translated("storage")
+    def download_file(self, relative: str, path: Path) -> None:
+        self._blob(relative).download_to_filename(str(path))
+
+    @translated("storage")
+    def delete_object(self, relative: str) -> None:
+        """Delete one of the run's objects; one already gone is fine."""
+        try:
+            self._blob(relative).delete(retry=DEFAULT_RETRY)
+        except google_exceptions.NotFound:
+            pass
 
     # -- markers -----------------------------------------------------------
 
@@ -293,8 +356,13 @@ class RunStorage:
 
     @translated("storage")
     def write_done_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:
-        """Record the item done (its attempt's span, if ``info`` has one, as metadata too). Returns False if another attempt already did."""
-        return self._create_once(layout.marker(layout.DONE, tasks.validate_item_id(item_id)), info, span_metadata(info))
+        """Record the item done. Returns False if another attempt already did.
+
+        The marker's metadata carries what a listing should show without
+        opening it: the attempt's span and the outputs' shapes (``output_shapes``), when ``info`` has them.
+        """
+        metadata = {**(span_metadata(info) or {}), **shapes_metadata(info)}
+        return self._create_once(layout.marker(layout.DONE, tasks.validate_item_id(item_id)), info, metadata or None)
 
     @translated("storage")
     def write_failed_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:

@@ -42,6 +42,7 @@ class WorkerSettings:
     max_attempts: int
     lease_seconds: int
     idle_poweroff_seconds: float
+    combine: str = "none"  # the run's COMBINE: "concat" keeps a CSV output's header apart (cflow.worker.record)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> WorkerSettings:
@@ -58,6 +59,7 @@ class WorkerSettings:
             max_attempts=int(manifest["max_attempts"]),
             lease_seconds=int(manifest["lease_seconds"]),
             idle_poweroff_seconds=float(manifest["idle_poweroff_seconds"]),
+            combine=str(manifest.get("combine", "none")),
         )
 
 
@@ -92,7 +94,9 @@ class WorkerStorage(Protocol):
 
     def attempt_recorded(self, item_id: str, attempt: int) -> bool: ...
 
-    def upload_output(self, item_id: str, name: str, local_path: Path) -> None: ...
+    def upload_output(self, item_id: str, name: str, local_path: Path, offset: int = 0) -> None:
+        """Upload an output file from byte ``offset`` on."""
+        ...
 
     def upload_log(self, item_id: str, attempt: int, local_path: Path) -> str:
         """Upload an attempt's log; returns its gs:// URL."""

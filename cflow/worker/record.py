@@ -10,6 +10,12 @@ redelivers, and the markers make the redelivery a duplicate.
 The done and attempt markers carry the attempt's span (where and when it ran,
 ``cflow.history``) for the run's report; a duplicate, which writes no marker,
 leaves a timeline record instead, after its ack.
+
+In a run that combines, a CSV output's first line is kept apart from its
+body: the body is uploaded (the same one upload per output as ever) and the
+line rides in the done marker with each output's shape
+(``cflow.combine.OutputShape``), so the bucket can join the bodies under one
+header without the controller reading them.
 """
 
 import logging
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cflow import tasks
+from cflow.combine import OutputShape, body_offset, is_csv_name, shape_output, shapes_to_json
 from cflow.history import AttemptSpan
 from cflow.protocol import EventKind, Outcome
 from cflow.worker.context import WorkerContext
@@ -99,13 +106,13 @@ def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log
         context.ack(ack_id)
         record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
         return Outcome.DUPLICATE
-    outputs = _upload_outputs(context, item, output_dir, log_file)
+    shapes = _upload_outputs(context, item, output_dir, log_file)
     log_url = storage.upload_log(item.id, attempt, log_file)
     span = ended.span(context.vm_name, EventKind.DONE)
     first = storage.write_done_marker(
         item.id,
-        {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": outputs, "log": log_url,
-         **(span.fields() if span else {})},
+        {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": list(shapes),
+         "output_shapes": shapes_to_json(shapes), "log": log_url, **(span.fields() if span else {})},
     )
     context.publish_event(EventKind.DONE if first else EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
     context.ack(ack_id)
@@ -139,9 +146,13 @@ def _finish_failed(context: WorkerContext, ended: EndedTask, log_file: Path, tim
     return outcome
 
 
-def _upload_outputs(context: WorkerContext, item: tasks.WorkItem, output_dir: Path, log_file: Path) -> list[str]:
-    """Upload the task's output files; returns their names. A name that could escape the item's prefix is noted in the log instead."""
-    names = []
+def _upload_outputs(context: WorkerContext, item: tasks.WorkItem, output_dir: Path, log_file: Path) -> dict[str, OutputShape]:
+    """Upload the task's output files; returns ``{name: shape}`` in name order.
+
+    A name that could escape the item's prefix is noted in the log instead.
+    """
+    keep_headers_apart = context.settings.combine == "concat"
+    shapes: dict[str, OutputShape] = {}
     for path in sorted(output_dir.rglob("*")):
         if not path.is_file():
             continue
@@ -153,6 +164,10 @@ def _upload_outputs(context: WorkerContext, item: tasks.WorkItem, output_dir: Pa
             with open(log_file, "a") as stream:
                 stream.write(f"cflow: output {name!r} not uploaded: {error}\n")
             continue
-        context.storage.upload_output(item.id, name, path)
-        names.append(name)
-    return names
+        shape = shape_output(path, keep_headers_apart and is_csv_name(name))
+        if shape.header is None:
+            context.storage.upload_output(item.id, name, path)
+        else:
+            context.storage.upload_output(item.id, name, path, offset=body_offset(shape))
+        shapes[name] = shape
+    return shapes

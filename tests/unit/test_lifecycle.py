@@ -33,7 +33,7 @@ def config(**changes):
         target="local", bucket="b", task_module_cmd=("bash", "task/task.sh"), task_timeout=3600.0, max_attempts=3, lease_seconds=60,
         vm_type="e2-standard-2", vm_spot=True, vm_boot="stock", vm_stock_image="projects/debian-cloud/global/images/family/debian-12",
         vm_image_name=None, vm_disk_gb=10, vm_compute_service_account="default", vm_labels={}, worker_node_cnt=5,
-        zones=("us-central1-a",), config_path=Path("/project/const.py"),
+        zones=("us-central1-a",), config_path=Path("/project/const.py"), combine="concat",
     )
     settings.update(changes)
     namespace = types.SimpleNamespace(**settings)
@@ -79,11 +79,20 @@ def seams_with_a_journal():
     """Fake seams whose cancel calls land in one journal, in the order they happen."""
     storage, pubsub, compute = FakeRunStorage(RUN), FakeSchedulerPubSub(), FakeCompute()
     compute.vms = {name: Vm(name=name, zone="z", status="RUNNING", status_message="") for name in ("w-1", "w-2")}
-    journal = []
-    mark, delete_topics, delete_vms = storage.mark_cancelled, pubsub.delete_run_topics, compute.delete_run_vms
-    storage.mark_cancelled = lambda now: (journal.append("mark"), mark(now))[1]
-    pubsub.delete_run_topics = lambda topics: (journal.append("topics"), delete_topics(topics))[1]
-    compute.delete_run_vms = lambda run_id, *args, **kwargs: (journal.append("vms"), delete_vms(run_id, *args, **kwargs))[1]
+    journal: list[str] = []
+
+    def journaled(seam, method_name, entry):
+        method = getattr(seam, method_name)
+
+        def call(*args, **kwargs):
+            journal.append(entry)
+            return method(*args, **kwargs)
+
+        setattr(seam, method_name, call)
+
+    journaled(storage, "mark_cancelled", "mark")
+    journaled(pubsub, "delete_run_topics", "topics")
+    journaled(compute, "delete_run_vms", "vms")
     return storage, pubsub, compute, journal
 
 

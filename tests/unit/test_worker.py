@@ -252,9 +252,9 @@ class DyingStorage(FakeStorage):
             self.die_at = None
             raise VmDied(operation)
 
-    def upload_output(self, item_id, name, local_path):
+    def upload_output(self, item_id, name, local_path, offset=0):
         self._maybe_die("output")
-        super().upload_output(item_id, name, local_path)
+        super().upload_output(item_id, name, local_path, offset)
 
     def upload_log(self, item_id, attempt, local_path):
         self._maybe_die("log")
@@ -380,10 +380,10 @@ class GatedStorage(FakeStorage):
         self.uploading = threading.Event()
         self.gate = threading.Event()
 
-    def upload_output(self, item_id, name, local_path):
+    def upload_output(self, item_id, name, local_path, offset=0):
         self.uploading.set()
         assert self.gate.wait(20)
-        super().upload_output(item_id, name, local_path)
+        super().upload_output(item_id, name, local_path, offset)
 
 
 def test_hook_waits_for_a_worker_recording_its_result_instead_of_nacking(work_dir, tmp_path):
@@ -700,3 +700,37 @@ def test_process_hands_back_an_item_whose_result_cannot_be_recorded(work_dir, tm
     assert ("nack", "ack-39") in pubsub.calls and ("ack", ("ack-39",)) not in pubsub.calls
     # Nothing left for the shutdown hook to wait for.
     assert not work_dir.settling.exists() and not work_dir.inflight.exists()
+
+
+CSV_AND_TEXT = """
+import os
+out = os.environ["CFLOW_OUTPUT_DIR"]
+open(os.path.join(out, "rows.csv"), "w").write("name,value\\nx,1\\ny,2\\n")
+open(os.path.join(out, "notes.txt"), "w").write("first line\\nno final newline")
+"""
+
+
+def test_in_a_run_that_combines_a_csv_header_rides_in_the_done_marker_and_the_body_is_uploaded(work_dir):
+    worker, _pubsub, storage = make_worker(work_dir, write_task(work_dir, CSV_AND_TEXT), combine="concat")
+
+    assert worker.process(received(tasks.WorkItem(id="000003", index=3, args=()), 1)) == "done"
+
+    assert storage.objects["outputs/000003/rows.csv"] == b"x,1\ny,2\n"
+    assert storage.objects["outputs/000003/notes.txt"] == b"first line\nno final newline"  # not a CSV: whole
+    marker = json.loads(storage.objects["done/000003"])
+    assert marker["outputs"] == ["notes.txt", "rows.csv"]
+    assert marker["output_shapes"] == {
+        "notes.txt": {"size": 27, "newline": False},
+        "rows.csv": {"size": 8, "newline": True, "header": "name,value\n"},
+    }
+    # Still one upload per output: the header costs no call of its own.
+    assert [call[0] for call in storage.calls] == ["output", "output", "log", "done-marker"]
+
+
+def test_in_a_run_that_does_not_combine_outputs_are_uploaded_whole(work_dir):
+    worker, _pubsub, storage = make_worker(work_dir, write_task(work_dir, CSV_AND_TEXT))  # COMBINE = "none"
+
+    assert worker.process(received(tasks.WorkItem(id="000004", index=4, args=()), 1)) == "done"
+
+    assert storage.objects["outputs/000004/rows.csv"] == b"name,value\nx,1\ny,2\n"
+    assert json.loads(storage.objects["done/000004"])["output_shapes"]["rows.csv"] == {"size": 19, "newline": True}

@@ -3,9 +3,13 @@
 Order matters: everything that can be checked is checked before anything is
 created (bad input never costs a VM), and the run id is printed before the
 first thing is created so an interrupted run can be resumed or cancelled.
-At the end: combine, delete the fleet and topics, write the VM history and
-RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``), and print the summary,
-which names failed items by their fields and, locally, their logs as files.
+Then what a booting worker looks for (package, run.json, topics), then the
+fleet, and the items are published while it boots (``cflow.launch``; what
+needs no cloud is prepared while the local stack starts). At the end: the
+fleet and the topics are deleted while the outputs are combined, then the VM
+history and RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``) are written
+and the summary printed, which names failed items by their fields and,
+locally, their logs as files.
 """
 
 import argparse
@@ -17,7 +21,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -30,14 +34,20 @@ if TYPE_CHECKING:
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
+    from cflow.launch import Preparation
     from cflow.lifecycle import CombinedFile
     from cflow.ops.view import RunView
     from cflow.scheduler import Progress, Scheduler
+    from cflow.tasks import WorkItem
 
 log = logging.getLogger(__name__)
 
 STEP_INTERVAL_SECONDS = 2.0
 DEFAULT_CONFIG = "const.py"
+# At the end, how often the fleet is listed until it is gone: a local VM goes
+# in a fraction of a second, a GCE one in tens of seconds (a few lists a second
+# are well within GCE's read quota).
+FLEET_GONE_POLL_SECONDS = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,17 +102,20 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients], None] | None" = None) -> int:
     """``cflow run``: load const.py, then run (or resume, or plan) the run. Returns the exit status."""
     from cflow.config import load_config
+    from cflow.launch import Preparation
 
     config = load_config(args.config, overrides_from(args))
     if args.dry_run:
         return dry_run(config)
     run_id = args.resume or new_run_id()
     print(f"run id: {run_id}", flush=True)
-    with _cloud(config, args) as clients:
+    # While the local stack starts (or the clients are built): imports, the package, the items.
+    preparation = Preparation(config, resume=bool(args.resume))
+    with _cloud(config, args, preparation) as clients:
         if before_run:
             before_run(config, clients)
         status = execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes,
-                             stack_dir=_stack_dir(config, args))
+                             stack_dir=_stack_dir(config, args), preparation=preparation)
     # Last, after a stack started for the run has stopped: what to open next.
     from cflow.ops.report import report_path
 
@@ -120,11 +133,16 @@ def _stack_dir(config: "Config", args: argparse.Namespace) -> Path | None:
 
 
 @contextlib.contextmanager
-def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
-    """The clients for the run's target; locally, a running stack or one started for this run."""
-    from cflow.gcp.clients import build_clients
+def _cloud(config: "Config", args: argparse.Namespace, preparation: "Preparation | None" = None) -> "Iterator[Clients]":
+    """The clients for the run's target; locally, a running stack or one started for this run.
 
+    ``preparation`` imports the client modules meanwhile; they are built once it has.
+    """
     if not config.is_local:
+        if preparation:
+            preparation.wait_for_imports()
+        from cflow.gcp.clients import build_clients
+
         yield build_clients("gcp", config.project, config.credential_file)
         return
     from cflow.local.stack import running_stack
@@ -133,6 +151,10 @@ def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
     assert stack_dir is not None  # local
     with running_stack(stack_dir) as info:
         os.environ.update(info.env())
+        if preparation:
+            preparation.wait_for_imports()
+        from cflow.gcp.clients import build_clients
+
         yield build_clients("local", config.project)
 
 
@@ -194,12 +216,14 @@ def execute_run(
     sleep: Callable[[float], None] = time.sleep,
     out: IO[str] | None = None,
     stack_dir: Path | None = None,
+    preparation: "Preparation | None" = None,
 ) -> int:
     """Run (or resume) one run with built clients. Returns the exit status.
 
     ``stack_dir`` is the local stack's folder, where the summary finds the
     logs as files (None on GCP, or when not known: it then names the
-    `cflow logs` command instead).
+    `cflow logs` command instead). ``preparation`` has the package and items
+    made meanwhile (None: they are made here).
 
     Raises:
         ConfigError: a check failed before anything was created, or a resumed
@@ -212,7 +236,7 @@ def execute_run(
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import Bucket, RunStorage
-    from cflow.package import build_package
+    from cflow.launch import BackgroundPublisher, prepare_locally, write_run_records
     from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
 
@@ -233,6 +257,7 @@ def execute_run(
                               "pick one from `gcloud compute zones list`")
     compute.check_image(fleet.boot_image(config))
 
+    items: Sequence[WorkItem] | None
     if resume:
         manifest = storage.read_manifest()
         items = storage.read_items()
@@ -244,12 +269,14 @@ def execute_run(
         lifecycle.check_resumable(manifest, config, run_id)
         topics = RunTopics.from_dict(manifest["topics"])
     else:
-        items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
+        prepared = preparation.result() if preparation else prepare_locally(config, resume=False)
+        items = prepared.items
+        if items is None:  # a gs:// prefix: listed here, with the clients
+            items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
         topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
-        package_url = storage.upload_package(build_package(config.base_dir))
-        manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), package_url, time.time())
-        storage.write_items(items)
-        storage.write_manifest(manifest)
+        assert prepared.package is not None  # a new run's
+        manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), storage.package_url(), time.time())
+        write_run_records(storage, prepared.package, items, manifest)
 
     properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
@@ -257,17 +284,30 @@ def execute_run(
         scheduler.restore_vm_history()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
-    if created_queue or not storage.is_published():
-        # A new queue (a new run, or a resumed one whose Pub/Sub forgot its
-        # messages), or a run killed while publishing: every unfinished item
-        # goes out again. Workers ack an item already done without rerunning it.
-        count = scheduler.publish_items(scheduler.unfinished_items())
-        storage.mark_published(count, time.time())
-        print(f"published {count} work item(s)", file=out, flush=True)
+    # A new queue (a new run, or a resumed one whose Pub/Sub forgot its
+    # messages), or a run killed while publishing: every unfinished item goes
+    # out again (workers ack an item already done without rerunning it). It
+    # goes out while the fleet boots: the first step asks for the fleet, then
+    # publishing starts beside the loop.
+    publisher = BackgroundPublisher(scheduler, storage) if created_queue or not storage.is_published() else None
 
     reporter = ProgressReporter(out)
+
+    def on_progress(progress: "Progress") -> None:
+        if publisher is not None:
+            publisher.start()
+            news = publisher.news()
+            if news:
+                reporter.note(news)
+        reporter.show(progress, time.monotonic() - started)
+
     try:
-        run_steps(scheduler, lambda progress: reporter.show(progress, time.monotonic() - started), step_interval, sleep=sleep)
+        run_steps(scheduler, on_progress, step_interval, sleep=sleep)
+        if publisher is not None:
+            publisher.wait()  # ended already: every item was done, so every one was out
+            news = publisher.news()
+            if news:
+                reporter.note(news)
     except (RunCancelled, SchedulerGaveUp):
         reporter.close()  # the error line goes below the progress line, not over it
         raise
@@ -321,19 +361,23 @@ def finish_run(
     out: IO[str], view: "RunView | None" = None,
 ) -> int:
     """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status."""
+    from cflow.gcp import layout
     from cflow.lifecycle import combine_outputs, done_in_item_order
     from cflow.ops.view import RunView
 
     combined: dict[str, CombinedFile] = {}
-    # The VMs have no work left and bill until they are gone: delete them while combining.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-fleet") as deleter:
-        fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id)
+    # The VMs have no work left and bill until they are gone, and no worker
+    # needs the topics any more: delete both while combining.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="finish") as deleter:
+        fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id, poll_seconds=FLEET_GONE_POLL_SECONDS)
+        topics_deleted = deleter.submit(pubsub.delete_run_topics, topics)
         if config.combine == "concat":
             done_in_order = done_in_item_order((item.id for item in scheduler.items), scheduler.done_ids)
-            print(f"combining the outputs of {len(done_in_order)} item(s) into {Path(config.result_dir) / run_id}", file=out, flush=True)
-            combined = combine_outputs(storage, done_in_order, config.result_dir)
+            where = Path(config.result_dir) / run_id if config.combine_download else storage.url(layout.COMBINED)
+            print(f"combining the outputs of {len(done_in_order)} item(s) into {where}", file=out, flush=True)
+            combined = combine_outputs(storage, done_in_order, config.result_dir, download=config.combine_download)
         left = fleet_deleted.result()
-    pubsub.delete_run_topics(topics)
+        topics_deleted.result()
     scheduler.write_vm_history(fleet_gone=True)
     view = view or RunView(storage)
     _write_report(view, config, run_id)
@@ -384,7 +428,8 @@ def print_summary(
         failed = view.failed_item(item_id, fields.get(item_id, ()))
         lines.append(f"failed: item {failed.label}: {failed.reason}; log: {failed.log or 'none was uploaded'}")
     for file in combined.values():
-        lines.append(f"combined: {file.path} ({file.url})")
+        lines.append(f"combined: {file.path} ({file.url})" if file.path is not None
+                     else f"combined: {file.url} (COMBINE_DOWNLOAD = False: left in the bucket)")
     if config.combine == "none":
         lines.append(f"outputs: {view.storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
     if vms_left:
@@ -426,6 +471,12 @@ class ProgressReporter:
         elif self._last_plain is None or elapsed - self._last_plain >= self.PLAIN_EVERY_SECONDS or progress.finished:
             self._last_plain = elapsed
             print(line, file=self.out, flush=True)
+
+    def note(self, text: str) -> None:
+        """A line of news, above the live line (which the next ``show`` draws again)."""
+        if self.live:
+            self.out.write("\r\x1b[K")
+        print(text, file=self.out, flush=True)
 
     def close(self) -> None:
         if self.live:

@@ -19,7 +19,7 @@ import collections
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,24 +107,34 @@ class PubSub:
     def create_run_topics(self, topics: RunTopics, ack_deadline_seconds: int) -> bool:
         """Create the run's topics and subscriptions; existing ones are kept.
 
+        The three topics are created at once, then the three subscriptions
+        (a subscription needs its topic, the work one the dead-letter topic too).
+
         Returns:
             True if the work subscription was created now, False if it already
             existed (a resumed run whose queue survived).
         """
-        for topic in (topics.work_topic, topics.events_topic, topics.dead_topic):
-            try:
-                self.publisher.create_topic(name=topic)
-            except google_exceptions.AlreadyExists:
-                pass
-        created_work = self._create_subscription(
-            topics.work_subscription,
-            topics.work_topic,
-            ack_deadline_seconds,
-            dead_letter_policy={"dead_letter_topic": topics.dead_topic, "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS},
-        )
-        self._create_subscription(topics.events_subscription, topics.events_topic, 60)
-        self._create_subscription(topics.dead_subscription, topics.dead_topic, 60)
-        return created_work
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="create-topics") as pool:
+            for created in [pool.submit(self._create_topic, topic) for topic in (topics.work_topic, topics.events_topic, topics.dead_topic)]:
+                created.result()
+            work = pool.submit(
+                self._create_subscription,
+                topics.work_subscription,
+                topics.work_topic,
+                ack_deadline_seconds,
+                dead_letter_policy={"dead_letter_topic": topics.dead_topic, "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS},
+            )
+            others = [pool.submit(self._create_subscription, topics.events_subscription, topics.events_topic, 60),
+                      pool.submit(self._create_subscription, topics.dead_subscription, topics.dead_topic, 60)]
+            for other in others:
+                other.result()
+            return work.result()
+
+    def _create_topic(self, topic: str) -> None:
+        try:
+            self.publisher.create_topic(name=topic)
+        except google_exceptions.AlreadyExists:
+            pass
 
     def _create_subscription(self, name: str, topic: str, ack_deadline_seconds: int, dead_letter_policy: dict[str, Any] | None = None) -> bool:
         request: dict[str, Any] = {

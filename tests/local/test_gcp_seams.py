@@ -8,7 +8,7 @@ from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 
 from cflow import tasks
-from cflow.errors import BucketNotFound, ConfigError, NotFound
+from cflow.errors import BucketNotFound, CloudError, ConfigError, NotFound
 from cflow.gcp.pubsub import PubSub, RunTopics
 from cflow.gcp.storage import Bucket, RunStorage
 
@@ -57,7 +57,7 @@ def test_run_topics_are_created_once_and_deleted(pubsub):
 def test_publish_pull_ack_round_trip_keeps_args_exact(pubsub, topics):
     items = tasks.make_items([["a b", "$(echo hi)", "ünï", "'\"\\"], ["x"]])
     assert pubsub.publish_many(topics.work_topic, (tasks.encode_message(i, 1) for i in items)) == 2
-    got = []
+    got: list[tuple[tasks.WorkItem, int]] = []
     while len(got) < 2:
         for message in pubsub.pull(topics.work_subscription, max_messages=2, timeout=5):
             got.append(tasks.decode_message(message.data, message.attributes))
@@ -157,3 +157,78 @@ def test_the_seams_raise_cflow_classes(storage_client, pubsub):
     with pytest.raises(NotFound) as caught:
         pubsub.drain_events(gone.events_subscription, timeout=1)
     assert caught.value.service == "pubsub" and isinstance(caught.value.__cause__, google_exceptions.NotFound)
+
+
+def read_object(storage, relative):
+    return storage.bucket.blob(storage.prefix + relative).download_as_bytes()
+
+
+def listed(storage, relative_prefix):
+    return [blob.name for blob in storage.client.list_blobs(storage.bucket_name, prefix=storage.prefix + relative_prefix)]
+
+
+def stage_as_a_worker(storage, tmp_path, item_id, files, keep_headers_apart=True):
+    """Leave an item's outputs and done marker in the bucket as cflow.worker.record does."""
+    from cflow.combine import body_offset, is_csv_name, shape_output, shapes_to_json
+
+    shapes = {}
+    for name, data in sorted(files.items()):
+        path = tmp_path / f"{item_id}-{name}"
+        path.write_bytes(data)
+        shape = shape_output(path, keep_headers_apart and is_csv_name(name))
+        storage.upload_output(item_id, name, path, offset=body_offset(shape))
+        shapes[name] = shape
+    storage.write_done_marker(item_id, {"item": item_id, "attempt": 1, "outputs": sorted(files), "output_shapes": shapes_to_json(shapes)})
+
+
+def test_fake_gcs_server_composes_up_to_32_sources_in_order(storage_client):
+    bucket = "seams-" + uuid.uuid4().hex[:8]
+    Bucket(storage_client, bucket).ensure_exists(create_if_missing=True)
+    storage = RunStorage(storage_client, bucket, "run-5")
+    for number in range(33):
+        storage.upload_bytes(f"parts/{number:02d}", b"%d," % number)
+    storage.compose([f"parts/{number:02d}" for number in range(32)], "joined.csv")
+    assert read_object(storage, "joined.csv") == b"".join(b"%d," % number for number in range(32))
+    assert storage_client.bucket(bucket).get_blob(storage.prefix + "joined.csv").content_type == "text/csv"
+    with pytest.raises(CloudError):
+        storage.compose([f"parts/{number:02d}" for number in range(33)], "too-many")
+    storage.delete_object("joined.csv")
+    storage.delete_object("joined.csv")  # already gone: fine
+
+
+def test_combining_in_the_bucket_gives_the_bytes_combining_through_the_controller_gives(storage_client, tmp_path):
+    from cflow.lifecycle import combine_outputs
+
+    bucket = "seams-" + uuid.uuid4().hex[:8]
+    Bucket(storage_client, bucket).ensure_exists(create_if_missing=True)
+    outputs = {
+        "000000": {"out.csv": b"id,value\n0,a\n", "log.txt": b"zero"},
+        "000001": {"out.csv": b"id,value\r\n1,b\r\n2,c"},
+        "000002": {"out.csv": b"", "log.txt": b"two\n"},
+        "000003": {"out.csv": b"id,value\n", "log.txt": b"three\n"},
+        "000004": {"out.csv": b"id,value\n4,\xc3\xa9\n", "other.csv": b"x\n1\n"},
+        "000005": {"other.csv": b"y\n2\n"},  # another header: through the controller
+    }
+    in_bucket, as_before = RunStorage(storage_client, bucket, "new-way"), RunStorage(storage_client, bucket, "old-way")
+    for item_id, files in outputs.items():
+        stage_as_a_worker(in_bucket, tmp_path, item_id, files)
+        stage_as_a_worker(as_before, tmp_path, item_id, files, keep_headers_apart=False)
+    # The old way: every copy read through the controller, as before shapes were recorded.
+    written = tmp_path / "old" / "x"
+    written.mkdir(parents=True)
+    from cflow.combine import combine_concat
+
+    expected = combine_concat(sorted(outputs), as_before.recorded_output_names, as_before.read_output, written)
+
+    combined = combine_outputs(in_bucket, sorted(outputs), tmp_path / "result")
+
+    assert sorted(combined) == ["log.txt", "other.csv", "out.csv"]
+    for name, file in combined.items():
+        assert file.path is not None and file.path.read_bytes() == expected[name].read_bytes(), name
+        assert read_object(in_bucket, f"combined/{name}") == expected[name].read_bytes()
+    assert read_object(in_bucket, "combined/out.csv") == "id,value\n0,a\n1,b\r\n2,c\n4,é\n".encode()
+    assert [combined[name].in_bucket for name in sorted(combined)] == [True, False, True]
+    assert listed(in_bucket, "combining/") == []
+
+    left = combine_outputs(in_bucket, sorted(outputs), tmp_path / "not-downloaded", download=False)
+    assert all(file.path is None for file in left.values()) and not (tmp_path / "not-downloaded").exists()

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 LIVE_STATES = {"PROVISIONING", "STAGING", "RUNNING"}
 STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
 MARKER_LIST_INTERVAL_SECONDS = 30
+# ... and at least this many times as long as the last listing took, so that
+# listing a million markers (tens of seconds) stays a small share of the scheduler's time.
+MARKER_LIST_COST_FACTOR = 20
 # Between steps the scheduler pulls events at most this often (see Scheduler.wait).
 EVENT_POLL_SECONDS = 0.25
 STOCKOUT_COOLDOWN_SECONDS = 120
@@ -145,7 +148,8 @@ class Scheduler:
         self.vm_seconds = 0.0
         self._last_step_at: float | None = None
         self._markers_listed_at: float | None = None
-        self.item_ids = {item.id for item in items}
+        self._marker_interval = float(MARKER_LIST_INTERVAL_SECONDS)
+        self.item_ids = tasks.ids_of(items)  # compact for a run's ItemList: no string per item
         self.vm_history = VmHistory()
         self._vm_history_written_at: float | None = None
 
@@ -158,9 +162,11 @@ class Scheduler:
 
     def refresh_markers(self) -> None:
         """Read every done and failed marker: the source of truth, O(items) to list."""
+        started = self.clock()
         self.done_ids = self.storage.list_done_ids()
         self.failed_ids = self.storage.list_failed_ids() - self.done_ids
         self._markers_listed_at = self.clock()
+        self._marker_interval = max(float(MARKER_LIST_INTERVAL_SECONDS), MARKER_LIST_COST_FACTOR * (self._markers_listed_at - started))
         self._count_finished()
 
     def _count_finished(self) -> None:
@@ -172,11 +178,13 @@ class Scheduler:
 
         In between, done and failed events keep the counts current: at 100,000
         items a full listing every step would cost seconds of CPU per step. An
-        event that never arrives is caught by the next periodic listing.
+        event that never arrives is caught by the next periodic listing, which
+        comes every ``MARKER_LIST_INTERVAL_SECONDS``, or ``MARKER_LIST_COST_FACTOR``
+        times the last listing's time if that is longer.
         """
-        if self._markers_listed_at is None or now - self._markers_listed_at >= MARKER_LIST_INTERVAL_SECONDS:
+        if self._markers_listed_at is None or now - self._markers_listed_at >= self._marker_interval:
             return True
-        return len(self.done_ids | self.failed_ids) >= len(self.items)
+        return self._all_ended()  # the two sets never share an id
 
     def unfinished_items(self) -> list[tasks.WorkItem]:
         finished = self.done_ids | self.failed_ids
@@ -277,11 +285,12 @@ class Scheduler:
 
     def _recover_queue(self) -> None:
         """The run's topics or subscriptions are gone without a cancel: make them again, republish what is unfinished."""
-        unfinished = self.unfinished_items()
         log.warning("the run's Pub/Sub topics or subscriptions are gone (was the Pub/Sub service restarted?); "
-                    "recreating them and publishing the %d unfinished item(s) again", len(unfinished))
+                    "recreating them and publishing the %d unfinished item(s) again", self.progress.left)
         self.pubsub.create_run_topics(self.topics, ack_deadline_seconds=self.config.lease_seconds)
-        self.publish_items(unfinished)
+        # One at a time: a million WorkItem objects at once would take ~450 MB.
+        finished_done, finished_failed = self.done_ids, self.failed_ids
+        self.publish_items(item for item in self.items if item.id not in finished_done and item.id not in finished_failed)
 
     def wait(self, seconds: float, sleep: Callable[[float], None] = time.sleep) -> None:
         """Wait up to ``seconds`` until the next step, reading events as they come.
@@ -330,11 +339,12 @@ class Scheduler:
             # for the next item can come first: only that item's end frees the VM.
             elif kind in ITEM_END_EVENTS and self.item_by_vm.get(vm) == event.get("item"):
                 del self.item_by_vm[vm]
-            item_id = event.get("item")
-            if kind == EventKind.DONE and item_id in self.item_ids:
+            named = event.get("item")
+            item_id = named if isinstance(named, str) and named in self.item_ids else None  # None: none of this run's items
+            if kind == EventKind.DONE and item_id is not None:
                 self.done_ids.add(item_id)
                 self.failed_ids.discard(item_id)
-            elif kind == EventKind.FAILED and item_id in self.item_ids and item_id not in self.done_ids:
+            elif kind == EventKind.FAILED and item_id is not None and item_id not in self.done_ids:
                 self.failed_ids.add(item_id)
             elif kind == EventKind.IDLE:
                 self.idle_vms.add(vm)

@@ -5,17 +5,22 @@ argv, never through a shell. Its id is its index among the run's items,
 zero-padded to a width that depends only on how many items there are, so a
 resumed run derives the same ids from the same source. ``item_label`` names
 an item in messages and the report by its id and its fields, shortened.
+
+A run's items are an ``ItemList``: every item's fields in one buffer, a
+``WorkItem`` made only when one is asked for, so a million items take tens
+of megabytes, not the ~450 MB a list of objects would.
 """
 
+import array
 import dataclasses
 import json
 import logging
 import re
 import shlex
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
     from cflow.config import Config
@@ -119,14 +124,128 @@ def item_label(item_id: str, args: Sequence[str] | None, limit: int = FIELDS_SHO
     return f"{item_id} ({fields})" if fields else item_id
 
 
-def make_items(arg_lists: Iterable[Iterable[str]]) -> list[WorkItem]:
+# Ends each field in an ItemList's buffer: argv cannot hold NUL (``args_problem``), so no field has one.
+FIELD_END = "\0"
+
+
+class ItemIds(Collection[str]):
+    """The ids of a run of ``count`` items, without a string each: ``"000042" in ids``."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.width = id_width(count)
+
+    def __contains__(self, value: object) -> bool:
+        return (isinstance(value, str) and len(value) == self.width and value.isascii() and value.isdigit()
+                and int(value) < self.count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        return (str(index).zfill(self.width) for index in range(self.count))
+
+
+class ItemList(Sequence[WorkItem]):
+    """A run's work items in order, held compactly; ``items[i]`` makes the ``WorkItem``.
+
+    Every item's fields live in one UTF-8 buffer, each field ended by NUL,
+    with one 8-byte offset an item; ids come from positions (``item_id``).
+    Equal to any sequence of the same ``WorkItem`` values.
+
+    Args:
+        arg_lists: each item's fields, in order (more can be ``append``-ed).
+    Raises:
+        ValueError: a field holds NUL.
+    """
+
+    def __init__(self, arg_lists: Iterable[Sequence[str]] = ()) -> None:
+        self._data = bytearray()
+        self._ends = array.array("Q")
+        for args in arg_lists:
+            self.append(args)
+
+    def append(self, args: Sequence[str]) -> None:
+        """Add an item with these fields at the end."""
+        text = "".join(args)
+        if FIELD_END in text:
+            raise ValueError("a work item's field holds a NUL character, which a command line cannot carry")
+        self._data += "".join(arg + FIELD_END for arg in args).encode("utf-8")
+        self._ends.append(len(self._data))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _args(self, index: int) -> tuple[str, ...]:
+        start = self._ends[index - 1] if index else 0
+        return tuple(self._data[start:self._ends[index]].decode("utf-8").split(FIELD_END)[:-1])
+
+    @overload
+    def __getitem__(self, index: int) -> WorkItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[WorkItem]: ...
+
+    def __getitem__(self, index: int | slice) -> WorkItem | list[WorkItem]:
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        count = len(self)
+        if index < 0:
+            index += count
+        if not 0 <= index < count:
+            raise IndexError("item index out of range")
+        return WorkItem(item_id(index, count), index, self._args(index))
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        count, width, start = len(self), id_width(len(self)), 0
+        for index, end in enumerate(self._ends):
+            fields = self._data[start:end].decode("utf-8").split(FIELD_END)[:-1]
+            yield WorkItem(str(index).zfill(width), index, tuple(fields))
+            start = end
+        assert count == len(self), "items appended while iterating"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ItemList):
+            return self._ends == other._ends and self._data == other._data
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(mine == theirs for mine, theirs in zip(self, other))
+
+
+    def __hash__(self) -> int:
+        raise TypeError("unhashable type: 'ItemList' (it is mutable, as a list)")
+
+    def __repr__(self) -> str:
+        return f"ItemList({len(self)} items)"
+
+    @property
+    def ids(self) -> ItemIds:
+        """The items' ids, as a container (no string is made until one is asked for)."""
+        return ItemIds(len(self))
+
+
+def ids_of(items: Sequence[WorkItem]) -> Collection[str]:
+    """The ids of ``items``, for ``in``: compact for an ``ItemList``, a set for another sequence."""
+    return items.ids if isinstance(items, ItemList) else {item.id for item in items}
+
+
+def make_items(arg_lists: Iterable[Iterable[str]]) -> ItemList:
     """Number a sequence of argument lists as WorkItems, ids by position."""
-    arg_lists = list(arg_lists)
-    count = len(arg_lists)
-    return [WorkItem(item_id(index, count), index, tuple(args)) for index, args in enumerate(arg_lists)]
+    return ItemList(tuple(args) for args in arg_lists)
+
+
+# Only these make a line more than whitespace-separated words to a POSIX shell's
+# splitting (comments=False); a line without them splits on shlex's own whitespace.
+_SHELL_SYNTAX_RE = re.compile(r"""['"\\]""")
+_SHELL_WHITESPACE_RE = re.compile(r"[ \t\r]+")
 
 
 def parse_tasks_text(text: str, source: str = "tasks file") -> list[list[str]]:
+    """Split a tasks file's text into items, one per line (see ``iter_tasks_text``)."""
+    return list(iter_tasks_text(text, source))
+
+
+def iter_tasks_text(text: str, source: str = "tasks file") -> Iterator[list[str]]:
     """Split a tasks file's text into items, one per line.
 
     Blank lines and lines whose first non-blank character is ``#`` are
@@ -139,30 +258,34 @@ def parse_tasks_text(text: str, source: str = "tasks file") -> list[list[str]]:
     Args:
         text: the file's contents.
         source: the file's name, for error messages.
-    Returns:
-        A list of items, each a list of strings.
+    Yields:
+        Each item, a list of strings.
     Raises:
         ConfigError: a line cannot be split (unbalanced quote, trailing
             backslash) or holds a NUL; the message names source and line.
     """
-    items = []
+    # Text from a file is valid Unicode; only a NUL can make a field unfit for argv.
+    check_fields = "\0" in text
     for lineno, raw_line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
         line = raw_line.removesuffix("\r")
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        try:
-            args = shlex.split(line, comments=False, posix=True)
-        except ValueError as error:
-            raise ConfigError(
-                f"{source}:{lineno}: cannot split the line into fields: {error} "
-                "(balance the quotes, or escape a literal quote with a backslash)"
-            ) from None
-        problem = args_problem(args)
+        if not _SHELL_SYNTAX_RE.search(line):
+            # shlex, pure Python, costs ~17 s per million lines; this is what it would do here.
+            args = _SHELL_WHITESPACE_RE.split(line.strip(" \t\r"))
+        else:
+            try:
+                args = shlex.split(line, comments=False, posix=True)
+            except ValueError as error:
+                raise ConfigError(
+                    f"{source}:{lineno}: cannot split the line into fields: {error} "
+                    "(balance the quotes, or escape a literal quote with a backslash)"
+                ) from None
+        problem = args_problem(args) if check_fields else None
         if problem:
             raise ConfigError(f"{source}:{lineno}: the line {problem} (remove that character)")
-        items.append(args)
-    return items
+        yield args
 
 
 def _read_tasks_file(path: Path) -> str:
@@ -176,7 +299,7 @@ def _read_tasks_file(path: Path) -> str:
         raise ConfigError(f"{path}: the tasks file is not UTF-8 text ({error.reason} at byte {error.start}) (save it as UTF-8)") from None
 
 
-def load_items(config: "Config", list_objects: Callable[[str, str], Iterable[str]] | None = None) -> list[WorkItem]:
+def load_items(config: "Config", list_objects: Callable[[str, str], Iterable[str]] | None = None) -> ItemList:
     """The run's work items, in order, from ``config.tasks``.
 
     Args:
@@ -186,31 +309,31 @@ def load_items(config: "Config", list_objects: Callable[[str, str], Iterable[str
             in ``/`` (folder placeholders) are skipped; the rest are sorted so
             a resumed run derives the same ids.
     Returns:
-        A non-empty list of ``WorkItem``.
+        A non-empty ``ItemList``.
     Raises:
         ConfigError: the source cannot be read or split, or has no items.
         TypeError: TASKS is a gs:// prefix and no ``list_objects`` was given.
     """
     gcs = config.tasks_gcs
     if (path := config.tasks_file) is not None:
-        arg_lists = parse_tasks_text(_read_tasks_file(path), source=str(path))
+        items = ItemList(iter_tasks_text(_read_tasks_file(path), source=str(path)))
         empty = f"{path}: the tasks file has no items (write one item per line; lines starting with # are comments)"
     elif gcs is None:
-        arg_lists = [list(args) for args in config.tasks]
+        items = ItemList(list(args) for args in config.tasks)
         empty = f"{config.config_path.name}: TASKS is an empty list, so there are no items (add items, or point TASKS at a tasks file)"
     else:
         if list_objects is None:
             raise TypeError("load_items needs list_objects for a gs:// TASKS")
         bucket, prefix = gcs
         names = sorted(name for name in list_objects(bucket, prefix) if not name.endswith("/"))
-        arg_lists = [[f"gs://{bucket}/{name}"] for name in names]
+        items = ItemList([f"gs://{bucket}/{name}"] for name in names)
         empty = (
             f"{config.config_path.name}: TASKS prefix {config.tasks} has no items, no objects are under it "
             "(upload the inputs there, or fix the prefix)"
         )
-    if not arg_lists:
+    if not items:
         raise ConfigError(empty)
-    return make_items(arg_lists)
+    return items
 
 
 def encode_message(item: WorkItem, attempt: int) -> tuple[bytes, dict[str, str]]:

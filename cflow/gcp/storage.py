@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import mimetypes
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,16 @@ class RunStorage:
         prefix = self.prefix + relative_prefix
         return [(blob.name[len(prefix):], blob) for blob in self.client.list_blobs(self.bucket_name, prefix=prefix)]
 
+    def _list_names(self, relative_prefix: str) -> set[str]:
+        """The names (relative to the prefix) of the run's objects under ``relative_prefix``.
+
+        Asks for names only: a listing page of full object resources is
+        several times the bytes to send and parse (a million done markers).
+        """
+        prefix = self.prefix + relative_prefix
+        blobs = self.client.list_blobs(self.bucket_name, prefix=prefix, fields="items(name),nextPageToken")
+        return {blob.name[len(prefix):] for blob in blobs}
+
     # -- small JSON documents ---------------------------------------------
 
     def _write_json(self, relative: str, document: object) -> None:
@@ -176,17 +187,36 @@ class RunStorage:
 
     @translated("storage")
     def write_items(self, items: Iterable[tasks.WorkItem]) -> None:
-        lines = (json.dumps(item.to_dict()) for item in items)
-        self._blob(layout.ITEMS).upload_from_string("\n".join(lines) + "\n", content_type="application/x-ndjson")
+        """Write items.jsonl, one item a line; through a temporary file, so a million items never sit in memory as one text."""
+        with tempfile.TemporaryFile() as stream:
+            for item in items:
+                stream.write(json.dumps(item.to_dict()).encode() + b"\n")
+            stream.seek(0)
+            self._blob(layout.ITEMS).upload_from_file(stream, content_type="application/x-ndjson")
 
     @translated("storage")
-    def read_items(self) -> list[tasks.WorkItem] | None:
-        """The run's items in item order, or None if never written."""
-        try:
-            text = self._blob(layout.ITEMS).download_as_text()
-        except google_exceptions.NotFound:
-            return None
-        return [tasks.WorkItem.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]
+    def read_items(self) -> tasks.ItemList | None:
+        """The run's items in item order, or None if never written.
+
+        Raises:
+            MessageError: a line is not an item, or not the one its position says.
+        """
+        items = tasks.ItemList()
+        with tempfile.TemporaryFile() as stream:
+            try:
+                self._blob(layout.ITEMS).download_to_file(stream)
+            except google_exceptions.NotFound:
+                return None
+            # Twice through the file: the ids' width depends on the count.
+            stream.seek(0)
+            count = sum(1 for line in stream if line.strip())
+            stream.seek(0)
+            for index, line in enumerate(line for line in stream if line.strip()):
+                item = tasks.WorkItem.from_dict(json.loads(line))
+                if item.index != index or item.id != tasks.item_id(index, count):
+                    raise tasks.MessageError(f"items.jsonl line {index + 1} holds item {item.id}, not the item at that place")
+                items.append(item.args)
+        return items
 
     @translated("storage")
     def mark_published(self, count: int, now: float) -> None:
@@ -395,11 +425,11 @@ class RunStorage:
 
     @translated("storage")
     def list_done_ids(self) -> set[str]:
-        return {name for name, _ in self._list(layout.markers(layout.DONE))}
+        return self._list_names(layout.markers(layout.DONE))
 
     @translated("storage")
     def list_failed_ids(self) -> set[str]:
-        return {name for name, _ in self._list(layout.markers(layout.FAILED))}
+        return self._list_names(layout.markers(layout.FAILED))
 
     @translated("storage")
     def read_marker(self, kind: str, item_id: str) -> dict[str, Any] | None:

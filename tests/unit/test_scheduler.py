@@ -1,6 +1,7 @@
 """Scheduler.step() against fake seams, stepped by hand with a fake clock."""
 
 import types
+from typing import Any
 
 import pytest
 
@@ -21,9 +22,13 @@ class Clock:
 
 
 def make_scheduler(item_count=10, workers=3, zones=("us-central1-a", "us-central1-b")):
-    config = types.SimpleNamespace(worker_node_cnt=workers, zones=zones, vm_name_prefix="w", lease_seconds=30)
+    config: Any = types.SimpleNamespace(worker_node_cnt=workers, zones=zones, vm_name_prefix="w", lease_seconds=30)
     items = tasks.make_items([[f"in-{i}"] for i in range(item_count)])
-    compute, pubsub, storage, clock = FakeCompute(), FakeSchedulerPubSub(), FakeRunStorage(), Clock()
+    # The fakes stand in for the real seams (tests/unit/test_fakes.py keeps them in step).
+    compute: Any = FakeCompute()
+    pubsub: Any = FakeSchedulerPubSub()
+    storage: Any = FakeRunStorage()
+    clock = Clock()
     topics = RunTopics.for_run("p", RUN, "t", "s")
     scheduler = Scheduler(config, RUN, items, compute, pubsub, storage, topics, {"machineType": "e2-small"}, clock=clock)
     return scheduler, compute, pubsub, storage, clock
@@ -105,6 +110,33 @@ def test_done_events_keep_counts_without_listing_markers_every_step():
     progress = scheduler.step()
     assert progress.done == 2
     assert storage.listings == listings  # counted from events, no listing
+
+
+def test_a_slow_marker_listing_comes_less_often_so_it_stays_a_small_share_of_the_time():
+    scheduler, _compute, _pubsub, storage, clock = make_scheduler(item_count=5, workers=2)
+    listing = storage.list_done_ids
+
+    def slow_listing():
+        clock.now += 4.0  # as a million markers take
+        return listing()
+
+    storage.list_done_ids = slow_listing
+    scheduler.step()  # lists at start
+    listings = storage.listings
+    clock.now += 31  # past the 30 s floor, within 20 x 4 s
+    scheduler.step()
+    assert storage.listings == listings
+    clock.now += 50
+    scheduler.step()
+    assert storage.listings == listings + 1
+
+
+def test_events_naming_no_item_of_the_run_count_nothing():
+    scheduler, _compute, pubsub, _storage, clock = make_scheduler(item_count=3, workers=1)
+    scheduler.step()
+    pubsub.pending_events += [{"type": "done", "vm": "v", "item": item} for item in ("000003", "00001", 1, "abcdef")]
+    clock.now += 2
+    assert scheduler.step().done == 0
 
 
 def test_finish_is_confirmed_from_the_markers_not_only_events():
@@ -316,7 +348,7 @@ def test_wait_sleeps_out_the_interval_when_events_cannot_be_read():
         raise NotFound("Pub/Sub refused a request: Subscription does not exist")
 
     pubsub.drain_events = gone
-    slept = []
+    slept: list[float] = []
     scheduler.wait(2.0, sleep=slept.append)
     assert slept == [pytest.approx(1.99)]
 
@@ -349,7 +381,8 @@ def test_failed_steps_back_off_and_a_good_step_resets_the_count(caplog):
     scheduler, _compute, _pubsub, _storage, clock = make_scheduler(item_count=1, workers=1)
     outage = TransientError("Compute Engine refused a request: unavailable", status=503)
     scheduler.step = FlakySteps(scheduler, [outage, outage, "ok", outage, outage, outage, "done"])
-    slept, shown = [], []
+    slept: list[float] = []
+    shown: list[Any] = []
 
     def sleep(seconds):
         slept.append(seconds)
@@ -369,7 +402,7 @@ def test_failed_steps_back_off_and_a_good_step_resets_the_count(caplog):
 def test_five_failed_steps_in_a_row_end_the_run_in_one_line_saying_how_to_resume():
     scheduler, *_ = make_scheduler()
     scheduler.step = FlakySteps(scheduler, [KeyError("vm"), *[TransientError("Pub/Sub refused a request:\nunavailable")] * 10])
-    slept = []
+    slept: list[float] = []
 
     with pytest.raises(SchedulerGaveUp) as caught:
         run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
@@ -384,7 +417,7 @@ def test_five_failed_steps_in_a_row_end_the_run_in_one_line_saying_how_to_resume
 def test_a_cancel_ends_the_loop_at_once_without_using_the_budget():
     scheduler, _compute, _pubsub, storage, _clock = make_scheduler()
     storage.cancelled = {"time": 1.0}
-    slept = []
+    slept: list[float] = []
     with pytest.raises(RunCancelled):
         run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
     assert slept == []

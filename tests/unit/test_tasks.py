@@ -4,7 +4,10 @@ import csv
 import io
 import json
 import random
+import shlex
+import sys
 import textwrap
+import time
 
 import pytest
 
@@ -38,7 +41,7 @@ def project(tmp_path):
         (tmp_path / "const.py").write_text(textwrap.dedent(body))
         return load_config(tmp_path / "const.py")
 
-    load.dir = tmp_path
+    setattr(load, "dir", tmp_path)  # noqa: B010  (an attribute of the fixture's function)
     return load
 
 
@@ -345,3 +348,51 @@ def test_control_characters_in_fields_never_break_a_line():
 
     assert "\n" not in shown and "\t" not in shown and "\x1b" not in shown
     assert "line\\nbreak" in shown
+
+
+# ---------------------------------------------------------------- the compact item list
+
+
+def test_an_item_list_is_the_items_a_list_of_work_items_would_be():
+    arg_lists = [["a b", "c"], [""], [], ["ünï", "日本語"], ["x"] * 3]
+    items = make_items(arg_lists)
+    expected = [WorkItem(tasks.item_id(index, 5), index, tuple(args)) for index, args in enumerate(arg_lists)]
+    assert items == expected and expected == items and list(items) == expected
+    assert [items[index] for index in range(5)] == expected and items[-1] == expected[-1]
+    assert items[1:3] == expected[1:3]
+    assert len(items) == 5 and items != expected[:4]
+    with pytest.raises(IndexError):
+        items[5]
+    with pytest.raises(TypeError):
+        hash(items)
+
+
+def test_an_item_list_refuses_a_nul_and_knows_its_ids_without_a_string_each():
+    with pytest.raises(ValueError, match="NUL"):
+        tasks.ItemList([["a\0b"]])
+    items = make_items([[str(number)] for number in range(1001)])
+    assert "000000" in items.ids and "001000" in items.ids
+    assert "001001" not in items.ids and "1000" not in items.ids and "00100a" not in items.ids and 5 not in items.ids
+    assert list(items.ids) == [item.id for item in items]
+    assert tasks.ids_of(items) is not None and "000999" in tasks.ids_of(list(items))
+
+
+def test_plain_lines_split_as_shlex_splits_them():
+    chooser = random.Random(7)
+    alphabet = "ab#$()|;&*?~=\u00a0\u2028\x0b\x0c\x1c\x85é \t\t  \r"
+    for _ in range(3000):
+        line = "".join(chooser.choice(alphabet) for _ in range(chooser.randint(1, 12)))
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            assert parse_tasks_text(line) == []
+        else:
+            assert parse_tasks_text(line) == [shlex.split(line, comments=False, posix=True)], repr(line)
+
+
+def test_a_million_lines_load_in_seconds_into_tens_of_megabytes(project):
+    config = project('TASKS = "tasks.txt"\n', "".join(f"input-{number:07d}.csv {number}\n" for number in range(1_000_000)))
+    started = time.process_time()
+    items = load_items(config)
+    assert time.process_time() - started < 20  # shlex took ~17 s alone (2 cores, loaded); this takes ~2.5 s
+    assert len(items) == 1_000_000 and items[999_999] == WorkItem("999999", 999_999, ("input-0999999.csv", "999999"))
+    assert sys.getsizeof(items._data) + sys.getsizeof(items._ends) < 40 * 2**20

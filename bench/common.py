@@ -321,7 +321,9 @@ class BenchProject:
         """Write const.py and tasks.txt (one item per line)."""
         text = "".join(f"{name} = {value!r}\n" for name, value in self.settings.items())
         (self.root / "const.py").write_text(text)
-        (self.root / "tasks.txt").write_text("".join(line + "\n" for line in task_lines))
+        with open(self.root / "tasks.txt", "w") as stream:  # line by line: a million lines never sit in memory at once
+            for line in task_lines:
+                stream.write(line + "\n")
 
     def run_whole(self, *extra, timeout=1800):
         """Run ``python3 scheduler.py`` from the project folder as a new user does: no stack running, so it starts

@@ -287,8 +287,10 @@ def measure(info, temporary, args):
 
 def marker_listing(storage, done_markers, item_count):
     """Time one listing of the done markers; say what a run with every item done would spend on it, over its interval."""
-    from cflow.scheduler import MARKER_LIST_COST_FACTOR, MARKER_LIST_INTERVAL_SECONDS
+    from cflow import scheduler
 
+    # A tree before the listing's interval grew with its cost lists every 30 s whatever it costs.
+    factor, floor = getattr(scheduler, "MARKER_LIST_COST_FACTOR", 0), scheduler.MARKER_LIST_INTERVAL_SECONDS
     if not done_markers:
         return {}
     cpu_before, started = time.process_time(), time.monotonic()
@@ -296,7 +298,7 @@ def marker_listing(storage, done_markers, item_count):
     cpu, wall = time.process_time() - cpu_before, time.monotonic() - started
     per_10k_cpu, per_10k_wall = cpu / listed * 10_000, wall / listed * 10_000
     all_cpu, all_wall = per_10k_cpu * item_count / 10_000, per_10k_wall * item_count / 10_000
-    interval = max(MARKER_LIST_INTERVAL_SECONDS, MARKER_LIST_COST_FACTOR * all_wall)
+    interval = max(floor, factor * all_wall)
     print(f"  marker listing: {listed} done markers in {wall:.2f} s wall, {cpu:.2f} s CPU ({per_10k_cpu:.2f} s CPU per 10,000); "
           f"with all {item_count} done: ~{all_cpu:.0f} s CPU every {interval:.0f} s = {all_cpu / interval:.1%} of a core", flush=True)
     return {"listing_cpu_per_10k": per_10k_cpu, "listing_wall_per_10k": per_10k_wall, "listing_share_all_done": all_cpu / interval}

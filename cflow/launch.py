@@ -80,8 +80,8 @@ class Preparation:
     def __init__(self, config: Config, resume: bool) -> None:
         self._imported = threading.Event()
         self._result: Future[Prepared] = Future()
-        thread = threading.Thread(target=self._run, args=(config, resume), name="prepare", daemon=True)
-        thread.start()
+        self._thread = threading.Thread(target=self._run, args=(config, resume), name="prepare", daemon=True)
+        self._thread.start()
 
     def _run(self, config: Config, resume: bool) -> None:
         try:
@@ -106,6 +106,11 @@ class Preparation:
             What ``prepare_locally`` raised.
         """
         return self._result.result()
+
+    def settle(self) -> None:
+        """Wait for the thread to end, whatever it made: a run that stops early must not exit under its feet
+        (an interpreter shutting down beneath an import or a compile prints its own errors)."""
+        self._thread.join()
 
 
 def write_run_records(storage: RunStorage, package: bytes, items: Sequence[WorkItem], manifest: Mapping[str, Any]) -> None:

@@ -111,11 +111,14 @@ def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients
     print(f"run id: {run_id}", flush=True)
     # While the local stack starts (or the clients are built): imports, the package, the items.
     preparation = Preparation(config, resume=bool(args.resume))
-    with _cloud(config, args, preparation) as clients:
-        if before_run:
-            before_run(config, clients)
-        status = execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes,
-                             stack_dir=_stack_dir(config, args), preparation=preparation)
+    try:
+        with _cloud(config, args, preparation) as clients:
+            if before_run:
+                before_run(config, clients)
+            status = execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes,
+                                 stack_dir=_stack_dir(config, args), preparation=preparation)
+    finally:
+        preparation.settle()
     # Last, after a stack started for the run has stopped: what to open next.
     from cflow.ops.report import report_path
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as google_exceptions
-from google.cloud.storage.retry import DEFAULT_RETRY
 
 from cflow import tasks
 from cflow.combine import OutputShape, shapes_from_json, shapes_from_metadata, shapes_metadata
@@ -346,6 +345,9 @@ class RunStorage:
 
         Its content type is the one its name suggests, as an upload's would be.
         """
+        # Imported here: importing this module stays as light as it was (the package loads with the first client).
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         target = self._blob(destination)
         target.content_type = mimetypes.guess_type(destination)[0] or "application/octet-stream"
         # Joining the same sources again gives the same object, so a retry is safe.
@@ -366,6 +368,8 @@ class RunStorage:
     @translated("storage")
     def delete_object(self, relative: str) -> None:
         """Delete one of the run's objects; one already gone is fine."""
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
         try:
             self._blob(relative).delete(retry=DEFAULT_RETRY)
         except google_exceptions.NotFound:

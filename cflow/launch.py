@@ -45,11 +45,14 @@ class Prepared:
 
 
 def _import_clients() -> None:
-    """Import the Google client modules (most of a controller's start-up CPU), so building the clients later is quick."""
+    """Import the Google client modules (most of a controller's start-up CPU), so building the clients later is quick;
+    and what the run's end uses (its report), so the end does not wait for imports either."""
     import cflow.gcp.clients
     import cflow.gcp.compute
     import cflow.gcp.pubsub
     import cflow.gcp.storage
+    import cflow.ops.report
+    import cflow.ops.view
     import cflow.scheduler  # noqa: F401
 
 

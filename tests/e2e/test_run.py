@@ -120,3 +120,50 @@ def test_bad_input_is_refused_in_one_line_before_any_vm(project, compute, local_
     assert len(error_lines) == 1 and message in error_lines[0], err
     assert "Traceback" not in err
     assert run_vms(compute, local_stack.project) == []
+
+
+def run_storage(local_stack, monkeypatch, run_id):
+    """The run's RunStorage on the session's stack."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from cflow.gcp.storage import RunStorage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", local_stack.storage_url)
+    client = storage.Client(project=local_stack.project, credentials=AnonymousCredentials())
+    return RunStorage(client, f"{local_stack.project}-cflow", run_id)
+
+
+def test_the_fleet_is_asked_for_before_the_items_go_out_and_finds_all_it_needs_at_once(project, local_stack, monkeypatch):
+    from pathlib import Path
+
+    project.write("".join(f"echo item-{number}\n" for number in range(9)), WORKER_NODE_CNT=3)
+
+    status, out, err = project.run()
+
+    assert status == 0, err
+    run_id = run_id_of(out)
+    storage = run_storage(local_stack, monkeypatch, run_id)
+    manifest, vms = storage.read_manifest(), storage.read_vm_history()
+    published = json.loads(storage.bucket.blob(storage.prefix + "published.json").download_as_bytes())
+    asked = min(vm["created"] for vm in vms["vms"])
+    assert manifest["created"] < asked < published["time"]  # run.json, then the fleet, then the items
+    # Each worker found its package, run.json and subscription when it got there: no retry, no restart.
+    logs = [path for vm in Path(local_stack.dir, "compute", "vms").glob(f"*{run_id}*") for path in (vm / "home" / "cflow").glob("*.log")]
+    assert len({path.parent for path in logs}) == 3
+    text = "\n".join(path.read_text() for path in logs)
+    assert "retrying" not in text and "restarting" not in text and "Traceback" not in text, text
+
+
+def test_combined_files_can_be_left_in_the_bucket(project, local_stack, monkeypatch):
+    project.write("echo one\necho two\n", WORKER_NODE_CNT=2, COMBINE_DOWNLOAD=False)
+
+    status, out, err = project.run()
+
+    assert status == 0, err
+    run_id = run_id_of(out)
+    url = f"gs://{local_stack.project}-cflow/cflow/runs/{run_id}/combined/result.jsonl"
+    assert f"combined: {url} (COMBINE_DOWNLOAD = False: left in the bucket)" in err
+    assert not (project.root / "output" / run_id / "result.jsonl").exists()
+    combined = run_storage(local_stack, monkeypatch, run_id).bucket.blob(f"cflow/runs/{run_id}/combined/result.jsonl")
+    assert [json.loads(line)["args"] for line in combined.download_as_text().splitlines()] == [["one"], ["two"]]

@@ -25,6 +25,8 @@ added latency.
 """
 
 import argparse
+import contextlib
+import fcntl
 import os
 import sys
 import time
@@ -43,6 +45,8 @@ def main(argv=None):
     parser.add_argument("--added-latency-ms", type=float, default=30.0, help="wait this long before each request to Cloud Storage (default 30)")
     parser.add_argument("--stage-threads", type=int, default=8, help="threads per staging process (default 8)")
     parser.add_argument("--stage-processes", type=int, default=os.cpu_count() or 2, help="processes staging the done items (default: one a core)")
+    parser.add_argument("--lock", metavar="FILE", help="stage first, then take this flock for the timed parts only "
+                        "(e.g. /tmp/cflow-suite.lock on a shared machine)")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
     args = parser.parse_args(argv)
 
@@ -122,6 +126,22 @@ def new_way(storage, item_ids, dest, parallel):
     return {name: file.path for name, file in combine.combine_outputs(storage, item_ids, dest, parallel=parallel).items()}
 
 
+@contextlib.contextmanager
+def held(lock_path):
+    """Hold an exclusive flock on ``lock_path`` (None: nothing) for the block, saying how long it waited."""
+    if lock_path is None:
+        yield
+        return
+    with open(lock_path, "a") as stream:
+        started = time.monotonic()
+        fcntl.flock(stream, fcntl.LOCK_EX)
+        print(f"  (waited {time.monotonic() - started:.0f} s for {lock_path}; load avg {os.getloadavg()[0]:.2f})", flush=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(stream, fcntl.LOCK_UN)
+
+
 def timed(label, function, *args):
     started = time.monotonic()
     result = function(*args)
@@ -151,10 +171,11 @@ def measure(info, temporary, args):
         print(f"side by side, {count} items, {parallel} calls in flight, {args.added_latency_ms:g} ms per request:", flush=True)
         stage(info.project, bucket, "old-way", temporary, ids(count), False, args.stage_threads, args.stage_processes)
         stage(info.project, bucket, "new-way-small", temporary, ids(count), True, args.stage_threads, args.stage_processes)
-        before, before_seconds = timed("old way (through the controller)", old_way, RunStorage(combining_client, bucket, "old-way"),
-                                       ids(count), temporary / "old", parallel)
-        after, after_seconds = timed("new way (in the bucket)        ", new_way, RunStorage(combining_client, bucket, "new-way-small"),
-                                     ids(count), temporary / "new-small", parallel)
+        with held(args.lock):
+            before, before_seconds = timed("old way (through the controller)", old_way, RunStorage(combining_client, bucket, "old-way"),
+                                           ids(count), temporary / "old", parallel)
+            after, after_seconds = timed("new way (in the bucket)        ", new_way,
+                                         RunStorage(combining_client, bucket, "new-way-small"), ids(count), temporary / "new-small", parallel)
         same = before["result.csv"].read_bytes() == after["result.csv"].read_bytes()
         lines = after["result.csv"].read_bytes().count(b"\n")
         figures.update(old_way_seconds=before_seconds, new_way_small_seconds=after_seconds, speedup=before_seconds / after_seconds,
@@ -173,8 +194,9 @@ def measure(info, temporary, args):
         while sources > combine.MAX_COMPOSE_SOURCES:
             sources = -(-sources // combine.MAX_COMPOSE_SOURCES)
             expected_tree += sources
-        result, seconds = timed("new way (in the bucket)", new_way, RunStorage(combining_client, bucket, "new-way"), ids(args.items),
-                                temporary / "new", parallel)
+        with held(args.lock):
+            result, seconds = timed("new way (in the bucket)", new_way, RunStorage(combining_client, bucket, "new-way"), ids(args.items),
+                                    temporary / "new", parallel)
         data = result["result.csv"].read_bytes()
         complete = data.count(b"\n") == args.items + 1 and data.startswith(b"item,value\n000000,0\n")
         figures.update(new_way_seconds=seconds, complete=complete, compose_calls=expected_tree + 1, result_bytes=len(data))

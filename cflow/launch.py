@@ -45,7 +45,7 @@ class Prepared:
 
 
 def _import_clients() -> None:
-    """Import the Google client modules (most of a controller's start-up CPU), so building the clients later is quick;
+    """Import the Google client libraries (most of a controller's start-up CPU), so building the clients later is quick;
     and what the run's end uses (its report), so the end does not wait for imports either."""
     import cflow.gcp.clients
     import cflow.gcp.compute
@@ -53,7 +53,9 @@ def _import_clients() -> None:
     import cflow.gcp.storage
     import cflow.ops.report
     import cflow.ops.view
-    import cflow.scheduler  # noqa: F401
+    import cflow.scheduler
+
+    cflow.gcp.clients.import_client_libraries()
 
 
 def prepare_locally(config: Config, resume: bool) -> Prepared:

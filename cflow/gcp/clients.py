@@ -67,6 +67,12 @@ def build_compute(credentials: Any, endpoint: str | None = None) -> Any:
     )
 
 
+def import_client_libraries() -> None:
+    """Import the Google libraries ``build_clients`` uses (~0.3 s of CPU), e.g. in a thread while the local stack starts."""
+    from google.cloud import pubsub_v1, storage  # noqa: F401
+    from googleapiclient import discovery  # noqa: F401
+
+
 def build_clients(
     target: str,
     project: str,

@@ -133,15 +133,17 @@ class FakeCompute:
         self.pending_results = {}  # operation -> errors (None while running)
         self.quota_left = None  # None: no quota
         self.stockout_zones = set()
+        self.request_ids = []  # the requestId of each bulkInsert, in call order
 
     def list_run_vms(self, run_id):
         self.calls.append(("list", run_id))
         return list(self.vms.values())
 
-    def bulk_insert(self, zone, names, instance_properties):
+    def bulk_insert(self, zone, names, instance_properties, request_id=None):
         self.calls.append(("bulkInsert", zone, tuple(names)))
+        self.request_ids.append(request_id)
         if self.quota_left is not None and len(names) > self.quota_left:
-            raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.")
+            raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.", metric="CPUS", region="us-central1", limit=8.0)
         operation = f"op-{len(self.calls)}"
         if zone in self.stockout_zones:
             self.pending_results[operation] = [
@@ -157,9 +159,11 @@ class FakeCompute:
         return self.pending_results.get(pending.operation)
 
     def delete_vms(self, vms):
+        vms = list(vms)
         self.calls.append(("delete", tuple(sorted(vm.name for vm in vms))))
         for vm in vms:
             self.vms.pop(vm.name, None)
+        return {vm.name for vm in vms}
 
     def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
         self.calls.append(("delete-run", run_id))
@@ -261,7 +265,7 @@ class ScriptedCompute:
         self.calls = []
         self.console = ""
 
-    def insert_vm(self, zone, body):
+    def insert_vm(self, zone, body, request_id=None):
         self.calls.append(("insert_vm", body["name"]))
         self.body = body
         return "op-insert"

@@ -28,6 +28,7 @@ class Clients:
     subscriber: Any  # pubsub_v1.SubscriberClient
     storage: Any  # storage.Client
     project: str
+    iam: Any = None  # googleapiclient iam v1 resource, on GCP only (the preflight reads service accounts)
 
 
 def credentials_for(target: str, credential_file: str | Path | None = None) -> tuple[Any, str | None]:
@@ -106,7 +107,15 @@ def build_clients(
         subscriber=subscriber,
         storage=storage_client,
         project=project,
+        iam=None if target == "local" else build_iam(credentials),
     )
+
+
+def build_iam(credentials: Any) -> Any:
+    """A googleapiclient IAM v1 resource (static discovery document)."""
+    from googleapiclient import discovery
+
+    return discovery.build("iam", "v1", credentials=credentials, static_discovery=True, cache_discovery=False)
 
 
 def build_worker_clients(target: str, project: str) -> Clients:

@@ -22,6 +22,7 @@ from cflow.errors import (
     PreconditionFailed,
     QuotaExceeded,
     RateLimited,
+    ResourceNotReady,
     ServiceUnreachable,
     TransientError,
     ZoneStockout,
@@ -92,7 +93,7 @@ def test_every_translation_is_one_short_line(message):
         (http_error(429, "rateLimitExceeded", "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'"), RateLimited),
         (http_error(403, "userRateLimitExceeded", "User Rate Limit Exceeded"), RateLimited),
         (http_error(503, "backendError", "The service is currently unavailable."), TransientError),
-        (http_error(400, "resourceNotReady", "The resource 'disk-1' is not ready"), TransientError),
+        (http_error(400, "resourceNotReady", "The resource 'disk-1' is not ready"), ResourceNotReady),
         (http_error(400, "invalid", "Invalid value for field 'machineType'"), PermanentRequestError),
         (http_error(401, "authError", "Invalid Credentials"), CredentialsRejected),
         (http_error(403, "forbidden", "Required 'compute.instances.create' permission"), PermissionDenied),
@@ -144,8 +145,15 @@ def test_quota_details_come_from_quota_info_when_gce_sends_it():
     }
     error = classify_operation_error(entry, "europe-west4-a")
     assert isinstance(error, QuotaExceeded)
-    assert (error.metric, error.region, error.limit) == ("compute.googleapis.com/n2_cpus", "europe-west4", 24.0)
+    assert (error.metric, error.region, error.limit) == ("N2_CPUS", "europe-west4", 24.0)
     assert error.reason == "QUOTA_EXCEEDED"
+
+
+def test_quota_metric_from_quota_info_alone_is_named_as_regions_get_lists_it():
+    entry = {"code": "QUOTA_EXCEEDED", "message": "Quota exceeded.",
+             "errorDetails": [{"quotaInfo": {"metricName": "compute.googleapis.com/in_use_addresses", "dimensions": {"region": "us-east1"}, "limit": 4}}]}
+    error = classify_operation_error(entry, "us-east1-b")
+    assert (error.metric, error.region, error.limit) == ("IN_USE_ADDRESSES", "us-east1", 4.0)
 
 
 def test_operation_errors_are_classified_too():

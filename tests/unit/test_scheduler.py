@@ -229,11 +229,11 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
     scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
     insert = compute.bulk_insert
 
-    def refuse_in_a(zone, names, properties):
+    def refuse_in_a(zone, names, properties, request_id=None):
         if zone == "us-central1-a":
             compute.calls.append(("bulkInsert", zone, tuple(names)))
             raise ZoneStockout("zone us-central1-a: does not have enough resources")
-        return insert(zone, names, properties)
+        return insert(zone, names, properties, request_id)
 
     compute.bulk_insert = refuse_in_a
     scheduler.step()
@@ -241,13 +241,18 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
     assert {vm.zone for vm in compute.vms.values()} == {"us-central1-b"}
 
 
-def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
-    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
+def test_compute_error_on_create_is_logged_once_and_retried_after_a_backoff(caplog):
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(workers=2)
     error = TransientError("Compute Engine refused a request: Backend error", status=503, reason="backendError", message="Backend error")
-    compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(error)
+    asked = []
+    compute.bulk_insert = lambda zone, names, properties, request_id=None: (asked.append(zone), (_ for _ in ()).throw(error))
     scheduler.step()
     scheduler.step()
     assert sum("Backend error" in r.getMessage() for r in caplog.records) == 1
+    assert len(asked) == 1  # the seam retried already: the next step waits out the backoff
+    clock.now += 5.01
+    scheduler.step()
+    assert len(asked) == 2
 
 
 class EventFeed:

@@ -118,14 +118,33 @@ def build_iam(credentials: Any) -> Any:
     return discovery.build("iam", "v1", credentials=credentials, static_discovery=True, cache_discovery=False)
 
 
-def build_worker_clients(target: str, project: str) -> Clients:
+def vm_credentials(target: str) -> Any:
+    """The VM's own service account, built without a request: its token is fetched with the first call.
+
+    ``google.auth.default`` would probe the metadata server first; the shutdown
+    hook must reach the network first with its nack.
+    """
+    if target == "local":
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+    from google.auth import compute_engine
+
+    return compute_engine.Credentials()
+
+
+def build_worker_clients(target: str, project: str, credentials: Any = None) -> Clients:
     """Clients for a worker VM: the VM's own service account on GCP, emulators locally.
 
     Workers never need Compute; they get Pub/Sub and Storage only.
+
+    Args:
+        credentials: the credentials to use (default: found as ``credentials_for`` finds them).
     """
     from google.cloud import pubsub_v1, storage
 
-    credentials, _ = credentials_for(target)
+    if credentials is None:
+        credentials, _ = credentials_for(target)
     # A worker waits for each of its few messages (events, a retry) before it
     # goes on; a batch of one is sent at once instead of after the client's
     # default 10 ms wait for company, which every item paid twice.

@@ -331,8 +331,8 @@ class Preflight:
         unlimited = False
         for region in regions:
             quotas = self.compute.region_quotas(region)
-            if quotas is None or not quotas:
-                result.unchecked.append(f"quotas of {region}: regions.get listed none")
+            if quotas is None:
+                result.unchecked.append(f"quotas of {region}: regions.get does not know the region")
                 unlimited = True
                 continue
             own = sum(1 for vm in live_own if region_of(vm.zone) == region)

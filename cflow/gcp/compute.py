@@ -148,29 +148,32 @@ class Compute:
         if wait > 0:
             self.sleep(wait)
 
-    def _is_transient(self, error: BaseException) -> bool:
-        """``is_transient``, noting a rate limit so every request of the seam slows down."""
-        if not is_transient(error):
-            return False
+    def _note_rate_limit(self, error: BaseException) -> None:
+        """A rate limit pauses every request of the seam, growing while they keep coming."""
+        if not is_google_error(error) and not isinstance(error, CloudError):
+            return
         classified = error if isinstance(error, CloudError) else classify(error, "compute")
         if isinstance(classified, RateLimited):
             self._rate_limits_in_a_row += 1
             pause = self.backoff.delay(self._rate_limits_in_a_row)
             self._rate_limited_until = max(self._rate_limited_until, self.clock() + pause)
             log.debug("Compute Engine is limiting the rate; pausing requests %.1f s", pause)
-        return True
 
     def _send(self, request: Any) -> Any:
         self._pace()
-        # num_retries=0: the client's own retry would wait on its own clock, unseen by the policy.
-        answer = request.execute(num_retries=0)
+        try:
+            # num_retries=0: the client's own retry would wait on its own clock, unseen by the policy.
+            answer = request.execute(num_retries=0)
+        except Exception as error:
+            self._note_rate_limit(error)
+            raise
         self._rate_limits_in_a_row = 0
         return answer
 
     def _execute(self, request: Any, zone: str | None = None) -> Any:
         """Send one request, retrying transient failures. Raises the classified CloudError."""
         try:
-            return self.backoff.call(lambda: self._send(request), self._is_transient)
+            return self.backoff.call(lambda: self._send(request), is_transient)
         except Exception as error:
             if not is_google_error(error):
                 raise
@@ -394,7 +397,9 @@ class Compute:
             if round_number:
                 self.backoff.wait(round_number)
             failures = self._delete_batch([by_name[name] for name in to_delete])
-            to_delete = [name for name, exception in failures.items() if self._is_transient(exception)]
+            for exception in failures.values():
+                self._note_rate_limit(exception)
+            to_delete = [name for name, exception in failures.items() if is_transient(exception)]
             given_up.update((name, exception) for name, exception in failures.items() if name not in to_delete)
         given_up.update((name, failures[name]) for name in to_delete)
         for name, exception in given_up.items():

@@ -308,7 +308,7 @@ def classify_operation_error(entry: Mapping[str, Any], zone: str | None = None, 
     error = _classify_refusal(refusal, "compute", project, zone)
     # An operation carries no HTTP status; "unknown" is not "try again": only known transient codes are.
     if type(error) is TransientError and code not in TRANSIENT_REASONS:
-        return PermanentRequestError(str(error), status=None, reason=code, message=error.message, service="compute")
+        return _subject(PermanentRequestError(str(error), status=None, reason=code, message=error.message, service="compute"), refusal.message)
     return error
 
 

@@ -444,14 +444,15 @@ def run_steps(
 
     Raises:
         RunCancelled: the run was cancelled.
+        WorkersRefused: GCE refuses every worker for good and none is alive.
         SchedulerGaveUp: the budget of failed steps in a row ran out.
     """
     budget = budget or StepFailureBudget(scheduler.run_id)
     while True:
         try:
             progress = scheduler.step()
-        except RunCancelled:
-            raise
+        except (RunCancelled, WorkersRefused):
+            raise  # an end, not a failed step: no retry mends it
         except Exception as error:
             sleep(budget.failed(error))
             continue

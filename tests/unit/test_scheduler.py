@@ -496,3 +496,13 @@ def test_a_quota_at_zero_everywhere_ends_the_run_even_before_any_worker():
     with pytest.raises(WorkersRefused, match=r"^no worker fits the PREEMPTIBLE_CPUS quota in us-central1 \(limit 0\)"):
         scheduler.step()
         scheduler.step()
+
+
+def test_workers_refused_for_good_end_the_loop_at_once_without_using_the_budget():
+    scheduler, *_ = make_scheduler()
+    refused = WorkersRefused("VM_NETWORK: refused", PermanentRequestError("x"), "VM_NETWORK")
+    scheduler.step = FlakySteps(scheduler, [refused])
+    slept = []
+    with pytest.raises(WorkersRefused):
+        run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
+    assert slept == [] and scheduler.step.calls == 1

@@ -165,7 +165,7 @@ class FakeCompute:
         self.calls.append(("delete", tuple(sorted(vm.name for vm in vms))))
         for vm in vms:
             self.vms.pop(vm.name, None)
-        return {vm.name for vm in vms}
+        return set()
 
     def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
         self.calls.append(("delete-run", run_id))

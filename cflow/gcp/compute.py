@@ -364,8 +364,8 @@ class Compute:
                 if vm.status not in GOING_STATES and now - asked_at.get(vm.name, -DELETE_ASK_AGAIN_SECONDS) >= DELETE_ASK_AGAIN_SECONDS
             ]
             if due:
-                for name in self.delete_vms(due):
-                    asked_at[name] = now
+                refused = self.delete_vms(due)
+                asked_at.update((vm.name, now) for vm in due if vm.name not in refused)
             if clock() >= deadline:
                 return sorted(vms, key=lambda vm: vm.name)
             sleep(poll_seconds)
@@ -384,8 +384,8 @@ class Compute:
         still fails is logged, for the caller's next pass.
 
         Returns:
-            The names whose delete GCE accepted or that were already gone;
-            the others are not being deleted.
+            The names of the VMs whose delete was not accepted (they are not
+            being deleted); an accepted or already-gone VM is not named.
         """
         by_name = {vm.name: vm for vm in vms}
         to_delete = list(by_name)
@@ -404,7 +404,7 @@ class Compute:
         given_up.update((name, failures[name]) for name in to_delete)
         for name, exception in given_up.items():
             log.warning("deleting VM %s failed (%s); asking again on the next pass", name, exception)
-        return set(by_name) - set(given_up)
+        return set(given_up)
 
     def _delete_batch(self, vms: list[Vm]) -> dict[str, BaseException]:
         """One pass of batched deletes. Returns {name: exception} of the calls that failed."""

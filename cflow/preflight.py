@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cflow.errors import ConfigError, PermissionDenied
+from cflow.errors import ConfigError, NotFound, PermissionDenied
 from cflow.zones import region_of
 
 if TYPE_CHECKING:
@@ -174,11 +174,14 @@ class Preflight:
 
     @staticmethod
     def _guarded(result: PreflightResult, what: str, check: Callable[[], None]) -> None:
-        """Run a check; a permission the controller lacks leaves it to GCE (noted as unchecked)."""
+        """Run a check; what the controller may not read, or the service does not serve, is left to GCE (noted as unchecked)."""
         try:
             check()
         except PermissionDenied as error:
             result.unchecked.append(f"{what}: not readable with these credentials ({error.message})")
+        except NotFound as error:
+            # A 404 naming no resource: this read is not served here, which proves nothing either way.
+            result.unchecked.append(f"{what}: Compute Engine does not answer this read here ({error.message})")
 
     # -- zones and image ---------------------------------------------------
 

@@ -180,10 +180,18 @@ class Compute:
             raise classify(error, "compute", self.project, zone) from error
 
     def _get_or_none(self, request: Any, zone: str | None = None) -> dict[str, Any] | None:
-        """The resource, or None when it does not exist."""
+        """The resource, or None when GCE says it does not exist.
+
+        Raises:
+            NotFound: a 404 that names no resource: the service does not serve this read at all (a
+                wrong endpoint, an emulator without it), which says nothing about the resource.
+            CloudError: any other refusal.
+        """
         try:
             return self._execute(request, zone)
-        except NotFound:
+        except NotFound as error:
+            if error.resource is None:
+                raise
             return None
 
     # -- reading -----------------------------------------------------------

@@ -153,3 +153,20 @@ def test_bulk_insert_sends_a_request_id_derived_from_what_it_creates():
     assert sent["requestId"] == first
     compute.bulk_insert("us-central1-a", ["w-1"], {"machineType": "e2-small"}, request_id="5e1f2b0a-0000-4000-8000-000000000001")
     assert sent["requestId"] == "5e1f2b0a-0000-4000-8000-000000000001"
+
+
+def test_a_404_naming_the_resource_is_absence_but_a_404_naming_nothing_is_no_answer():
+    from cflow.errors import NotFound
+
+    clock = Clock()
+    compute = make_compute(clock)
+    missing = Request([http_error(404, "notFound", "The resource 'projects/proj/global/networks/batch' was not found")], [], clock)
+    assert compute._get_or_none(missing) is None
+    unserved = Request([http_error(404, "notFound", "The requested URL /compute/v1/projects/proj/global/networks/batch was not found "
+                                                    "on this server.")], [], clock)
+    try:
+        compute._get_or_none(unserved)
+    except NotFound as error:
+        assert error.resource is None
+    else:
+        raise AssertionError("a 404 that names no resource was taken as the resource's absence")

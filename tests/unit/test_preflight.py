@@ -228,3 +228,18 @@ def test_a_machine_type_the_zone_does_not_offer_names_vm_type(make):
     config, properties = make(VM_TYPE="z9-huge-512")
     with pytest.raises(PreflightFailed, match=r"^VM_TYPE: machine type z9-huge-512 is not offered in zone us-central1-a"):
         check(config, properties, FakeProjectCompute("proj-123"))
+
+
+def test_a_read_the_service_does_not_serve_is_left_unchecked_not_taken_as_absence(make):
+    from cflow.errors import NotFound
+
+    config, properties = make()
+    compute = FakeProjectCompute("proj-123")
+
+    def unserved(name, project=None):
+        raise NotFound("Compute Engine refused a request: The requested URL was not found on this server.", status=404,
+                       message="The requested URL was not found on this server.")
+
+    compute.network = unserved
+    result = check(config, properties, compute)
+    assert result.unchecked == ["network: Compute Engine does not answer this read here (The requested URL was not found on this server.)"]

@@ -281,7 +281,7 @@ class Scheduler:
     def _all_ended(self) -> bool:
         return len(self.done_ids) + len(self.failed_ids) >= len(self.items)
 
-    def _read_events(self, timeout=0.5):
+    def _read_events(self, timeout: float = 0.5) -> None:
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
             if kind == EventKind.STARTED:

@@ -341,7 +341,8 @@ class Scheduler:
             if errors is None:
                 still_pending.append(pending)
                 continue
-            for error in errors:
+            # GCE reports one error per VM (a policy refuses each by name): one reaction per kind is enough.
+            for error in {type(error): error for error in reversed(errors)}.values():
                 self._react(error, pending.zone, len(pending.names), now)
         self.pending_creations = still_pending
 

@@ -95,6 +95,7 @@ class StopCreating:
         return f"creating workers is refused for good: {self.error.message}"
 
 
+# What a refusal changed; each says it in one line with ``describe(zone, now)``, which the scheduler logs.
 Reaction = WaitAndRetry | NextZone | QuotaCooldown | StopCreating
 
 

@@ -6,12 +6,13 @@ Three stacks of their own, each with the emulator's switches as GCE's edges
 (one per module fixture, so each starts once):
 
 - ``network_stack``: ``--no-default-network --deny-external-ip``;
-- ``quota_stack``: ``--quota IN_USE_ADDRESSES=2 --quota PREEMPTIBLE_CPUS=1``;
+- ``quota_stack``: ``--quota IN_USE_ADDRESSES=2``, and Spot quota granted
+  but too small in us-central1 (``us-central1:PREEMPTIBLE_CPUS=1``) and
+  capped at 0 in us-east1 (``us-east1:PREEMPTIBLE_CPUS=0``);
 - ``limits_stack``: ``--rate-limit-per-minute 120 --boot-delay 6`` (and
   resourceNotReady, on by default).
 """
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -21,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from cflow.gcp import layout
-from cflow.local.stack import ComputeOptions
 from tests.chaos.conftest import StackClients, start_stack, stopped_on_exit
 from tests.e2e.conftest import REPO, Project, run_id_of
 from tests.helpers import wait_until
@@ -32,12 +32,8 @@ NETWORK = "batch"
 
 
 def stack_with(tmp_path_factory, name, **options):
-    """A stack of the module's own with these emulator switches; skipped where the emulator lacks them (before issue 11)."""
-    missing = sorted(set(options) - {field.name for field in dataclasses.fields(ComputeOptions)})
-    if missing:
-        pytest.skip(f"the Compute emulator has no {', '.join('--' + name.replace('_', '-') for name in missing)} yet")
-    stack, info = start_stack(tmp_path_factory, name, **options)
-    return stack, info
+    """A stack of the module's own with these emulator switches (``ComputeOptions`` fields). Returns (LocalStack, StackInfo)."""
+    return start_stack(tmp_path_factory, name, **options)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,8 @@ def network_stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quota_stack(tmp_path_factory):
-    stack, info = stack_with(tmp_path_factory, "gce-quota", quota=("IN_USE_ADDRESSES=2", "PREEMPTIBLE_CPUS=1"), shutdown_grace=2)
+    stack, info = stack_with(tmp_path_factory, "gce-quota", shutdown_grace=2,
+                             quota=("IN_USE_ADDRESSES=2", "us-central1:PREEMPTIBLE_CPUS=1", "us-east1:PREEMPTIBLE_CPUS=0"))
     try:
         yield info
     finally:
@@ -179,6 +176,26 @@ def test_spot_workers_with_no_preemptible_quota_for_one_are_refused_before_anyth
         "quota: no worker fits (PREEMPTIBLE_CPUS in us-central1: limit 1, 0 in use, 2 per worker); ask for more at "
         f"https://console.cloud.google.com/iam-admin/quotas?project={quota_stack.project}, or lower WORKER_NODE_CNT or pick a smaller VM_TYPE")
     assert clients.vms(run_id) == [] and run_objects(clients, run_id) == []
+
+
+def test_spot_workers_against_a_preemptible_quota_of_0_end_the_run_in_one_line_with_no_vm_made(quota_stack, tmp_path, monkeypatch):
+    """regions.get shows PREEMPTIBLE_CPUS 0 alike for a project never granted Spot quota (Spot VMs then count in CPUS, as GCE
+    documents) and for a grant capped at 0 (the emulator's --quota PREEMPTIBLE_CPUS=0): the preflight cannot tell them
+    apart, so GCE's refusal of the first bulkInsert decides. A limit of 0 holds no worker ever: the run is cancelled
+    before any VM exists."""
+    clients = StackClients(quota_stack, monkeypatch)
+    project = Project(tmp_path, quota_stack)
+    project.write("echo a\n", VM_SPOT=True, VM_TYPE="e2-small", VM_ZONE="us-east1-b", VM_FALLBACK_ZONES=[])
+
+    status, out, err = project.run(timeout=180)
+
+    assert status == 2, err
+    run_id = run_id_of(out)
+    line = error_line(err)
+    assert line.startswith("no worker fits the PREEMPTIBLE_CPUS quota in us-east1 (limit 0) (GCE: quotaExceeded: "
+                           "Quota 'PREEMPTIBLE_CPUS' exceeded. Limit: 0.0 in region us-east1.); ask for more quota"), line
+    assert vm_names_made(quota_stack, run_id) == [] and clients.vms(run_id) == []
+    assert clients.run_storage(run_id).read_cancelled() is not None
 
 
 # ---------------------------------------------------------------- rate limit, resourceNotReady, a controller gone for good

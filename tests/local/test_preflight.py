@@ -1,7 +1,5 @@
 """The preflight through the real Compute seam, against the Compute emulator's networks, subnetworks and regional quotas."""
 
-import dataclasses
-
 import pytest
 from google.auth.credentials import AnonymousCredentials
 
@@ -10,14 +8,10 @@ from cflow.config import load_config
 from cflow.gcp.clients import build_compute
 from cflow.gcp.compute import Compute
 from cflow.local import LOCAL_PROJECT
-from cflow.local.stack import ComputeOptions
 from cflow.preflight import Preflight, PreflightFailed
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.stack
-
-if "no_default_network" not in {field.name for field in dataclasses.fields(ComputeOptions)}:
-    pytest.skip("the Compute emulator has no networks or regional quotas yet (issue 11)", allow_module_level=True)
 
 
 @pytest.fixture

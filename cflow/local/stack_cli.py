@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``cflow local`` and its subcommands on ``subparsers``."""
+    from cflow.local.compute.rootfs import RECIPES
+
     local = subparsers.add_parser(
         "local",
         help="start, inspect or stop the local cloud (Pub/Sub, Cloud Storage, Compute emulators)",
@@ -44,6 +46,10 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     faults.add_argument("--boot-delay", type=float, metavar="S", help="seconds a VM takes to boot")
     faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
     faults.add_argument("--seed", type=int, metavar="N", help="random seed for the faults")
+    faults.add_argument(
+        "--vm-root", choices=sorted(RECIPES), metavar="NAME",
+        help="run VMs on a real root: debian-12, a minimal Debian 12 built once with debootstrap (cached in ~/.cache/cflow/); needs root",
+    )  # fmt: skip
     up.set_defaults(func=run_up)
 
     down = actions.add_parser("down", help="stop the local stack and everything it started")
@@ -81,6 +87,7 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         boot_delay=args.boot_delay,
         shutdown_grace=args.shutdown_grace,
         seed=args.seed,
+        vm_root=args.vm_root,
     )
     for item in options.zone_capacity:
         zone, _, count = item.partition("=")

@@ -45,6 +45,7 @@ def _zone_capacity(text: str) -> tuple[str, int]:
 def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     """Registers ``cflow emulator compute``."""
     from cflow.local import LOCAL_PROJECT
+    from cflow.local.compute.rootfs import RECIPES
 
     parser = emulator_subparsers(subparsers).add_parser(
         "compute",
@@ -67,6 +68,12 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
     parser.add_argument("--seed", type=int, help="random seed for faults and ids")
+    parser.add_argument(
+        "--vm-root", choices=sorted(RECIPES), metavar="NAME",
+        help="run every VM's scripts on a real root (debian-12: a minimal Debian 12 like the GCE image, built once with debootstrap "
+        "and cached under ~/.cache/cflow/), each VM on its own overlay in its own mount namespace; needs root. "
+        "Default: VMs share the host's filesystem",
+    )  # fmt: skip
     parser.set_defaults(func=run)
     return parser
 
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         error_rate=args.error_rate,
         boot_delay_s=args.boot_delay,
         seed=args.seed,
+        vm_root=args.vm_root,
     )
     stop_requested = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stop_requested.set()) for number in (signal.SIGTERM, signal.SIGINT)}

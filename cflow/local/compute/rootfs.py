@@ -139,13 +139,20 @@ class RootCache:
         cache_dir: where roots live (default ``default_cache_dir()``).
         say: where progress lines go (default: this module's logger).
         run: ``subprocess.run``-like, for the build's commands.
+        which: ``shutil.which``-like, to find debootstrap.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None = None, say: Callable[[str], None] | None = None,
-                 run: Callable[..., "subprocess.CompletedProcess[bytes]"] = subprocess.run) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike[str] | None = None,
+        say: Callable[[str], None] | None = None,
+        run: Callable[..., "subprocess.CompletedProcess[bytes]"] = subprocess.run,
+        which: Callable[[str], str | None] = shutil.which,
+    ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._say = say or logger.info
         self._run = run
+        self._which = which
 
     def path(self, recipe: RootRecipe) -> Path:
         """Where the built root of ``recipe`` is (it may not exist yet)."""
@@ -164,7 +171,7 @@ class RootCache:
         final = self.path(recipe)
         if final.is_dir():
             return final
-        if shutil.which("debootstrap") is None:
+        if self._which("debootstrap") is None:
             raise VmRootError(f"--vm-root {recipe.name} must be built once, and debootstrap is missing; install it (apt-get install debootstrap)")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with open(self.cache_dir / f"{final.name}.lock", "w") as lock:

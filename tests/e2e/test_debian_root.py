@@ -147,7 +147,8 @@ def test_a_killed_emulator_leaves_no_process_and_no_mount_of_its_vms(debian_stac
         compute = compute_client(emulator.base_url)
         project, zone = "root-orphans", "us-central1-a"
         script = "setsid sleep 1000 </dev/null >/dev/null 2>&1 & echo started; sleep 1000"
-        wait_operation(compute, project, zone, compute.instances().insert(project=project, zone=zone, body=instance_body("orphan", startup_script=script)).execute())
+        body = instance_body("orphan", startup_script=script)
+        wait_operation(compute, project, zone, compute.instances().insert(project=project, zone=zone, body=body).execute())
         wait_until(lambda: "startup-script: started" in serial(compute, project, zone, "orphan"), timeout=60, what="the VM's script")
         assert len(vm_processes(tmp_path)) >= 2 and mounts_under(tmp_path)
         emulator.process.send_signal(signal.SIGKILL)

@@ -26,7 +26,7 @@ def test_the_key_names_the_recipe():
 
 
 def test_an_unknown_root_is_one_line_naming_the_known_ones():
-    with pytest.raises(VmRootError, match="'debian-11'.*debian-12"):
+    with pytest.raises(VmRootError, match=r"'debian-11'.*debian-12"):
         rootfs.recipe_named("debian-11")
 
 

@@ -48,9 +48,14 @@ attribute() {
     *) echo "$value" ;;
   esac
 }
-ATTEMPTS=$(attribute cflow-init-attempts 20)
-RETRY_S=$(attribute cflow-init-retry-s 15)
-[ "$ATTEMPTS" -ge 1 ] || ATTEMPTS=1
+# Read at the first failure: a boot where nothing fails asks nothing more.
+ATTEMPTS="" RETRY_S=""
+read_limits() {
+  [ -n "$ATTEMPTS" ] && return
+  ATTEMPTS=$(attribute cflow-init-attempts 20)
+  RETRY_S=$(attribute cflow-init-retry-s 15)
+  [ "$ATTEMPTS" -ge 1 ] || ATTEMPTS=1
+}
 
 give_up() {
   say "giving up: $*"
@@ -64,6 +69,7 @@ retry() {
   local what=$1 attempt=1
   shift
   until "$@"; do
+    read_limits
     if [ "$attempt" -ge "$ATTEMPTS" ]; then
       give_up "$what failed $attempt times"
     fi
@@ -130,6 +136,7 @@ while true; do
   "$PYTHON" "$CFLOW_DIR/package/startup-signal.py" >>"$CFLOW_DIR/worker.log" 2>&1 && break
   status=$?
   tail -n 5 "$CFLOW_DIR/worker.log" | sed 's/^/cflow init: worker.log: /'
+  read_limits
   if [ $(($(date +%s) - started)) -ge "$WORKER_HEALTHY_S" ]; then failures=0; fi
   failures=$((failures + 1))
   if [ "$failures" -ge "$ATTEMPTS" ]; then

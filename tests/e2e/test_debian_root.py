@@ -12,6 +12,8 @@ import glob
 import importlib.metadata
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,31 @@ def test_a_spot_worker_on_debian_12_boots_the_stock_way_and_runs_a_run_to_the_co
     assert run_vms(compute_client(debian_stack.compute_endpoint), debian_stack.project, run_id) == []
 
 
+def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_stack, tmp_path):
+    project = Project(tmp_path, debian_stack)
+    (tmp_path / "task" / "t.py").write_text(FACTS_TASK)
+    project.write("one a\n", WORKER_NODE_CNT=1)
+    command = [sys.executable, "-m", "cflow", "image", "build", "--family", "root-fam", "--config", str(tmp_path / "const.py"),
+               "--stack-dir", debian_stack.dir]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=project.environment())
+    assert result.returncode == 0, result.stderr
+    # The real path: apt-get and pip on the build VM, not the emulated one's host packages.
+    assert "installing python3-venv" in result.stderr and "emulated" not in result.stderr
+    (tree,) = glob.glob(os.path.join(debian_stack.dir, "compute", "images", debian_stack.project, "root-fam-*"))
+    assert os.access(os.path.join(tree, "root", "opt", "cflow", "venv", "bin", "python3"), os.X_OK)
+
+    project.write("one a\ntwo b\n", VM_BOOT="image", VM_IMAGE_NAME="family/root-fam")
+    status, out, err = project.run(timeout=600)
+
+    assert status == 0, err
+    run_id = run_id_of(out)
+    assert [result["args"] for result in project.results(run_id)] == [["one", "a"], ["two", "b"]]
+    (disk,) = glob.glob(os.path.join(debian_stack.dir, "compute", "vms", f"*-{run_id}-0001-*"))
+    init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
+    assert "cflow init: using the preinstalled packages in /opt/cflow/venv" in init_log
+    assert "installing python3-venv" not in init_log
+
+
 def serial(compute, project, zone, name):
     return compute.instances().getSerialPortOutput(project=project, zone=zone, instance=name).execute()["contents"]
 
@@ -113,6 +140,19 @@ def test_an_image_of_a_vm_on_the_root_carries_what_it_wrote_and_what_it_deleted(
     assert "startup-script: from-image" in text
     for name in ("bake-1", "from-image"):
         wait_operation(compute, project, zone, compute.instances().delete(project=project, zone=zone, instance=name).execute())
+
+
+def test_stop_and_start_keep_the_vms_disk_and_give_it_a_fresh_namespace(debian_stack):
+    compute = compute_client(debian_stack.compute_endpoint)
+    project, zone = "root-restart", "us-central1-a"
+    script = "echo boot >> /var/boots.txt; echo boots=$(wc -l < /var/boots.txt) mounts=$(grep -c ' /dev/pts ' /proc/self/mounts)"
+    body = instance_body("again", startup_script=script)
+    wait_operation(compute, project, zone, compute.instances().insert(project=project, zone=zone, body=body).execute())
+    wait_until(lambda: "startup-script: boots=1 mounts=1" in serial(compute, project, zone, "again"), timeout=60, what="the first boot")
+    wait_operation(compute, project, zone, compute.instances().stop(project=project, zone=zone, instance="again").execute())
+    wait_operation(compute, project, zone, compute.instances().start(project=project, zone=zone, instance="again").execute())
+    wait_until(lambda: "startup-script: boots=2 mounts=1" in serial(compute, project, zone, "again"), timeout=60, what="the second boot")
+    wait_operation(compute, project, zone, compute.instances().delete(project=project, zone=zone, instance="again").execute())
 
 
 def vm_processes(state_dir):

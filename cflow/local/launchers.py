@@ -190,7 +190,8 @@ def launch_storage_server(
 class ComputeOptions:
     """Fault and timing options of the Compute emulator; None leaves the emulator's default.
 
-    ``zone_capacity`` holds ``"ZONE=N"`` strings, as on the command line.
+    ``zone_capacity`` holds ``"ZONE=N"`` strings, as on the command line;
+    ``resource_not_ready`` False is ``--no-resource-not-ready``.
     """
 
     preempt_mean_s: float | None = None
@@ -200,6 +201,8 @@ class ComputeOptions:
     boot_delay: float | None = None
     shutdown_grace: float | None = None
     seed: int | None = None
+    rate_limit_per_minute: int | None = None
+    resource_not_ready: bool | None = None
     vm_root: str | None = None
 
     def to_argv(self) -> list[str]:
@@ -211,6 +214,8 @@ class ComputeOptions:
             if field.name == "zone_capacity":
                 for item in value:
                     argv += [flag, item]
+            elif isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
             elif value is not None:
                 argv += [flag, str(value)]
         return argv

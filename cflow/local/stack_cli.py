@@ -47,6 +47,15 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
     faults.add_argument("--seed", type=int, metavar="N", help="random seed for the faults")
     faults.add_argument(
+        "--rate-limit-per-minute", type=int, metavar="N",
+        help="GCE's rate quota: N API requests a minute per project and group; more is 403 rateLimitExceeded",
+    )
+    faults.add_argument(
+        "--resource-not-ready", action=argparse.BooleanOptionalAction, default=None,
+        help="refuse delete or stop of a booting or stopping VM with 400 resourceNotReady, as GCE does (the emulator's "
+        "default); --no-resource-not-ready accepts them",
+    )
+    faults.add_argument(
         "--vm-root", choices=sorted(RECIPES), metavar="NAME",
         help="run VMs on a real root: debian-12, a minimal Debian 12 built once with debootstrap (cached in ~/.cache/cflow/); needs root",
     )  # fmt: skip
@@ -87,6 +96,8 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         boot_delay=args.boot_delay,
         shutdown_grace=args.shutdown_grace,
         seed=args.seed,
+        rate_limit_per_minute=args.rate_limit_per_minute,
+        resource_not_ready=args.resource_not_ready,
         vm_root=args.vm_root,
     )
     for item in options.zone_capacity:

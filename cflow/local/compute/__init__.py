@@ -6,6 +6,7 @@ Run it::
         [--pubsub-emulator-host H:P] [--storage-emulator-host http://H:P] \\
         [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
         [--cpu-quota N] [--error-rate R] [--boot-delay S] [--seed N] \\
+        [--rate-limit-per-minute N] [--no-resource-not-ready] \\
         [--vm-root debian-12]
 
 It prints ``compute emulator listening on http://H:P/compute/v1/`` once it
@@ -21,7 +22,7 @@ batch URI from the discovery document, not from ``api_endpoint``, so pass
 
 Served: instances insert, bulkInsert, get, list, aggregatedList (filter,
 maxResults, pageToken), delete, stop, start, setLabels, setMetadata
-(fingerprints checked, 412 conditionNotMet), simulateMaintenanceEvent,
+(fingerprints checked, 412 conditionNotMet), setScheduling, simulateMaintenanceEvent,
 getSerialPortOutput (contents, start, next; 1 MB at most); zoneOperations
 and globalOperations get, wait, list, delete; disks get, list, delete
 (detached disks only); images insert (from a ``sourceDisk``; 400
@@ -68,6 +69,15 @@ log, the script files and the poweroff shim) to
 with a copy of it in its disk directory, before its startup script runs.
 Nothing is kept across emulator restarts but those directories.
 
+GCE's lifecycle rules hold: delete, stop or start of a VM still booting or
+already stopping is 400 resourceNotReady (``--no-resource-not-ready``
+accepts delete and stop); ``scheduling`` combinations are refused as GCE
+refuses them, and ``maxRunDuration``/``terminationTime`` stop or delete a
+VM when they run out (``scheduling``, ``lifecycle``); a repeated
+``requestId`` gets the first call's operation back (``request_ids``);
+``--rate-limit-per-minute`` is GCE's per-project rate quota, 403
+rateLimitExceeded beyond it (``rate_limit``).
+
 Stop, delete, preemption and guest power-off run the ``shutdown-script``
 (same environment, same process group) within the grace period (30 s for
 Spot/preemptible, 90 s standard, ``--shutdown-grace`` overrides), then
@@ -88,11 +98,13 @@ one part per resource: ``zones``, ``instances``, ``disks``, ``images``,
 ``metadata`` (what a VM's metadata server answers, and the servers),
 ``resources`` (records and their JSON), ``validation`` (request bodies),
 ``filters`` (list filters), ``paging`` (page tokens), ``api_errors`` (GCE's
-error answers), ``catalog`` (zones, machine types, images), ``faults``,
-``timers``, ``vm`` (guest processes), ``console`` (scripts' output on the
-serial console), ``rootfs`` (building and caching real roots),
-``guest_root`` (a VM's overlay and namespace on one), ``disk_images`` (disk
-and image content), ``watchdog`` (kills VMs of a dead emulator).
+error answers), ``scheduling`` (scheduling rules and time limits),
+``rate_limit`` (the rate quota), ``request_ids`` (requestId), ``catalog``
+(zones, machine types, images), ``faults``, ``timers``, ``vm`` (guest
+processes), ``console`` (scripts' output on the serial console),
+``rootfs`` (building and caching real roots), ``guest_root`` (a VM's
+overlay and namespace on one), ``disk_images`` (disk and image content),
+``watchdog`` (kills VMs of a dead emulator).
 
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);

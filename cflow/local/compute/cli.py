@@ -69,6 +69,16 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
     parser.add_argument("--seed", type=int, help="random seed for faults and ids")
     parser.add_argument(
+        "--rate-limit-per-minute", type=int, metavar="N",
+        help="GCE's per-project rate quota: N requests a minute in each group (changes, gets, lists, operation reads); "
+        "more is 403 rateLimitExceeded (default: no limit)",
+    )
+    parser.add_argument(
+        "--resource-not-ready", action=argparse.BooleanOptionalAction, default=True,
+        help="delete or stop of a VM that is still booting or already stopping is 400 resourceNotReady, as on GCE "
+        "(default); --no-resource-not-ready accepts them",
+    )
+    parser.add_argument(
         "--vm-root", choices=sorted(RECIPES), metavar="NAME",
         help="run every VM's scripts on a real root (debian-12: a minimal Debian 12 like the GCE image, built once with debootstrap "
         "and cached under ~/.cache/cflow/), each VM on its own overlay in its own mount namespace; needs root. "
@@ -96,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         error_rate=args.error_rate,
         boot_delay_s=args.boot_delay,
         seed=args.seed,
+        rate_limit_per_minute=args.rate_limit_per_minute,
+        resource_not_ready=args.resource_not_ready,
         vm_root=args.vm_root,
     )
     stop_requested = threading.Event()

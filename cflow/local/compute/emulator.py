@@ -22,6 +22,8 @@ from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
 from cflow.local.compute.guest_root import GuestRoots
 from cflow.local.compute.metadata import MetadataServers
+from cflow.local.compute.rate_limit import RateLimiter
+from cflow.local.compute.request_ids import RequestIds
 from cflow.local.compute.server import ApiServer, Dispatcher, engine_routes
 from cflow.local.compute.timers import TimerQueue
 from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, Watchdog
@@ -39,8 +41,11 @@ class EmulatorOptions:
 
     ``zone_capacity`` maps zone -> max live VMs; ``shutdown_grace_s`` None keeps
     GCE's grace periods (30 s Spot/preemptible, 90 s standard); ``state_dir``
-    None is a temporary directory deleted at stop; ``vm_root`` names a real
-    root for every VM (``rootfs.RECIPES``), None shares the host's filesystem.
+    None is a temporary directory deleted at stop; ``rate_limit_per_minute``
+    None is no rate quota; ``resource_not_ready`` False accepts delete and
+    stop of a VM that is booting or stopping (GCE refuses them); ``vm_root``
+    names a real root for every VM (``rootfs.RECIPES``), None shares the
+    host's filesystem.
     """
 
     host: str = "127.0.0.1"
@@ -56,6 +61,8 @@ class EmulatorOptions:
     error_rate: float = 0.0
     boot_delay_s: float = 0.0
     seed: int | None = None
+    rate_limit_per_minute: int | None = None
+    resource_not_ready: bool = True
     vm_root: str | None = None
 
     def validate(self, known_zones: set[str]) -> None:
@@ -72,6 +79,8 @@ class EmulatorOptions:
         for name, value in durations:
             if value is not None and value < 0:
                 raise EmulatorOptionError(f"{name} {value} must not be negative")
+        if self.rate_limit_per_minute is not None and self.rate_limit_per_minute < 1:
+            raise EmulatorOptionError(f"--rate-limit-per-minute {self.rate_limit_per_minute} must be at least 1; leave it out for no limit")
         if self.cpu_quota is not None and self.cpu_quota < 0:
             raise EmulatorOptionError(f"--cpu-quota {self.cpu_quota} must not be negative")
         for zone, capacity in self.zone_capacity.items():
@@ -189,8 +198,10 @@ class ComputeEmulator:
             boot_delay_s=options.boot_delay_s,
             shutdown_grace_s=options.shutdown_grace_s,
             id_random=random.Random(None if options.seed is None else options.seed + 1),
+            refuse_not_ready=options.resource_not_ready,
         )
-        server.dispatcher = Dispatcher(engine_routes(engine), faults)
+        rate_limiter = RateLimiter(options.rate_limit_per_minute, self._wall_clock) if options.rate_limit_per_minute else None
+        server.dispatcher = Dispatcher(engine_routes(engine), faults, rate_limiter, RequestIds(engine.core))
         metadata_servers.start(engine.guest_metadata)
         console.start()
         power_off.start()

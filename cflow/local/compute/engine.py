@@ -47,6 +47,8 @@ class ComputeEngine:
         boot_delay_s: time spent in PROVISIONING + STAGING.
         shutdown_grace_s: overrides the grace period (30 s Spot, 90 s standard).
         metadata_host: the address VMs reach their metadata server on.
+        refuse_not_ready: delete and stop of a booting or stopping VM are 400
+            resourceNotReady, as on GCE (False: accepted).
 
     Attributes:
         core, zones, instances, disks, images, operations: the parts (``server`` routes onto them).
@@ -70,6 +72,7 @@ class ComputeEngine:
         boot_delay_s: float = 0.0,
         shutdown_grace_s: float | None = None,
         metadata_host: str = "127.0.0.1",
+        refuse_not_ready: bool = True,
     ) -> None:
         self.core = ComputeCore(base_url=base_url, catalog=catalog, faults=faults, timers=timers, wall_clock=wall_clock, id_random=id_random)
         self.zones = Zones(base_url, catalog)
@@ -88,7 +91,7 @@ class ComputeEngine:
             shutdown_grace_s=shutdown_grace_s,
             metadata_host=metadata_host,
         )
-        self.instances = Instances(self.core, self.disks, self.images, self.lifecycle, launcher)
+        self.instances = Instances(self.core, self.disks, self.images, self.lifecycle, launcher, refuse_not_ready=refuse_not_ready)
         self.guest_metadata = GuestMetadata(self.core, self.lifecycle)
 
     def start(self) -> None:

@@ -1,10 +1,22 @@
 """instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, setLabels, setMetadata,
-simulateMaintenanceEvent, getSerialPortOutput.
+setScheduling, simulateMaintenanceEvent, getSerialPortOutput.
 
 Creating a VM checks the CPU quota and the zone's capacity (``faults``),
 then makes its record, its disks (``disks``), holds its image's content
 (``images``) and hands it to ``lifecycle``, which boots it. A stockout is a
 DONE-with-error operation, as GCE reports it; a quota refusal is a 403 at once.
+
+GCE's lifecycle rules: delete or stop of a VM that is still PROVISIONING or
+STAGING, or already STOPPING, and start of one that is booting or STOPPING,
+answer 400 ``resourceNotReady`` ("The resource '...' is not ready", as
+googleapis/google-api-python-client#485 quotes it); ``refuse_not_ready``
+False accepts delete and stop then (the emulator's old leniency). A
+bulkInsert makes up to 5,000 VMs and takes ``instanceProperties.machineType``
+as a bare name only: a URL there makes GCE fail the operation with
+INTERNAL_ERROR (the discovery document's InstanceProperties.machineType);
+an insert takes a zonal URL only. setScheduling changes the time limit,
+provisioning model and termination action of a TERMINATED VM only; the
+rules of ``scheduling`` apply to the result.
 """
 
 import copy
@@ -13,7 +25,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 
-from cflow.local.compute import api_errors, validation
+from cflow.local.compute import api_errors, scheduling, validation
 from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.filters import compile_filter
@@ -24,9 +36,11 @@ from cflow.local.compute.resources import Instance, Operation, fingerprint
 from cflow.local.compute.validation import InstanceSpec
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher
 
-MAX_BULK_COUNT = 1000
+MAX_BULK_COUNT = 5000
 MAX_SERIAL_BYTES = 1024 * 1024
 BULK_FIELD = "bulkInsertInstanceResource"
+# What a VM is while delete, stop and start answer resourceNotReady.
+NOT_READY = ("PROVISIONING", "STAGING", "STOPPING")
 
 
 class Instances:
@@ -37,18 +51,24 @@ class Instances:
         disks, images: the disks of new VMs and their images' content.
         lifecycle: boots, powers off, preempts and removes VMs.
         launcher: where a VM's serial console log is.
+        refuse_not_ready: answer delete and stop of a booting or stopping VM
+            with 400 resourceNotReady, as GCE does (False: accept them).
 
-    Every method raises ``ApiError`` as GCE answers: 400 for a bad request or
-    an unknown zone, 404 for an unknown VM, 409 for a taken name, 412 for a
-    stale fingerprint, 403 beyond the CPU quota, 503 while the emulator stops.
+    Every method raises ``ApiError`` as GCE answers: 400 for a bad request,
+    an unknown zone or a VM not ready for the change, 404 for an unknown VM,
+    409 for a taken name, 412 for a stale fingerprint, 403 beyond the CPU
+    quota, 503 while the emulator stops.
     """
 
-    def __init__(self, core: ComputeCore, disks: Disks, images: Images, lifecycle: Lifecycle, launcher: GuestLauncher) -> None:
+    def __init__(
+        self, core: ComputeCore, disks: Disks, images: Images, lifecycle: Lifecycle, launcher: GuestLauncher, refuse_not_ready: bool = True
+    ) -> None:
         self.core = core
         self.disks = disks
         self.images = images
         self.lifecycle = lifecycle
         self.launcher = launcher
+        self.refuse_not_ready = refuse_not_ready
         self._addresses_given = 0
 
     # Records (hold the lock).
@@ -147,6 +167,7 @@ class Instances:
         core = self.core
         core.check_zone(zone)
         spec = validation.instance_spec(body, project, zone, core.catalog)
+        scheduling.refuse_past_termination(body.get("scheduling") if isinstance(body, dict) else None, core.wall_clock(), "resource.scheduling")
         name = spec["name"]
         assert name is not None  # instance_spec requires it for an insert
         with core.lock:
@@ -174,7 +195,12 @@ class Instances:
         core.check_zone(zone)
         count, min_count, per_instance, pattern = self._bulk_request(body)
         assert body is not None
-        spec = validation.instance_spec(body["instanceProperties"], project, zone, core.catalog, f"{BULK_FIELD}.instanceProperties", name_required=False)
+        properties = body["instanceProperties"]
+        if isinstance(properties, dict) and "/" in str(properties.get("machineType", "")):
+            return self._bulk_internal_error(project, zone)
+        properties_field = f"{BULK_FIELD}.instanceProperties"
+        spec = validation.instance_spec(properties, project, zone, core.catalog, properties_field, name_required=False)
+        scheduling.refuse_past_termination(properties.get("scheduling"), core.wall_clock(), f"{properties_field}.scheduling")
         pattern_parts = validation.name_pattern_parts(pattern) if pattern else None
         with core.lock:
             core.refuse_if_closing()
@@ -203,6 +229,16 @@ class Instances:
                 hostname = per_instance.get(name, {}).get("hostname")
                 instance = self._create(project, zone, spec, name, hostname=hostname if isinstance(hostname, str) else None)
                 instance.boot_operations.append(operation)
+            return operation.to_json(core.base_url)
+
+    def _bulk_internal_error(self, project: str, zone: str) -> Json:
+        """What GCE answers a bulkInsert whose instanceProperties names its machine type by URL: an operation that fails."""
+        core = self.core
+        with core.lock:
+            core.refuse_if_closing()
+            operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
+            errors = [{"code": "INTERNAL_ERROR", "message": "Internal error. Please try again or contact Google Support."}]
+            core.fail_operation_later(operation, 0, errors, 500, "INTERNAL SERVER ERROR")
             return operation.to_json(core.base_url)
 
     @staticmethod
@@ -341,12 +377,22 @@ class Instances:
 
     # instances.delete, stop, start.
 
+    def _refuse_unless_settled(self, instance: Instance) -> None:
+        """400 resourceNotReady for a VM still booting or already stopping (unless ``refuse_not_ready`` is off)."""
+        if self.refuse_not_ready and instance.status in NOT_READY:
+            raise api_errors.resource_not_ready(f"projects/{instance.project}/zones/{instance.zone}/instances/{instance.name}")
+
     def delete(self, project: str, zone: str, name: str) -> Json:
-        """instances.delete: a running VM runs its shutdown script first; a booting or terminated one goes at once."""
+        """instances.delete: a running VM runs its shutdown script first; a terminated one goes at once.
+
+        A booting or stopping VM is 400 resourceNotReady (with ``refuse_not_ready`` off:
+        a booting one goes at once, a stopping one once it is down).
+        """
         core = self.core
         core.check_zone(zone)
         with core.lock:
             instance = self.record(project, zone, name)
+            self._refuse_unless_settled(instance)
             operation = core.new_operation(project, zone, "delete", instance.self_link(core.base_url), instance.id)
             if instance.status == "RUNNING":
                 instance.delete_operations.append(operation)
@@ -361,11 +407,12 @@ class Instances:
             return operation.to_json(core.base_url)
 
     def stop(self, project: str, zone: str, name: str) -> Json:
-        """instances.stop: DONE when the VM is TERMINATED."""
+        """instances.stop: DONE when the VM is TERMINATED; 400 resourceNotReady while it boots or stops."""
         core = self.core
         core.check_zone(zone)
         with core.lock:
             instance = self.record(project, zone, name)
+            self._refuse_unless_settled(instance)
             operation = core.new_operation(project, zone, "stop", instance.self_link(core.base_url), instance.id)
             if instance.status == "TERMINATED":
                 core.finish_operation(operation)
@@ -377,7 +424,11 @@ class Instances:
             return operation.to_json(core.base_url)
 
     def start(self, project: str, zone: str, name: str) -> Json:
-        """instances.start of a TERMINATED VM: it boots again (quota and capacity permitting); 400 resourceNotReady while STOPPING."""
+        """instances.start of a TERMINATED VM: it boots again (quota and capacity permitting).
+
+        400 resourceNotReady while it stops (and while it boots); 400 invalid once its
+        ``terminationTime`` has passed.
+        """
         core = self.core
         core.check_zone(zone)
         with core.lock:
@@ -385,6 +436,9 @@ class Instances:
             instance = self.record(project, zone, name)
             if instance.status == "STOPPING":
                 raise api_errors.resource_not_ready(f"projects/{project}/zones/{zone}/instances/{name}")
+            self._refuse_unless_settled(instance)
+            if instance.status == "TERMINATED":
+                scheduling.refuse_past_termination(instance.scheduling, core.wall_clock(), "scheduling")
             operation = core.new_operation(project, zone, "start", instance.self_link(core.base_url), instance.id)
             if instance.status != "TERMINATED":
                 core.finish_operation(operation)
@@ -442,6 +496,36 @@ class Instances:
             instance.metadata_items = items
             instance.metadata_version += 1
             instance.metadata_fingerprint = fingerprint([items, instance.metadata_version])
+            instance.touch()
+            core.finish_operation(operation)
+            core.metadata_changed.notify_all()
+            return operation.to_json(core.base_url)
+
+    # instances.setScheduling.
+
+    def set_scheduling(self, project: str, zone: str, name: str, body: Json | None) -> Json:
+        """instances.setScheduling: the fields in ``body`` change (null clears one), checked as at insert.
+
+        The time limit, provisioning model and termination action change only on a
+        TERMINATED VM (400 invalidResourceUsage otherwise); the host maintenance
+        policy and automatic restart on any.
+        """
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            instance = self.record(project, zone, name)
+            asked = scheduling.merged(instance.scheduling, body)
+            wanted = scheduling.check(asked, "scheduling")
+            changed = scheduling.stopped_only_changes(instance.scheduling, wanted)
+            if changed and instance.status != "TERMINATED":
+                raise api_errors.invalid_resource_usage(
+                    f"Instance must be stopped (TERMINATED) to change scheduling.{changed[0]}; it is {instance.status}"
+                )
+            if "terminationTime" in changed:
+                scheduling.refuse_past_termination(asked, core.wall_clock(), "scheduling")
+            operation = core.new_operation(project, zone, "setScheduling", instance.self_link(core.base_url), instance.id)
+            instance.scheduling = wanted
+            instance.metadata_version += 1  # what its metadata server shows under scheduling/ changed
             instance.touch()
             core.finish_operation(operation)
             core.metadata_changed.notify_all()

@@ -52,10 +52,12 @@ class Instance:
 
     ``epoch`` grows at every boot and power-off, so a timer armed for an
     earlier one is recognised as stale. ``after_stop`` is what STOPPING ends
-    in ("terminate" or "delete"). ``disk_image`` is the image tree held for
-    the first boot's disk copy (None once copied). ``guest`` is its live
-    processes while it runs. The ``*_operations`` complete when the VM
-    reaches RUNNING, TERMINATED or is gone.
+    in ("terminate" or "delete"). ``termination_ts`` is when a running VM's
+    time limit ends it (``maxRunDuration``, ``terminationTime``).
+    ``disk_image`` is the image tree held for the first boot's disk copy
+    (None once copied). ``guest`` is its live processes while it runs. The
+    ``*_operations`` complete when the VM reaches RUNNING, TERMINATED or is
+    gone.
     """
 
     id: int
@@ -83,6 +85,7 @@ class Instance:
     stop_status_message: str | None = None
     last_start_ts: str | None = None
     last_stop_ts: str | None = None
+    termination_ts: str | None = None
     after_stop: str | None = None
     disk_image: str | None = None
     guest: "Guest | None" = None
@@ -172,6 +175,8 @@ class Instance:
             resource["lastStartTimestamp"] = self.last_start_ts
         if self.last_stop_ts:
             resource["lastStopTimestamp"] = self.last_stop_ts
+        if self.termination_ts:
+            resource["resourceStatus"] = {"scheduling": {"terminationTimestamp": self.termination_ts}}
         return resource
 
 

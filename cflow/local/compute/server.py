@@ -2,8 +2,10 @@
 
 One route table per resource (``zone_routes``, ``instance_routes``,
 ``operation_routes``, ``disk_routes``, ``image_routes``) maps a method and a
-path to the part's method; ``Dispatcher`` finds the route, applies
-``--error-rate`` faults, parses the body and renders the answer or the
+path to the part's method; ``Dispatcher`` finds the route, counts the call
+against ``--rate-limit-per-minute`` (``rate_limit``), applies
+``--error-rate`` faults, parses the body, answers a repeated ``requestId``
+with its first operation (``request_ids``) and renders the answer or the
 ``ApiError``. Serves ``/compute/v1/...`` as googleapiclient calls it with
 ``client_options={"api_endpoint": "http://H:P/compute/v1/"}``, and
 ``POST /batch/compute/v1`` (multipart/mixed, as ``BatchHttpRequest`` sends
@@ -15,6 +17,7 @@ document's rootUrl, not from ``api_endpoint``: callers must pass
 import dataclasses
 import email.message
 import email.parser
+import functools
 import json
 import logging
 import re
@@ -32,6 +35,8 @@ from cflow.local.compute.images import Images
 from cflow.local.compute.instances import Instances
 from cflow.local.compute.operations import Operations
 from cflow.local.compute.paging import Answer, Json, RawJson
+from cflow.local.compute.rate_limit import RateLimiter
+from cflow.local.compute.request_ids import RequestIds
 from cflow.local.compute.zones import Zones
 
 logger = logging.getLogger(__name__)
@@ -103,6 +108,7 @@ def instance_routes(instances: Instances) -> list[Route]:
         route("POST", _I + r"/start", lambda path, query, body: instances.start(path["project"], path["zone"], path["instance"])),
         route("POST", _I + r"/setLabels", lambda path, query, body: instances.set_labels(path["project"], path["zone"], path["instance"], body)),
         route("POST", _I + r"/setMetadata", lambda path, query, body: instances.set_metadata(path["project"], path["zone"], path["instance"], body)),
+        route("POST", _I + r"/setScheduling", lambda path, query, body: instances.set_scheduling(path["project"], path["zone"], path["instance"], body)),
         route(
             "POST",
             _I + r"/simulateMaintenanceEvent",
@@ -176,11 +182,15 @@ class Dispatcher:
     Args:
         routes: the API's routes (``engine_routes``).
         faults: the Faults (``--error-rate`` answers come before any work).
+        rate_limiter: counts each call against its project's rate quota first (None: no limit).
+        request_ids: answers a repeated ``requestId`` with its first operation (None: ids ignored).
     """
 
-    def __init__(self, routes: list[Route], faults: Faults) -> None:
+    def __init__(self, routes: list[Route], faults: Faults, rate_limiter: RateLimiter | None = None, request_ids: RequestIds | None = None) -> None:
         self.routes = routes
         self.faults = faults
+        self.rate_limiter = rate_limiter
+        self.request_ids = request_ids
 
     def dispatch(self, method: str, path: str, query_string: str, body_bytes: bytes) -> tuple[int, str | None]:
         """Answers the call; an ApiError becomes its status and Google's error JSON, anything else a 500."""
@@ -202,12 +212,20 @@ class Dispatcher:
             if match is None or candidate.method != method:
                 continue
             arguments = match.groupdict()
-            fault = self.faults.request_error(arguments.get("project", ""))
+            project = arguments.get("project", "")
+            if self.rate_limiter is not None:
+                self.rate_limiter.admit(project, method, relative)
+            fault = self.faults.request_error(project)
             if fault is not None:
                 raise fault
             query = dict(urllib.parse.parse_qsl(query_string, keep_blank_values=True))
             body = self._parse_body(body_bytes) if method in BODY_METHODS else None
-            result = candidate.handler(arguments, query, body)
+            request_id = query.get("requestId") if method != "GET" else None
+            if request_id and self.request_ids is not None:
+                answer = functools.partial(candidate.handler, arguments, query, body)
+                result = self.request_ids.call(project, request_id, answer)
+            else:
+                result = candidate.handler(arguments, query, body)
             if result is None:
                 return None
             return result if isinstance(result, RawJson) else json.dumps(result)

@@ -9,6 +9,7 @@ import re
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from cflow.local.compute import api_errors
+from cflow.local.compute import scheduling as scheduling_rules
 from cflow.local.compute.resources import STANDARD_SCOPES, default_service_account
 
 if TYPE_CHECKING:
@@ -152,18 +153,30 @@ def _last_segment(reference: str) -> str:
     return reference.rstrip("/").rsplit("/", 1)[-1]
 
 
-def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str) -> tuple[str, int]:
-    """Returns (machine type name, vCPUs) for a full/partial URL or a bare name."""
+def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str, name_only: bool = False) -> tuple[str, int]:
+    """Returns (machine type name, vCPUs) of an Instance's or InstanceProperties' ``machineType``.
+
+    An Instance names it by a zonal URL: a full URL, ``projects/P/zones/Z/machineTypes/T``
+    or ``zones/Z/machineTypes/T`` (a bare name is "The URL is malformed."); InstanceProperties
+    (``name_only``) by its bare name. Raises 400 invalid for another zone or an unknown type.
+    """
     if not reference:
         raise api_errors.required(field)
     if not isinstance(reference, str):
         raise api_errors.invalid_field(field, "", "Expected a string.")
-    name = _last_segment(reference)
-    parts = reference.rstrip("/").split("/")
-    if "zones" in parts:
-        referenced_zone = parts[parts.index("zones") + 1] if parts.index("zones") + 1 < len(parts) else ""
-        if referenced_zone != zone:
+    if name_only:
+        name = reference
+    else:
+        path = reference.split("://", 1)[1].split("/", 1)[-1] if "://" in reference else reference
+        path = re.sub(r"^compute/(?:v1|beta|alpha)/", "", path)
+        parts = path.strip("/").split("/")
+        if parts[0] == "zones":
+            parts = ["projects", "-", *parts]
+        if len(parts) != 6 or parts[0] != "projects" or parts[2] != "zones" or parts[4] != "machineTypes" or not all(parts):
+            raise api_errors.invalid_field(field, reference, "The URL is malformed.")
+        if parts[3] != zone:
             raise api_errors.invalid_field(field, reference, f"Cross-zone references are not allowed; the instance is in zone '{zone}'.")
+        name = parts[5]
     cpus = catalog.guest_cpus(name)
     if cpus is None:
         raise api_errors.invalid_field(field, reference, f"Machine type with name '{name}' does not exist in zone '{zone}'.")
@@ -171,41 +184,8 @@ def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str
 
 
 def check_scheduling(scheduling: Any, field: str) -> dict[str, Any]:
-    """Returns the full Scheduling dict with GCE's defaults for the provisioning model."""
-    scheduling = {} if scheduling is None else _expect(scheduling, dict, field)
-    model = scheduling.get("provisioningModel", "STANDARD")
-    if model not in ("STANDARD", "SPOT"):
-        raise api_errors.invalid_field(f"{field}.provisioningModel", model, "The emulator supports STANDARD and SPOT.")
-    preemptible = scheduling.get("preemptible", False)
-    _expect(preemptible, bool, f"{field}.preemptible")
-    interruptible = model == "SPOT" or preemptible
-    automatic_restart = scheduling.get("automaticRestart", not interruptible)
-    _expect(automatic_restart, bool, f"{field}.automaticRestart")
-    on_host_maintenance = scheduling.get("onHostMaintenance", "TERMINATE" if interruptible else "MIGRATE")
-    if on_host_maintenance not in ("MIGRATE", "TERMINATE"):
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Must be MIGRATE or TERMINATE.")
-    if interruptible and automatic_restart:
-        raise api_errors.invalid_field(f"{field}.automaticRestart", "true", "Preemptible instances cannot be automatically restarted.")
-    if interruptible and on_host_maintenance != "TERMINATE":
-        detail = "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE."
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, detail)
-    result = {
-        "onHostMaintenance": on_host_maintenance,
-        "automaticRestart": automatic_restart,
-        "preemptible": bool(interruptible),
-        "provisioningModel": model,
-    }
-    action = scheduling.get("instanceTerminationAction")
-    if action is not None:
-        if action not in ("STOP", "DELETE"):
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Must be STOP or DELETE.")
-        if not interruptible:
-            detail = "Instance termination action can only be set for Spot or preemptible VMs."
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, detail)
-        result["instanceTerminationAction"] = action
-    elif model == "SPOT":
-        result["instanceTerminationAction"] = "STOP"
-    return result
+    """Returns the full Scheduling with GCE's defaults for the provisioning model (GCE's rules: ``scheduling.check``)."""
+    return scheduling_rules.check(scheduling, field)
 
 
 def check_disks(disks: Any, instance_name: str, request_project: str, catalog: "Catalog", field: str) -> list[DiskSpec]:
@@ -346,7 +326,7 @@ def check_service_accounts(accounts: Any, project: str, field: str) -> list[dict
 
 
 def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field: str = "resource", name_required: bool = True) -> InstanceSpec:
-    """Validates an Instance (insert) or InstanceProperties (bulkInsert) body.
+    """Validates an Instance (insert) or InstanceProperties (bulkInsert, ``name_required`` False) body.
 
     Returns a dict: name, machine_type, cpus, description, labels,
     metadata_items, scheduling, disks, network_interfaces, service_accounts,
@@ -356,7 +336,7 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
     name = body.get("name")
     if name_required:
         check_name(name, f"{field}.name")
-    machine_type, cpus = check_machine_type(body.get("machineType"), zone, catalog, f"{field}.machineType")
+    machine_type, cpus = check_machine_type(body.get("machineType"), zone, catalog, f"{field}.machineType", name_only=not name_required)
     tags_body = body.get("tags") or {}
     _expect(tags_body, dict, f"{field}.tags")
     tags = tags_body.get("items") or []

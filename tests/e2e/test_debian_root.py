@@ -11,6 +11,7 @@ cached root.
 import glob
 import importlib.metadata
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def unavailable_reason():
     problem = rootfs.host_problem()
     if problem:
         return problem
-    if not rootfs.RootCache().cached(DEBIAN) and rootfs.shutil.which("debootstrap") is None:
+    if not rootfs.RootCache().cached(DEBIAN) and shutil.which("debootstrap") is None:
         return "debootstrap is missing and the debian-12 root is not cached; apt-get install debootstrap (.ci/run does)"
     return None
 

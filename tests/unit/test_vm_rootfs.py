@@ -122,3 +122,25 @@ def test_host_problems_are_named(tmp_path, monkeypatch):
     filesystems.write_text("nodev\tproc\nnodev\toverlay\n")
     assert "nsenter missing" in rootfs.host_problem(str(filesystems), which=lambda name: None if name == "nsenter" else "/bin/" + name)
     assert rootfs.host_problem(str(filesystems), which=lambda name: "/bin/" + name) is None
+
+
+def test_vm_root_is_an_option_of_the_emulator_and_of_the_local_stack():
+    from cflow.cli import build_parser
+    from cflow.local.launchers import ComputeOptions
+
+    parser = build_parser()
+    assert parser.parse_args(["emulator", "compute", "--vm-root", "debian-12"]).vm_root == "debian-12"
+    assert parser.parse_args(["local", "up", "--vm-root", "debian-12"]).vm_root == "debian-12"
+    assert parser.parse_args(["emulator", "compute"]).vm_root is None
+    assert ComputeOptions(vm_root="debian-12").to_argv() == ["--vm-root", "debian-12"]
+    assert ComputeOptions.from_json(ComputeOptions(vm_root="debian-12").to_json()) == ComputeOptions(vm_root="debian-12")
+
+
+def test_an_emulator_that_cannot_run_vms_on_a_real_root_refuses_the_option_in_one_line(monkeypatch):
+    from cflow.local.compute.emulator import EmulatorOptionError, EmulatorOptions
+
+    monkeypatch.setattr(rootfs, "host_problem", lambda: "this kernel has no overlayfs (not in /proc/filesystems); load it with `modprobe overlay`")
+    with pytest.raises(EmulatorOptionError, match=r"^--vm-root debian-12: this kernel has no overlayfs .*modprobe overlay`$"):
+        EmulatorOptions(vm_root="debian-12").validate({"us-central1-a"})
+    with pytest.raises(EmulatorOptionError, match="is unknown; use one of: debian-12"):
+        EmulatorOptions(vm_root="windows").validate({"us-central1-a"})

@@ -32,6 +32,10 @@ VM's own without a network namespace. Each boot also writes
 carries its CA) and ``poweroff``/``shutdown``/``halt`` in ``/usr/local/sbin``,
 which power this VM off through its metadata server.
 
+This is fidelity, not isolation: a VM shares the host's network, processes
+and kernel, and a root process can leave a chroot; run only scripts you
+would run on the host.
+
 The environment of a script is a GCE service's: PATH, HOME=/root, LANG, the
 emulators' endpoints, ``GCE_METADATA_IP`` and ``CFLOW_VM_MARKER``; not
 ``CFLOW_EMULATED_VM`` nor ``CFLOW_VM_ROOT``: scripts take the path they take

@@ -1,6 +1,8 @@
 """VM roots: recipes, and the cache that builds each once, atomically (cflow/local/compute/rootfs.py)."""
 
 import dataclasses
+import os
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -144,3 +146,32 @@ def test_an_emulator_that_cannot_run_vms_on_a_real_root_refuses_the_option_in_on
         EmulatorOptions(vm_root="debian-12").validate({"us-central1-a"})
     with pytest.raises(EmulatorOptionError, match="is unknown; use one of: debian-12"):
         EmulatorOptions(vm_root="windows").validate({"us-central1-a"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a whiteout (a 0/0 character device) and trusted.* attributes needs root")
+def test_an_image_of_a_disk_on_a_real_root_keeps_its_whiteouts_and_opaque_directories(tmp_path):
+    from cflow.local.compute.disk_images import DiskImages
+
+    disk = tmp_path / "vm"
+    upper = disk / "root"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "motd").write_text("changed\n")
+    os.mknod(upper / "etc" / "debian_version", stat.S_IFCHR, 0)  # deleted from the root
+    (upper / "srv").mkdir()
+    os.setxattr(upper / "srv", "trusted.overlay.opaque", b"y")  # replaced, not merged
+    (disk / ".overlay" / "work").mkdir(parents=True)
+    (disk / "serial-port-1.log").write_text("console")
+
+    images = DiskImages(str(tmp_path / "state"))
+    tree = images.tree_dir("p", "img", 1)
+    images.capture(str(disk), tree)
+    images.hold(tree)
+    copy = tmp_path / "copy"
+    images.restore(tree, str(copy))
+
+    for root in (Path(tree), copy):
+        whiteout = os.lstat(root / "root" / "etc" / "debian_version")
+        assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+        assert os.getxattr(root / "root" / "srv", "trusted.overlay.opaque") == b"y"
+        assert (root / "root" / "etc" / "motd").read_text() == "changed\n"
+        assert not (root / ".overlay").exists() and not (root / "serial-port-1.log").exists()

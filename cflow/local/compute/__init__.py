@@ -5,7 +5,8 @@ Run it::
     cflow emulator compute --host 127.0.0.1 --port 0 [--state-dir D] \\
         [--pubsub-emulator-host H:P] [--storage-emulator-host http://H:P] \\
         [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
-        [--cpu-quota N] [--error-rate R] [--boot-delay S] [--seed N] \\
+        [--quota [REGION:]METRIC=N ...] [--cpu-quota N] [--deny-external-ip] \\
+        [--no-default-network] [--error-rate R] [--boot-delay S] [--seed N] \\
         [--rate-limit-per-minute N] [--no-resource-not-ready] \\
         [--vm-root debian-12]
 
@@ -29,9 +30,26 @@ and globalOperations get, wait, list, delete; disks get, list, delete
 resourceInUseByAnotherResource for a disk of a VM that is not TERMINATED
 unless ``forceCreate=true``; 409 for a taken name), get, getFromFamily (the
 newest READY image of the family that is not deprecated), list (filter),
-delete, deprecate; machineTypes get, list; zones get, list. Public images
-(debian-cloud, ubuntu-os-cloud, cos-cloud) are read-only: changing them is
-403 forbidden.
+delete, deprecate; machineTypes get, list; zones get, list; regions get,
+list (with their ``quotas``); regionOperations get, wait, list, delete;
+networks insert, get, list, delete; subnetworks insert, get, list,
+aggregatedList, delete, setPrivateIpGoogleAccess; acceleratorTypes get,
+list, aggregatedList. Public images (debian-cloud, ubuntu-os-cloud,
+cos-cloud) are read-only: changing them is 403 forbidden.
+
+Networks, quotas, policy, GPUs: every project has the ``default`` auto-mode
+network (one subnet per region in GCE's 10.128.0.0/9 auto ranges) unless
+``--no-default-network``; a VM's interfaces must name networks and subnets
+that exist (GCE's 400s and 404s), and get an address of their subnet.
+``--quota`` limits CPUS, PREEMPTIBLE_CPUS, INSTANCES, IN_USE_ADDRESSES,
+GPUS_ALL_REGIONS and the per-type GPU metrics (NVIDIA_T4_GPUS,
+PREEMPTIBLE_NVIDIA_T4_GPUS...), as ``regions.get`` reports them (403
+quotaExceeded beyond one; ``QUOTA_EXCEEDED`` in a bulkInsert's operation).
+``--deny-external-ip`` is the organization policy
+``constraints/compute.vmExternalIpAccess`` (412 conditionNotMet for a VM
+with an access config). ``guestAccelerators`` are checked against the
+zone's accelerator types. The rules and GCE's answers are in ``networks``,
+``quotas``, ``policy`` and ``accelerators``.
 
 A VM: its boot disk is ``STATE_DIR/vms/NAME-ID/`` (cwd; ``home/`` is HOME,
 ``tmp/`` is TMPDIR, ``bin/`` comes first on PATH, ``serial-port-1.log`` is
@@ -94,7 +112,10 @@ Where things live: ``emulator`` (assembly, options), ``cli`` (the command),
 ``server`` (HTTP routes, one table per resource, and batches), ``engine``
 (the parts wired together), ``core`` (lock, ids, shared tables, operations),
 one part per resource: ``zones``, ``instances``, ``disks``, ``images``,
-``operations``; ``lifecycle`` (the VM state machine), ``guest_metadata`` and
+``operations``, ``networks`` (networks, subnetworks, VMs' interfaces and
+addresses), ``regions``, ``accelerators`` (accelerator types and GPU
+rules); ``quotas`` (limits, usage, refusals), ``policy`` (organization
+policy); ``lifecycle`` (the VM state machine), ``guest_metadata`` and
 ``metadata`` (what a VM's metadata server answers, and the servers),
 ``resources`` (records and their JSON), ``validation`` (request bodies),
 ``filters`` (list filters), ``paging`` (page tokens), ``api_errors`` (GCE's

@@ -1,10 +1,15 @@
 """instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, setLabels, setMetadata,
 setScheduling, simulateMaintenanceEvent, getSerialPortOutput.
 
-Creating a VM checks the CPU quota and the zone's capacity (``faults``),
-then makes its record, its disks (``disks``), holds its image's content
+Creating a VM checks what its interfaces name (``networks``) and its GPUs
+(``accelerators``), the organization policy (``policy``), the quotas
+(``quotas``) and the zone's capacity (``faults``), then makes its record
+with its addresses, its disks (``disks``), holds its image's content
 (``images``) and hands it to ``lifecycle``, which boots it. A stockout is a
-DONE-with-error operation, as GCE reports it; a quota refusal is a 403 at once.
+DONE-with-error operation, as GCE reports it; insert's quota and policy
+refusals come at once (403, 412); bulkInsert's are in its operation, except
+a quota that leaves room for not one VM (403 at once), as GCE's upfront
+validation answers.
 
 GCE's lifecycle rules: delete or stop of a VM that is still PROVISIONING or
 STAGING, or already STOPPING, and start of one that is booting or STOPPING,
@@ -20,18 +25,24 @@ rules of ``scheduling`` apply to the result.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from cflow.local.compute import api_errors, scheduling, validation
+from cflow.local.compute.accelerators import AcceleratorTypes
 from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.filters import compile_filter
 from cflow.local.compute.images import Images
 from cflow.local.compute.lifecycle import Lifecycle
+from cflow.local.compute.networks import Networks, ip_space_exhausted_error
 from cflow.local.compute.paging import Json, RawJson, max_results, page_after, page_token
+from cflow.local.compute.policy import CONDITION_NOT_MET_HTTP, OrganizationPolicy
+from cflow.local.compute.quotas import Quotas, VmShape
 from cflow.local.compute.resources import Instance, Operation, fingerprint
 from cflow.local.compute.validation import InstanceSpec
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher
@@ -43,6 +54,15 @@ BULK_FIELD = "bulkInsertInstanceResource"
 NOT_READY = ("PROVISIONING", "STAGING", "STOPPING")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A VM's request after every check that needs the emulator's state: interfaces, GPUs, what it takes from quotas."""
+
+    interfaces: list[dict[str, Any]]
+    accelerators: list[dict[str, Any]]
+    shape: VmShape
+
+
 class Instances:
     """The instances API of any project.
 
@@ -51,17 +71,32 @@ class Instances:
         disks, images: the disks of new VMs and their images' content.
         lifecycle: boots, powers off, preempts and removes VMs.
         launcher: where a VM's serial console log is.
+        networks: the networks VMs' interfaces name, and their addresses.
+        accelerators: the zones' accelerator types and GPU rules.
+        quotas: the allocation quotas.
+        policy: the organization policy.
         refuse_not_ready: answer delete and stop of a booting or stopping VM
             with 400 resourceNotReady, as GCE does (False: accept them).
 
     Every method raises ``ApiError`` as GCE answers: 400 for a bad request,
     an unknown zone or a VM not ready for the change, 404 for an unknown VM,
-    409 for a taken name, 412 for a stale fingerprint, 403 beyond the CPU
-    quota, 503 while the emulator stops.
+    409 for a taken name, 412 for a stale fingerprint or a policy, 403 beyond
+    a quota, 503 while the emulator stops.
     """
 
     def __init__(
-        self, core: ComputeCore, disks: Disks, images: Images, lifecycle: Lifecycle, launcher: GuestLauncher, refuse_not_ready: bool = True
+        self,
+        core: ComputeCore,
+        disks: Disks,
+        images: Images,
+        lifecycle: Lifecycle,
+        launcher: GuestLauncher,
+        *,
+        networks: Networks,
+        accelerators: AcceleratorTypes,
+        quotas: Quotas,
+        policy: OrganizationPolicy,
+        refuse_not_ready: bool = True,
     ) -> None:
         self.core = core
         self.disks = disks
@@ -69,7 +104,10 @@ class Instances:
         self.lifecycle = lifecycle
         self.launcher = launcher
         self.refuse_not_ready = refuse_not_ready
-        self._addresses_given = 0
+        self.networks = networks
+        self.accelerators = accelerators
+        self.quotas = quotas
+        self.policy = policy
 
     # Records (hold the lock).
 
@@ -83,24 +121,21 @@ class Instances:
     def _live_in_zone(self, zone: str) -> int:
         return sum(1 for instance in self.core.instances.values() if instance.zone == zone and instance.status != "TERMINATED")
 
-    def _cpus_in_region(self, project: str, region: str | None) -> int:
-        return sum(
-            instance.cpus
-            for instance in self.core.instances.values()
-            if instance.project == project and instance.region == region and instance.status != "TERMINATED"
-        )
-
-    def _check_quota(self, project: str, zone: str, cpus_each: int, wanted: int, minimum: int) -> int:
-        """Returns how many of ``wanted`` VMs the CPU quota allows; raises 403 below ``minimum``."""
-        faults = self.core.faults
+    def _check(self, project: str, zone: str, spec: InstanceSpec, field: str) -> _Checked:
+        """What needs the emulator's state (hold the lock): the networks and GPUs the VM names, and its quota shape."""
         region = self.core.catalog.region_of(zone)
-        free = faults.free_cpus(self._cpus_in_region(project, region))
-        if free is None or faults.cpu_quota is None:
-            return wanted
-        fit = free // cpus_each
-        if fit < minimum:
-            raise api_errors.quota_exceeded("CPUS", faults.cpu_quota, region)
-        return min(wanted, fit)
+        assert region is not None  # the zone was checked
+        interfaces = self.networks.resolve(project, region, spec["network_interfaces"], f"{field}.networkInterfaces")
+        accelerators = self.accelerators.check(
+            project, zone, spec["guest_accelerators"], spec["machine_type"], spec["scheduling"]["onHostMaintenance"], f"{field}.guestAccelerators"
+        )
+        shape = VmShape(
+            cpus=spec["cpus"],
+            preemptible=bool(spec["scheduling"].get("preemptible")),
+            external_ips=sum(len(interface["accessConfigs"]) for interface in interfaces),
+            accelerators=tuple((entry["acceleratorType"], entry["acceleratorCount"]) for entry in accelerators),
+        )
+        return _Checked(interfaces, accelerators, shape)
 
     def _stockout(self, operation: Operation, project: str, zone: str) -> None:
         message = (
@@ -110,19 +145,18 @@ class Instances:
         errors = [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": message}]
         self.core.fail_operation_later(operation, self.lifecycle.boot_delay_s / 2, errors, 503, "SERVICE UNAVAILABLE")
 
-    def _next_address(self) -> str:
-        number = self._addresses_given
-        self._addresses_given += 1
-        return f"10.{128 + (number // 64516) % 128}.{(number // 254) % 254}.{number % 254 + 2}"
-
-    def _create(self, project: str, zone: str, spec: InstanceSpec, name: str, hostname: str | None = None) -> Instance:
+    def _create(
+        self,
+        project: str,
+        zone: str,
+        spec: InstanceSpec,
+        name: str,
+        interfaces: list[dict[str, Any]],
+        accelerators: list[dict[str, Any]],
+        hostname: str | None = None,
+    ) -> Instance:
         core = self.core
         instance_id = core.new_id()
-        interfaces = []
-        for requested in spec["network_interfaces"]:
-            interface = dict(requested, networkIP=self._next_address())
-            interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
-            interfaces.append(interface)
         metadata_items = copy.deepcopy(spec["metadata_items"])
         region = core.catalog.region_of(zone)
         assert region is not None  # the zone was checked
@@ -147,6 +181,7 @@ class Instances:
             tags=list(spec["tags"]),
             hostname=hostname or spec["hostname"],
             creation_ts=core.now(),
+            guest_accelerators=[dict(entry) for entry in accelerators],
         )
         self.disks.attach_new(instance)
         self.images.hold_boot_content(instance)
@@ -173,23 +208,34 @@ class Instances:
         with core.lock:
             core.refuse_if_closing()
             self._refuse_taken_names(project, zone, spec, [name])
-            self._check_quota(project, zone, spec["cpus"], 1, 1)
+            checked = self._check(project, zone, spec, "resource")
+            self.policy.refuse_insert(project, zone, name, checked.interfaces)
+            region = core.catalog.region_of(zone)
+            assert region is not None
+            fit, refusal = self.quotas.room(project, region, checked.shape, 1)
+            if refusal is not None and fit < 1:
+                raise refusal.error()
             operation = core.new_operation(project, zone, "insert", f"{core.zone_url(project, zone)}/instances/{name}")
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
+            addressed, exhausted = self.networks.assign(region, checked.interfaces, 1)
             if free is not None and free < 1:
                 self._stockout(operation, project, zone)
+            elif exhausted is not None:
+                core.finish_operation(operation, [ip_space_exhausted_error(exhausted)], 400, "BAD REQUEST")
             else:
-                instance = self._create(project, zone, spec, name)
+                instance = self._create(project, zone, spec, name, addressed[0], checked.accelerators)
                 operation.target_id = instance.id
                 operation.remaining = 1
                 instance.boot_operations.append(operation)
             return operation.to_json(core.base_url)
 
     def bulk_insert(self, project: str, zone: str, body: Json | None) -> Json:
-        """instances.bulkInsert: as many of ``count`` VMs as quota and capacity allow, at least ``minCount``.
+        """instances.bulkInsert: as many of ``count`` VMs as quota, capacity and addresses allow, at least ``minCount``.
 
         Names come from ``perInstanceProperties`` first, then from ``namePattern``
-        (numbered after the highest name of the zone that fits it).
+        (numbered after the highest name of the zone that fits it). A quota
+        with room for no VM at all refuses at once (403); one with room for
+        fewer than ``minCount``, the policy and a stockout fail the operation.
         """
         core = self.core
         core.check_zone(zone)
@@ -198,37 +244,49 @@ class Instances:
         properties = body["instanceProperties"]
         if isinstance(properties, dict) and "/" in str(properties.get("machineType", "")):
             return self._bulk_internal_error(project, zone)
-        properties_field = f"{BULK_FIELD}.instanceProperties"
-        spec = validation.instance_spec(properties, project, zone, core.catalog, properties_field, name_required=False)
-        scheduling.refuse_past_termination(properties.get("scheduling"), core.wall_clock(), f"{properties_field}.scheduling")
+        field = f"{BULK_FIELD}.instanceProperties"
+        spec = validation.instance_spec(properties, project, zone, core.catalog, field, name_required=False)
+        scheduling.refuse_past_termination(properties.get("scheduling"), core.wall_clock(), f"{field}.scheduling")
         pattern_parts = validation.name_pattern_parts(pattern) if pattern else None
+        region = core.catalog.region_of(zone)
+        assert region is not None
         with core.lock:
             core.refuse_if_closing()
             self._refuse_taken_names(project, zone, spec, per_instance)
-            allowed = self._check_quota(project, zone, spec["cpus"], count, min_count)
+            checked = self._check(project, zone, spec, field)
+            allowed, refusal = self.quotas.room(project, region, checked.shape, count)
+            if refusal is not None and allowed == 0:
+                raise refusal.error()
             operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
+            operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
-            if free is not None and free < min_count:
-                operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
-                self._stockout(operation, project, zone)
-                return operation.to_json(core.base_url)
             to_create = allowed if free is None else min(allowed, free)
             names = list(per_instance)[:to_create]
             if len(names) < to_create:
                 assert pattern_parts is not None  # without a pattern, count equals the named VMs
                 names += self._pattern_names(project, zone, pattern_parts, to_create - len(names), set(per_instance))
-            operation.remaining = len(names)
-            operation.bulk_status = {
-                "targetVmCount": count,
-                "createdVmCount": len(names),
-                "failedToCreateVmCount": count - len(names),
-                "deletedVmCount": 0,
-                "status": "CREATING",
-            }
-            for name in names:
-                hostname = per_instance.get(name, {}).get("hostname")
-                instance = self._create(project, zone, spec, name, hostname=hostname if isinstance(hostname, str) else None)
-                instance.boot_operations.append(operation)
+            policy_errors = self.policy.bulk_errors(project, zone, names, checked.interfaces)
+            addressed, exhausted = self.networks.assign(region, checked.interfaces, len(names), f"{field}.networkInterfaces")
+            if policy_errors:
+                core.finish_operation(operation, policy_errors, *CONDITION_NOT_MET_HTTP)
+            elif allowed < min_count:
+                assert refusal is not None
+                core.finish_operation(operation, [refusal.operation_error()], 403, "FORBIDDEN")
+            elif free is not None and free < min_count:
+                self._stockout(operation, project, zone)
+            elif len(addressed) < min_count:
+                assert exhausted is not None
+                core.finish_operation(operation, [ip_space_exhausted_error(exhausted)], 400, "BAD REQUEST")
+            else:
+                names = names[: len(addressed)]
+                operation.remaining = len(names)
+                operation.bulk_status.update(createdVmCount=len(names), failedToCreateVmCount=count - len(names))
+                for name, interfaces in zip(names, addressed, strict=True):
+                    hostname = per_instance.get(name, {}).get("hostname")
+                    instance = self._create(
+                        project, zone, spec, name, interfaces, checked.accelerators, hostname=hostname if isinstance(hostname, str) else None
+                    )
+                    instance.boot_operations.append(operation)
             return operation.to_json(core.base_url)
 
     def _bulk_internal_error(self, project: str, zone: str) -> Json:
@@ -443,7 +501,9 @@ class Instances:
             if instance.status != "TERMINATED":
                 core.finish_operation(operation)
                 return operation.to_json(core.base_url)
-            self._check_quota(project, zone, instance.cpus, 1, 1)
+            fit, refusal = self.quotas.room(project, instance.region, VmShape.of(instance), 1, new=False)
+            if refusal is not None and fit < 1:
+                raise refusal.error()
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
             if free is not None and free < 1:
                 self._stockout(operation, project, zone)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 STANDARD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 ResourceKey = tuple[str, str, str]  # (project, zone, name) of a zonal resource
-OperationKey = tuple[str, str | None, str]  # (project, zone or None for a global operation, name)
+OperationKey = tuple[str, str | None, str]  # (project, zone or None for a global or regional operation, name)
 
 
 def rfc3339(epoch_s: float) -> str:
@@ -80,6 +80,7 @@ class Instance:
     tags: list[str]
     hostname: str | None
     creation_ts: str
+    guest_accelerators: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     metadata_port: int = 0
     status_message: str | None = None
     stop_status_message: str | None = None
@@ -177,14 +178,20 @@ class Instance:
             resource["lastStopTimestamp"] = self.last_stop_ts
         if self.termination_ts:
             resource["resourceStatus"] = {"scheduling": {"terminationTimestamp": self.termination_ts}}
+        if self.guest_accelerators:
+            resource["guestAccelerators"] = [
+                {"acceleratorType": f"{zone_url}/acceleratorTypes/{entry['acceleratorType']}", "acceleratorCount": entry["acceleratorCount"]}
+                for entry in self.guest_accelerators
+            ]
         return resource
 
 
 def _render_interface(interface: dict[str, Any], base_url: str, instance: Instance) -> dict[str, Any]:
+    network_project = interface.get("networkProject", instance.project)
     rendered: dict[str, Any] = {
         "kind": "compute#networkInterface",
-        "network": f"{base_url}projects/{instance.project}/global/networks/{interface['network']}",
-        "subnetwork": f"{base_url}projects/{instance.project}/regions/{instance.region}/subnetworks/{interface['subnetwork']}",
+        "network": f"{base_url}projects/{network_project}/global/networks/{interface['network']}",
+        "subnetwork": f"{base_url}projects/{network_project}/regions/{instance.region}/subnetworks/{interface['subnetwork']}",
         "networkIP": interface["networkIP"],
         "name": interface["name"],
         "fingerprint": fingerprint(interface["networkIP"]),
@@ -193,8 +200,16 @@ def _render_interface(interface: dict[str, Any], base_url: str, instance: Instan
     if interface.get("accessConfigs"):
         rendered["accessConfigs"] = []
         for access in interface["accessConfigs"]:
-            config = {"kind": "compute#accessConfig", "type": "ONE_TO_ONE_NAT", "name": access.get("name", "External NAT"), "networkTier": "PREMIUM"}
-            if instance.status == "RUNNING":
+            config = {
+                "kind": "compute#accessConfig",
+                "type": access.get("type", "ONE_TO_ONE_NAT"),
+                "name": access.get("name", "External NAT"),
+                "networkTier": access.get("networkTier", "PREMIUM"),
+            }
+            # A reserved address stays with a stopped VM; an ephemeral one exists only while it runs.
+            if access.get("natIP"):
+                config["natIP"] = access["natIP"]
+            elif instance.status == "RUNNING":
                 config["natIP"] = interface["natIP"]
             rendered["accessConfigs"].append(config)
     return rendered
@@ -291,7 +306,7 @@ class Disk:
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Operation:
-    """One zonal operation, or a global one (``zone`` None).
+    """One zonal operation, a regional one (``region`` set, ``zone`` None), or a global one (both None).
 
     ``remaining`` counts the VMs an insert or bulkInsert still waits for;
     ``bulk_status`` is a bulkInsert's per-location status.
@@ -312,11 +327,12 @@ class Operation:
     sequence: int
     end_ts: str | None = None
     status_message: str | None = None
-    errors: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     http_error_code: int | None = None
     http_error_message: str | None = None
     bulk_status: dict[str, Any] | None = None
     remaining: int = 0
+    region: str | None = None
 
     @property
     def key(self) -> OperationKey:
@@ -326,7 +342,9 @@ class Operation:
     def to_json(self, base_url: str) -> dict[str, Any]:
         """Returns the compute#operation dict."""
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
-        scope_url = zone_url if self.zone is not None else f"{base_url}projects/{self.project}/global"
+        region_url = f"{base_url}projects/{self.project}/regions/{self.region}"
+        scopes = ((self.zone, zone_url), (self.region, region_url), ("global", f"{base_url}projects/{self.project}/global"))
+        scope_url = next(url for scope, url in scopes if scope is not None)
         resource: dict[str, Any] = {
             "kind": "compute#operation",
             "id": str(self.id),
@@ -342,6 +360,8 @@ class Operation:
         }
         if self.zone is not None:
             resource["zone"] = zone_url
+        if self.region is not None:
+            resource["region"] = region_url
         if self.target_id is not None:
             resource["targetId"] = str(self.target_id)
         if self.status_message:

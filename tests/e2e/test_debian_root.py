@@ -1,11 +1,11 @@
 """VMs on a real Debian 12 root (``--vm-root debian-12``): the stock boot path for real.
 
-Slow (``-m slow``; ``.ci/run`` runs them): the first use builds the root
-with debootstrap (about a minute, cached in ~/.cache/cflow/vm-roots/), and
-a stock worker installs python3-venv and the Google clients with apt-get and
-pip, over the network. They skip, saying why, where VMs cannot run on a real
-root: not root, no overlayfs, no unshare/nsenter, or no debootstrap and no
-cached root.
+Marked ``slow`` (run by default; ``-m "not slow"`` leaves them out): the
+first use builds the root with debootstrap (about a minute, cached in
+~/.cache/cflow/vm-roots/), and a stock worker installs python3-venv and the
+Google clients with apt-get and pip, over the network. They skip, saying
+why, where VMs cannot run on a real root: not root, no overlayfs, no
+unshare/nsenter, or no debootstrap and no cached root.
 """
 
 import glob

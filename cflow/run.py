@@ -1,4 +1,4 @@
-"""``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result.
+"""``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result and its report.
 
 Order matters: everything that can be checked is checked before anything is
 created or uploaded (bad input never costs a VM): const.py, the bucket, then
@@ -6,6 +6,10 @@ the preflight (``cflow.preflight``: zones, image, network, service account,
 quotas); the run id is printed before the first thing is created so an
 interrupted run can be resumed or cancelled. ``--dry-run`` runs the same
 reads and prints the plan, writing nothing.
+
+At the end: combine, delete the fleet and topics, write the VM history and
+RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``), and print the summary,
+which names failed items by their fields and, locally, their logs as files.
 
 How a run ends (exit statuses in ``cflow.errors``): the summary (0, or 1 with
 failed items); GCE refusing every worker for good cancels the run and ends
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
     from cflow.lifecycle import CombinedFile
+    from cflow.ops.view import RunView
     from cflow.preflight import PreflightResult
     from cflow.scheduler import Progress, Scheduler
 
@@ -106,7 +111,22 @@ def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients
     with _cloud(config, args) as clients:
         if before_run:
             before_run(config, clients)
-        return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
+        status = execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes,
+                             stack_dir=_stack_dir(config, args))
+    # Last, after a stack started for the run has stopped: what to open next.
+    from cflow.ops.report import report_path
+
+    report = report_path(config.result_dir, run_id)
+    if report.is_file():
+        print(f"report: {report} (open it in a browser)", flush=True)
+    return status
+
+
+def _stack_dir(config: "Config", args: argparse.Namespace) -> Path | None:
+    """The local stack's folder (None on GCP)."""
+    if not config.is_local:
+        return None
+    return Path(args.stack_dir or (config.base_dir / ".cflow" / "local")).absolute()
 
 
 @contextlib.contextmanager
@@ -119,7 +139,8 @@ def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
         return
     from cflow.local.stack import running_stack
 
-    stack_dir = args.stack_dir or (config.base_dir / ".cflow" / "local")
+    stack_dir = _stack_dir(config, args)
+    assert stack_dir is not None  # local
     with running_stack(stack_dir) as info:
         os.environ.update(info.env())
         yield build_clients("local", config.project)
@@ -251,8 +272,13 @@ def execute_run(
     step_interval: float = STEP_INTERVAL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
     out: IO[str] | None = None,
+    stack_dir: Path | None = None,
 ) -> int:
     """Run (or resume) one run with built clients. Returns the exit status.
+
+    ``stack_dir`` is the local stack's folder, where the summary finds the
+    logs as files (None on GCP, or when not known: it then names the
+    `cflow logs` command instead).
 
     Raises:
         ConfigError: a check failed before anything was created, or a resumed
@@ -316,6 +342,8 @@ def execute_run(
         storage.write_manifest(manifest)
 
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers)
+    if resume:
+        scheduler.restore_vm_history()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
     if created_queue or not storage.is_published():
@@ -341,7 +369,23 @@ def execute_run(
         _on_interrupt(run_id, storage, pubsub, compute, topics, assume_yes, out)
         raise
     reporter.close()
-    return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
+    return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out, _run_view(storage, config, stack_dir))
+
+
+def _run_view(storage: "RunStorage", config: "Config", stack_dir: Path | None) -> "RunView":
+    """The run view of this run; locally it finds the logs as files in the stack's folder."""
+    import functools
+
+    from cflow.ops.view import RunView
+
+    if not config.is_local:
+        return RunView(storage)
+    if stack_dir is None:
+        # Not knowing the folder (a caller that did not say), the summary names the `cflow logs` command instead.
+        return RunView(storage, lambda name: None)
+    from cflow.local.stored_runs import object_path
+
+    return RunView(storage, functools.partial(object_path, stack_dir, config.bucket))
 
 
 def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: "Compute", topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
@@ -382,14 +426,16 @@ def _end_refused(run_id: str, refused: WorkersRefused, storage: "RunStorage", pu
 
 
 def finish_run(
-    config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float, out: IO[str]
+    config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float,
+    out: IO[str], view: "RunView | None" = None,
 ) -> int:
-    """Combine outputs, delete the fleet and the run's topics, print the summary. Returns the exit status.
+    """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status.
 
     A VM of the run still there after the fleet's deletion is named with the
     command that deletes it, and the status is ``EXIT_VMS_LEFT`` (3).
     """
     from cflow.lifecycle import combine_outputs, done_in_item_order, left_behind_lines
+    from cflow.ops.view import RunView
 
     combined: dict[str, CombinedFile] = {}
     # The VMs have no work left and bill until they are gone: delete them while combining.
@@ -401,24 +447,39 @@ def finish_run(
             combined = combine_outputs(storage, done_in_order, config.result_dir)
         left = fleet_deleted.result()
     pubsub.delete_run_topics(topics)
+    scheduler.write_vm_history(fleet_gone=True)
+    view = view or RunView(storage)
+    _write_report(view, config, run_id)
     progress = scheduler.progress
-    print_summary(config, run_id, scheduler, storage, combined, time.monotonic() - started, out)
+    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, out)
     if left:
         print("\n".join(left_behind_lines(run_id, scheduler.compute.project, left)), file=out, flush=True)
         return EXIT_VMS_LEFT
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
 
 
+def _write_report(view: "RunView", config: "Config", run_id: str) -> Path | None:
+    """Write RESULT_DIR/RUN_ID/report.html. Returns its path, or None (logged) if it could not be made: the run is done either way."""
+    from cflow.ops.report import report_path, write_report
+
+    path = report_path(config.result_dir, run_id)
+    try:
+        return write_report(view, path, time.time())
+    except Exception as error:
+        log.warning("could not write the run's report (%s); make it with `cflow report %s`", error, run_id)
+        return None
+
+
 def print_summary(
     config: "Config",
     run_id: str,
     scheduler: "Scheduler",
-    storage: "RunStorage",
+    view: "RunView",
     combined: "dict[str, CombinedFile]",
     wall_seconds: float,
     out: IO[str],
 ) -> None:
-    """The run's last lines: counts, attempts, VM time and cost, failed items with their logs, where the result is."""
+    """The run's last lines: counts, attempts, VM time and cost, failed items by their fields with their logs, where the result is."""
     from cflow.gcp import layout
 
     progress = scheduler.progress
@@ -433,13 +494,14 @@ def print_summary(
     if price is not None:
         lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
                      f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+    fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
-        marker = storage.read_marker(layout.FAILED, item_id) or {}
-        lines.append(f"failed: item {item_id} ({marker.get('reason', 'unknown')}); log: {marker.get('log')}")
+        failed = view.failed_item(item_id, fields.get(item_id, ()))
+        lines.append(f"failed: item {failed.label}: {failed.reason}; log: {failed.log or 'none was uploaded'}")
     for file in combined.values():
         lines.append(f"combined: {file.path} ({file.url})")
     if config.combine == "none":
-        lines.append(f"outputs: {storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
+        lines.append(f"outputs: {view.storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
     print("\n".join(lines), file=out, flush=True)
 
 

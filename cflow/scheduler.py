@@ -16,6 +16,12 @@ is killed can be resumed with the run's id. A run cancelled from elsewhere
 deletes topics and VMs) makes the next step raise ``RunCancelled``; a run
 whose topics vanished without a cancel (a Pub/Sub emulator restarted) gets
 them back, with its unfinished items published again.
+
+The scheduler also keeps the run's VM history (``cflow.history.VmHistory``:
+each VM's machine type, Spot or not, when it was asked for, first seen
+running, preempted, gone) from what it creates, lists and hears, and writes
+it to the run's vms.json at most every ``VM_HISTORY_WRITE_SECONDS`` and at
+the end (``write_vm_history``), for the run's report.
 """
 
 import logging
@@ -28,6 +34,7 @@ from cflow import fleet, tasks
 from cflow.creation import STOCKOUT_COOLDOWN_SECONDS, Ask, CreationPolicy, refused_line
 from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, WorkersRefused
 from cflow.gcp.retry import Backoff
+from cflow.history import VmHistory, is_spot, vm_records_from_document
 from cflow.protocol import ITEM_END_EVENTS, EventKind
 
 if TYPE_CHECKING:
@@ -47,6 +54,8 @@ EVENT_POLL_SECONDS = 0.25
 MAX_CONSECUTIVE_STEP_FAILURES = 5
 # Waits after a failed step: 2, 4, 8, 16 ... s, at most a minute.
 STEP_FAILURE_BACKOFF = Backoff(first_delay=2.0, max_delay=60.0, jitter=0.0)
+# vms.json is rewritten at most this often while the run goes on (at 1,000 VMs it is ~200 KB).
+VM_HISTORY_WRITE_SECONDS = 60.0
 
 
 class RunCancelled(CflowError):
@@ -97,6 +106,7 @@ class Scheduler:
         clock: monotonic seconds (tests pass their own).
         max_workers: the most workers at once (the preflight's count of what the quota holds); None: WORKER_NODE_CNT.
         policy: where to create and how to react to refusals (default: a ``CreationPolicy`` over the config's zones).
+        wall_clock: epoch seconds, for the VM history (tests pass their own).
     """
 
     def __init__(
@@ -112,6 +122,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         max_workers: int | None = None,
         policy: CreationPolicy | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -122,6 +133,7 @@ class Scheduler:
         self.topics = topics
         self.instance_properties = instance_properties
         self.clock = clock
+        self.wall_clock = wall_clock
         self.progress = Progress(total=len(items))
         self.done_ids: set[str] = set()
         self.failed_ids: set[str] = set()
@@ -138,6 +150,8 @@ class Scheduler:
         self._last_step_at: float | None = None
         self._markers_listed_at: float | None = None
         self.item_ids = {item.id for item in items}
+        self.vm_history = VmHistory()
+        self._vm_history_written_at: float | None = None
 
     # -- publishing --------------------------------------------------------
 
@@ -204,6 +218,8 @@ class Scheduler:
             self._count_finished()
         vms = self.compute.list_run_vms(self.run_id)
         self._account_vm_time(vms, now)
+        self.vm_history.listed(((vm.name, vm.zone, vm.status, vm.preempted) for vm in vms), self.wall_clock(), LIVE_STATES,
+                               str(self.instance_properties.get("machineType", "")), is_spot(self.instance_properties))
         self._settle_creations(now)
 
         stopped = [vm for vm in vms if vm.status in STOPPED_STATES]
@@ -237,7 +253,36 @@ class Scheduler:
         for vm in vms:
             self.progress.vms[vm.status] = self.progress.vms.get(vm.status, 0) + 1
         self.progress.running = sum(1 for vm in live if vm.name in self.item_by_vm)
+        if self._vm_history_written_at is None or now - self._vm_history_written_at >= VM_HISTORY_WRITE_SECONDS:
+            self.write_vm_history()
         return self.progress
+
+    # -- the VM history ------------------------------------------------------
+
+    def restore_vm_history(self) -> None:
+        """Carry on the VM history a scheduler of this run wrote before (a resumed run)."""
+        records = vm_records_from_document(self.storage.read_vm_history())
+        self.vm_history = VmHistory(records)
+
+    def write_vm_history(self, fleet_gone: bool = False) -> None:
+        """Write vms.json if there is news since the last write.
+
+        A failure is logged and tried again later: the history is for the
+        report, and a run must not stop for it.
+
+        Args:
+            fleet_gone: the run's fleet was deleted: every VM not gone yet is gone now.
+        """
+        if fleet_gone:
+            self.vm_history.all_gone(self.wall_clock())
+        self._vm_history_written_at = self.clock()
+        if not self.vm_history.dirty:
+            return
+        try:
+            self.storage.write_vm_history(self.vm_history.to_document())
+        except CloudError as error:
+            self.vm_history.dirty = True
+            log.warning("could not write the run's VM history (%s); trying again later", error)
 
     def _recover_queue(self) -> None:
         """The run's topics or subscriptions are gone without a cancel: make them again, republish what is unfinished."""
@@ -284,6 +329,9 @@ class Scheduler:
     def _read_events(self, timeout: float = 0.5) -> None:
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
+            sent = event.get("time")
+            # A VM preempted between two listings is known only by its events.
+            self.vm_history.heard_from(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
             if kind == EventKind.STARTED:
                 self.item_by_vm[vm] = event.get("item")
                 self.idle_vms.discard(vm)
@@ -306,6 +354,7 @@ class Scheduler:
                 log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
             elif kind == EventKind.PREEMPTED:
                 self.progress.preemptions += 1
+                self.vm_history.mark_preempted(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
                 log.info("VM %s preempted; item %s handed back", vm, event.get("item"))
             elif kind == EventKind.MALFORMED:
                 log.warning("VM %s dropped a work message that is not CFlow's: %s", vm, event.get("detail"))
@@ -341,6 +390,8 @@ class Scheduler:
             if errors is None:
                 still_pending.append(pending)
                 continue
+            if errors:
+                self.vm_history.never_created(pending.names)
             # GCE reports one error per VM (a policy refuses each by name): one reaction per kind is enough.
             for error in {type(error): error for error in reversed(errors)}.values():
                 self._react(error, pending.zone, len(pending.names), now)
@@ -376,6 +427,7 @@ class Scheduler:
         self.policy.created(ask)
         self.next_vm_number += ask.count
         self.pending_creations.append(pending)
+        self.vm_history.asked_for(pending.names, ask.zone, self.instance_properties, self.wall_clock())
         log.info("creating %d VM(s) in %s", ask.count, ask.zone)
 
     def _delete_idle(self, live: list["Vm"], surplus: int) -> None:

@@ -209,6 +209,7 @@ class ComputeOptions:
     seed: int | None = None
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool | None = None
+    vm_root: str | None = None
 
     def to_argv(self) -> list[str]:
         """The ``cflow emulator compute`` options that set these values."""
@@ -236,6 +237,24 @@ class ComputeOptions:
     def from_json(cls, data: Mapping[str, Any]) -> "ComputeOptions":
         """Read a record written by ``to_json``."""
         return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ())), "quota": tuple(data.get("quota", ()))})
+
+
+def prepare_vm_root(name: str) -> None:
+    """Builds the real VM root ``name`` now if it is not cached, so the emulator's start does not wait for it (about a minute, once).
+
+    Raises:
+        StackError: this host cannot run VMs on a real root, or the build failed.
+    """
+    from cflow.local.compute import rootfs
+
+    try:
+        recipe = rootfs.recipe_named(name)
+        problem = rootfs.host_problem()
+        if problem:
+            raise StackError(f"--vm-root {name}: {problem}")
+        rootfs.RootCache().ensure(recipe)
+    except rootfs.VmRootError as error:
+        raise StackError(str(error)) from None
 
 
 def require_compute_emulator() -> None:

@@ -51,6 +51,7 @@ from cflow.local.launchers import (
     launch_compute_emulator,
     launch_pubsub_emulator,
     launch_storage_server,
+    prepare_vm_root,
     require_compute_emulator,
 )
 from cflow.local.services import (
@@ -248,6 +249,8 @@ class LocalStack:
         find_pubsub_emulator()
         find_storage_server()
         require_compute_emulator()
+        if compute_options.vm_root is not None:
+            prepare_vm_root(compute_options.vm_root)
         logger.info("starting the local stack in %s", self.dir)
         started: list[Service] = []
         deadline_s, clock, sleep = self.start_timeout_s, self.clock, self.sleep

@@ -32,7 +32,7 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     listing = subparsers.add_parser(
         "list", parents=[common],
         help="list the runs in the bucket, newest first",
-        description="List the runs kept in the bucket of const.py, newest first, with their item counts and state.",
+        description="List the runs kept in the bucket of const.py, newest first, with their item counts, state, and the VMs each still has.",
     )
     listing.set_defaults(func=list_command)
 
@@ -126,16 +126,17 @@ def list_lines(summaries: list[RunSummary], bucket_name: str) -> list[str]:
 
 def list_command(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    session = open_session(args)
-    vms_by_run: dict[str, list[Vm]] | None
-    try:
-        vms_by_run = session.compute().list_vms_by_run()
-    except CloudError as error:
-        vms_by_run = None
-        note = f"VMs not listed ({error.message}): VMS shows ?"
-    summaries = list_runs(session.clients.storage, session.bucket, vms_by_run)
+    note: str | None = None
+    with open_session(args) as session:
+        vms_by_run: dict[str, list[Vm]] | None = None
+        if session.has_fleet:
+            try:
+                vms_by_run = session.compute().list_vms_by_run()
+            except CloudError as error:
+                note = f"VMs not listed ({error.message}): VMS shows ?"
+        summaries = list_runs(session.clients.storage, session.bucket, vms_by_run if session.has_fleet else {})
     lines = list_lines(summaries, session.bucket)
-    if vms_by_run is None:
+    if note is not None:
         lines.append(note)
     elif any(summary.vms not in ("-", "?") for summary in summaries):
         lines.append("VMS: a run's VMs still there (and billing); `cflow cancel RUN_ID` deletes them")

@@ -18,6 +18,8 @@ RUN = "0101-0000-abcd"
 class RunStorage(FakeRunStorage):
     """The run's storage as the end of a run reads it: no outputs."""
 
+    bucket_name = "b"
+
     def recorded_output_names(self, item_id):
         return []
 
@@ -29,6 +31,12 @@ class RunStorage(FakeRunStorage):
 
     def read_marker(self, kind, item_id):
         return {"reason": "exit status 1", "log": "gs://b/log"}
+
+
+class View:
+    """The run view the end of a run writes its report from: here, none is made (the report is not what is tested)."""
+
+    storage = None
 
 
 def make(tmp_path, undeletable=()):
@@ -46,7 +54,7 @@ def test_a_run_that_deleted_everything_ends_with_its_summary_and_status_0(tmp_pa
     config, scheduler, storage, pubsub, topics = make(tmp_path)
     scheduler.done_ids = {"000000"}
     out = io.StringIO()
-    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out) == EXIT_OK
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View()) == EXIT_OK
     assert "still there" not in out.getvalue()
 
 
@@ -55,7 +63,7 @@ def test_a_vm_still_there_at_the_end_is_named_with_its_gcloud_delete_command_and
     scheduler.progress.failed = 1  # even with failed items: a VM left billing is what the status says
     out = io.StringIO()
 
-    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out)
+    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View())
 
     assert status == EXIT_VMS_LEFT != EXIT_ITEMS_FAILED
     lines = out.getvalue().splitlines()

@@ -200,7 +200,7 @@ class WheelhouseRef:
 
 
 class WheelDownloader(Protocol):
-    """Puts the wheels of a spec into a folder (``pip_download``)."""
+    """Puts the wheels of a spec into a folder (``PipDownloader``)."""
 
     def __call__(self, spec: WheelhouseSpec, dest: Path, log_path: Path) -> None:
         """Download ``spec``'s packages, what they need, and its installer, as wheels for its platform, into ``dest``.
@@ -211,41 +211,52 @@ class WheelDownloader(Protocol):
         ...
 
 
-def pip_download(spec: WheelhouseSpec, dest: Path, log_path: Path) -> None:
+class PipDownloader:
     """``WheelDownloader`` with this controller's pip (its configuration, index and proxy included).
 
-    Raises:
-        WheelhouseError: this Python has no pip, or pip could not get a wheel of every package.
+    Args:
+        run: ``subprocess.run``-like, for pip.
+        python: the Python whose pip runs (default: this one).
     """
-    if importlib.util.find_spec("pip") is None:
-        raise WheelhouseError(
-            f"this controller's Python ({sys.executable}) has no pip, which downloads the workers' packages once; "
-            "install it (python3 -m ensurepip, or apt-get install python3-pip)"
-        )
-    constraints = dest / "constraints.txt"
-    constraints.write_text(spec.constraints_text())
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
-        *spec.platform.pip_arguments(), "--dest", str(dest), "-c", str(constraints), *spec.packages, spec.installer,
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        try:
-            result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=DOWNLOAD_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise WheelhouseError(f"pip download of the workers' packages took over {DOWNLOAD_TIMEOUT_S} s; see {log_path}, then try again") from None
-    constraints.unlink()
-    if result.returncode != 0:
-        output = log_path.read_text(errors="replace")
-        missing = _NO_WHEEL.search(output)
-        if missing:
+
+    def __init__(self, run: Callable[..., "subprocess.CompletedProcess[bytes]"] = subprocess.run, python: str = sys.executable) -> None:
+        self._run = run
+        self._python = python
+
+    def __call__(self, spec: WheelhouseSpec, dest: Path, log_path: Path) -> None:
+        """See ``WheelDownloader``.
+
+        Raises:
+            WheelhouseError: this Python has no pip, or pip could not get a wheel of every package.
+        """
+        if self._python == sys.executable and importlib.util.find_spec("pip") is None:
             raise WheelhouseError(
-                f"no wheel of {missing.group(1)} for the workers ({spec.platform.description}) on the package index; "
-                f"install a version of it that has one on this controller (the workers get this controller's versions), "
-                f"or boot from an image that has the packages (VM_BOOT = \"image\"); see {log_path}"
+                f"this controller's Python ({sys.executable}) has no pip, which downloads the workers' packages once; "
+                "install it (python3 -m ensurepip, or apt-get install python3-pip)"
             )
-        last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
-        raise WheelhouseError(f"pip download of the workers' packages failed (exit status {result.returncode}: {last}); "
-                              f"this controller needs the package index once per set of versions; see {log_path}")
+        constraints = dest.parent / "constraints.txt"
+        constraints.write_text(spec.constraints_text())
+        command = [
+            self._python, "-m", "pip", "download", "--no-input", "--disable-pip-version-check", "--progress-bar", "off",
+            *spec.platform.pip_arguments(), "--dest", str(dest), "-c", str(constraints), *spec.packages, spec.installer,
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            try:
+                result = self._run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, timeout=DOWNLOAD_TIMEOUT_S, check=False)
+            except subprocess.TimeoutExpired:
+                raise WheelhouseError(f"pip download of the workers' packages took over {DOWNLOAD_TIMEOUT_S} s; see {log_path}, then try again") from None
+        if result.returncode != 0:
+            output = log_path.read_text(errors="replace")
+            missing = _NO_WHEEL.search(output)
+            if missing:
+                raise WheelhouseError(
+                    f"no wheel of {missing.group(1)} for the workers ({spec.platform.description}) on the package index; "
+                    "install a version of it that has one on this controller (the workers get this controller's versions), "
+                    f"or boot from an image that has the packages (VM_BOOT = \"image\"); see {log_path}"
+                )
+            last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "no output")
+            raise WheelhouseError(f"pip download of the workers' packages failed (exit status {result.returncode}: {last}); "
+                                  f"this controller needs the package index once per set of versions; see {log_path}")
 
 
 def default_cache_dir() -> Path:
@@ -312,18 +323,18 @@ class WheelhouseCache:
 
     Args:
         cache_dir: where they live (default ``default_cache_dir()``).
-        download: puts a spec's wheels in a folder (default ``pip_download``).
+        download: puts a spec's wheels in a folder (default ``PipDownloader()``).
         say: where progress lines go (default: this module's logger).
     """
 
     def __init__(
         self,
         cache_dir: str | os.PathLike[str] | None = None,
-        download: WheelDownloader = pip_download,
+        download: WheelDownloader | None = None,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._download = download
+        self._download = download or PipDownloader()
         self._say = say or logger.info
 
     def path(self, spec: WheelhouseSpec) -> Path:

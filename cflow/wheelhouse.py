@@ -39,7 +39,8 @@ matching distribution" (one line on the serial console) instead of
 installing half.
 
 ``prepare_for_run`` is the one call ``cflow run`` makes; ``cflow image
-build`` uses the same wheelhouse for its build VM.
+build`` has its build VM install the same wheelhouse (``prepare``), through
+init.sh, so an image holds the bytes a stock worker would install.
 """
 
 import dataclasses
@@ -394,13 +395,20 @@ def publish(bucket: "Bucket", built: BuiltWheelhouse, say: Callable[[str], None]
     return WheelhouseRef(url=url, sha256=built.sha256)
 
 
-def needed(config: "Config", vm_root: str | None) -> bool:
-    """True when the run's workers install their packages at boot: stock boot on GCP, or locally on VMs on a real root (``vm_root``).
+def stock_vms_install(config: "Config", vm_root: str | None) -> bool:
+    """True when a VM booted from the stock image installs the packages itself: on GCP, or locally on a real root (``vm_root``).
 
-    An image made by ``cflow image build`` has them, and an emulated VM
-    that shares this machine's filesystem uses this machine's.
+    An emulated VM that shares this machine's filesystem uses this machine's packages.
     """
-    return config.vm_boot == "stock" and (not config.is_local or vm_root is not None)
+    return not config.is_local or vm_root is not None
+
+
+def needed(config: "Config", vm_root: str | None) -> bool:
+    """True when the run's workers install their packages at boot: they boot the stock image, and ``stock_vms_install``.
+
+    An image made by ``cflow image build`` has them.
+    """
+    return config.vm_boot == "stock" and stock_vms_install(config, vm_root)
 
 
 def local_vm_root(stack_dir: Path | None) -> str | None:
@@ -413,6 +421,17 @@ def local_vm_root(stack_dir: Path | None) -> str | None:
     return info.vm_root if info is not None else None
 
 
+def prepare(bucket: "Bucket", say: Callable[[str], None] | None = None, cache: WheelhouseCache | None = None) -> WheelhouseRef:
+    """This controller's workers' wheelhouse, made if not cached and uploaded if the bucket lacks it.
+
+    Raises:
+        WheelhouseError: the wheels cannot be downloaded.
+        CloudError: Cloud Storage refused.
+    """
+    cache = cache or WheelhouseCache(say=say)
+    return publish(bucket, cache.ensure(WheelhouseSpec.for_this_controller()), say)
+
+
 def prepare_for_run(
     config: "Config",
     bucket: "Bucket",
@@ -420,7 +439,7 @@ def prepare_for_run(
     say: Callable[[str], None] | None = None,
     cache: WheelhouseCache | None = None,
 ) -> WheelhouseRef | None:
-    """The wheelhouse the run's workers install from, made and uploaded if needed; None when they need none (see ``needed``).
+    """The wheelhouse the run's workers install from (``prepare``); None when they need none (see ``needed``).
 
     Raises:
         WheelhouseError: the wheels cannot be downloaded.
@@ -428,5 +447,4 @@ def prepare_for_run(
     """
     if not needed(config, local_vm_root(stack_dir) if config.is_local else None):
         return None
-    cache = cache or WheelhouseCache(say=say)
-    return publish(bucket, cache.ensure(WheelhouseSpec.for_this_controller()), say)
+    return prepare(bucket, say, cache)

@@ -159,8 +159,8 @@ def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_
                "--stack-dir", debian_stack.dir]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=project.environment())
     assert result.returncode == 0, result.stderr
-    # The real path: apt-get and pip on the build VM, not the emulated one's host packages.
-    assert "installing python3-venv" in result.stderr and "emulated" not in result.stderr
+    # The real path: the build VM installs the workers' wheelhouse through init.sh, not the emulated one's host packages.
+    assert "from the workers' wheelhouse (init.sh, no package index)" in result.stderr and "emulated" not in result.stderr
     (tree,) = glob.glob(os.path.join(debian_stack.dir, "compute", "images", debian_stack.project, "root-fam-*"))
     assert os.access(os.path.join(tree, "root", "opt", "cflow", "venv", "bin", "python3"), os.X_OK)
 
@@ -173,7 +173,7 @@ def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_
     (disk,) = glob.glob(os.path.join(debian_stack.dir, "compute", "vms", f"*-{run_id}-0001-*"))
     init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
     assert "cflow init: using the preinstalled packages in /opt/cflow/venv" in init_log
-    assert "installing python3-venv" not in init_log
+    assert "installing the Google client packages" not in init_log
 
 
 def serial(compute, project, zone, name):

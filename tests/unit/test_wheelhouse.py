@@ -282,3 +282,18 @@ def test_an_archive_member_never_leaves_its_folder(tmp_path):
         for member in archive.getmembers():
             assert member.isfile() and not member.name.startswith(("/", "..")) and member.mode == 0o644
             assert tarfile.data_filter(member, str(tmp_path)) is not None
+
+
+def test_the_image_build_vm_reads_the_same_wheelhouse_with_read_only_storage():
+    from cflow.image import BUILD_SCOPES, build_script, build_vm_body
+
+    ref = WheelhouseRef(url="gs://my-bucket/cflow/wheelhouse/x.tar", sha256="ef" * 32)
+    body = build_vm_body("b", "us-central1-a", "img", 10, {}, "script", ref, "workers@p.iam.gserviceaccount.com")
+    items = {item["key"]: item["value"] for item in body["metadata"]["items"]}
+    assert items["cflow-wheelhouse"] == ref.url and items["cflow-wheelhouse-sha256"] == ref.sha256
+    assert body["serviceAccounts"] == [{"email": "workers@p.iam.gserviceaccount.com", "scopes": list(BUILD_SCOPES)}]
+    assert BUILD_SCOPES == ("https://www.googleapis.com/auth/devstorage.read_only",)
+    # An emulated build VM uses this machine's packages: no wheelhouse, no account.
+    assert "serviceAccounts" not in build_vm_body("b", "us-central1-a", "img", 10, {}, "script")
+    script = build_script("#!/bin/bash\necho init\n")
+    assert 'CFLOW_INIT_INSTALL_ONLY=1 bash "$ROOT/opt/cflow/init.sh"' in script and "apt-get" not in script

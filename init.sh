@@ -114,7 +114,7 @@ fi
 # once. Standard library only: it runs before the client packages are installed.
 fetch() {
   python3 - "$CFLOW_DIR" "$METADATA" "$1" "$2" "$CANNOT_SUCCEED" <<'PY'
-import concurrent.futures, hashlib, io, json, os, shutil, sys, tarfile, urllib.error, urllib.parse, urllib.request
+import io, json, os, sys, tarfile, urllib.error, urllib.parse, urllib.request
 work, metadata, want_package, want_wheelhouse, cannot_succeed = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1", int(sys.argv[5])
 def md(path):
     request = urllib.request.Request(f"http://{metadata}/computeMetadata/v1/{path}", headers={"Metadata-Flavor": "Google"})
@@ -147,6 +147,7 @@ def fetch_package(url, token):
         extract(archive, target)
     print(f"cflow init: package {url} ({len(data)} bytes) in {target}", flush=True)
 def fetch_wheelhouse(url, expected, token):
+    import hashlib, shutil
     # Streamed to disk and hashed on the way; opened only once its sha256 is the one the run names.
     archive_path, digest, size = os.path.join(work, "wheelhouse.tar"), hashlib.sha256(), 0
     try:
@@ -180,14 +181,16 @@ try:
     token = json.loads(md("instance/service-accounts/default/token"))["access_token"]
 except OSError as error:
     sys.exit(f"cflow init: cannot read this VM's metadata: {error}")
-with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    jobs = []
-    if package_url:
-        jobs.append(pool.submit(fetch_package, package_url, token))
-    if wheelhouse_url:
-        jobs.append(pool.submit(fetch_wheelhouse, wheelhouse_url, wheelhouse_sha256, token))
-for job in jobs:
-    job.result()  # a SystemExit of either part ends the step with its message
+if package_url and wheelhouse_url:
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(fetch_package, package_url, token), pool.submit(fetch_wheelhouse, wheelhouse_url, wheelhouse_sha256, token)]
+    for job in jobs:
+        job.result()  # a SystemExit of either part ends the step with its message
+elif package_url:
+    fetch_package(package_url, token)
+elif wheelhouse_url:
+    fetch_wheelhouse(wheelhouse_url, wheelhouse_sha256, token)
 PY
 }
 

@@ -115,8 +115,10 @@ class BootRig:
         self.package_bytes = len(package)
         package_url = storage.upload_package(package)
         # As `cflow run` does: only VMs on a real root install packages, from the run's wheelhouse.
+        started = time.monotonic()
         wheelhouse = prepare_for_run(self.config, Bucket(clients.storage, self.config.bucket), stack_dir, print)
         self.wheelhouse = wheelhouse
+        self.wheelhouse_seconds = time.monotonic() - started
         topics = RunTopics.for_run(clients.project, self.run_id, "boot-topic", "boot-sub")
         self.pubsub = PubSub(clients.publisher, clients.subscriber)
         self.topics = topics
@@ -220,7 +222,9 @@ def main(argv=None):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             use_stack_environment(info)
             rig = BootRig(info, temporary, stack_dir, args.init_script)
-            print(f"package: {rig.package_bytes} bytes; wheelhouse: {rig.wheelhouse.url if rig.wheelhouse else 'none (VMs share this machine)'}", flush=True)
+            print(f"package: {rig.package_bytes} bytes; wheelhouse: {rig.wheelhouse.url if rig.wheelhouse else 'none (VMs share this machine)'}"
+                  f" (ready in {rig.wheelhouse_seconds:.2f} s)", flush=True)
+            figures["wheelhouse_seconds"] = rig.wheelhouse_seconds
             figures["init_script"] = args.init_script or "init.sh"
             try:
                 marks = {}

@@ -9,7 +9,9 @@
   blames, and how to fix it (GCE names the field, resource or policy; this
   module knows which setting filled it).
 
-The boot script is init.sh (see its header). The shutdown script
+The boot script is init.sh (see its header); a stock worker's metadata also
+names the run's wheelhouse (``cflow.wheelhouse``), where it installs its
+Python packages from. The shutdown script
 (``SHUTDOWN_SCRIPT``, generated with the work directory's file names from
 ``cflow.protocol``) marks an idle worker stopping without starting Python, or
 runs shutdown-signal.py from the downloaded package to hand the in-flight item
@@ -18,13 +20,16 @@ back.
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cflow import protocol
 from cflow.config import Config
 from cflow.errors import CloudError
 from cflow.gcp.compute import RUN_LABEL, cflow_request_id
 from cflow.zones import region_of
+
+if TYPE_CHECKING:
+    from cflow.wheelhouse import WheelhouseRef
 
 # Workers need Pub/Sub and their run's objects, nothing else.
 WORKER_SCOPES = (
@@ -118,8 +123,14 @@ def network_interface(config: Config) -> dict[str, Any]:
     return interface
 
 
-def worker_instance_properties(config: Config, run_id: str, package_url: str, init_script_text: str) -> dict[str, Any]:
-    """The ``instanceProperties`` of a bulkInsert for this run's workers."""
+def worker_instance_properties(
+    config: Config, run_id: str, package_url: str, init_script_text: str, wheelhouse: "WheelhouseRef | None" = None
+) -> dict[str, Any]:
+    """The ``instanceProperties`` of a bulkInsert for this run's workers.
+
+    ``wheelhouse``: where a stock worker installs its Python packages from
+    (``cflow.wheelhouse``; None when the workers have them).
+    """
     scheduling: dict[str, Any]
     if config.vm_spot:
         scheduling = {
@@ -158,6 +169,7 @@ def worker_instance_properties(config: Config, run_id: str, package_url: str, in
                 {"key": "cflow-run", "value": run_id},
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
+                *(wheelhouse.metadata_items() if wheelhouse is not None else []),
             ]
         },
     }

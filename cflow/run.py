@@ -20,6 +20,7 @@ end is named with its gcloud delete command (3).
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -298,6 +299,7 @@ def execute_run(
     from cflow.package import build_package
     from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
+    from cflow.wheelhouse import WheelhouseRef, prepare_for_run
 
     out = out or sys.stderr
     started = time.monotonic()
@@ -305,6 +307,7 @@ def execute_run(
     storage = RunStorage(clients.storage, config.bucket, run_id)
     compute = Compute(clients.compute, clients.project)
     pubsub = PubSub(clients.publisher, clients.subscriber, clients.project)
+    say = functools.partial(print, file=out, flush=True)
 
     # Checks first: nothing is created or uploaded before every one passes.
     # Locally the default bucket is made on demand; a bucket named in const.py
@@ -323,24 +326,33 @@ def execute_run(
         own_vms = compute.list_run_vms(run_id)
         package_url = manifest["package"]
         topics = RunTopics.from_dict(manifest["topics"])
+        kept_wheelhouse = WheelhouseRef.from_dict(manifest.get("wheelhouse"))
     else:
         items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
         package_url = storage.url(layout.PACKAGE)
         topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
-    properties = fleet.worker_instance_properties(config, run_id, package_url, fleet.read_init_script(config))
-    preflight = preflight_run(config, clients, properties, min(config.worker_node_cnt, len(items)), own_vms, compute)
+    init_script = fleet.read_init_script(config)
+    preflight = preflight_run(config, clients, fleet.worker_instance_properties(config, run_id, package_url, init_script),
+                              min(config.worker_node_cnt, len(items)), own_vms, compute)
     for line in preflight.warnings:
         print(f"warning: {line}", file=out, flush=True)
     for line in preflight.unchecked:
         log.info("preflight: not checked: %s", line)
 
-    if not resume:
+    if resume:
+        # The workers of a resumed run install what its first workers did.
+        wheelhouse = kept_wheelhouse or prepare_for_run(config, bucket, stack_dir, say)
+    else:
+        # Stock workers install their Python packages from a wheelhouse in the bucket, made once per set of versions.
+        wheelhouse = prepare_for_run(config, bucket, stack_dir, say)
         uploaded_url = storage.upload_package(build_package(config.base_dir))
         assert uploaded_url == package_url, "the package is uploaded where the workers' body says"
         manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), package_url, time.time())
+        manifest["wheelhouse"] = wheelhouse.to_dict() if wheelhouse else None
         storage.write_items(items)
         storage.write_manifest(manifest)
 
+    properties = fleet.worker_instance_properties(config, run_id, package_url, init_script, wheelhouse)
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers)
     if resume:
         scheduler.restore_vm_history()

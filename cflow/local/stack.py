@@ -91,6 +91,7 @@ class StackInfo:
     project: str
     zone: str
     dir: str
+    vm_root: str | None = None  # the real root its VMs boot on (--vm-root), or None: they share this machine's
 
     def env(self) -> dict[str, str]:
         """Return the environment variables that point CFlow and the Google clients at this stack."""
@@ -195,6 +196,7 @@ class LocalStack:
             project=record["project"],
             zone=record["zone"],
             dir=str(self.dir),
+            vm_root=record["compute_options"].get("vm_root"),
         )
 
     def _all_alive(self, record: StackRecord) -> bool:

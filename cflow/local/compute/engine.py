@@ -5,7 +5,7 @@ Where each behaviour lives:
 - ``core``: the lock, ids, timestamps, the shared tables, making and finishing operations;
 - ``instances``: instances.* (insert, bulkInsert, list, stop, start, ...);
 - ``lifecycle``: the VM state machine (boot, power-off, preemption, removal, the emulator's shutdown);
-- ``disks``, ``images``, ``operations``, ``zones``: those resources' API;
+- ``disks``, ``images``, ``operations``, ``zones``, ``projects``: those resources' API;
 - ``guest_metadata``: what each VM's metadata server answers;
 - ``server``: the HTTP routes onto these parts.
 
@@ -25,6 +25,7 @@ from cflow.local.compute.images import Images
 from cflow.local.compute.instances import Instances
 from cflow.local.compute.lifecycle import Lifecycle, MetadataPorts
 from cflow.local.compute.operations import Operations
+from cflow.local.compute.projects import Projects, project_usage_counters
 from cflow.local.compute.timers import TimerQueue
 from cflow.local.compute.vm import GuestLauncher, PowerOff
 from cflow.local.compute.zones import Zones
@@ -49,7 +50,7 @@ class ComputeEngine:
         metadata_host: the address VMs reach their metadata server on.
 
     Attributes:
-        core, zones, instances, disks, images, operations: the parts (``server`` routes onto them).
+        core, zones, instances, disks, images, operations, projects: the parts (``server`` routes onto them).
         lifecycle: the VM state machine.
         guest_metadata: the ``metadata.MetadataSource`` of every VM's metadata server.
     """
@@ -90,6 +91,7 @@ class ComputeEngine:
         )
         self.instances = Instances(self.core, self.disks, self.images, self.lifecycle, launcher)
         self.guest_metadata = GuestMetadata(self.core, self.lifecycle)
+        self.projects = Projects(self.core, usage_counters=project_usage_counters(self.core))
 
     def start(self) -> None:
         """Starts the engine's own timed work (the reaper of exited startup scripts)."""

@@ -11,6 +11,8 @@ Instance states:
   preempted." and records a ``compute.instances.preempted`` operation;
   ``instanceTerminationAction: DELETE`` deletes the VM instead.
 - delete: STOPPING -> gone (404).
+- reset: stays RUNNING; every process is killed at once (no shutdown
+  script) and the startup script runs again.
 
 Timed steps run on the core's TimerQueue and check the instance's ``epoch``,
 so a step armed for an earlier boot does nothing. Slow work (waiting for
@@ -27,7 +29,7 @@ from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.images import Images
-from cflow.local.compute.resources import Instance
+from cflow.local.compute.resources import Instance, Operation
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher, PowerOff
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,44 @@ class Lifecycle:
         core.changed.notify_all()
         core.metadata_changed.notify_all()
 
+    # Reset.
+
+    def reset(self, instance: Instance, operation: Operation) -> None:
+        """Hard reset of a RUNNING VM, as GCE's instances.reset: every process is killed at once (no
+        shutdown script), then the startup script runs again; ``operation`` is DONE once it does."""
+        core = self.core
+        instance.epoch += 1
+        epoch = instance.epoch
+        guest, instance.guest = instance.guest, None
+
+        def killed() -> None:
+            with core.lock:
+                current = core.instances_by_id.get(instance.id)
+                if current is not None and current.epoch == epoch and current.status == "RUNNING" and not core.closing:
+                    fresh = self.launcher.prepare_disk(current.name, current.id, f"{self.metadata_host}:{current.metadata_port}")
+                    try:
+                        self.launcher.boot(fresh, current.metadata_value("startup-script"))
+                    except OSError as error:
+                        logger.warning("startup script of %s did not start after a reset: %s", current.name, error)
+                    current.guest = fresh
+                    current.last_start_ts = core.now()
+                    current.touch()
+                    self._arm_preemption(current)
+                core.finish_operation(operation)
+
+        if guest is None:
+            core.timers.call_later(0, killed)
+        else:
+            self.power_off.submit(guest, None, 0, killed)
+
     # Preemption.
+
+    def _arm_preemption(self, instance: Instance) -> None:
+        """A Spot VM that (re)started gets its preemption time (``--preempt-mean-s``)."""
+        if instance.is_spot_or_preemptible:
+            delay = self.core.faults.preemption_delay()
+            if delay is not None:
+                self.core.timers.call_later(delay, self._preempt_due, instance.id, instance.epoch)
 
     def preempt(self, instance: Instance) -> None:
         """GCE takes the Spot VM back: ``preempted`` TRUE, a system operation, shutdown script, then stopped or deleted."""

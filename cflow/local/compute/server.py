@@ -1,7 +1,7 @@
 """HTTP routing: Compute Engine v1 REST paths (and the batch endpoint) onto the engine's parts.
 
 One route table per resource (``zone_routes``, ``instance_routes``,
-``operation_routes``, ``disk_routes``, ``image_routes``) maps a method and a
+``operation_routes``, ``disk_routes``, ``image_routes``, ``project_routes``) maps a method and a
 path to the part's method; ``Dispatcher`` finds the route, applies
 ``--error-rate`` faults, parses the body and renders the answer or the
 ``ApiError``. Serves ``/compute/v1/...`` as googleapiclient calls it with
@@ -32,6 +32,7 @@ from cflow.local.compute.images import Images
 from cflow.local.compute.instances import Instances
 from cflow.local.compute.operations import Operations
 from cflow.local.compute.paging import Answer, Json, RawJson
+from cflow.local.compute.projects import Projects
 from cflow.local.compute.zones import Zones
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def zone_routes(zones: Zones) -> list[Route]:
         route("GET", _P + r"/zones", lambda path, query, body: zones.list_zones(path["project"], query.get("filter"))),
         route("GET", _Z, lambda path, query, body: zones.get_zone(path["project"], path["zone"])),
         route("GET", _Z + r"/machineTypes", lambda path, query, body: zones.list_machine_types(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _P + r"/aggregated/machineTypes", lambda path, query, body: zones.aggregated_machine_types(path["project"], query.get("filter"))),
         route(
             "GET",
             _Z + r"/machineTypes/(?P<name>[^/]+)",
@@ -101,6 +103,15 @@ def instance_routes(instances: Instances) -> list[Route]:
         route("DELETE", _I, lambda path, query, body: instances.delete(path["project"], path["zone"], path["instance"])),
         route("POST", _I + r"/stop", lambda path, query, body: instances.stop(path["project"], path["zone"], path["instance"])),
         route("POST", _I + r"/start", lambda path, query, body: instances.start(path["project"], path["zone"], path["instance"])),
+        route("POST", _I + r"/reset", lambda path, query, body: instances.reset(path["project"], path["zone"], path["instance"])),
+        route(
+            "POST",
+            _I + r"/setDeletionProtection",
+            lambda path, query, body: instances.set_deletion_protection(path["project"], path["zone"], path["instance"], query.get("deletionProtection")),
+        ),
+        route(
+            "POST", _I + r"/setScheduling", lambda path, query, body: instances.set_scheduling(path["project"], path["zone"], path["instance"], body)
+        ),
         route("POST", _I + r"/setLabels", lambda path, query, body: instances.set_labels(path["project"], path["zone"], path["instance"], body)),
         route("POST", _I + r"/setMetadata", lambda path, query, body: instances.set_metadata(path["project"], path["zone"], path["instance"], body)),
         route(
@@ -111,7 +122,7 @@ def instance_routes(instances: Instances) -> list[Route]:
         route(
             "GET",
             _I + r"/serialPort",
-            lambda path, query, body: instances.serial_port_output(path["project"], path["zone"], path["instance"], query.get("start")),
+            lambda path, query, body: instances.serial_port_output(path["project"], path["zone"], path["instance"], query.get("start"), query.get("port")),
         ),
     ]
 
@@ -131,6 +142,11 @@ def operation_routes(operations: Operations) -> list[Route]:
         route("GET", _G, lambda path, query, body: operations.get(path["project"], None, path["operation"])),
         route("DELETE", _G, lambda path, query, body: operations.delete(path["project"], None, path["operation"])),
         route("POST", _G + r"/wait", lambda path, query, body: operations.wait(path["project"], None, path["operation"])),
+        route(
+            "GET",
+            _P + r"/aggregated/operations",
+            lambda path, query, body: operations.aggregated_list(path["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken")),
+        ),
     ]
 
 
@@ -138,6 +154,7 @@ def disk_routes(disks: Disks) -> list[Route]:
     """disks.*."""
     return [
         route("GET", _Z + r"/disks", lambda path, query, body: disks.list_disks(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _P + r"/aggregated/disks", lambda path, query, body: disks.aggregated_list(path["project"], query.get("filter"))),
         route("GET", _D, lambda path, query, body: disks.get(path["project"], path["zone"], path["disk"])),
         route("DELETE", _D, lambda path, query, body: disks.delete(path["project"], path["zone"], path["disk"])),
     ]
@@ -156,6 +173,19 @@ def image_routes(images: Images) -> list[Route]:
         route("GET", _IMAGE, lambda path, query, body: images.get(path["project"], path["image"])),
         route("DELETE", _IMAGE, lambda path, query, body: images.delete(path["project"], path["image"])),
         route("POST", _IMAGE + r"/deprecate", lambda path, query, body: images.deprecate(path["project"], path["image"], body)),
+        route(
+            "GET",
+            _Z + r"/imageFamilyViews/(?P<family>[^/]+)",
+            lambda path, query, body: images.get_family_view(path["project"], path["zone"], path["family"]),
+        ),
+    ]
+
+
+def project_routes(projects: Projects) -> list[Route]:
+    """projects.get and projects.setCommonInstanceMetadata."""
+    return [
+        route("GET", _P, lambda path, query, body: projects.get(path["project"])),
+        route("POST", _P + r"/setCommonInstanceMetadata", lambda path, query, body: projects.set_common_instance_metadata(path["project"], body)),
     ]
 
 
@@ -167,6 +197,7 @@ def engine_routes(engine: ComputeEngine) -> list[Route]:
         *operation_routes(engine.operations),
         *disk_routes(engine.disks),
         *image_routes(engine.images),
+        *project_routes(engine.projects),
     ]
 
 

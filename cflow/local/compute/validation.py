@@ -5,6 +5,7 @@ input (400 invalid/required/badRequest, 404 notFound for unknown images)
 and never anything else for anything a client can send.
 """
 
+import copy
 import re
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -37,8 +38,26 @@ class DiskSpec(TypedDict):
     sourceImageId: str | None
 
 
+# Instance fields the emulator keeps as sent and answers back (it has no behaviour for them), with their JSON type.
+KEPT_INSTANCE_FIELDS: dict[str, type] = {
+    "canIpForward": bool,
+    "deletionProtection": bool,
+    "minCpuPlatform": str,
+    "shieldedInstanceConfig": dict,
+    "reservationAffinity": dict,
+    "advancedMachineFeatures": dict,
+    "displayDevice": dict,
+    "confidentialInstanceConfig": dict,
+    "keyRevocationActionType": str,
+    "resourcePolicies": list,
+}
+
+
 class InstanceSpec(TypedDict):
-    """A checked Instance (insert) or InstanceProperties (bulkInsert) body; ``name`` is None in the latter."""
+    """A checked Instance (insert) or InstanceProperties (bulkInsert) body; ``name`` is None in the latter.
+
+    ``kept`` holds the ``KEPT_INSTANCE_FIELDS`` that were sent.
+    """
 
     name: str | None
     machine_type: str
@@ -52,6 +71,7 @@ class InstanceSpec(TypedDict):
     service_accounts: list[dict[str, Any]]
     tags: list[str]
     hostname: str | None
+    kept: dict[str, Any]
 
 
 class ImageSpec(TypedDict):
@@ -350,7 +370,7 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
 
     Returns a dict: name, machine_type, cpus, description, labels,
     metadata_items, scheduling, disks, network_interfaces, service_accounts,
-    tags, hostname.
+    tags, hostname, kept.
     """
     _expect(body, dict, field)
     name = body.get("name")
@@ -377,6 +397,7 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
         "service_accounts": check_service_accounts(body.get("serviceAccounts"), project, f"{field}.serviceAccounts"),
         "tags": list(tags),
         "hostname": body.get("hostname") if isinstance(body.get("hostname"), str) else None,
+        "kept": {key: copy.deepcopy(_expect(body[key], kind, f"{field}.{key}")) for key, kind in KEPT_INSTANCE_FIELDS.items() if body.get(key) is not None},
     }
 
 

@@ -1,12 +1,12 @@
-"""zones.* and machineTypes.*: the catalog's zones and machine types, read-only."""
+"""zones.* and machineTypes.* (get, list, aggregatedList): the catalog's zones and machine types, read-only."""
 
 from cflow.local.compute.catalog import Catalog
 from cflow.local.compute.filters import compile_filter
-from cflow.local.compute.paging import Json, item_list
+from cflow.local.compute.paging import Json, aggregated_list, item_list
 
 
 class Zones:
-    """zones.get/list and machineTypes.get/list of any project.
+    """zones.get/list and machineTypes.get/list/aggregatedList of any project.
 
     Args:
         base_url: ``http://H:P/compute/v1/``.
@@ -36,6 +36,18 @@ class Zones:
         predicate = compile_filter(filter_text)
         types = (self.catalog.machine_type_json(project, zone, name) for name in sorted(self.catalog.machine_types))
         return item_list(self.base_url, "compute#machineTypeList", project, f"zones/{zone}/machineTypes", [item for item in types if predicate(item)])
+
+    def aggregated_machine_types(self, project: str, filter_text: str | None = None) -> Json:
+        """machineTypes.aggregatedList: every zone's machine types the filter keeps."""
+        predicate = compile_filter(filter_text)
+        items = []
+        for zone in self.catalog.zone_names():
+            for name in sorted(self.catalog.machine_types):
+                machine_type = self.catalog.machine_type_json(project, zone, name)
+                if predicate(machine_type):
+                    items.append((f"zones/{zone}", machine_type))
+        scopes = [f"zones/{zone}" for zone in self.catalog.zone_names()]
+        return aggregated_list(self.base_url, "compute#machineTypeAggregatedList", project, "machineTypes", scopes, items)
 
     def get_machine_type(self, project: str, zone: str, name: str) -> Json:
         """machineTypes.get."""

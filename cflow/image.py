@@ -326,7 +326,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _compute_for(config: "Config", stack_dir: str | None) -> "Compute":
     """The Compute seam for the config's target; locally only a running stack is used."""
-    from cflow.gcp.clients import build_compute, credentials_for
+    from cflow.gcp.clients import build_compute, build_local_compute, credentials_for
     from cflow.gcp.compute import Compute
 
     if not config.is_local:
@@ -341,8 +341,7 @@ def _compute_for(config: "Config", stack_dir: str | None) -> "Compute":
             f"no local stack is running in {folder}; start it with `cflow local up --dir {folder}` "
             "(the image lives in that stack, so it must outlive this command)"
         )
-    credentials, _ = credentials_for("local")
-    return Compute(build_compute(credentials, info.compute_endpoint), config.project)
+    return Compute(build_local_compute(info.compute_endpoint, info.compute_token_file), config.project)
 
 
 def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 ``eval "$(cflow local up)"`` starts the stack (or reuses the running one) and
 sets the variables that point CFlow and the Google clients at it; only the
-``export`` lines go to stdout, progress goes to stderr.
+``export`` lines go to stdout, progress goes to stderr. The Compute emulator
+answers only requests with the token in ``CFLOW_COMPUTE_TOKEN_FILE`` unless
+``--no-auth``.
 """
 
 import argparse
@@ -44,6 +46,11 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     faults.add_argument("--boot-delay", type=float, metavar="S", help="seconds a VM takes to boot")
     faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
     faults.add_argument("--seed", type=int, metavar="N", help="random seed for the faults")
+    faults.add_argument(
+        "--no-auth", action="store_true",
+        help="let the Compute emulator answer anyone who reaches its port (default: only requests with the "
+        "token in the stack's compute-token file, CFLOW_COMPUTE_TOKEN_FILE)",
+    )  # fmt: skip
     up.set_defaults(func=run_up)
 
     down = actions.add_parser("down", help="stop the local stack and everything it started")
@@ -81,6 +88,7 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         boot_delay=args.boot_delay,
         shutdown_grace=args.shutdown_grace,
         seed=args.seed,
+        auth=not args.no_auth,
     )
     for item in options.zone_capacity:
         zone, _, count = item.partition("=")

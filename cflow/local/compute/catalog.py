@@ -1,4 +1,4 @@
-"""What exists before any VM does: zones, machine types (predefined and custom) and images.
+"""What exists before any VM does: zones, machine types (predefined and custom), disk types and images.
 
 One ``Catalog`` holds every table. Public images (``PUBLIC_IMAGES``) are
 there from the start and read-only; project images come and go with
@@ -34,6 +34,16 @@ def _machine_types() -> dict[str, tuple[int, int, bool, str]]:
         types[f"c2-standard-{cpus}"] = (cpus, cpus * 4096, False, f"Compute Optimized: {cpus} vCPUs, {cpus * 4} GB RAM")
     return types
 
+
+# Disk types of every zone: name -> (description, valid sizes, default size GB).
+DISK_TYPES = {
+    "pd-standard": ("Standard Persistent Disk", "10GB-65536GB", 500),
+    "pd-balanced": ("Balanced Persistent Disk", "10GB-65536GB", 100),
+    "pd-ssd": ("SSD Persistent Disk", "10GB-65536GB", 100),
+    "pd-extreme": ("Extreme Persistent Disk", "500GB-65536GB", 1000),
+    "hyperdisk-balanced": ("Hyperdisk Balanced Persistent Disk", "4GB-65536GB", 100),
+    "local-ssd": ("Local SSD", "375GB-375GB", 375),
+}
 
 # Custom machine types, as GCE names them: [SERIES-]custom-CPUS-MEMORY_MB[-ext] (no series: N1).
 CUSTOM_MACHINE_TYPE = re.compile(r"(?:(?P<series>e2|n1|n2|n2d)-)?custom-(?P<cpus>[0-9]+)-(?P<memory>[0-9]+)(?P<ext>-ext)?")
@@ -158,6 +168,26 @@ class Catalog:
             "selfLink": f"{self.zone_url(project, zone)}/machineTypes/{name}",
             "isSharedCpu": shared,
             "architecture": "X86_64",
+        }
+
+    # Disk types.
+
+    def disk_type_json(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """Returns a compute#diskType; raises ApiError 404 if unknown."""
+        entry = DISK_TYPES.get(name)
+        if entry is None or zone not in self.zone_region:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}/diskTypes/{name}")
+        description, valid_sizes, default_gb = entry
+        return {
+            "kind": "compute#diskType",
+            "id": str(stable_id("diskType/" + name)),
+            "creationTimestamp": CATALOG_TIMESTAMP,
+            "name": name,
+            "description": description,
+            "validDiskSize": valid_sizes,
+            "zone": self.zone_url(project, zone),
+            "selfLink": f"{self.zone_url(project, zone)}/diskTypes/{name}",
+            "defaultDiskSizeGb": str(default_gb),
         }
 
     # Images.

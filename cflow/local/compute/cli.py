@@ -67,6 +67,11 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
     parser.add_argument("--seed", type=int, help="random seed for faults and ids")
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="F",
+        help="answer only requests with 'Authorization: Bearer <the token in F>' (others: 401, as GCE); VMs' metadata servers stay open",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         error_rate=args.error_rate,
         boot_delay_s=args.boot_delay,
         seed=args.seed,
+        auth_token_file=args.auth_token_file,
     )
     stop_requested = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stop_requested.set()) for number in (signal.SIGTERM, signal.SIGINT)}

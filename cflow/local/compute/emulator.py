@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from cflow.errors import CflowError
 from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
+from cflow.local.compute.auth import BearerTokenCheck, TokenFileError, read_token_file
 from cflow.local.compute.catalog import Catalog
 from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.engine import ComputeEngine
@@ -36,7 +37,8 @@ class EmulatorOptions:
 
     ``zone_capacity`` maps zone -> max live VMs; ``shutdown_grace_s`` None keeps
     GCE's grace periods (30 s Spot/preemptible, 90 s standard); ``state_dir``
-    None is a temporary directory deleted at stop.
+    None is a temporary directory deleted at stop; ``auth_token_file`` set,
+    every API request must carry ``Authorization: Bearer <its token>``.
     """
 
     host: str = "127.0.0.1"
@@ -52,6 +54,7 @@ class EmulatorOptions:
     error_rate: float = 0.0
     boot_delay_s: float = 0.0
     seed: int | None = None
+    auth_token_file: str | None = None
 
     def validate(self, known_zones: set[str]) -> None:
         """Raises EmulatorOptionError for values the emulator cannot honour."""
@@ -124,9 +127,15 @@ class ComputeEmulator:
         """
         options = self.options
         options.validate(set(Catalog("").zone_names()))
+        token_check = None
+        if options.auth_token_file is not None:
+            try:
+                token_check = BearerTokenCheck(read_token_file(options.auth_token_file))
+            except TokenFileError as error:
+                raise EmulatorOptionError(str(error)) from None
         _raise_open_file_limit()
         try:
-            server = ApiServer((options.host, options.port))
+            server = ApiServer((options.host, options.port), token_check=token_check)
         except OSError as error:
             raise EmulatorOptionError(
                 f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port"

@@ -10,6 +10,8 @@ path to the part's method; ``Dispatcher`` finds the route, applies
 it). googleapiclient derives a service's batch URI from the discovery
 document's rootUrl, not from ``api_endpoint``: callers must pass
 ``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")`` themselves.
+With a ``BearerTokenCheck`` (``--auth-token-file``), a request without the
+token is answered 401 before anything is routed.
 """
 
 import dataclasses
@@ -25,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 from cflow.local.compute import api_errors
+from cflow.local.compute.auth import BearerTokenCheck
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
@@ -74,12 +77,15 @@ def route(method: str, pattern: str, handler: Handler) -> Route:
 
 
 def zone_routes(zones: Zones) -> list[Route]:
-    """zones.* and machineTypes.*."""
+    """zones.*, machineTypes.* and diskTypes.*."""
     return [
         route("GET", _P + r"/zones", lambda path, query, body: zones.list_zones(path["project"], query.get("filter"))),
         route("GET", _Z, lambda path, query, body: zones.get_zone(path["project"], path["zone"])),
         route("GET", _Z + r"/machineTypes", lambda path, query, body: zones.list_machine_types(path["project"], path["zone"], query.get("filter"))),
         route("GET", _P + r"/aggregated/machineTypes", lambda path, query, body: zones.aggregated_machine_types(path["project"], query.get("filter"))),
+        route("GET", _Z + r"/diskTypes", lambda path, query, body: zones.list_disk_types(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _Z + r"/diskTypes/(?P<name>[^/]+)", lambda path, query, body: zones.get_disk_type(path["project"], path["zone"], path["name"])),
+        route("GET", _P + r"/aggregated/diskTypes", lambda path, query, body: zones.aggregated_disk_types(path["project"], query.get("filter"))),
         route(
             "GET",
             _Z + r"/machineTypes/(?P<name>[^/]+)",
@@ -258,7 +264,7 @@ class Dispatcher:
 
 
 _STATUS_TEXT = {
-    200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
+    200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
     429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
 }  # fmt: skip
 _JSON = "application/json; charset=UTF-8"
@@ -319,9 +325,10 @@ class ApiServer(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher | None = None) -> None:
+    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher | None = None, token_check: BearerTokenCheck | None = None) -> None:
         super().__init__(address, ApiRequestHandler)
         self.dispatcher = dispatcher
+        self.token_check = token_check
 
 
 class ApiRequestHandler(BaseHTTPRequestHandler):
@@ -342,8 +349,14 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
+        server = cast(ApiServer, self.server)
+        if server.token_check is not None:
+            refusal = server.token_check.refusal(self.headers.get("Authorization"))
+            if refusal is not None:
+                self._reply(refusal.code, _JSON, _error_body(refusal), refusal.headers)
+                return
         parsed = urllib.parse.urlsplit(self.path)
-        dispatcher = cast(ApiServer, self.server).dispatcher
+        dispatcher = server.dispatcher
         assert dispatcher is not None, "the emulator sets the dispatcher before serving"
         if self.command == "POST" and parsed.path in BATCH_PATHS:
             status, content_type, data = answer_batch(dispatcher, self.headers.get("Content-Type"), body)
@@ -355,10 +368,12 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         else:
             self._reply(status, _JSON, text.encode())
 
-    def _reply(self, status: int, content_type: str | None, data: bytes) -> None:
+    def _reply(self, status: int, content_type: str | None, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if data:

@@ -183,6 +183,8 @@ class Compute:
         """Delete every VM labelled with the run and poll the list until none is left.
 
         VMs that appear meanwhile (a scheduler still creating) are deleted too.
+        A VM whose delete was refused (GCE answers 400 resourceNotReady while it
+        boots) is asked again on the next poll, until GCE accepts it.
 
         Returns:
             The names still listed when the deadline passed ([] normally).
@@ -196,8 +198,8 @@ class Compute:
                 return []
             fresh = [vm for vm in vms if vm.name not in asked and vm.status != "STOPPING"]
             if fresh:
-                self.delete_vms(fresh)
-                asked.update(vm.name for vm in fresh)
+                refused = self.delete_vms(fresh)
+                asked.update(vm.name for vm in fresh if vm.name not in refused)
             if clock() >= deadline:
                 return sorted(vm.name for vm in vms)
             sleep(poll_seconds)
@@ -208,12 +210,15 @@ class Compute:
         # local run's batch to the real service; derive it from the base URL.
         return urllib.parse.urljoin(self.service._baseUrl, "/batch/compute/v1")
 
-    def delete_vms(self, vms: Iterable[Vm]) -> None:
+    def delete_vms(self, vms: Iterable[Vm]) -> set[str]:
         """Delete VMs in batch HTTP requests; already-gone VMs are a warning, not an error.
 
-        Calls that fail transiently are sent again by the retry policy (up to
-        ``backoff.retries`` rounds); what still fails is logged, for the
-        caller's next pass.
+        Calls that fail transiently (a VM still booting is 400 resourceNotReady)
+        are sent again by the retry policy (up to ``backoff.retries`` rounds);
+        what still fails is logged, for the caller's next pass.
+
+        Returns:
+            The names of the VMs whose delete was not accepted.
         """
         by_name = {vm.name: vm for vm in vms}
         to_delete = list(by_name)
@@ -230,6 +235,7 @@ class Compute:
         given_up.update((name, failures[name]) for name in to_delete)
         for name, exception in given_up.items():
             log.warning("deleting VM %s failed (%s); the next reconcile step tries again", name, exception)
+        return set(given_up)
 
     def _delete_batch(self, vms: list[Vm]) -> dict[str, BaseException]:
         """One pass of batched deletes. Returns {name: exception} of the calls that failed."""

@@ -190,9 +190,13 @@ def launch_storage_server(
 
 @dataclasses.dataclass(frozen=True)
 class ComputeOptions:
-    """Fault and timing options of the Compute emulator; None leaves the emulator's default.
+    """Fault, quota and policy options of the Compute emulator; None (or empty, False) leaves the emulator's default.
 
-    ``zone_capacity`` holds ``"ZONE=N"`` strings, as on the command line.
+    ``zone_capacity`` holds ``"ZONE=N"`` strings and ``quota``
+    ``"[REGION:]METRIC=N"`` strings, as on the command line;
+    ``deny_external_ip`` and ``no_default_network`` are the switches of the
+    same names; ``resource_not_ready`` False is ``--no-resource-not-ready``
+    (a tri-state switch: None leaves the emulator's default).
     ``auth``: the stack's emulator answers only requests with its token (a
     fresh one in the stack's folder, ``--auth-token-file``); not an emulator
     option of its own, so ``to_argv`` leaves it out.
@@ -201,10 +205,15 @@ class ComputeOptions:
     preempt_mean_s: float | None = None
     zone_capacity: tuple[str, ...] = ()
     cpu_quota: int | None = None
+    quota: tuple[str, ...] = ()
+    deny_external_ip: bool = False
+    no_default_network: bool = False
     error_rate: float | None = None
     boot_delay: float | None = None
     shutdown_grace: float | None = None
     seed: int | None = None
+    rate_limit_per_minute: int | None = None
+    resource_not_ready: bool | None = None
     auth: bool = True
 
     def to_argv(self) -> list[str]:
@@ -215,21 +224,26 @@ class ComputeOptions:
                 continue
             value = getattr(self, field.name)
             flag = "--" + field.name.replace("_", "-")
-            if field.name == "zone_capacity":
+            if isinstance(value, tuple):
                 for item in value:
                     argv += [flag, item]
+            elif isinstance(value, bool):
+                if value:
+                    argv.append(flag)
+                elif field.default is None:  # tri-state: an explicit False turns the default off
+                    argv.append("--no-" + flag[2:])
             elif value is not None:
                 argv += [flag, str(value)]
         return argv
 
     def to_json(self) -> dict[str, Any]:
         """The record kept in stack.json."""
-        return {**dataclasses.asdict(self), "zone_capacity": list(self.zone_capacity)}
+        return {**dataclasses.asdict(self), "zone_capacity": list(self.zone_capacity), "quota": list(self.quota)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ComputeOptions":
         """Read a record written by ``to_json``."""
-        return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ()))})
+        return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ())), "quota": tuple(data.get("quota", ()))})
 
 
 def write_fresh_token(path: str | os.PathLike[str]) -> None:

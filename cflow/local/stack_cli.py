@@ -41,11 +41,30 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "--zone-capacity", action="append", default=[], metavar="ZONE=N",
         help="most VMs a zone can hold; repeat for several zones",
     )
-    faults.add_argument("--cpu-quota", type=int, metavar="N", help="CPUs the project may use")
+    faults.add_argument("--cpu-quota", type=int, metavar="N", help="short for --quota CPUS=N")
+    faults.add_argument(
+        "--quota", action="append", default=[], metavar="[REGION:]METRIC=N",
+        help="limit a quota (CPUS, PREEMPTIBLE_CPUS, INSTANCES, IN_USE_ADDRESSES, GPUS_ALL_REGIONS, NVIDIA_T4_GPUS...); "
+        "repeatable; without REGION, in every region; unset metrics are generous",
+    )
+    faults.add_argument(
+        "--deny-external-ip", action="store_true",
+        help="organization policy constraints/compute.vmExternalIpAccess: VMs with an external IP are refused",
+    )
+    faults.add_argument("--no-default-network", action="store_true", help="projects start without the 'default' network")
     faults.add_argument("--error-rate", type=float, metavar="R", help="fraction of API calls that fail transiently")
     faults.add_argument("--boot-delay", type=float, metavar="S", help="seconds a VM takes to boot")
     faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
     faults.add_argument("--seed", type=int, metavar="N", help="random seed for the faults")
+    faults.add_argument(
+        "--rate-limit-per-minute", type=int, metavar="N",
+        help="GCE's rate quota: N API requests a minute per project and group; more is 403 rateLimitExceeded",
+    )
+    faults.add_argument(
+        "--resource-not-ready", action=argparse.BooleanOptionalAction, default=None,
+        help="refuse delete or stop of a booting or stopping VM with 400 resourceNotReady, as GCE does (the emulator's "
+        "default); --no-resource-not-ready accepts them",
+    )
     faults.add_argument(
         "--no-auth", action="store_true",
         help="let the Compute emulator answer anyone who reaches its port (default: only requests with the "
@@ -84,16 +103,28 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         preempt_mean_s=args.preempt_mean_s,
         zone_capacity=tuple(args.zone_capacity),
         cpu_quota=args.cpu_quota,
+        quota=tuple(args.quota),
+        deny_external_ip=args.deny_external_ip,
+        no_default_network=args.no_default_network,
         error_rate=args.error_rate,
         boot_delay=args.boot_delay,
         shutdown_grace=args.shutdown_grace,
         seed=args.seed,
+        rate_limit_per_minute=args.rate_limit_per_minute,
+        resource_not_ready=args.resource_not_ready,
         auth=not args.no_auth,
     )
     for item in options.zone_capacity:
         zone, _, count = item.partition("=")
         if not zone or not count.isdigit():
             raise StackError(f"--zone-capacity {item!r} is not ZONE=N; write it like us-central1-a=10")
+    from cflow.local.compute.quotas import parse_quota_setting
+
+    for item in options.quota:
+        try:
+            parse_quota_setting(item)
+        except ValueError as error:
+            raise StackError(f"--quota {error}") from None
     # No option given means "whatever the running stack has".
     return None if options == ComputeOptions() else options
 

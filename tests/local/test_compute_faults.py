@@ -63,8 +63,9 @@ def test_cpu_quota_refuses_inserts_beyond_the_region_limit(start_compute_emulato
         with pytest.raises(HttpError) as refused:
             insert(compute, "us-east1-d", "q-3", machine_type="e2-standard-4")
         error = json.loads(refused.value.content)["error"]
-        assert refused.value.resp.status == 403 and error["errors"][0]["reason"] == "QUOTA_EXCEEDED"
-        assert error["message"] == "Quota 'CPUS' exceeded. Limit: 8.0 in region us-east1."
+        assert refused.value.resp.status == 403 and error["errors"][0]["reason"] == "quotaExceeded"
+        assert error["errors"][0]["domain"] == "usageLimits"
+        assert error["message"] == "Quota 'CPUS' exceeded.  Limit: 8.0 in region us-east1."
         # Another region has its own quota; a bulkInsert gets as many as the quota allows.
         wait_operation(compute, PROJECT, "us-east1-b", insert(compute, "us-east1-b", "q-4", machine_type="e2-standard-2"))
         body = {"count": 4, "minCount": 1, "namePattern": "qb-#", "instanceProperties": bulk_properties("e2-standard-2")}

@@ -5,8 +5,9 @@ Run it::
     cflow emulator compute --host 127.0.0.1 --port 0 [--state-dir D] \\
         [--pubsub-emulator-host H:P] [--storage-emulator-host http://H:P] \\
         [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
-        [--cpu-quota N] [--error-rate R] [--boot-delay S] [--seed N] \\
-        [--auth-token-file F]
+        [--quota [REGION:]METRIC=N ...] [--cpu-quota N] [--deny-external-ip] \\
+        [--no-default-network] [--error-rate R] [--boot-delay S] [--seed N] \\
+        [--rate-limit-per-minute N] [--no-resource-not-ready] [--auth-token-file F]
 
 It prints ``compute emulator listening on http://H:P/compute/v1/`` once it
 accepts requests, and serves until SIGTERM/SIGINT (then powers every VM off
@@ -35,22 +36,40 @@ aggregatedList (filter, maxResults, pageToken), delete, stop, start, reset,
 setLabels, setMetadata (fingerprints compared as bytes, standard or
 URL-safe base64; else 412 conditionNotMet), setScheduling,
 setDeletionProtection, simulateMaintenanceEvent, getSerialPortOutput
-(port 1..4, start, next; the last 1 MB is kept); zoneOperations and
-globalOperations get, wait, list, delete, and aggregatedList; disks get,
-list, aggregatedList, delete (detached disks only); images insert (from a
-``sourceDisk``; 400 resourceInUseByAnotherResource for a disk of a VM that
-is not TERMINATED unless ``forceCreate=true``; 409 for a taken name), get,
-getFromFamily (the newest READY image of the family that is not
-deprecated), list (filter), delete, deprecate; imageFamilyViews get (and
+(port 1..4, start, next; the last 1 MB is kept); zoneOperations,
+regionOperations and globalOperations get, wait, list, delete, and
+globalOperations aggregatedList; disks get, list, aggregatedList, delete
+(detached disks only); images insert (from a ``sourceDisk``; 400
+resourceInUseByAnotherResource for a disk of a VM that is not TERMINATED
+unless ``forceCreate=true``; 409 for a taken name), get, getFromFamily (the
+newest READY image of the family that is not deprecated), list (filter),
+delete, deprecate; imageFamilyViews get (and
 ``projects/P/zones/Z|-/imageFamilyViews/F`` as a source image, as gcloud
 sends ``--image-family``); machineTypes get, list, aggregatedList
 (``custom-N-MB`` types too); diskTypes get, list, aggregatedList; zones get,
-list; projects get (common instance metadata, project-wide quotas) and
-setCommonInstanceMetadata (guests see it under ``project/attributes/``).
+list; regions get, list (with their ``quotas``); projects get (common
+instance metadata, project-wide quotas) and setCommonInstanceMetadata
+(guests see it under ``project/attributes/``); networks insert, get, list,
+delete; subnetworks insert, get, list, aggregatedList, delete,
+setPrivateIpGoogleAccess; acceleratorTypes get, list, aggregatedList.
 List filters are GCE's (``filters``): ``name eq ".*\\bX\\b.*"`` as gcloud
 rewrites ``--filter name=X``, ``ne``, ``=``/``!=``/``:``, parentheses, AND,
 OR, NOT. Public images (debian-cloud, ubuntu-os-cloud, cos-cloud) are
 read-only: changing them is 403 forbidden.
+
+Networks, quotas, policy, GPUs: every project has the ``default`` auto-mode
+network (one subnet per region in GCE's 10.128.0.0/9 auto ranges) unless
+``--no-default-network``; a VM's interfaces must name networks and subnets
+that exist (GCE's 400s and 404s), and get an address of their subnet.
+``--quota`` limits CPUS, PREEMPTIBLE_CPUS, INSTANCES, IN_USE_ADDRESSES,
+GPUS_ALL_REGIONS and the per-type GPU metrics (NVIDIA_T4_GPUS,
+PREEMPTIBLE_NVIDIA_T4_GPUS...), as ``regions.get`` reports them (403
+quotaExceeded beyond one; ``QUOTA_EXCEEDED`` in a bulkInsert's operation).
+``--deny-external-ip`` is the organization policy
+``constraints/compute.vmExternalIpAccess`` (412 conditionNotMet for a VM
+with an access config). ``guestAccelerators`` are checked against the
+zone's accelerator types. The rules and GCE's answers are in ``networks``,
+``quotas``, ``policy`` and ``accelerators``.
 
 A VM: its boot disk is ``STATE_DIR/vms/NAME-ID/`` (cwd; ``home/`` is HOME,
 ``tmp/`` is TMPDIR, ``bin/`` comes first on PATH, ``serial-port-1.log`` is
@@ -76,6 +95,15 @@ log, the script files and the poweroff shim) to
 with a copy of it in its disk directory, before its startup script runs.
 Nothing is kept across emulator restarts but those directories.
 
+GCE's lifecycle rules hold: delete, stop or start of a VM still booting or
+already stopping is 400 resourceNotReady (``--no-resource-not-ready``
+accepts delete and stop); ``scheduling`` combinations are refused as GCE
+refuses them, and ``maxRunDuration``/``terminationTime`` stop or delete a
+VM when they run out (``scheduling``, ``lifecycle``); a repeated
+``requestId`` gets the first call's operation back (``request_ids``);
+``--rate-limit-per-minute`` is GCE's per-project rate quota, 403
+rateLimitExceeded beyond it (``rate_limit``).
+
 Stop, delete, preemption and guest power-off run the ``shutdown-script``
 (same environment, same process group) within the grace period (30 s for
 Spot/preemptible, 90 s standard, ``--shutdown-grace`` overrides), then
@@ -93,13 +121,18 @@ Where things live: ``emulator`` (assembly, options), ``cli`` (the command),
 (the bearer token), ``engine`` (the parts wired together), ``core`` (lock,
 ids, shared tables, operations), one part per resource: ``zones`` (and
 machine and disk types), ``instances``, ``disks``, ``images``,
-``operations``, ``projects``; ``lifecycle`` (the VM state machine), ``guest_metadata`` and
+``operations``, ``projects``, ``networks`` (networks, subnetworks, VMs'
+interfaces and addresses), ``regions``, ``accelerators`` (accelerator types
+and GPU rules); ``quotas`` (limits, usage, refusals), ``policy``
+(organization policy); ``lifecycle`` (the VM state machine), ``guest_metadata`` and
 ``metadata`` (what a VM's metadata server answers, and the servers),
 ``resources`` (records and their JSON), ``validation`` (request bodies),
 ``filters`` (list filters), ``paging`` (page tokens), ``api_errors`` (GCE's
-error answers), ``catalog`` (zones, machine types, images), ``faults``,
-``timers``, ``vm`` (guest processes), ``disk_images`` (disk and image
-content), ``watchdog`` (kills VMs of a dead emulator).
+error answers), ``scheduling`` (scheduling rules and time limits),
+``rate_limit`` (the rate quota), ``request_ids`` (requestId), ``catalog``
+(zones, machine types, images), ``faults``, ``timers``, ``vm`` (guest
+processes), ``disk_images`` (disk and image content), ``watchdog`` (kills
+VMs of a dead emulator).
 
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);

@@ -99,8 +99,31 @@ def condition_not_met(message: str) -> ApiError:
     return ApiError(412, "conditionNotMet", message)
 
 
+def quota_message(metric: str, limit: float, region: str | None) -> str:
+    """GCE's wording of a quota refusal: a regional metric names its region, a project-wide one says "globally"."""
+    where = f"in region {region}" if region is not None else "globally"
+    return f"Quota '{metric}' exceeded.  Limit: {float(limit)} {where}."
+
+
 def quota_exceeded(metric: str, limit: float, region: str | None) -> ApiError:
-    return ApiError(403, "QUOTA_EXCEEDED", f"Quota '{metric}' exceeded. Limit: {float(limit)} in region {region}.")
+    return ApiError(403, "quotaExceeded", quota_message(metric, limit, region), domain="usageLimits")
+
+
+def resource_in_use_by(kind: str, resource_path: str, user_path: str) -> ApiError:
+    return ApiError(400, "resourceInUseByAnotherResource", in_use_message(kind, resource_path, user_path))
+
+
+def in_use_message(kind: str, resource_path: str, user_path: str) -> str:
+    """``The network resource '...' is already being used by '...'`` (kind: network, subnetwork...)."""
+    return f"The {kind} resource '{resource_path}' is already being used by '{user_path}'"
+
+
+def external_ip_constraint_message(project_number: int, instance_path: str) -> str:
+    """What GCE says when ``constraints/compute.vmExternalIpAccess`` refuses a VM an external IP."""
+    return (
+        f"Constraint constraints/compute.vmExternalIpAccess violated for project {project_number}. "
+        f"Add instance {instance_path} to the constraint to use external IP with it."
+    )
 
 
 def rate_limit_exceeded(project: str) -> ApiError:

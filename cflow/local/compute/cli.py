@@ -9,7 +9,10 @@ import signal
 import sys
 import threading
 import weakref
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    from cflow.local.compute.quotas import QuotaSetting
 
 EMULATOR_GROUP = "emulator"
 
@@ -42,6 +45,15 @@ def _zone_capacity(text: str) -> tuple[str, int]:
     return zone, int(count)
 
 
+def _quota(text: str) -> "QuotaSetting":
+    from cflow.local.compute.quotas import parse_quota_setting
+
+    try:
+        return parse_quota_setting(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     """Registers ``cflow emulator compute``."""
     from cflow.local import LOCAL_PROJECT
@@ -63,10 +75,31 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--zone-capacity", type=_zone_capacity, action="append", default=[], metavar="ZONE=N", help="at most N live VMs in ZONE (repeatable); more stock out"
     )
-    parser.add_argument("--cpu-quota", type=int, metavar="N", help="vCPUs of live VMs allowed per region; more is 403 QUOTA_EXCEEDED")
+    parser.add_argument(
+        "--quota", type=_quota, action="append", default=[], metavar="[REGION:]METRIC=N",
+        help="limit a quota as regions.get reports it (repeatable; without REGION, in every region): CPUS, PREEMPTIBLE_CPUS, "
+        "INSTANCES, IN_USE_ADDRESSES, GPUS_ALL_REGIONS, NVIDIA_T4_GPUS, PREEMPTIBLE_NVIDIA_T4_GPUS... Unset metrics are generous; "
+        "Spot VMs count in CPUS unless PREEMPTIBLE_CPUS is above 0 or set here (even to 0). Beyond a limit: 403 quotaExceeded",
+    )
+    parser.add_argument("--cpu-quota", type=int, metavar="N", help="short for --quota CPUS=N")
+    parser.add_argument(
+        "--deny-external-ip", action="store_true",
+        help="organization policy constraints/compute.vmExternalIpAccess: refuse every VM with an access config (412 conditionNotMet)",
+    )
+    parser.add_argument("--no-default-network", action="store_true", help="projects start without the 'default' auto-mode network")
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
     parser.add_argument("--seed", type=int, help="random seed for faults and ids")
+    parser.add_argument(
+        "--rate-limit-per-minute", type=int, metavar="N",
+        help="GCE's per-project rate quota: N requests a minute in each group (changes, gets, lists, operation reads); "
+        "more is 403 rateLimitExceeded (default: no limit)",
+    )
+    parser.add_argument(
+        "--resource-not-ready", action=argparse.BooleanOptionalAction, default=True,
+        help="delete or stop of a VM that is still booting or already stopping is 400 resourceNotReady, as on GCE "
+        "(default); --no-resource-not-ready accepts them",
+    )
     parser.add_argument(
         "--auth-token-file",
         metavar="F",
@@ -91,9 +124,14 @@ def run(args: argparse.Namespace) -> int:
         preempt_mean_s=args.preempt_mean_s,
         zone_capacity=dict(args.zone_capacity),
         cpu_quota=args.cpu_quota,
+        quotas=list(args.quota),
+        deny_external_ip=args.deny_external_ip,
+        default_network=not args.no_default_network,
         error_rate=args.error_rate,
         boot_delay_s=args.boot_delay,
         seed=args.seed,
+        rate_limit_per_minute=args.rate_limit_per_minute,
+        resource_not_ready=args.resource_not_ready,
         auth_token_file=args.auth_token_file,
     )
     stop_requested = threading.Event()

@@ -17,6 +17,7 @@ import random
 import threading
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from cflow.local.compute import api_errors
 from cflow.local.compute.catalog import Catalog
@@ -117,9 +118,16 @@ class ComputeCore:
     # Operations (hold the lock).
 
     def new_operation(
-        self, project: str, zone: str | None, operation_type: str, target_link: str, target_id: int | None = None, user: str | None = None
+        self,
+        project: str,
+        zone: str | None,
+        operation_type: str,
+        target_link: str,
+        target_id: int | None = None,
+        user: str | None = None,
+        region: str | None = None,
     ) -> Operation:
-        """Records a RUNNING operation (``zone`` None: a global one) and returns it.
+        """Records a RUNNING operation (``zone`` None: a global one, or a regional one of ``region``) and returns it.
 
         Only the newest ``MAX_KEPT_OPERATIONS`` are kept: beyond that a tenth of
         the DONE ones, oldest first, are forgotten.
@@ -141,6 +149,7 @@ class ComputeCore:
             start_ts=rfc3339(now),
             user=user or f"cflow-emulator@{project}.iam.gserviceaccount.com",
             sequence=self._operation_sequence,
+            region=region,
         )
         self.operations[operation.key] = operation
         if len(self.operations) > MAX_KEPT_OPERATIONS:
@@ -153,7 +162,7 @@ class ComputeCore:
         return str(uuid.UUID(int=self.id_random.getrandbits(128), version=4))
 
     def finish_operation(
-        self, operation: Operation, errors: list[dict[str, str]] | None = None, http_code: int | None = None, http_message: str | None = None
+        self, operation: Operation, errors: list[dict[str, Any]] | None = None, http_code: int | None = None, http_message: str | None = None
     ) -> None:
         """Marks the operation DONE (with ``errors``, if any) and wakes its waiters; a DONE one is left as it is."""
         if operation.status == "DONE":
@@ -169,7 +178,7 @@ class ComputeCore:
             operation.bulk_status["status"] = "DONE"
         self.changed.notify_all()
 
-    def fail_operation_later(self, operation: Operation, delay_s: float, errors: list[dict[str, str]], http_code: int, http_message: str) -> None:
+    def fail_operation_later(self, operation: Operation, delay_s: float, errors: list[dict[str, Any]], http_code: int, http_message: str) -> None:
         """Finishes the operation with ``errors`` after ``delay_s`` (an error GCE reports while the operation runs)."""
 
         def fail() -> None:
@@ -178,14 +187,18 @@ class ComputeCore:
 
         self.timers.call_later(delay_s, fail)
 
-    def operation(self, project: str, zone: str | None, name: str) -> Operation:
-        """Returns the operation; raises ApiError 404 if there is none (any more)."""
+    def operation(self, project: str, zone: str | None, name: str, region: str | None = None) -> Operation:
+        """Returns the operation of that scope; raises ApiError 404 if there is none (any more)."""
         operation = self.operations.get((project, zone, name))
-        if operation is None:
-            raise api_errors.not_found(f"{operations_path(project, zone)}/{name}")
+        if operation is None or operation.region != region:
+            raise api_errors.not_found(f"{operations_path(project, zone, region)}/{name}")
         return operation
 
 
-def operations_path(project: str, zone: str | None) -> str:
-    """``projects/P/zones/Z/operations``, or ``projects/P/global/operations`` for ``zone`` None."""
-    return f"projects/{project}/zones/{zone}/operations" if zone is not None else f"projects/{project}/global/operations"
+def operations_path(project: str, zone: str | None, region: str | None = None) -> str:
+    """``projects/P/zones/Z/operations``, ``projects/P/regions/R/operations``, or ``projects/P/global/operations``."""
+    if zone is not None:
+        return f"projects/{project}/zones/{zone}/operations"
+    if region is not None:
+        return f"projects/{project}/regions/{region}/operations"
+    return f"projects/{project}/global/operations"

@@ -20,6 +20,10 @@ from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
 from cflow.local.compute.metadata import MetadataServers
+from cflow.local.compute.policy import OrganizationPolicy
+from cflow.local.compute.quotas import QuotaLimits, QuotaSetting
+from cflow.local.compute.rate_limit import RateLimiter
+from cflow.local.compute.request_ids import RequestIds
 from cflow.local.compute.server import ApiServer, Dispatcher, engine_routes
 from cflow.local.compute.timers import TimerQueue
 from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, Watchdog
@@ -37,8 +41,14 @@ class EmulatorOptions:
 
     ``zone_capacity`` maps zone -> max live VMs; ``shutdown_grace_s`` None keeps
     GCE's grace periods (30 s Spot/preemptible, 90 s standard); ``state_dir``
-    None is a temporary directory deleted at stop; ``auth_token_file`` set,
-    every API request must carry ``Authorization: Bearer <its token>``.
+    None is a temporary directory deleted at stop; ``rate_limit_per_minute``
+    None is no rate quota; ``resource_not_ready`` False accepts delete and
+    stop of a VM that is booting or stopping (GCE refuses them). ``quotas`` are the
+    ``--quota`` settings; ``cpu_quota`` is ``--quota CPUS=N`` (the settings
+    win over it). ``deny_external_ip`` is the organization policy
+    ``constraints/compute.vmExternalIpAccess`` denying every VM;
+    ``default_network`` False is ``--no-default-network``; ``auth_token_file``
+    set, every API request must carry ``Authorization: Bearer <its token>``.
     """
 
     host: str = "127.0.0.1"
@@ -51,9 +61,14 @@ class EmulatorOptions:
     preempt_mean_s: float | None = None
     zone_capacity: dict[str, int] = dataclasses.field(default_factory=dict)
     cpu_quota: int | None = None
+    quotas: list[QuotaSetting] = dataclasses.field(default_factory=list)
+    deny_external_ip: bool = False
+    default_network: bool = True
     error_rate: float = 0.0
     boot_delay_s: float = 0.0
     seed: int | None = None
+    rate_limit_per_minute: int | None = None
+    resource_not_ready: bool = True
     auth_token_file: str | None = None
 
     def validate(self, known_zones: set[str]) -> None:
@@ -64,6 +79,8 @@ class EmulatorOptions:
         for name, value in durations:
             if value is not None and value < 0:
                 raise EmulatorOptionError(f"{name} {value} must not be negative")
+        if self.rate_limit_per_minute is not None and self.rate_limit_per_minute < 1:
+            raise EmulatorOptionError(f"--rate-limit-per-minute {self.rate_limit_per_minute} must be at least 1; leave it out for no limit")
         if self.cpu_quota is not None and self.cpu_quota < 0:
             raise EmulatorOptionError(f"--cpu-quota {self.cpu_quota} must not be negative")
         for zone, capacity in self.zone_capacity.items():
@@ -71,6 +88,17 @@ class EmulatorOptions:
                 raise EmulatorOptionError(f"--zone-capacity names unknown zone {zone!r}; known zones: {', '.join(sorted(known_zones))}")
             if capacity < 0:
                 raise EmulatorOptionError(f"--zone-capacity {zone}={capacity} must not be negative")
+        known_regions = {zone.rsplit("-", 1)[0] for zone in known_zones}
+        for setting in self.quotas:
+            if setting.region is not None and setting.region not in known_regions:
+                raise EmulatorOptionError(
+                    f"--quota {setting.region}:{setting.metric} names unknown region {setting.region!r}; known regions: {', '.join(sorted(known_regions))}"
+                )
+
+    def quota_limits(self) -> QuotaLimits:
+        """The quotas' limits: ``cpu_quota`` as CPUS in every region, then the ``--quota`` settings."""
+        shorthand = [QuotaSetting("CPUS", float(self.cpu_quota))] if self.cpu_quota is not None else []
+        return QuotaLimits([*shorthand, *self.quotas])
 
 
 def _raise_open_file_limit() -> None:
@@ -163,7 +191,7 @@ class ComputeEmulator:
         power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
         timers = TimerQueue(self._monotonic)
         metadata_servers = MetadataServers("127.0.0.1")
-        faults = Faults(options.error_rate, options.zone_capacity, options.cpu_quota, options.preempt_mean_s, options.seed)
+        faults = Faults(options.error_rate, options.zone_capacity, options.preempt_mean_s, options.seed)
         engine = self.engine = ComputeEngine(
             base_url=base_url,
             catalog=catalog,
@@ -177,8 +205,13 @@ class ComputeEmulator:
             boot_delay_s=options.boot_delay_s,
             shutdown_grace_s=options.shutdown_grace_s,
             id_random=random.Random(None if options.seed is None else options.seed + 1),
+            refuse_not_ready=options.resource_not_ready,
+            quota_limits=options.quota_limits(),
+            policy=OrganizationPolicy(deny_external_ip=options.deny_external_ip),
+            default_network=options.default_network,
         )
-        server.dispatcher = Dispatcher(engine_routes(engine), faults)
+        rate_limiter = RateLimiter(options.rate_limit_per_minute, self._wall_clock) if options.rate_limit_per_minute else None
+        server.dispatcher = Dispatcher(engine_routes(engine), faults, rate_limiter, RequestIds(engine.core))
         metadata_servers.start(engine.guest_metadata)
         power_off.start()
         timers.start()

@@ -6,6 +6,8 @@ Where each behaviour lives:
 - ``instances``: instances.* (insert, bulkInsert, list, stop, start, ...);
 - ``lifecycle``: the VM state machine (boot, power-off, preemption, removal, the emulator's shutdown);
 - ``disks``, ``images``, ``operations``, ``zones``, ``projects``: those resources' API;
+- ``networks`` (networks, subnetworks, VMs' interfaces and addresses), ``regions``,
+  ``accelerators`` (accelerator types, GPU rules), ``quotas``, ``policy`` (organization policy);
 - ``guest_metadata``: what each VM's metadata server answers;
 - ``server``: the HTTP routes onto these parts.
 
@@ -15,6 +17,7 @@ here, and give it a route table in ``server``.
 
 import random
 
+from cflow.local.compute.accelerators import AcceleratorTypes
 from cflow.local.compute.catalog import Catalog
 from cflow.local.compute.core import ComputeCore, WallClock
 from cflow.local.compute.disk_images import DiskImages
@@ -24,15 +27,19 @@ from cflow.local.compute.guest_metadata import GuestMetadata
 from cflow.local.compute.images import Images
 from cflow.local.compute.instances import Instances
 from cflow.local.compute.lifecycle import Lifecycle, MetadataPorts
+from cflow.local.compute.networks import Networks
 from cflow.local.compute.operations import Operations
+from cflow.local.compute.policy import OrganizationPolicy
 from cflow.local.compute.projects import Projects, project_usage_counters
+from cflow.local.compute.quotas import QuotaLimits, Quotas
+from cflow.local.compute.regions import Regions
 from cflow.local.compute.timers import TimerQueue
 from cflow.local.compute.vm import GuestLauncher, PowerOff
 from cflow.local.compute.zones import Zones
 
 
 class ComputeEngine:
-    """Instances, disks, images, operations and zones of any number of projects.
+    """Instances, disks, images, operations, zones, regions, networks and accelerator types of any number of projects.
 
     Args:
         base_url: ``http://H:P/compute/v1/`` (selfLinks point here).
@@ -48,9 +55,16 @@ class ComputeEngine:
         boot_delay_s: time spent in PROVISIONING + STAGING.
         shutdown_grace_s: overrides the grace period (30 s Spot, 90 s standard).
         metadata_host: the address VMs reach their metadata server on.
+        refuse_not_ready: delete and stop of a booting or stopping VM are 400
+            resourceNotReady, as on GCE (False: accepted).
+        quota_limits: the quotas' limits (None: every metric generous).
+        policy: the organization policy (None: no constraint).
+        default_network: every project has the ``default`` auto network.
 
     Attributes:
-        core, zones, instances, disks, images, operations, projects: the parts (``server`` routes onto them).
+        core, zones, instances, disks, images, operations, networks, regions, accelerators, projects: the parts
+            (``server`` routes onto them).
+        quotas: usage and limits (``regions`` and ``projects.get`` report them).
         lifecycle: the VM state machine.
         guest_metadata: the ``metadata.MetadataSource`` of every VM's metadata server.
     """
@@ -71,9 +85,18 @@ class ComputeEngine:
         boot_delay_s: float = 0.0,
         shutdown_grace_s: float | None = None,
         metadata_host: str = "127.0.0.1",
+        refuse_not_ready: bool = True,
+        quota_limits: QuotaLimits | None = None,
+        policy: OrganizationPolicy | None = None,
+        default_network: bool = True,
     ) -> None:
         self.core = ComputeCore(base_url=base_url, catalog=catalog, faults=faults, timers=timers, wall_clock=wall_clock, id_random=id_random)
         self.zones = Zones(base_url, catalog)
+        self.networks = Networks(self.core, default_network)
+        self.accelerators = AcceleratorTypes(base_url, catalog)
+        self.quotas = Quotas(self.core, quota_limits or QuotaLimits())
+        self.regions = Regions(self.core, self.quotas)
+        self.policy = policy or OrganizationPolicy()
         self.operations = Operations(self.core)
         self.disks = Disks(self.core, launcher)
         self.images = Images(self.core, self.disks, disk_images)
@@ -89,9 +112,20 @@ class ComputeEngine:
             shutdown_grace_s=shutdown_grace_s,
             metadata_host=metadata_host,
         )
-        self.instances = Instances(self.core, self.disks, self.images, self.lifecycle, launcher)
+        self.instances = Instances(
+            self.core,
+            self.disks,
+            self.images,
+            self.lifecycle,
+            launcher,
+            networks=self.networks,
+            accelerators=self.accelerators,
+            quotas=self.quotas,
+            policy=self.policy,
+            refuse_not_ready=refuse_not_ready,
+        )
         self.guest_metadata = GuestMetadata(self.core, self.lifecycle)
-        self.projects = Projects(self.core, usage_counters=project_usage_counters(self.core))
+        self.projects = Projects(self.core, self.quotas, usage_counters=project_usage_counters(self.core, self.networks))
 
     def start(self) -> None:
         """Starts the engine's own timed work (the reaper of exited startup scripts)."""

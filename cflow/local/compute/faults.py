@@ -1,4 +1,4 @@
-"""The failures a fleet meets on GCP, on demand: stockouts, quota, API errors, preemptions."""
+"""The failures a fleet meets on GCP, on demand: stockouts, API errors, preemptions (quotas live in ``quotas``)."""
 
 import random
 import threading
@@ -14,7 +14,6 @@ class Faults:
         error_rate: fraction of API requests refused with 429 rateLimitExceeded
             or 503 backendError before anything is done.
         zone_capacity: {zone: max live VMs}; inserts beyond it stock out.
-        cpu_quota: max vCPUs of live VMs per region (None: unlimited).
         preempt_mean_s: mean lifetime of a Spot/preemptible VM (None: never preempted by time).
         seed: random seed, so a faulty run can be replayed.
     """
@@ -23,13 +22,11 @@ class Faults:
         self,
         error_rate: float = 0.0,
         zone_capacity: Mapping[str, int] | None = None,
-        cpu_quota: int | None = None,
         preempt_mean_s: float | None = None,
         seed: int | None = None,
     ) -> None:
         self.error_rate = error_rate
         self.zone_capacity = dict(zone_capacity or {})
-        self.cpu_quota = cpu_quota
         self.preempt_mean_s = preempt_mean_s
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -48,10 +45,6 @@ class Faults:
         """Returns how many more VMs fit in ``zone`` (None: no limit)."""
         limit = self.zone_capacity.get(zone)
         return None if limit is None else max(0, limit - live_in_zone)
-
-    def free_cpus(self, cpus_in_region: int) -> int | None:
-        """Returns how many more vCPUs the region's quota allows (None: no limit)."""
-        return None if self.cpu_quota is None else max(0, self.cpu_quota - cpus_in_region)
 
     def preemption_delay(self) -> float | None:
         """Returns seconds until a Spot VM that just started is preempted, or None."""

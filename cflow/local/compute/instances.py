@@ -1,35 +1,67 @@
 """instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, reset, setLabels,
 setMetadata, setScheduling, setDeletionProtection, simulateMaintenanceEvent, getSerialPortOutput.
 
-Creating a VM checks the CPU quota and the zone's capacity (``faults``),
-then makes its record, its disks (``disks``), holds its image's content
+Creating a VM checks what its interfaces name (``networks``) and its GPUs
+(``accelerators``), the organization policy (``policy``), the quotas
+(``quotas``) and the zone's capacity (``faults``), then makes its record
+with its addresses, its disks (``disks``), holds its image's content
 (``images``) and hands it to ``lifecycle``, which boots it. A stockout is a
-DONE-with-error operation, as GCE reports it; a quota refusal is a 403 at once.
+DONE-with-error operation, as GCE reports it; insert's quota and policy
+refusals come at once (403, 412); bulkInsert's are in its operation, except
+a quota that leaves room for not one VM (403 at once), as GCE's upfront
+validation answers.
+
+GCE's lifecycle rules: delete or stop of a VM that is still PROVISIONING or
+STAGING, or already STOPPING, and start of one that is booting or STOPPING,
+answer 400 ``resourceNotReady`` ("The resource '...' is not ready", as
+googleapis/google-api-python-client#485 quotes it); ``refuse_not_ready``
+False accepts delete and stop then (the emulator's old leniency). A
+bulkInsert makes up to 5,000 VMs and takes ``instanceProperties.machineType``
+as a bare name only: a URL there makes GCE fail the operation with
+INTERNAL_ERROR (the discovery document's InstanceProperties.machineType);
+an insert takes a zonal URL only. setScheduling changes the time limit,
+provisioning model and termination action of a TERMINATED VM only; the
+rules of ``scheduling`` apply to the result.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from cflow.local.compute import api_errors, validation
+from cflow.local.compute import api_errors, scheduling, validation
+from cflow.local.compute.accelerators import AcceleratorTypes
 from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.filters import compile_filter
 from cflow.local.compute.images import Images
 from cflow.local.compute.lifecycle import Lifecycle
+from cflow.local.compute.networks import Networks, ip_space_exhausted_error
 from cflow.local.compute.paging import Json, RawJson, max_results, page_after, page_token
+from cflow.local.compute.policy import CONDITION_NOT_MET_HTTP, OrganizationPolicy
+from cflow.local.compute.quotas import Quotas, VmShape
 from cflow.local.compute.resources import Instance, Operation, fingerprint, fingerprints_match
 from cflow.local.compute.validation import InstanceSpec
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher
 
-MAX_BULK_COUNT = 1000
-# Scheduling fields that make a VM Spot, preemptible or standard: setScheduling changes them only on a TERMINATED VM.
-MODEL_FIELDS = ("provisioningModel", "preemptible", "instanceTerminationAction")
+MAX_BULK_COUNT = 5000
 MAX_SERIAL_BYTES = 1024 * 1024  # what GCE keeps of a serial port
 SERIAL_PORTS = 4
 BULK_FIELD = "bulkInsertInstanceResource"
+# What a VM is while delete, stop and start answer resourceNotReady.
+NOT_READY = ("PROVISIONING", "STAGING", "STOPPING")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A VM's request after every check that needs the emulator's state: interfaces, GPUs, what it takes from quotas."""
+
+    interfaces: list[dict[str, Any]]
+    accelerators: list[dict[str, Any]]
+    shape: VmShape
 
 
 class Instances:
@@ -40,19 +72,43 @@ class Instances:
         disks, images: the disks of new VMs and their images' content.
         lifecycle: boots, powers off, preempts and removes VMs.
         launcher: where a VM's serial console log is.
+        networks: the networks VMs' interfaces name, and their addresses.
+        accelerators: the zones' accelerator types and GPU rules.
+        quotas: the allocation quotas.
+        policy: the organization policy.
+        refuse_not_ready: answer delete and stop of a booting or stopping VM
+            with 400 resourceNotReady, as GCE does (False: accept them).
 
-    Every method raises ``ApiError`` as GCE answers: 400 for a bad request or
-    an unknown zone, 404 for an unknown VM, 409 for a taken name, 412 for a
-    stale fingerprint, 403 beyond the CPU quota, 503 while the emulator stops.
+    Every method raises ``ApiError`` as GCE answers: 400 for a bad request,
+    an unknown zone or a VM not ready for the change, 404 for an unknown VM,
+    409 for a taken name, 412 for a stale fingerprint or a policy, 403 beyond
+    a quota, 503 while the emulator stops.
     """
 
-    def __init__(self, core: ComputeCore, disks: Disks, images: Images, lifecycle: Lifecycle, launcher: GuestLauncher) -> None:
+    def __init__(
+        self,
+        core: ComputeCore,
+        disks: Disks,
+        images: Images,
+        lifecycle: Lifecycle,
+        launcher: GuestLauncher,
+        *,
+        networks: Networks,
+        accelerators: AcceleratorTypes,
+        quotas: Quotas,
+        policy: OrganizationPolicy,
+        refuse_not_ready: bool = True,
+    ) -> None:
         self.core = core
         self.disks = disks
         self.images = images
         self.lifecycle = lifecycle
         self.launcher = launcher
-        self._addresses_given = 0
+        self.refuse_not_ready = refuse_not_ready
+        self.networks = networks
+        self.accelerators = accelerators
+        self.quotas = quotas
+        self.policy = policy
 
     # Records (hold the lock).
 
@@ -66,24 +122,21 @@ class Instances:
     def _live_in_zone(self, zone: str) -> int:
         return sum(1 for instance in self.core.instances.values() if instance.zone == zone and instance.status != "TERMINATED")
 
-    def _cpus_in_region(self, project: str, region: str | None) -> int:
-        return sum(
-            instance.cpus
-            for instance in self.core.instances.values()
-            if instance.project == project and instance.region == region and instance.status != "TERMINATED"
-        )
-
-    def _check_quota(self, project: str, zone: str, cpus_each: int, wanted: int, minimum: int) -> int:
-        """Returns how many of ``wanted`` VMs the CPU quota allows; raises 403 below ``minimum``."""
-        faults = self.core.faults
+    def _check(self, project: str, zone: str, spec: InstanceSpec, field: str) -> _Checked:
+        """What needs the emulator's state (hold the lock): the networks and GPUs the VM names, and its quota shape."""
         region = self.core.catalog.region_of(zone)
-        free = faults.free_cpus(self._cpus_in_region(project, region))
-        if free is None or faults.cpu_quota is None:
-            return wanted
-        fit = free // cpus_each
-        if fit < minimum:
-            raise api_errors.quota_exceeded("CPUS", faults.cpu_quota, region)
-        return min(wanted, fit)
+        assert region is not None  # the zone was checked
+        interfaces = self.networks.resolve(project, region, spec["network_interfaces"], f"{field}.networkInterfaces")
+        accelerators = self.accelerators.check(
+            project, zone, spec["guest_accelerators"], spec["machine_type"], spec["scheduling"]["onHostMaintenance"], f"{field}.guestAccelerators"
+        )
+        shape = VmShape(
+            cpus=spec["cpus"],
+            preemptible=bool(spec["scheduling"].get("preemptible")),
+            external_ips=sum(len(interface["accessConfigs"]) for interface in interfaces),
+            accelerators=tuple((entry["acceleratorType"], entry["acceleratorCount"]) for entry in accelerators),
+        )
+        return _Checked(interfaces, accelerators, shape)
 
     def _stockout(self, operation: Operation, project: str, zone: str) -> None:
         message = (
@@ -93,19 +146,18 @@ class Instances:
         errors = [{"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": message}]
         self.core.fail_operation_later(operation, self.lifecycle.boot_delay_s / 2, errors, 503, "SERVICE UNAVAILABLE")
 
-    def _next_address(self) -> str:
-        number = self._addresses_given
-        self._addresses_given += 1
-        return f"10.{128 + (number // 64516) % 128}.{(number // 254) % 254}.{number % 254 + 2}"
-
-    def _create(self, project: str, zone: str, spec: InstanceSpec, name: str, hostname: str | None = None) -> Instance:
+    def _create(
+        self,
+        project: str,
+        zone: str,
+        spec: InstanceSpec,
+        name: str,
+        interfaces: list[dict[str, Any]],
+        accelerators: list[dict[str, Any]],
+        hostname: str | None = None,
+    ) -> Instance:
         core = self.core
         instance_id = core.new_id()
-        interfaces = []
-        for requested in spec["network_interfaces"]:
-            interface = dict(requested, networkIP=self._next_address())
-            interface["natIP"] = "34.{}.{}.{}".format(*interface["networkIP"].split(".")[1:])
-            interfaces.append(interface)
         metadata_items = copy.deepcopy(spec["metadata_items"])
         region = core.catalog.region_of(zone)
         assert region is not None  # the zone was checked
@@ -130,6 +182,7 @@ class Instances:
             tags=list(spec["tags"]),
             hostname=hostname or spec["hostname"],
             creation_ts=core.now(),
+            guest_accelerators=[dict(entry) for entry in accelerators],
             kept=copy.deepcopy(spec["kept"]),
         )
         self.disks.attach_new(instance)
@@ -151,67 +204,106 @@ class Instances:
         core = self.core
         core.check_zone(zone)
         spec = validation.instance_spec(body, project, zone, core.catalog)
+        scheduling.refuse_past_termination(body.get("scheduling") if isinstance(body, dict) else None, core.wall_clock(), "resource.scheduling")
         name = spec["name"]
         assert name is not None  # instance_spec requires it for an insert
         with core.lock:
             core.refuse_if_closing()
             self._refuse_taken_names(project, zone, spec, [name])
-            self._check_quota(project, zone, spec["cpus"], 1, 1)
+            checked = self._check(project, zone, spec, "resource")
+            self.policy.refuse_insert(project, zone, name, checked.interfaces)
+            region = core.catalog.region_of(zone)
+            assert region is not None
+            fit, refusal = self.quotas.room(project, region, checked.shape, 1)
+            if refusal is not None and fit < 1:
+                raise refusal.error()
             operation = core.new_operation(project, zone, "insert", f"{core.zone_url(project, zone)}/instances/{name}")
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
+            addressed, exhausted = self.networks.assign(region, checked.interfaces, 1)
             if free is not None and free < 1:
                 self._stockout(operation, project, zone)
+            elif exhausted is not None:
+                core.finish_operation(operation, [ip_space_exhausted_error(exhausted)], 400, "BAD REQUEST")
             else:
-                instance = self._create(project, zone, spec, name)
+                instance = self._create(project, zone, spec, name, addressed[0], checked.accelerators)
                 operation.target_id = instance.id
                 operation.remaining = 1
                 instance.boot_operations.append(operation)
             return operation.to_json(core.base_url)
 
     def bulk_insert(self, project: str, zone: str, body: Json | None) -> Json:
-        """instances.bulkInsert: as many of ``count`` VMs as quota and capacity allow, at least ``minCount``.
+        """instances.bulkInsert: as many of ``count`` VMs as quota, capacity and addresses allow, at least ``minCount``.
 
         Names come from ``perInstanceProperties`` first, then from ``namePattern``
-        (numbered after the highest name of the zone that fits it).
+        (numbered after the highest name of the zone that fits it). A quota
+        with room for no VM at all refuses at once (403); one with room for
+        fewer than ``minCount``, the policy and a stockout fail the operation.
         """
         core = self.core
         core.check_zone(zone)
         count, min_count, per_instance, pattern = self._bulk_request(body)
         assert body is not None
-        spec = validation.instance_spec(body["instanceProperties"], project, zone, core.catalog, f"{BULK_FIELD}.instanceProperties", name_required=False)
+        properties = body["instanceProperties"]
+        if isinstance(properties, dict) and "/" in str(properties.get("machineType", "")):
+            return self._bulk_internal_error(project, zone)
+        field = f"{BULK_FIELD}.instanceProperties"
+        spec = validation.instance_spec(properties, project, zone, core.catalog, field, name_required=False)
+        scheduling.refuse_past_termination(properties.get("scheduling"), core.wall_clock(), f"{field}.scheduling")
         pattern_parts = validation.name_pattern_parts(pattern) if pattern else None
+        region = core.catalog.region_of(zone)
+        assert region is not None
         with core.lock:
             core.refuse_if_closing()
             self._refuse_taken_names(project, zone, spec, per_instance)
-            allowed = self._check_quota(project, zone, spec["cpus"], count, min_count)
+            checked = self._check(project, zone, spec, field)
+            allowed, refusal = self.quotas.room(project, region, checked.shape, count)
+            if refusal is not None and allowed == 0:
+                raise refusal.error()
             operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
+            operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
             operation.operation_group_id = core.new_operation_group_id()
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
-            if free is not None and free < min_count:
-                operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
-                self._stockout(operation, project, zone)
-                return operation.to_json(core.base_url)
             to_create = allowed if free is None else min(allowed, free)
             names = list(per_instance)[:to_create]
             if len(names) < to_create:
                 assert pattern_parts is not None  # without a pattern, count equals the named VMs
                 names += self._pattern_names(project, zone, pattern_parts, to_create - len(names), set(per_instance))
-            operation.remaining = len(names)
-            operation.bulk_status = {
-                "targetVmCount": count,
-                "createdVmCount": len(names),
-                "failedToCreateVmCount": count - len(names),
-                "deletedVmCount": 0,
-                "status": "CREATING",
-            }
-            for name in names:
-                hostname = per_instance.get(name, {}).get("hostname")
-                instance = self._create(project, zone, spec, name, hostname=hostname if isinstance(hostname, str) else None)
-                # As on GCE, each VM also gets an insert operation of the group (gcloud lists them by operationGroupId).
-                own = core.new_operation(project, zone, "insert", instance.self_link(core.base_url), instance.id)
-                own.operation_group_id = operation.operation_group_id
-                own.remaining = 1
-                instance.boot_operations += [operation, own]
+            policy_errors = self.policy.bulk_errors(project, zone, names, checked.interfaces)
+            addressed, exhausted = self.networks.assign(region, checked.interfaces, len(names), f"{field}.networkInterfaces")
+            if policy_errors:
+                core.finish_operation(operation, policy_errors, *CONDITION_NOT_MET_HTTP)
+            elif allowed < min_count:
+                assert refusal is not None
+                core.finish_operation(operation, [refusal.operation_error()], 403, "FORBIDDEN")
+            elif free is not None and free < min_count:
+                self._stockout(operation, project, zone)
+            elif len(addressed) < min_count:
+                assert exhausted is not None
+                core.finish_operation(operation, [ip_space_exhausted_error(exhausted)], 400, "BAD REQUEST")
+            else:
+                names = names[: len(addressed)]
+                operation.remaining = len(names)
+                operation.bulk_status.update(createdVmCount=len(names), failedToCreateVmCount=count - len(names))
+                for name, interfaces in zip(names, addressed, strict=True):
+                    hostname = per_instance.get(name, {}).get("hostname")
+                    instance = self._create(
+                        project, zone, spec, name, interfaces, checked.accelerators, hostname=hostname if isinstance(hostname, str) else None
+                    )
+                    # As on GCE, each VM also gets an insert operation of the group (gcloud lists them by operationGroupId).
+                    own = core.new_operation(project, zone, "insert", instance.self_link(core.base_url), instance.id)
+                    own.operation_group_id = operation.operation_group_id
+                    own.remaining = 1
+                    instance.boot_operations += [operation, own]
+            return operation.to_json(core.base_url)
+
+    def _bulk_internal_error(self, project: str, zone: str) -> Json:
+        """What GCE answers a bulkInsert whose instanceProperties names its machine type by URL: an operation that fails."""
+        core = self.core
+        with core.lock:
+            core.refuse_if_closing()
+            operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
+            errors = [{"code": "INTERNAL_ERROR", "message": "Internal error. Please try again or contact Google Support."}]
+            core.fail_operation_later(operation, 0, errors, 500, "INTERNAL SERVER ERROR")
             return operation.to_json(core.base_url)
 
     @staticmethod
@@ -350,11 +442,17 @@ class Instances:
 
     # instances.delete, stop, start.
 
-    def delete(self, project: str, zone: str, name: str) -> Json:
-        """instances.delete: a running VM runs its shutdown script first; a booting or terminated one goes at once.
+    def _refuse_unless_settled(self, instance: Instance) -> None:
+        """400 resourceNotReady for a VM still booting or already stopping (unless ``refuse_not_ready`` is off)."""
+        if self.refuse_not_ready and instance.status in NOT_READY:
+            raise api_errors.resource_not_ready(f"projects/{instance.project}/zones/{instance.zone}/instances/{instance.name}")
 
-        Raises:
-            ApiError: 400 invalidResourceUsage while ``deletionProtection`` is on.
+    def delete(self, project: str, zone: str, name: str) -> Json:
+        """instances.delete: a running VM runs its shutdown script first; a terminated one goes at once.
+
+        A booting or stopping VM is 400 resourceNotReady (with ``refuse_not_ready`` off:
+        a booting one goes at once, a stopping one once it is down); a VM with
+        ``deletionProtection`` is 400 invalidResourceUsage.
         """
         core = self.core
         core.check_zone(zone)
@@ -362,6 +460,7 @@ class Instances:
             instance = self.record(project, zone, name)
             if instance.kept.get("deletionProtection"):
                 raise api_errors.invalid_resource_usage("Resource cannot be deleted if it's protected against deletion.")
+            self._refuse_unless_settled(instance)
             operation = core.new_operation(project, zone, "delete", instance.self_link(core.base_url), instance.id)
             if instance.status == "RUNNING":
                 instance.delete_operations.append(operation)
@@ -376,11 +475,12 @@ class Instances:
             return operation.to_json(core.base_url)
 
     def stop(self, project: str, zone: str, name: str) -> Json:
-        """instances.stop: DONE when the VM is TERMINATED."""
+        """instances.stop: DONE when the VM is TERMINATED; 400 resourceNotReady while it boots or stops."""
         core = self.core
         core.check_zone(zone)
         with core.lock:
             instance = self.record(project, zone, name)
+            self._refuse_unless_settled(instance)
             operation = core.new_operation(project, zone, "stop", instance.self_link(core.base_url), instance.id)
             if instance.status == "TERMINATED":
                 core.finish_operation(operation)
@@ -392,7 +492,11 @@ class Instances:
             return operation.to_json(core.base_url)
 
     def start(self, project: str, zone: str, name: str) -> Json:
-        """instances.start of a TERMINATED VM: it boots again (quota and capacity permitting); 400 resourceNotReady while STOPPING."""
+        """instances.start of a TERMINATED VM: it boots again (quota and capacity permitting).
+
+        400 resourceNotReady while it stops (and while it boots); 400 invalid once its
+        ``terminationTime`` has passed.
+        """
         core = self.core
         core.check_zone(zone)
         with core.lock:
@@ -400,11 +504,16 @@ class Instances:
             instance = self.record(project, zone, name)
             if instance.status == "STOPPING":
                 raise api_errors.resource_not_ready(f"projects/{project}/zones/{zone}/instances/{name}")
+            self._refuse_unless_settled(instance)
+            if instance.status == "TERMINATED":
+                scheduling.refuse_past_termination(instance.scheduling, core.wall_clock(), "scheduling")
             operation = core.new_operation(project, zone, "start", instance.self_link(core.base_url), instance.id)
             if instance.status != "TERMINATED":
                 core.finish_operation(operation)
                 return operation.to_json(core.base_url)
-            self._check_quota(project, zone, instance.cpus, 1, 1)
+            fit, refusal = self.quotas.room(project, instance.region, VmShape.of(instance), 1, new=False)
+            if refusal is not None and fit < 1:
+                raise refusal.error()
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
             if free is not None and free < 1:
                 self._stockout(operation, project, zone)
@@ -453,43 +562,6 @@ class Instances:
             core.finish_operation(operation)
             return operation.to_json(core.base_url)
 
-    def set_scheduling(self, project: str, zone: str, name: str, body: Json | None) -> Json:
-        """instances.setScheduling: the fields sent replace the VM's own; the rest stay, checked as on insert.
-
-        The provisioning model (``provisioningModel``, ``preemptible``,
-        ``instanceTerminationAction``) changes only on a TERMINATED VM;
-        ``automaticRestart`` and ``onHostMaintenance`` change at any time.
-
-        Raises:
-            ApiError: 400 for a combination insert refuses too, or a model change of a VM that is not TERMINATED.
-        """
-        core = self.core
-        core.check_zone(zone)
-        if not isinstance(body, dict):
-            raise api_errors.invalid_field("scheduling", "", "Expected an object.")
-        requested = {key: value for key, value in body.items() if value is not None}
-        with core.lock:
-            instance = self.record(project, zone, name)
-            merged = dict(instance.scheduling)
-            if requested.keys() & {"provisioningModel", "preemptible"}:
-                # A new model: what followed from the old one follows from the new one, unless sent.
-                for derived in (*MODEL_FIELDS, "automaticRestart", "onHostMaintenance"):
-                    if derived not in requested:
-                        merged.pop(derived, None)
-            merged.update(requested)
-            scheduling = validation.check_scheduling(merged, "scheduling")
-            changed = [field for field in MODEL_FIELDS if scheduling.get(field) != instance.scheduling.get(field)]
-            if changed and instance.status != "TERMINATED":
-                raise api_errors.invalid_field(
-                    f"scheduling.{changed[0]}", scheduling.get(changed[0]), f"{changed[0]} cannot be changed while the instance is running; stop it first."
-                )
-            operation = core.new_operation(project, zone, "setScheduling", instance.self_link(core.base_url), instance.id)
-            instance.scheduling = scheduling
-            instance.touch()
-            core.finish_operation(operation)
-            core.metadata_changed.notify_all()
-            return operation.to_json(core.base_url)
-
     # instances.setLabels, setMetadata.
 
     def set_labels(self, project: str, zone: str, name: str, body: Json | None) -> Json:
@@ -524,6 +596,36 @@ class Instances:
             instance.metadata_items = items
             instance.metadata_version += 1
             instance.metadata_fingerprint = fingerprint([items, instance.metadata_version])
+            instance.touch()
+            core.finish_operation(operation)
+            core.metadata_changed.notify_all()
+            return operation.to_json(core.base_url)
+
+    # instances.setScheduling.
+
+    def set_scheduling(self, project: str, zone: str, name: str, body: Json | None) -> Json:
+        """instances.setScheduling: the fields in ``body`` change (null clears one), checked as at insert.
+
+        The time limit, provisioning model and termination action change only on a
+        TERMINATED VM (400 invalidResourceUsage otherwise); the host maintenance
+        policy and automatic restart on any.
+        """
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            instance = self.record(project, zone, name)
+            asked = scheduling.merged(instance.scheduling, body)
+            wanted = scheduling.check(asked, "scheduling")
+            changed = scheduling.stopped_only_changes(instance.scheduling, wanted)
+            if changed and instance.status != "TERMINATED":
+                raise api_errors.invalid_resource_usage(
+                    f"Instance must be stopped (TERMINATED) to change scheduling.{changed[0]}; it is {instance.status}"
+                )
+            if "terminationTime" in changed:
+                scheduling.refuse_past_termination(asked, core.wall_clock(), "scheduling")
+            operation = core.new_operation(project, zone, "setScheduling", instance.self_link(core.base_url), instance.id)
+            instance.scheduling = wanted
+            instance.metadata_version += 1  # what its metadata server shows under scheduling/ changed
             instance.touch()
             core.finish_operation(operation)
             core.metadata_changed.notify_all()

@@ -10,6 +10,12 @@ Instance states:
   ``instance/preempted`` TRUE first, ends with statusMessage "Instance was
   preempted." and records a ``compute.instances.preempted`` operation;
   ``instanceTerminationAction: DELETE`` deletes the VM instead.
+- time limit (``scheduling.maxRunDuration`` from each start, or
+  ``terminationTime``): on reaching it a running VM is stopped (STOP) or
+  deleted (DELETE) as ``instanceTerminationAction`` says, its shutdown
+  script running within the grace as for a preemption; a system ``stop``
+  or ``delete`` operation records it. ``resourceStatus.scheduling.
+  terminationTimestamp`` shows the deadline while the VM runs.
 - delete: STOPPING -> gone (404).
 - reset: stays RUNNING; every process is killed at once (no shutdown
   script) and the startup script runs again.
@@ -25,11 +31,12 @@ import logging
 import os
 from typing import Protocol
 
+from cflow.local.compute import scheduling
 from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.images import Images
-from cflow.local.compute.resources import Instance, Operation
+from cflow.local.compute.resources import Instance, Operation, rfc3339
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher, PowerOff
 
 logger = logging.getLogger(__name__)
@@ -150,7 +157,9 @@ class Lifecycle:
             instance.guest = guest
             instance.status = "RUNNING"
             instance.status_message = None
-            instance.last_start_ts = core.now()
+            started_s = core.wall_clock()
+            instance.last_start_ts = rfc3339(started_s)
+            self._arm_time_limit(instance, started_s)
             instance.touch()
             self.complete_boot_operations(instance)
             if instance.is_spot_or_preemptible:
@@ -184,6 +193,7 @@ class Lifecycle:
             self.complete_boot_operations(instance)
         instance.epoch += 1
         instance.status = "STOPPING"
+        instance.termination_ts = None
         instance.after_stop = after_stop
         instance.stop_status_message = status_message
         instance.touch()
@@ -234,25 +244,26 @@ class Lifecycle:
 
     def reset(self, instance: Instance, operation: Operation) -> None:
         """Hard reset of a RUNNING VM, as GCE's instances.reset: every process is killed at once (no
-        shutdown script), then the startup script runs again; ``operation`` is DONE once it does."""
+        shutdown script), then the startup script runs again; ``operation`` is DONE once it does.
+
+        The VM stays RUNNING and keeps its epoch, so its preemption and time limit stand.
+        """
         core = self.core
-        instance.epoch += 1
         epoch = instance.epoch
         guest, instance.guest = instance.guest, None
 
         def killed() -> None:
             with core.lock:
                 current = core.instances_by_id.get(instance.id)
-                if current is not None and current.epoch == epoch and current.status == "RUNNING" and not core.closing:
+                # guest None: no other reset has booted it again meanwhile.
+                if current is not None and current.epoch == epoch and current.status == "RUNNING" and current.guest is None and not core.closing:
                     fresh = self.launcher.prepare_disk(current.name, current.id, f"{self.metadata_host}:{current.metadata_port}")
                     try:
                         self.launcher.boot(fresh, current.metadata_value("startup-script"))
                     except OSError as error:
                         logger.warning("startup script of %s did not start after a reset: %s", current.name, error)
                     current.guest = fresh
-                    current.last_start_ts = core.now()
                     current.touch()
-                    self._arm_preemption(current)
                 core.finish_operation(operation)
 
         if guest is None:
@@ -261,13 +272,6 @@ class Lifecycle:
             self.power_off.submit(guest, None, 0, killed)
 
     # Preemption.
-
-    def _arm_preemption(self, instance: Instance) -> None:
-        """A Spot VM that (re)started gets its preemption time (``--preempt-mean-s``)."""
-        if instance.is_spot_or_preemptible:
-            delay = self.core.faults.preemption_delay()
-            if delay is not None:
-                self.core.timers.call_later(delay, self._preempt_due, instance.id, instance.epoch)
 
     def preempt(self, instance: Instance) -> None:
         """GCE takes the Spot VM back: ``preempted`` TRUE, a system operation, shutdown script, then stopped or deleted."""
@@ -289,6 +293,31 @@ class Lifecycle:
             instance = self.core.instances_by_id.get(instance_id)
             if instance is not None and instance.epoch == epoch and instance.status == "RUNNING" and not self.core.closing:
                 self.preempt(instance)
+
+    # Time limits (maxRunDuration, terminationTime).
+
+    def _arm_time_limit(self, instance: Instance, started_s: float) -> None:
+        deadline_s = scheduling.termination_deadline(instance.scheduling, started_s)
+        instance.termination_ts = None if deadline_s is None else rfc3339(deadline_s)
+        if deadline_s is not None:
+            self.core.timers.call_later(deadline_s - self.core.wall_clock(), self._time_limit_due, instance.id, instance.epoch)
+
+    def _time_limit_due(self, instance_id: int, epoch: int) -> None:
+        with self.core.lock:
+            instance = self.core.instances_by_id.get(instance_id)
+            if instance is not None and instance.epoch == epoch and instance.status == "RUNNING" and not self.core.closing:
+                self.end_at_time_limit(instance)
+
+    def end_at_time_limit(self, instance: Instance) -> None:
+        """The VM's time limit has come: GCE stops or deletes it, as ``instanceTerminationAction`` says."""
+        core = self.core
+        delete = instance.scheduling.get("instanceTerminationAction") == "DELETE"
+        operation = core.new_operation(
+            instance.project, instance.zone, "delete" if delete else "stop", instance.self_link(core.base_url), instance.id, user="system"
+        )
+        (instance.delete_operations if delete else instance.stop_operations).append(operation)
+        logger.info("%s reached its time limit (then %s)", instance.name, "delete" if delete else "terminate")
+        self.begin_power_off(instance, "delete" if delete else "terminate")
 
     # The reaper: exit statuses of startup scripts, and empty process groups.
 

@@ -3,15 +3,19 @@
 A project exists as soon as anything names it (the emulator serves any
 project). Its ``commonInstanceMetadata`` is what every VM of the project
 sees under ``project/attributes/`` on its metadata server; its ``quotas``
-are GCE's project-wide (global) quotas, each with its usage counted from
-the emulator's tables where the emulator has the resource, else 0.
+are GCE's project-wide (global) quotas: the ones ``--quota`` sets
+(``quotas.PROJECT_METRICS``, GPUS_ALL_REGIONS) as ``quotas.Quotas`` counts
+them, the others with a new project's limits and their usage counted where
+the emulator has the resource (images, networks, subnetworks, vCPUs), else 0.
 """
 
 from collections.abc import Callable
 
 from cflow.local.compute import api_errors, validation
 from cflow.local.compute.core import ComputeCore
+from cflow.local.compute.networks import Networks
 from cflow.local.compute.paging import Json
+from cflow.local.compute.quotas import Quotas
 from cflow.local.compute.resources import default_service_account, fingerprint, fingerprints_match, project_number
 
 PROJECT_CREATION_TIMESTAMP = "2016-01-01T00:00:00.000-08:00"
@@ -49,7 +53,7 @@ PROJECT_QUOTA_LIMITS: dict[str, float] = {
     "GPUS_ALL_REGIONS": 0,
 }
 
-UsageCounter = Callable[[str], float]  # project -> usage of one metric (called with the core's lock held)
+UsageCounter = Callable[[str], float]  # project -> usage of one metric (called without the core's lock)
 
 
 class Projects:
@@ -57,27 +61,37 @@ class Projects:
 
     Args:
         core: the shared state (``core.project_metadata``; instances, to tell their guests).
-        quota_limits: metric -> limit shown in ``quotas[]`` (default ``PROJECT_QUOTA_LIMITS``).
+        quotas: the emulator's quotas: the project-wide metrics ``--quota`` sets, with their usage.
+        quota_limits: metric -> limit shown in ``quotas[]`` for the others (default ``PROJECT_QUOTA_LIMITS``).
         usage_counters: metric -> how to count a project's usage of it (metrics without one show 0).
 
     API methods raise ``ApiError``: 412 conditionNotMet for a stale metadata
     fingerprint, 400 for a bad metadata body.
     """
 
-    def __init__(self, core: ComputeCore, quota_limits: dict[str, float] | None = None, usage_counters: dict[str, UsageCounter] | None = None) -> None:
+    def __init__(
+        self,
+        core: ComputeCore,
+        quotas: Quotas | None = None,
+        quota_limits: dict[str, float] | None = None,
+        usage_counters: dict[str, UsageCounter] | None = None,
+    ) -> None:
         self.core = core
+        self.quotas = quotas
         self.quota_limits = dict(PROJECT_QUOTA_LIMITS if quota_limits is None else quota_limits)
         self.usage_counters = dict(usage_counters or {})
 
     def get(self, project: str) -> Json:
         """projects.get."""
         core = self.core
+        # Counters take the locks they need (networks answer through their own API).
+        usage = {metric: float(count(project)) for metric, count in self.usage_counters.items()}
+        limits = dict(self.quota_limits)
         with core.lock:
+            for entry in self.quotas.project_quotas(project) if self.quotas is not None else []:
+                limits[entry["metric"]], usage[entry["metric"]] = float(entry["limit"]), float(entry["usage"])
+            quotas = [{"metric": metric, "limit": limit, "usage": usage.get(metric, 0.0)} for metric, limit in limits.items()]
             metadata = core.project_metadata_of(project)
-            quotas = [
-                {"metric": metric, "limit": float(limit), "usage": float(self.usage_counters[metric](project)) if metric in self.usage_counters else 0.0}
-                for metric, limit in self.quota_limits.items()
-            ]
             common: Json = {"kind": "compute#metadata", "fingerprint": metadata.fingerprint}
             if metadata.items:
                 common["items"] = [dict(item) for item in metadata.items]
@@ -122,13 +136,20 @@ class Projects:
             return operation.to_json(core.base_url)
 
 
-def project_usage_counters(core: ComputeCore) -> dict[str, UsageCounter]:
-    """How the emulator counts the project-wide usage it can see: images, and vCPUs of live VMs in every region."""
+def project_usage_counters(core: ComputeCore, networks: Networks | None = None) -> dict[str, UsageCounter]:
+    """How the emulator counts the project-wide usage it can see: images, networks, subnetworks, vCPUs of live VMs."""
 
     def images(project: str) -> float:
         return len(core.catalog.images_of(project))
 
     def cpus_all_regions(project: str) -> float:
-        return sum(instance.cpus for instance in core.instances.values() if instance.project == project and instance.status != "TERMINATED")
+        with core.lock:
+            return sum(instance.cpus for instance in core.instances.values() if instance.project == project and instance.status != "TERMINATED")
 
-    return {"IMAGES": images, "CPUS_ALL_REGIONS": cpus_all_regions}
+    counters: dict[str, UsageCounter] = {"IMAGES": images, "CPUS_ALL_REGIONS": cpus_all_regions}
+    if networks is not None:
+        counters["NETWORKS"] = lambda project: len(networks.list_networks(project)["items"])
+        counters["SUBNETWORKS"] = lambda project: sum(
+            len(scoped.get("subnetworks", [])) for scoped in networks.aggregated_subnetworks(project)["items"].values()
+        )
+    return counters

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 STANDARD_SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
 ResourceKey = tuple[str, str, str]  # (project, zone, name) of a zonal resource
-OperationKey = tuple[str, str | None, str]  # (project, zone or None for a global operation, name)
+OperationKey = tuple[str, str | None, str]  # (project, zone or None for a global or regional operation, name)
 
 
 def rfc3339(epoch_s: float) -> str:
@@ -82,10 +82,12 @@ class Instance:
 
     ``epoch`` grows at every boot and power-off, so a timer armed for an
     earlier one is recognised as stale. ``after_stop`` is what STOPPING ends
-    in ("terminate" or "delete"). ``disk_image`` is the image tree held for
-    the first boot's disk copy (None once copied). ``guest`` is its live
-    processes while it runs. The ``*_operations`` complete when the VM
-    reaches RUNNING, TERMINATED or is gone.
+    in ("terminate" or "delete"). ``termination_ts`` is when a running VM's
+    time limit ends it (``maxRunDuration``, ``terminationTime``).
+    ``disk_image`` is the image tree held for the first boot's disk copy
+    (None once copied). ``guest`` is its live processes while it runs. The
+    ``*_operations`` complete when the VM reaches RUNNING, TERMINATED or is
+    gone.
     """
 
     id: int
@@ -108,12 +110,14 @@ class Instance:
     tags: list[str]
     hostname: str | None
     creation_ts: str
+    guest_accelerators: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     kept: dict[str, Any] = dataclasses.field(default_factory=dict)
     metadata_port: int = 0
     status_message: str | None = None
     stop_status_message: str | None = None
     last_start_ts: str | None = None
     last_stop_ts: str | None = None
+    termination_ts: str | None = None
     after_stop: str | None = None
     disk_image: str | None = None
     guest: "Guest | None" = None
@@ -204,14 +208,22 @@ class Instance:
             resource["lastStartTimestamp"] = self.last_start_ts
         if self.last_stop_ts:
             resource["lastStopTimestamp"] = self.last_stop_ts
+        if self.termination_ts:
+            resource["resourceStatus"] = {"scheduling": {"terminationTimestamp": self.termination_ts}}
+        if self.guest_accelerators:
+            resource["guestAccelerators"] = [
+                {"acceleratorType": f"{zone_url}/acceleratorTypes/{entry['acceleratorType']}", "acceleratorCount": entry["acceleratorCount"]}
+                for entry in self.guest_accelerators
+            ]
         return resource
 
 
 def _render_interface(interface: dict[str, Any], base_url: str, instance: Instance) -> dict[str, Any]:
+    network_project = interface.get("networkProject", instance.project)
     rendered: dict[str, Any] = {
         "kind": "compute#networkInterface",
-        "network": f"{base_url}projects/{instance.project}/global/networks/{interface['network']}",
-        "subnetwork": f"{base_url}projects/{instance.project}/regions/{instance.region}/subnetworks/{interface['subnetwork']}",
+        "network": f"{base_url}projects/{network_project}/global/networks/{interface['network']}",
+        "subnetwork": f"{base_url}projects/{network_project}/regions/{instance.region}/subnetworks/{interface['subnetwork']}",
         "networkIP": interface["networkIP"],
         "name": interface["name"],
         "fingerprint": fingerprint(interface["networkIP"]),
@@ -220,8 +232,16 @@ def _render_interface(interface: dict[str, Any], base_url: str, instance: Instan
     if interface.get("accessConfigs"):
         rendered["accessConfigs"] = []
         for access in interface["accessConfigs"]:
-            config = {"kind": "compute#accessConfig", "type": "ONE_TO_ONE_NAT", "name": access.get("name", "External NAT"), "networkTier": "PREMIUM"}
-            if instance.status == "RUNNING":
+            config = {
+                "kind": "compute#accessConfig",
+                "type": access.get("type", "ONE_TO_ONE_NAT"),
+                "name": access.get("name", "External NAT"),
+                "networkTier": access.get("networkTier", "PREMIUM"),
+            }
+            # A reserved address stays with a stopped VM; an ephemeral one exists only while it runs.
+            if access.get("natIP"):
+                config["natIP"] = access["natIP"]
+            elif instance.status == "RUNNING":
                 config["natIP"] = interface["natIP"]
             rendered["accessConfigs"].append(config)
     return rendered
@@ -318,7 +338,7 @@ class Disk:
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Operation:
-    """One zonal operation, or a global one (``zone`` None).
+    """One zonal operation, a regional one (``region`` set, ``zone`` None), or a global one (both None).
 
     ``remaining`` counts the VMs an insert or bulkInsert still waits for;
     ``bulk_status`` is a bulkInsert's per-location status;
@@ -341,11 +361,12 @@ class Operation:
     sequence: int
     end_ts: str | None = None
     status_message: str | None = None
-    errors: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     http_error_code: int | None = None
     http_error_message: str | None = None
     bulk_status: dict[str, Any] | None = None
     remaining: int = 0
+    region: str | None = None
     operation_group_id: str | None = None
 
     @property
@@ -356,7 +377,9 @@ class Operation:
     def to_json(self, base_url: str) -> dict[str, Any]:
         """Returns the compute#operation dict."""
         zone_url = f"{base_url}projects/{self.project}/zones/{self.zone}"
-        scope_url = zone_url if self.zone is not None else f"{base_url}projects/{self.project}/global"
+        region_url = f"{base_url}projects/{self.project}/regions/{self.region}"
+        scopes = ((self.zone, zone_url), (self.region, region_url), ("global", f"{base_url}projects/{self.project}/global"))
+        scope_url = next(url for scope, url in scopes if scope is not None)
         resource: dict[str, Any] = {
             "kind": "compute#operation",
             "id": str(self.id),
@@ -372,6 +395,8 @@ class Operation:
         }
         if self.zone is not None:
             resource["zone"] = zone_url
+        if self.region is not None:
+            resource["region"] = region_url
         if self.target_id is not None:
             resource["targetId"] = str(self.target_id)
         if self.status_message:

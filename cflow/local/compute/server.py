@@ -1,9 +1,12 @@
 """HTTP routing: Compute Engine v1 REST paths (and the batch endpoint) onto the engine's parts.
 
 One route table per resource (``zone_routes``, ``instance_routes``,
-``operation_routes``, ``disk_routes``, ``image_routes``, ``project_routes``) maps a method and a
-path to the part's method; ``Dispatcher`` finds the route, applies
-``--error-rate`` faults, parses the body and renders the answer or the
+``operation_routes``, ``disk_routes``, ``image_routes``, ``network_routes``,
+``region_routes``, ``accelerator_routes``, ``project_routes``) maps a method
+and a path to the part's method; ``Dispatcher`` finds the route, counts the
+call against ``--rate-limit-per-minute`` (``rate_limit``), applies
+``--error-rate`` faults, parses the body, answers a repeated ``requestId``
+with its first operation (``request_ids``) and renders the answer or the
 ``ApiError``. Serves ``/compute/v1/...`` as googleapiclient calls it with
 ``client_options={"api_endpoint": "http://H:P/compute/v1/"}``, and
 ``POST /batch/compute/v1`` (multipart/mixed, as ``BatchHttpRequest`` sends
@@ -17,6 +20,7 @@ token is answered 401 before anything is routed.
 import dataclasses
 import email.message
 import email.parser
+import functools
 import json
 import logging
 import re
@@ -27,15 +31,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 from cflow.local.compute import api_errors
+from cflow.local.compute.accelerators import AcceleratorTypes
 from cflow.local.compute.auth import BearerTokenCheck
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
 from cflow.local.compute.images import Images
 from cflow.local.compute.instances import Instances
+from cflow.local.compute.networks import Networks
 from cflow.local.compute.operations import Operations
 from cflow.local.compute.paging import Answer, Json, RawJson
 from cflow.local.compute.projects import Projects
+from cflow.local.compute.rate_limit import RateLimiter
+from cflow.local.compute.regions import Regions
+from cflow.local.compute.request_ids import RequestIds
 from cflow.local.compute.zones import Zones
 
 logger = logging.getLogger(__name__)
@@ -53,6 +62,10 @@ _O = _Z + r"/operations/(?P<operation>[^/]+)"
 _D = _Z + r"/disks/(?P<disk>[^/]+)"
 _G = _P + r"/global/operations/(?P<operation>[^/]+)"
 _IMAGE = _P + r"/global/images/(?P<image>[^/]+)"
+_R = _P + r"/regions/(?P<region>[^/]+)"
+_RO = _R + r"/operations/(?P<operation>[^/]+)"
+_NETWORK = _P + r"/global/networks/(?P<network>[^/]+)"
+_SUBNETWORK = _R + r"/subnetworks/(?P<subnetwork>[^/]+)"
 
 PathArgs = dict[str, str]  # the path's named groups: project, zone, instance...
 Query = dict[str, str]
@@ -120,6 +133,7 @@ def instance_routes(instances: Instances) -> list[Route]:
         ),
         route("POST", _I + r"/setLabels", lambda path, query, body: instances.set_labels(path["project"], path["zone"], path["instance"], body)),
         route("POST", _I + r"/setMetadata", lambda path, query, body: instances.set_metadata(path["project"], path["zone"], path["instance"], body)),
+        route("POST", _I + r"/setScheduling", lambda path, query, body: instances.set_scheduling(path["project"], path["zone"], path["instance"], body)),
         route(
             "POST",
             _I + r"/simulateMaintenanceEvent",
@@ -148,6 +162,16 @@ def operation_routes(operations: Operations) -> list[Route]:
         route("GET", _G, lambda path, query, body: operations.get(path["project"], None, path["operation"])),
         route("DELETE", _G, lambda path, query, body: operations.delete(path["project"], None, path["operation"])),
         route("POST", _G + r"/wait", lambda path, query, body: operations.wait(path["project"], None, path["operation"])),
+        route(
+            "GET",
+            _R + r"/operations",
+            lambda path, query, body: operations.list_operations(
+                path["project"], None, query.get("filter"), query.get("maxResults"), query.get("pageToken"), region=path["region"]
+            ),
+        ),
+        route("GET", _RO, lambda path, query, body: operations.get(path["project"], None, path["operation"], region=path["region"])),
+        route("DELETE", _RO, lambda path, query, body: operations.delete(path["project"], None, path["operation"], region=path["region"])),
+        route("POST", _RO + r"/wait", lambda path, query, body: operations.wait(path["project"], None, path["operation"], region=path["region"])),
         route(
             "GET",
             _P + r"/aggregated/operations",
@@ -195,6 +219,47 @@ def project_routes(projects: Projects) -> list[Route]:
     ]
 
 
+def network_routes(networks: Networks) -> list[Route]:
+    """networks.* and subnetworks.*."""
+    return [
+        route("GET", _P + r"/global/networks", lambda path, query, body: networks.list_networks(path["project"], query.get("filter"))),
+        route("POST", _P + r"/global/networks", lambda path, query, body: networks.insert_network(path["project"], body)),
+        route("GET", _NETWORK, lambda path, query, body: networks.get_network(path["project"], path["network"])),
+        route("DELETE", _NETWORK, lambda path, query, body: networks.delete_network(path["project"], path["network"])),
+        route("GET", _P + r"/aggregated/subnetworks", lambda path, query, body: networks.aggregated_subnetworks(path["project"], query.get("filter"))),
+        route(
+            "GET", _R + r"/subnetworks", lambda path, query, body: networks.list_subnetworks(path["project"], path["region"], query.get("filter"))
+        ),
+        route("POST", _R + r"/subnetworks", lambda path, query, body: networks.insert_subnetwork(path["project"], path["region"], body)),
+        route("GET", _SUBNETWORK, lambda path, query, body: networks.get_subnetwork(path["project"], path["region"], path["subnetwork"])),
+        route("DELETE", _SUBNETWORK, lambda path, query, body: networks.delete_subnetwork(path["project"], path["region"], path["subnetwork"])),
+        route(
+            "POST",
+            _SUBNETWORK + r"/setPrivateIpGoogleAccess",
+            lambda path, query, body: networks.set_private_ip_google_access(path["project"], path["region"], path["subnetwork"], body),
+        ),
+    ]
+
+
+def region_routes(regions: Regions) -> list[Route]:
+    """regions.*."""
+    return [
+        route("GET", _P + r"/regions", lambda path, query, body: regions.list_regions(path["project"], query.get("filter"))),
+        route("GET", _R, lambda path, query, body: regions.get(path["project"], path["region"])),
+    ]
+
+
+def accelerator_routes(accelerators: AcceleratorTypes) -> list[Route]:
+    """acceleratorTypes.*."""
+    return [
+        route("GET", _P + r"/aggregated/acceleratorTypes", lambda path, query, body: accelerators.aggregated_list(path["project"], query.get("filter"))),
+        route(
+            "GET", _Z + r"/acceleratorTypes", lambda path, query, body: accelerators.list_types(path["project"], path["zone"], query.get("filter"))
+        ),
+        route("GET", _Z + r"/acceleratorTypes/(?P<name>[^/]+)", lambda path, query, body: accelerators.get(path["project"], path["zone"], path["name"])),
+    ]
+
+
 def engine_routes(engine: ComputeEngine) -> list[Route]:
     """Every route of the emulator, the most frequent first."""
     return [
@@ -203,6 +268,9 @@ def engine_routes(engine: ComputeEngine) -> list[Route]:
         *operation_routes(engine.operations),
         *disk_routes(engine.disks),
         *image_routes(engine.images),
+        *network_routes(engine.networks),
+        *region_routes(engine.regions),
+        *accelerator_routes(engine.accelerators),
         *project_routes(engine.projects),
     ]
 
@@ -213,11 +281,15 @@ class Dispatcher:
     Args:
         routes: the API's routes (``engine_routes``).
         faults: the Faults (``--error-rate`` answers come before any work).
+        rate_limiter: counts each call against its project's rate quota first (None: no limit).
+        request_ids: answers a repeated ``requestId`` with its first operation (None: ids ignored).
     """
 
-    def __init__(self, routes: list[Route], faults: Faults) -> None:
+    def __init__(self, routes: list[Route], faults: Faults, rate_limiter: RateLimiter | None = None, request_ids: RequestIds | None = None) -> None:
         self.routes = routes
         self.faults = faults
+        self.rate_limiter = rate_limiter
+        self.request_ids = request_ids
 
     def dispatch(self, method: str, path: str, query_string: str, body_bytes: bytes) -> tuple[int, str | None]:
         """Answers the call; an ApiError becomes its status and Google's error JSON, anything else a 500."""
@@ -239,12 +311,20 @@ class Dispatcher:
             if match is None or candidate.method != method:
                 continue
             arguments = match.groupdict()
-            fault = self.faults.request_error(arguments.get("project", ""))
+            project = arguments.get("project", "")
+            if self.rate_limiter is not None:
+                self.rate_limiter.admit(project, method, relative)
+            fault = self.faults.request_error(project)
             if fault is not None:
                 raise fault
             query = dict(urllib.parse.parse_qsl(query_string, keep_blank_values=True))
             body = self._parse_body(body_bytes) if method in BODY_METHODS else None
-            result = candidate.handler(arguments, query, body)
+            request_id = query.get("requestId") if method != "GET" else None
+            if request_id and self.request_ids is not None:
+                answer = functools.partial(candidate.handler, arguments, query, body)
+                result = self.request_ids.call(project, request_id, answer)
+            else:
+                result = candidate.handler(arguments, query, body)
             if result is None:
                 return None
             return result if isinstance(result, RawJson) else json.dumps(result)

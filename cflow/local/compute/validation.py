@@ -3,13 +3,20 @@
 Every function raises ``ApiError`` with GCE's status and reason for bad
 input (400 invalid/required/badRequest, 404 notFound for unknown images)
 and never anything else for anything a client can send.
+
+What needs the emulator's state is checked by the part that holds it: the
+networks an interface names (``networks``), the accelerator types of a zone
+(``accelerators``), quotas and policy (``quotas``, ``policy``).
 """
 
 import copy
+import dataclasses
+import ipaddress
 import re
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from cflow.local.compute import api_errors
+from cflow.local.compute import scheduling as scheduling_rules
 from cflow.local.compute.resources import STANDARD_SCOPES, default_service_account
 
 if TYPE_CHECKING:
@@ -22,6 +29,9 @@ METADATA_KEY_RULE = re.compile(r"[-_a-zA-Z0-9]{1,128}")
 MAX_METADATA_VALUE_BYTES = 256 * 1024
 MAX_METADATA_BYTES = 512 * 1024
 MAX_LABELS = 64
+ACCESS_CONFIG_TYPES = ("ONE_TO_ONE_NAT",)
+NETWORK_TIERS = ("PREMIUM", "STANDARD")
+DEFAULT_ACCESS_CONFIG_NAME = "External NAT"
 
 class DiskSpec(TypedDict):
     """One disk of an instance, as the engine keeps it (GCE's own field names)."""
@@ -36,6 +46,57 @@ class DiskSpec(TypedDict):
     diskType: str
     sourceImage: str | None
     sourceImageId: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkRef:
+    """A network an interface names: its project and name, and the reference as sent (for messages)."""
+
+    project: str
+    name: str
+    sent: str
+
+    @property
+    def path(self) -> str:
+        """``projects/P/global/networks/N``."""
+        return f"projects/{self.project}/global/networks/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetworkRef:
+    """A subnetwork an interface names: project, region, name, and the reference as sent."""
+
+    project: str
+    region: str
+    name: str
+    sent: str
+
+    @property
+    def path(self) -> str:
+        """``projects/P/regions/R/subnetworks/S``."""
+        return f"projects/{self.project}/regions/{self.region}/subnetworks/{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class InterfaceRequest:
+    """One ``networkInterfaces`` entry, checked in form (``networks.Networks.resolve`` checks what it names).
+
+    ``network`` and ``subnetwork`` are None when not sent; ``access_configs``
+    are complete (type, name, networkTier, and natIP when one was asked for).
+    """
+
+    network: NetworkRef | None
+    subnetwork: SubnetworkRef | None
+    network_ip: str | None
+    access_configs: tuple[dict[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceleratorRequest:
+    """One ``guestAccelerators`` entry as sent: the type's name and the card count."""
+
+    type_name: str
+    count: int
 
 
 # Instance fields the emulator keeps as sent and answers back (it has no behaviour for them), with their JSON type.
@@ -67,7 +128,8 @@ class InstanceSpec(TypedDict):
     metadata_items: list[dict[str, str]]
     scheduling: dict[str, Any]
     disks: list[DiskSpec]
-    network_interfaces: list[dict[str, Any]]
+    network_interfaces: list[InterfaceRequest]
+    guest_accelerators: list[AcceleratorRequest]
     service_accounts: list[dict[str, Any]]
     tags: list[str]
     hostname: str | None
@@ -172,18 +234,30 @@ def _last_segment(reference: str) -> str:
     return reference.rstrip("/").rsplit("/", 1)[-1]
 
 
-def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str) -> tuple[str, int]:
-    """Returns (machine type name, vCPUs) for a full/partial URL or a bare name."""
+def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str, name_only: bool = False) -> tuple[str, int]:
+    """Returns (machine type name, vCPUs) of an Instance's or InstanceProperties' ``machineType``.
+
+    An Instance names it by a zonal URL: a full URL, ``projects/P/zones/Z/machineTypes/T``
+    or ``zones/Z/machineTypes/T`` (a bare name is "The URL is malformed."); InstanceProperties
+    (``name_only``) by its bare name. Raises 400 invalid for another zone or an unknown type.
+    """
     if not reference:
         raise api_errors.required(field)
     if not isinstance(reference, str):
         raise api_errors.invalid_field(field, "", "Expected a string.")
-    name = _last_segment(reference)
-    parts = reference.rstrip("/").split("/")
-    if "zones" in parts:
-        referenced_zone = parts[parts.index("zones") + 1] if parts.index("zones") + 1 < len(parts) else ""
-        if referenced_zone != zone:
+    if name_only:
+        name = reference
+    else:
+        path = reference.split("://", 1)[1].split("/", 1)[-1] if "://" in reference else reference
+        path = re.sub(r"^compute/(?:v1|beta|alpha)/", "", path)
+        parts = path.strip("/").split("/")
+        if parts[0] == "zones":
+            parts = ["projects", "-", *parts]
+        if len(parts) != 6 or parts[0] != "projects" or parts[2] != "zones" or parts[4] != "machineTypes" or not all(parts):
+            raise api_errors.invalid_field(field, reference, "The URL is malformed.")
+        if parts[3] != zone:
             raise api_errors.invalid_field(field, reference, f"Cross-zone references are not allowed; the instance is in zone '{zone}'.")
+        name = parts[5]
     cpus = catalog.guest_cpus(name)
     if cpus is None:
         raise api_errors.invalid_field(field, reference, f"Machine type with name '{name}' does not exist in zone '{zone}'.")
@@ -191,41 +265,8 @@ def check_machine_type(reference: Any, zone: str, catalog: "Catalog", field: str
 
 
 def check_scheduling(scheduling: Any, field: str) -> dict[str, Any]:
-    """Returns the full Scheduling dict with GCE's defaults for the provisioning model."""
-    scheduling = {} if scheduling is None else _expect(scheduling, dict, field)
-    model = scheduling.get("provisioningModel", "STANDARD")
-    if model not in ("STANDARD", "SPOT"):
-        raise api_errors.invalid_field(f"{field}.provisioningModel", model, "The emulator supports STANDARD and SPOT.")
-    preemptible = scheduling.get("preemptible", False)
-    _expect(preemptible, bool, f"{field}.preemptible")
-    interruptible = model == "SPOT" or preemptible
-    automatic_restart = scheduling.get("automaticRestart", not interruptible)
-    _expect(automatic_restart, bool, f"{field}.automaticRestart")
-    on_host_maintenance = scheduling.get("onHostMaintenance", "TERMINATE" if interruptible else "MIGRATE")
-    if on_host_maintenance not in ("MIGRATE", "TERMINATE"):
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, "Must be MIGRATE or TERMINATE.")
-    if interruptible and automatic_restart:
-        raise api_errors.invalid_field(f"{field}.automaticRestart", "true", "Preemptible instances cannot be automatically restarted.")
-    if interruptible and on_host_maintenance != "TERMINATE":
-        detail = "Scheduling must have preemptible be false when OnHostMaintenance isn't TERMINATE."
-        raise api_errors.invalid_field(f"{field}.onHostMaintenance", on_host_maintenance, detail)
-    result = {
-        "onHostMaintenance": on_host_maintenance,
-        "automaticRestart": automatic_restart,
-        "preemptible": bool(interruptible),
-        "provisioningModel": model,
-    }
-    action = scheduling.get("instanceTerminationAction")
-    if action is not None:
-        if action not in ("STOP", "DELETE"):
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, "Must be STOP or DELETE.")
-        if not interruptible:
-            detail = "Instance termination action can only be set for Spot or preemptible VMs."
-            raise api_errors.invalid_field(f"{field}.instanceTerminationAction", action, detail)
-        result["instanceTerminationAction"] = action
-    elif model == "SPOT":
-        result["instanceTerminationAction"] = "STOP"
-    return result
+    """Returns the full Scheduling with GCE's defaults for the provisioning model (GCE's rules: ``scheduling.check``)."""
+    return scheduling_rules.check(scheduling, field)
 
 
 def check_disks(disks: Any, instance_name: str, request_project: str, catalog: "Catalog", field: str) -> list[DiskSpec]:
@@ -329,24 +370,153 @@ def image_spec(body: Any, field: str = "resource") -> ImageSpec:
     return {"name": body["name"], "family": family, "description": description, "source_disk": body["sourceDisk"]}
 
 
-def check_network_interfaces(interfaces: Any, field: str) -> list[dict[str, Any]]:
-    """Returns interface specs (network and subnetwork names, access configs)."""
+def _reference_parts(reference: str) -> list[str]:
+    """The path segments of a resource reference: a URL is cut after ``/compute/v1/``."""
+    path = reference
+    if "://" in path:
+        marker = "/compute/v1/"
+        path = path.split(marker, 1)[1] if marker in path else ""
+    return path.strip("/").split("/")
+
+
+def network_reference(reference: Any, request_project: str, field: str) -> NetworkRef:
+    """Parses a network reference: a URL, ``projects/P/global/networks/N``, ``global/networks/N`` or a bare name.
+
+    Raises 400 invalid for anything else.
+    """
+    if not isinstance(reference, str) or not reference:
+        raise api_errors.invalid_field(field, reference if isinstance(reference, str) else "", "The URL is malformed.")
+    parts = _reference_parts(reference)
+    if parts[0] == "global":
+        parts = ["projects", request_project, *parts]
+    elif len(parts) == 1:
+        parts = ["projects", request_project, "global", "networks", parts[0]]
+    if len(parts) != 5 or parts[0] != "projects" or parts[2:4] != ["global", "networks"] or not all(parts):
+        raise api_errors.invalid_field(field, reference, "The URL is malformed.")
+    return NetworkRef(parts[1], parts[4], reference)
+
+
+def subnetwork_reference(reference: Any, request_project: str, region: str, field: str) -> SubnetworkRef:
+    """Parses a subnetwork reference: a URL, ``projects/P/regions/R/subnetworks/S``, ``regions/R/subnetworks/S``
+    or a bare name (in ``region``). Raises 400 invalid for anything else.
+    """
+    if not isinstance(reference, str) or not reference:
+        raise api_errors.invalid_field(field, reference if isinstance(reference, str) else "", "The URL is malformed.")
+    parts = _reference_parts(reference)
+    if parts[0] == "regions":
+        parts = ["projects", request_project, *parts]
+    elif len(parts) == 1:
+        parts = ["projects", request_project, "regions", region, "subnetworks", parts[0]]
+    if len(parts) != 6 or parts[0] != "projects" or parts[2] != "regions" or parts[4] != "subnetworks" or not all(parts):
+        raise api_errors.invalid_field(field, reference, "The URL is malformed.")
+    return SubnetworkRef(parts[1], parts[3], parts[5], reference)
+
+
+def check_access_configs(configs: Any, region: str, field: str) -> tuple[dict[str, str], ...]:
+    """Returns an interface's access configs with GCE's defaults; GCE takes at most one (ONE_TO_ONE_NAT).
+
+    A ``natIP`` must be an external IPv4 address (the emulator has no
+    addresses resource, so any such address stands for a reserved one).
+    """
+    if configs is None:
+        return ()
+    _expect(configs, list, field)
+    if len(configs) > 1:
+        raise api_errors.invalid_field(field, "", "At most one access config currently supported.")
+    result = []
+    for index, config in enumerate(configs):
+        entry_field = f"{field}[{index}]"
+        _expect(config, dict, entry_field)
+        kind = config.get("type") or "ONE_TO_ONE_NAT"
+        if kind not in ACCESS_CONFIG_TYPES:
+            raise api_errors.invalid_field(f"{entry_field}.type", kind, "The access config type must be ONE_TO_ONE_NAT.")
+        tier = config.get("networkTier") or "PREMIUM"
+        if tier not in NETWORK_TIERS:
+            raise api_errors.invalid_field(f"{entry_field}.networkTier", tier, "Must be PREMIUM or STANDARD.")
+        name = config.get("name") or DEFAULT_ACCESS_CONFIG_NAME
+        if not isinstance(name, str):
+            raise api_errors.invalid_field(f"{entry_field}.name", "", "Expected a string.")
+        checked = {"type": kind, "name": name, "networkTier": tier}
+        nat_ip = config.get("natIP")
+        if nat_ip:
+            if not _is_external_ipv4(nat_ip):
+                raise api_errors.invalid_field(
+                    f"{entry_field}.natIP", nat_ip, f"The specified external IP address '{nat_ip}' was not found in region '{region}'."
+                )
+            checked["natIP"] = nat_ip
+        result.append(checked)
+    return tuple(result)
+
+
+def _is_external_ipv4(text: Any) -> bool:
+    try:
+        address = ipaddress.IPv4Address(text)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        return False
+    return address.is_global
+
+
+def check_network_interfaces(interfaces: Any, request_project: str, region: str, field: str) -> list[InterfaceRequest]:
+    """Returns the interfaces in form: references parsed, access configs checked (none sent: one on the default network)."""
     if interfaces is None:
         interfaces = [{}]
     _expect(interfaces, list, field)
     result = []
     for index, interface in enumerate(interfaces):
-        _expect(interface, dict, f"{field}[{index}]")
-        access_configs = interface.get("accessConfigs") or []
-        _expect(access_configs, list, f"{field}[{index}].accessConfigs")
+        entry_field = f"{field}[{index}]"
+        _expect(interface, dict, entry_field)
+        network = interface.get("network")
+        subnetwork = interface.get("subnetwork")
+        network_ip = interface.get("networkIP") or None
+        if network_ip is not None:
+            try:
+                ipaddress.IPv4Address(network_ip)
+            except (ipaddress.AddressValueError, ValueError):
+                raise api_errors.invalid_field(f"{entry_field}.networkIP", network_ip, "Invalid IPv4 address.") from None
         result.append(
-            {
-                "name": f"nic{index}",
-                "network": _last_segment(interface.get("network") or "default"),
-                "subnetwork": _last_segment(interface.get("subnetwork") or interface.get("network") or "default"),
-                "accessConfigs": [dict(config) for config in access_configs if isinstance(config, dict)],
-            }
+            InterfaceRequest(
+                network=network_reference(network, request_project, f"{entry_field}.network") if network else None,
+                subnetwork=subnetwork_reference(subnetwork, request_project, region, f"{entry_field}.subnetwork") if subnetwork else None,
+                network_ip=network_ip,
+                access_configs=check_access_configs(interface.get("accessConfigs"), region, f"{entry_field}.accessConfigs"),
+            )
         )
+    return result
+
+
+def check_guest_accelerators(accelerators: Any, zone: str, field: str, bare_names: bool = False) -> list[AcceleratorRequest]:
+    """Returns the accelerators asked for, in form; ``accelerators.AcceleratorTypes.check`` applies the zone's rules.
+
+    ``acceleratorType`` is a full or partial URL of the zone's type
+    (``zones/Z/acceleratorTypes/T``); ``bare_names`` also takes ``T`` alone,
+    as bulkInsert's instanceProperties do.
+    """
+    if accelerators is None:
+        return []
+    _expect(accelerators, list, field)
+    result = []
+    for index, entry in enumerate(accelerators):
+        entry_field = f"{field}[{index}]"
+        _expect(entry, dict, entry_field)
+        reference = entry.get("acceleratorType")
+        if not reference:
+            raise api_errors.required(f"{entry_field}.acceleratorType")
+        if not isinstance(reference, str):
+            raise api_errors.invalid_field(f"{entry_field}.acceleratorType", "", "Expected a string.")
+        parts = _reference_parts(reference)
+        if parts[0] == "zones":
+            parts = ["projects", "-", *parts]
+        if len(parts) == 1 and bare_names:
+            parts = ["projects", "-", "zones", zone, "acceleratorTypes", parts[0]]
+        if len(parts) != 6 or parts[0] != "projects" or parts[2] != "zones" or parts[4] != "acceleratorTypes" or not all(parts):
+            raise api_errors.invalid_field(f"{entry_field}.acceleratorType", reference, "The URL is malformed.")
+        if parts[3] != zone:
+            detail = f"Cross-zone references are not allowed; the instance is in zone '{zone}'."
+            raise api_errors.invalid_field(f"{entry_field}.acceleratorType", reference, detail)
+        count = parse_int64(entry.get("acceleratorCount", 0), f"{entry_field}.acceleratorCount")
+        if count < 1:
+            raise api_errors.invalid_field(f"{entry_field}.acceleratorCount", count, "The number of accelerator cards must be at least 1.")
+        result.append(AcceleratorRequest(parts[5], count))
     return result
 
 
@@ -366,17 +536,18 @@ def check_service_accounts(accounts: Any, project: str, field: str) -> list[dict
 
 
 def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field: str = "resource", name_required: bool = True) -> InstanceSpec:
-    """Validates an Instance (insert) or InstanceProperties (bulkInsert) body.
+    """Validates an Instance (insert) or InstanceProperties (bulkInsert, ``name_required`` False) body.
 
     Returns a dict: name, machine_type, cpus, description, labels,
-    metadata_items, scheduling, disks, network_interfaces, service_accounts,
-    tags, hostname, kept.
+    metadata_items, scheduling, disks, network_interfaces,
+    guest_accelerators, service_accounts, tags, hostname, kept.
     """
     _expect(body, dict, field)
     name = body.get("name")
     if name_required:
         check_name(name, f"{field}.name")
-    machine_type, cpus = check_machine_type(body.get("machineType"), zone, catalog, f"{field}.machineType")
+    machine_type, cpus = check_machine_type(body.get("machineType"), zone, catalog, f"{field}.machineType", name_only=not name_required)
+    region = catalog.region_of(zone) or ""
     tags_body = body.get("tags") or {}
     _expect(tags_body, dict, f"{field}.tags")
     tags = tags_body.get("items") or []
@@ -393,7 +564,8 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
         "metadata_items": check_metadata_items(body.get("metadata"), f"{field}.metadata"),
         "scheduling": check_scheduling(body.get("scheduling"), f"{field}.scheduling"),
         "disks": check_disks(body.get("disks"), name or "instance", project, catalog, f"{field}.disks"),
-        "network_interfaces": check_network_interfaces(body.get("networkInterfaces"), f"{field}.networkInterfaces"),
+        "network_interfaces": check_network_interfaces(body.get("networkInterfaces"), project, region, f"{field}.networkInterfaces"),
+        "guest_accelerators": check_guest_accelerators(body.get("guestAccelerators"), zone, f"{field}.guestAccelerators", bare_names=not name_required),
         "service_accounts": check_service_accounts(body.get("serviceAccounts"), project, f"{field}.serviceAccounts"),
         "tags": list(tags),
         "hostname": body.get("hostname") if isinstance(body.get("hostname"), str) else None,

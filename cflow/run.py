@@ -1,8 +1,11 @@
-"""``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result.
+"""``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result and its report.
 
 Order matters: everything that can be checked is checked before anything is
 created (bad input never costs a VM), and the run id is printed before the
 first thing is created so an interrupted run can be resumed or cancelled.
+At the end: combine, delete the fleet and topics, write the VM history and
+RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``), and print the summary,
+which names failed items by their fields and, locally, their logs as files.
 """
 
 import argparse
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
     from cflow.lifecycle import CombinedFile
+    from cflow.ops.view import RunView
     from cflow.scheduler import Progress, Scheduler
 
 log = logging.getLogger(__name__)
@@ -97,7 +101,22 @@ def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients
     with _cloud(config, args) as clients:
         if before_run:
             before_run(config, clients)
-        return execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes)
+        status = execute_run(config, run_id, clients, resume=bool(args.resume), assume_yes=args.yes,
+                             stack_dir=_stack_dir(config, args))
+    # Last, after a stack started for the run has stopped: what to open next.
+    from cflow.ops.report import report_path
+
+    report = report_path(config.result_dir, run_id)
+    if report.is_file():
+        print(f"report: {report} (open it in a browser)", flush=True)
+    return status
+
+
+def _stack_dir(config: "Config", args: argparse.Namespace) -> Path | None:
+    """The local stack's folder (None on GCP)."""
+    if not config.is_local:
+        return None
+    return Path(args.stack_dir or (config.base_dir / ".cflow" / "local")).absolute()
 
 
 @contextlib.contextmanager
@@ -110,7 +129,8 @@ def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
         return
     from cflow.local.stack import running_stack
 
-    stack_dir = args.stack_dir or (config.base_dir / ".cflow" / "local")
+    stack_dir = _stack_dir(config, args)
+    assert stack_dir is not None  # local
     with running_stack(stack_dir) as info:
         os.environ.update(info.env())
         yield build_clients("local", config.project)
@@ -173,8 +193,13 @@ def execute_run(
     step_interval: float = STEP_INTERVAL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
     out: IO[str] | None = None,
+    stack_dir: Path | None = None,
 ) -> int:
     """Run (or resume) one run with built clients. Returns the exit status.
+
+    ``stack_dir`` is the local stack's folder, where the summary finds the
+    logs as files (None on GCP, or when not known: it then names the
+    `cflow logs` command instead).
 
     Raises:
         ConfigError: a check failed before anything was created, or a resumed
@@ -228,6 +253,8 @@ def execute_run(
 
     properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
+    if resume:
+        scheduler.restore_vm_history()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
     if created_queue or not storage.is_published():
@@ -249,7 +276,23 @@ def execute_run(
         _on_interrupt(run_id, storage, pubsub, compute, topics, assume_yes, out)
         raise
     reporter.close()
-    return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out)
+    return finish_run(config, run_id, scheduler, storage, pubsub, topics, started, out, _run_view(storage, config, stack_dir))
+
+
+def _run_view(storage: "RunStorage", config: "Config", stack_dir: Path | None) -> "RunView":
+    """The run view of this run; locally it finds the logs as files in the stack's folder."""
+    import functools
+
+    from cflow.ops.view import RunView
+
+    if not config.is_local:
+        return RunView(storage)
+    if stack_dir is None:
+        # Not knowing the folder (a caller that did not say), the summary names the `cflow logs` command instead.
+        return RunView(storage, lambda name: None)
+    from cflow.local.stored_runs import object_path
+
+    return RunView(storage, functools.partial(object_path, stack_dir, config.bucket))
 
 
 def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: "Compute", topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
@@ -274,10 +317,12 @@ def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute:
 
 
 def finish_run(
-    config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float, out: IO[str]
+    config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float,
+    out: IO[str], view: "RunView | None" = None,
 ) -> int:
-    """Combine outputs, delete the fleet and the run's topics, print the summary. Returns the exit status."""
+    """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status."""
     from cflow.lifecycle import combine_outputs, done_in_item_order
+    from cflow.ops.view import RunView
 
     combined: dict[str, CombinedFile] = {}
     # The VMs have no work left and bill until they are gone: delete them while combining.
@@ -289,22 +334,37 @@ def finish_run(
             combined = combine_outputs(storage, done_in_order, config.result_dir)
         left = fleet_deleted.result()
     pubsub.delete_run_topics(topics)
+    scheduler.write_vm_history(fleet_gone=True)
+    view = view or RunView(storage)
+    _write_report(view, config, run_id)
     progress = scheduler.progress
-    print_summary(config, run_id, scheduler, storage, combined, time.monotonic() - started, left, out)
+    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, left, out)
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
+
+
+def _write_report(view: "RunView", config: "Config", run_id: str) -> Path | None:
+    """Write RESULT_DIR/RUN_ID/report.html. Returns its path, or None (logged) if it could not be made: the run is done either way."""
+    from cflow.ops.report import report_path, write_report
+
+    path = report_path(config.result_dir, run_id)
+    try:
+        return write_report(view, path, time.time())
+    except Exception as error:
+        log.warning("could not write the run's report (%s); make it with `cflow report %s`", error, run_id)
+        return None
 
 
 def print_summary(
     config: "Config",
     run_id: str,
     scheduler: "Scheduler",
-    storage: "RunStorage",
+    view: "RunView",
     combined: "dict[str, CombinedFile]",
     wall_seconds: float,
     vms_left: list[str],
     out: IO[str],
 ) -> None:
-    """The run's last lines: counts, attempts, VM time and cost, failed items with their logs, where the result is."""
+    """The run's last lines: counts, attempts, VM time and cost, failed items by their fields with their logs, where the result is."""
     from cflow.gcp import layout
 
     progress = scheduler.progress
@@ -319,13 +379,14 @@ def print_summary(
     if price is not None:
         lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
                      f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+    fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
-        marker = storage.read_marker(layout.FAILED, item_id) or {}
-        lines.append(f"failed: item {item_id} ({marker.get('reason', 'unknown')}); log: {marker.get('log')}")
+        failed = view.failed_item(item_id, fields.get(item_id, ()))
+        lines.append(f"failed: item {failed.label}: {failed.reason}; log: {failed.log or 'none was uploaded'}")
     for file in combined.values():
         lines.append(f"combined: {file.path} ({file.url})")
     if config.combine == "none":
-        lines.append(f"outputs: {storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
+        lines.append(f"outputs: {view.storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
     if vms_left:
         lines.append(f"warning: VMs still listed after deletion: {', '.join(vms_left)}; delete them with `cflow cancel {run_id}`")
     print("\n".join(lines), file=out, flush=True)

@@ -13,6 +13,12 @@ is killed can be resumed with the run's id. A run cancelled from elsewhere
 deletes topics and VMs) makes the next step raise ``RunCancelled``; a run
 whose topics vanished without a cancel (a Pub/Sub emulator restarted) gets
 them back, with its unfinished items published again.
+
+The scheduler also keeps the run's VM history (``cflow.history.VmHistory``:
+each VM's machine type, Spot or not, when it was asked for, first seen
+running, preempted, gone) from what it creates, lists and hears, and writes
+it to the run's vms.json at most every ``VM_HISTORY_WRITE_SECONDS`` and at
+the end (``write_vm_history``), for the run's report.
 """
 
 import logging
@@ -24,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cflow import fleet, tasks
 from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, QuotaExceeded, ZoneStockout
 from cflow.gcp.retry import Backoff
+from cflow.history import VmHistory, is_spot, vm_records_from_document
 from cflow.protocol import ITEM_END_EVENTS, EventKind
 
 if TYPE_CHECKING:
@@ -45,6 +52,8 @@ QUOTA_COOLDOWN_SECONDS = 60
 MAX_CONSECUTIVE_STEP_FAILURES = 5
 # Waits after a failed step: 2, 4, 8, 16 ... s, at most a minute.
 STEP_FAILURE_BACKOFF = Backoff(first_delay=2.0, max_delay=60.0, jitter=0.0)
+# vms.json is rewritten at most this often while the run goes on (at 1,000 VMs it is ~200 KB).
+VM_HISTORY_WRITE_SECONDS = 60.0
 
 
 class RunCancelled(CflowError):
@@ -93,6 +102,7 @@ class Scheduler:
         topics: ``cflow.gcp.pubsub.RunTopics`` of the run.
         instance_properties: what ``fleet.worker_instance_properties`` returns.
         clock: monotonic seconds (tests pass their own).
+        wall_clock: epoch seconds, for the VM history (tests pass their own).
     """
 
     def __init__(
@@ -106,6 +116,7 @@ class Scheduler:
         topics: "RunTopics",
         instance_properties: Mapping[str, Any],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -116,6 +127,7 @@ class Scheduler:
         self.topics = topics
         self.instance_properties = instance_properties
         self.clock = clock
+        self.wall_clock = wall_clock
         self.progress = Progress(total=len(items))
         self.done_ids: set[str] = set()
         self.failed_ids: set[str] = set()
@@ -134,6 +146,8 @@ class Scheduler:
         self._last_step_at: float | None = None
         self._markers_listed_at: float | None = None
         self.item_ids = {item.id for item in items}
+        self.vm_history = VmHistory()
+        self._vm_history_written_at: float | None = None
 
     # -- publishing --------------------------------------------------------
 
@@ -200,6 +214,8 @@ class Scheduler:
             self._count_finished()
         vms = self.compute.list_run_vms(self.run_id)
         self._account_vm_time(vms, now)
+        self.vm_history.listed(((vm.name, vm.zone, vm.status, vm.preempted) for vm in vms), self.wall_clock(), LIVE_STATES,
+                               str(self.instance_properties.get("machineType", "")), is_spot(self.instance_properties))
         self._settle_creations(now)
 
         stopped = [vm for vm in vms if vm.status in STOPPED_STATES]
@@ -228,7 +244,36 @@ class Scheduler:
         for vm in vms:
             self.progress.vms[vm.status] = self.progress.vms.get(vm.status, 0) + 1
         self.progress.running = sum(1 for vm in live if vm.name in self.item_by_vm)
+        if self._vm_history_written_at is None or now - self._vm_history_written_at >= VM_HISTORY_WRITE_SECONDS:
+            self.write_vm_history()
         return self.progress
+
+    # -- the VM history ------------------------------------------------------
+
+    def restore_vm_history(self) -> None:
+        """Carry on the VM history a scheduler of this run wrote before (a resumed run)."""
+        records = vm_records_from_document(self.storage.read_vm_history())
+        self.vm_history = VmHistory(records)
+
+    def write_vm_history(self, fleet_gone: bool = False) -> None:
+        """Write vms.json if there is news since the last write.
+
+        A failure is logged and tried again later: the history is for the
+        report, and a run must not stop for it.
+
+        Args:
+            fleet_gone: the run's fleet was deleted: every VM not gone yet is gone now.
+        """
+        if fleet_gone:
+            self.vm_history.all_gone(self.wall_clock())
+        self._vm_history_written_at = self.clock()
+        if not self.vm_history.dirty:
+            return
+        try:
+            self.storage.write_vm_history(self.vm_history.to_document())
+        except CloudError as error:
+            self.vm_history.dirty = True
+            log.warning("could not write the run's VM history (%s); trying again later", error)
 
     def _recover_queue(self) -> None:
         """The run's topics or subscriptions are gone without a cancel: make them again, republish what is unfinished."""
@@ -275,6 +320,9 @@ class Scheduler:
     def _read_events(self, timeout=0.5):
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
+            sent = event.get("time")
+            # A VM preempted between two listings is known only by its events.
+            self.vm_history.heard_from(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
             if kind == EventKind.STARTED:
                 self.item_by_vm[vm] = event.get("item")
                 self.idle_vms.discard(vm)
@@ -297,6 +345,7 @@ class Scheduler:
                 log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
             elif kind == EventKind.PREEMPTED:
                 self.progress.preemptions += 1
+                self.vm_history.mark_preempted(vm, float(sent) if isinstance(sent, int | float) else self.wall_clock())
                 log.info("VM %s preempted; item %s handed back", vm, event.get("item"))
             elif kind == EventKind.MALFORMED:
                 log.warning("VM %s dropped a work message that is not CFlow's: %s", vm, event.get("detail"))
@@ -332,8 +381,10 @@ class Scheduler:
                 still_pending.append(pending)
             elif any(isinstance(error, ZoneStockout) for error in errors):
                 self.zone_cooldown_until[pending.zone] = now + STOCKOUT_COOLDOWN_SECONDS
+                self.vm_history.never_created(pending.names)
                 log.warning("zone %s has no capacity (stockout); trying the next zone", pending.zone)
             elif errors:
+                self.vm_history.never_created(pending.names)
                 log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(error.reason or error.message for error in errors))
         self.pending_creations = still_pending
 
@@ -380,6 +431,7 @@ class Scheduler:
             return
         self.next_vm_number += count
         self.pending_creations.append(pending)
+        self.vm_history.asked_for(names, zone, self.instance_properties, self.wall_clock())
         log.info("creating %d VM(s) in %s", count, zone)
 
     def _delete_idle(self, live: list["Vm"], surplus: int) -> None:

@@ -3,7 +3,8 @@
 An item is a tuple of argument strings that reaches the task's command as
 argv, never through a shell. Its id is its index among the run's items,
 zero-padded to a width that depends only on how many items there are, so a
-resumed run derives the same ids from the same source.
+resumed run derives the same ids from the same source. ``item_label`` names
+an item in messages and the report by its id and its fields, shortened.
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import logging
 import re
 import shlex
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,9 @@ MAX_MESSAGE_BYTES = 10_000_000
 # Most filesystems' limit on one file name, and well under Cloud Storage's 1024-byte object names.
 MAX_NAME_BYTES = 255
 ITEM_ID_RE = re.compile(r"[0-9]+")
+# How many characters of an item's fields a message or the report shows.
+FIELDS_SHOWN_CHARS = 40
+ELLIPSIS = "\u2026"
 
 
 class MessageError(ValueError):
@@ -51,6 +55,11 @@ class WorkItem:
     id: str
     index: int
     args: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """The item as messages name it: ``000149 (poison-0)`` (see ``item_label``)."""
+        return item_label(self.id, self.args)
 
     def to_dict(self) -> dict[str, Any]:
         """The item as JSON data: ``{"id", "index", "args"}`` (a work message's data, a line of items.jsonl)."""
@@ -85,6 +94,29 @@ def id_width(count: int) -> int:
 def item_id(index: int, count: int) -> str:
     """The id of item ``index`` in a run of ``count`` items, e.g. ``"000042"``."""
     return str(index).zfill(id_width(count))
+
+
+def short_fields(args: Sequence[str], limit: int = FIELDS_SHOWN_CHARS) -> str:
+    """An item's fields on one line, at most ``limit`` characters: ``poison-0``, ``'a b' c``.
+
+    Fields are quoted as a shell would need them (so one field with a space
+    reads as one), control characters are escaped (a newline in a field never
+    breaks a message's line), and a longer text keeps its start and its end,
+    where a path's file name is, around an ellipsis.
+    """
+    text = shlex.join(args)
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    if len(text) <= limit:
+        return text
+    head = max((limit - 1) // 3, 1)
+    tail = max(limit - 1 - head, 1)
+    return f"{text[:head]}{ELLIPSIS}{text[-tail:]}"
+
+
+def item_label(item_id: str, args: Sequence[str] | None, limit: int = FIELDS_SHOWN_CHARS) -> str:
+    """``000149 (poison-0)``: an item's id and its shortened fields; the id alone when the fields are unknown or none."""
+    fields = short_fields(args, limit) if args else ""
+    return f"{item_id} ({fields})" if fields else item_id
 
 
 def make_items(arg_lists: Iterable[Iterable[str]]) -> list[WorkItem]:

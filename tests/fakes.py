@@ -102,6 +102,10 @@ class FakeStorage:
     def attempt_recorded(self, item_id, attempt):
         return f"attempts/{item_id}/{attempt}" in self.objects
 
+    def write_timeline_record(self, span):
+        self.calls.append(("timeline", span.item, span.attempt, span.outcome.value))
+        self.objects[f"timeline/{span.item}/{span.attempt}-{span.vm}-{int(span.ended * 1000)}"] = json.dumps(span.fields()).encode()
+
 
 class FakeMetadata:
     fakes = Metadata
@@ -187,6 +191,8 @@ class FakeRunStorage:
         self.failed_info = {}
         self.cancelled = None  # cancelled.json's record, once the run is cancelled
         self.listings = 0  # how often the done markers were listed
+        self.vm_history = None  # vms.json, once written
+        self.vm_history_writes = 0
 
     def read_cancelled(self):
         return self.cancelled
@@ -209,6 +215,13 @@ class FakeRunStorage:
         self.failed.add(item_id)
         self.failed_info[item_id] = info
         return True
+
+    def write_vm_history(self, document):
+        self.vm_history = json.loads(json.dumps(document))
+        self.vm_history_writes += 1
+
+    def read_vm_history(self):
+        return self.vm_history
 
 
 class FakeSchedulerPubSub(FakePubSub):

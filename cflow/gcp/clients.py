@@ -155,6 +155,20 @@ def build_clients(
     )
 
 
+def build_storage_client(target: str, project: str, credential_file: str | Path | None = None) -> Any:
+    """A Cloud Storage client alone: for reading runs when nothing else is needed (locally, no stack running).
+
+    Locally it talks to ``STORAGE_EMULATOR_HOST``, which the caller sets.
+
+    Raises:
+        CredentialsRejected: on GCP, no credentials found.
+    """
+    from google.cloud import storage
+
+    credentials, _ = credentials_for(target, credential_file)
+    return storage.Client(project=project, credentials=credentials)
+
+
 def build_worker_clients(target: str, project: str) -> Clients:
     """Clients for a worker VM: the VM's own service account on GCP, emulators locally.
 

@@ -15,7 +15,14 @@ relative to that folder:
     done/ITEM                done marker, created once (the source of truth)
     failed/ITEM              failed marker, created once
     attempts/ITEM/N          attempt N failed and was settled, created once
+    timeline/ITEM/N-VM-MS    an attempt that left no marker of its own (handed
+                             back, or a duplicate): where and when it ran
+    vms.json                 every VM of the run as the scheduler saw it
     combined/NAME            the combined result
+
+The done and attempt markers and the timeline records carry their attempt's
+span (``cflow.history.AttemptSpan``) as custom metadata, so one listing of
+each folder reads every span.
 
 The demo's input shards live beside the runs, under ``gs://BUCKET/cflow/demo/``.
 """
@@ -32,12 +39,16 @@ PUBLISHED = "published.json"
 CANCELLED = "cancelled.json"
 COMBINED = "combined/"
 LOGS = "logs/"
+VM_HISTORY = "vms.json"
+TIMELINE = "timeline/"
+ATTEMPTS = "attempts/"
 
 # Marker kinds: the folder each kind of marker lives in.
 DONE = "done"
 FAILED = "failed"
 
 LOG_NAME_RE = re.compile(r"attempt-([0-9]+)\.log")
+UNSAFE_NAME_CHARS_RE = re.compile(r"[^A-Za-z0-9-]")
 
 
 def run_prefix(run_id: str) -> str:
@@ -87,7 +98,18 @@ def marker(kind: str, item_id: str) -> str:
 
 
 def attempt_marker(item_id: str, attempt: int) -> str:
-    return f"attempts/{item_id}/{int(attempt)}"
+    return f"{ATTEMPTS}{item_id}/{int(attempt)}"
+
+
+def timeline_record(item_id: str, attempt: int, vm: str, ended: float) -> str:
+    """``timeline/ITEM/N-VM-MS``: unique per run of an attempt (the same attempt may run again elsewhere)."""
+    # A VM name is a GCE name (letters, digits, -); anything else must not shape the object name.
+    return f"{TIMELINE}{item_id}/{int(attempt)}-{UNSAFE_NAME_CHARS_RE.sub('_', vm)}-{int(ended * 1000)}"
+
+
+def item_of_record(name: str) -> str:
+    """The item id in a name relative to a folder of per-item records (``ITEM/N...`` or ``ITEM``)."""
+    return name.split("/", 1)[0]
 
 
 def combined(name: str) -> str:

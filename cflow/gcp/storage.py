@@ -2,13 +2,17 @@
 
 Object names come from ``cflow.gcp.layout``, which documents the run's
 folder. Done and failed markers are the source of truth for completion: a
-scheduler restarted with the run's id reads them back.
+scheduler restarted with the run's id reads them back. The run's history for
+the report (``cflow.history``: each attempt's span, each VM's life) is kept
+here too: spans as custom metadata on the markers and timeline records, so
+``list_spans`` reads them all with a few listings.
 
 Every method raises only CFlow's ``CloudError`` classes (``cflow.errors``);
 the ones a caller may expect (an object that does not exist, a marker that
 is already there) are answers, not errors.
 """
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -22,8 +26,21 @@ from cflow import tasks
 from cflow.errors import CloudError, ConfigError
 from cflow.gcp import layout
 from cflow.gcp.errors import translated
+from cflow.history import AttemptSpan, span_metadata
 
 log = logging.getLogger(__name__)
+
+# The folders whose objects carry an attempt's span (see cflow.history).
+SPAN_FOLDERS = (layout.markers(layout.DONE), layout.ATTEMPTS, layout.TIMELINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ListedRecord:
+    """One object of a run's folder as a listing shows it, without its content."""
+
+    name: str  # relative to the listed folder, e.g. ``000042`` or ``000042/2``
+    updated: datetime.datetime
+    metadata: dict[str, str]
 
 
 class Bucket:
@@ -263,20 +280,21 @@ class RunStorage:
 
     # -- markers -----------------------------------------------------------
 
-    def _create_once(self, relative: str, document: object) -> bool:
-        """Create the object only if absent. Returns False if it already existed."""
+    def _create_once(self, relative: str, document: object, metadata: dict[str, str] | None = None) -> bool:
+        """Create the object only if absent, with ``metadata`` as its custom metadata. Returns False if it already existed."""
+        blob = self._blob(relative)
+        if metadata:
+            blob.metadata = metadata
         try:
-            self._blob(relative).upload_from_string(
-                json.dumps(document, sort_keys=True), content_type="application/json", if_generation_match=0
-            )
+            blob.upload_from_string(json.dumps(document, sort_keys=True), content_type="application/json", if_generation_match=0)
             return True
         except google_exceptions.PreconditionFailed:
             return False
 
     @translated("storage")
     def write_done_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:
-        """Record the item done. Returns False if another attempt already did."""
-        return self._create_once(layout.marker(layout.DONE, tasks.validate_item_id(item_id)), info)
+        """Record the item done (its attempt's span, if ``info`` has one, as metadata too). Returns False if another attempt already did."""
+        return self._create_once(layout.marker(layout.DONE, tasks.validate_item_id(item_id)), info, span_metadata(info))
 
     @translated("storage")
     def write_failed_marker(self, item_id: str, info: Mapping[str, Any]) -> bool:
@@ -285,8 +303,8 @@ class RunStorage:
 
     @translated("storage")
     def write_attempt_marker(self, item_id: str, attempt: int, info: Mapping[str, Any]) -> bool:
-        """Record that failed attempt ``attempt`` was settled. Returns False if already recorded."""
-        return self._create_once(layout.attempt_marker(tasks.validate_item_id(item_id), attempt), info)
+        """Record that failed attempt ``attempt`` was settled (its span as metadata too). Returns False if already recorded."""
+        return self._create_once(layout.attempt_marker(tasks.validate_item_id(item_id), attempt), info, span_metadata(info))
 
     @translated("storage")
     def attempt_recorded(self, item_id: str, attempt: int) -> bool:
@@ -319,3 +337,38 @@ class RunStorage:
     def read_marker(self, kind: str, item_id: str) -> dict[str, Any] | None:
         """The marker's JSON (``layout.DONE`` or ``layout.FAILED``), or None if the item has none."""
         return self._read_json(layout.marker(kind, item_id))
+
+    # -- the run's history (for the report) -----------------------------------
+
+    @translated("storage")
+    def write_timeline_record(self, span: AttemptSpan) -> None:
+        """Record the span of an attempt that leaves no marker of its own (handed back, or a duplicate)."""
+        blob = self._blob(layout.timeline_record(tasks.validate_item_id(span.item), span.attempt, span.vm, span.ended))
+        blob.metadata = span.to_metadata()
+        blob.upload_from_string(json.dumps({"item": span.item, **span.fields()}, sort_keys=True), content_type="application/json")
+
+    @translated("storage")
+    def list_records(self, folder: str) -> list[ListedRecord]:
+        """The objects under one of the run's folders (e.g. ``layout.markers(layout.DONE)``), with their metadata."""
+        return [ListedRecord(name, blob.updated, dict(blob.metadata or {})) for name, blob in self._list(folder) if name]
+
+    @translated("storage")
+    def list_spans(self) -> list[AttemptSpan]:
+        """Every attempt's span the run's markers and timeline records carry (those without one are skipped)."""
+        spans = []
+        for folder in SPAN_FOLDERS:
+            for record in self.list_records(folder):
+                span = AttemptSpan.from_metadata(layout.item_of_record(record.name), record.metadata)
+                if span is not None:
+                    spans.append(span)
+        return spans
+
+    @translated("storage")
+    def write_vm_history(self, document: Mapping[str, Any]) -> None:
+        """Write vms.json (``cflow.history.VmHistory.to_document``), replacing the last one."""
+        self._write_json(layout.VM_HISTORY, document)
+
+    @translated("storage")
+    def read_vm_history(self) -> dict[str, Any] | None:
+        """vms.json as a dict, or None if the scheduler has not written one."""
+        return self._read_json(layout.VM_HISTORY)

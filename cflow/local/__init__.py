@@ -13,7 +13,9 @@ The same CFlow code talks to these as to GCP; only endpoints change:
 Modules: ``stack`` (LocalStack: up, down, status, stack.json), ``stack_cli``
 (``cflow local``), ``launchers`` (the three programs: find, launch, options),
 ``services`` (one background service: launch, wait until ready, stop, port
-retry), ``compute`` (the Compute Engine emulator). /proc (process state,
+retry), ``compute`` (the Compute Engine emulator), ``stored_runs`` (a
+stack folder's Cloud Storage for the commands that read runs, when its stack
+is not running). /proc (process state,
 start time, boot id, listening sockets) is read through ``cflow.procinfo``,
 which the worker shares.
 """

@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from cflow.errors import EXIT_OK, CflowError
 from cflow.lifecycle import CANCEL_DEADLINE_SECONDS, cancel_run
-from cflow.ops.session import open_session
+from cflow.ops.session import Session, open_session
 from cflow.ops.view import OperatorError, list_vms, storage_errors
 
 
@@ -48,7 +48,13 @@ def cancel_command(
 ) -> int:
     out = out or sys.stdout
     stdin = stdin or sys.stdin
-    session = open_session(args)
+    with open_session(args, needs_fleet=True) as session:
+        return cancel_with(session, args, out, stdin, now, sleep, deadline_seconds)
+
+
+def cancel_with(session: Session, args: argparse.Namespace, out: IO[str], stdin: IO[str], now: Callable[[], float],
+                sleep: Callable[[float], None], deadline_seconds: float) -> int:
+    """Cancel ``args.run_id`` with the session's clients, asking first unless ``args.yes``. Returns the exit status."""
     view = session.run(args.run_id)
     manifest = view.manifest()
     compute = session.compute()

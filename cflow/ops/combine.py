@@ -45,9 +45,9 @@ def combine_run(view: RunView, result_dir: str | Path) -> tuple[dict[str, Combin
 
 def combine_command(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    session = open_session(args)
-    view = session.run(args.run_id)
-    combined, done_count = combine_run(view, session.config.result_dir)
+    with open_session(args) as session:
+        view = session.run(args.run_id)
+        combined, done_count = combine_run(view, session.config.result_dir)
     lines = [f"run {view.run_id}: combined {len(combined)} file(s) from {done_count} done item(s)"]
     if combined:
         width = max(len(str(file.path)) for file in combined.values())

@@ -92,7 +92,7 @@ def list_lines(summaries: list[RunSummary], bucket_name: str) -> list[str]:
 
 def list_command(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
-    session = open_session(args)
-    summaries = list_runs(session.clients.storage, session.bucket)
+    with open_session(args) as session:
+        summaries = list_runs(session.clients.storage, session.bucket)
     print("\n".join(list_lines(summaries, session.bucket)), file=out, flush=True)
     return EXIT_OK

@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from cflow.errors import EXIT_INTERRUPTED, EXIT_OK, CflowError
-from cflow.gcp import layout
 from cflow.ops.session import open_session
 from cflow.ops.view import OperatorError, RunView, check_item_id
+from cflow.tasks import item_label
 
 FOLLOW_INTERVAL_SECONDS = 2.0
 FAILED_LOG_TAIL_LINES = 5
@@ -38,8 +38,12 @@ def logs_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[s
         raise CflowError(f"--attempt and --follow need an ITEM: `cflow logs {args.run_id} ITEM ...`")
     if args.attempt is not None and args.attempt < 1:
         raise CflowError(f"--attempt {args.attempt}: attempts are numbered from 1")
-    session = open_session(args)
-    view = session.run(args.run_id)
+    with open_session(args) as session:
+        return show_logs(session.run(args.run_id), args, out, err, sleep)
+
+
+def show_logs(view: RunView, args: argparse.Namespace, out: IO[str], err: IO[str], sleep: Callable[[float], None]) -> int:
+    """What ``cflow logs`` prints for the checked arguments. Returns the exit status."""
     manifest = view.manifest()
     if args.item is None:
         print("\n".join(failed_items_lines(view, manifest)), file=out, flush=True)
@@ -59,7 +63,9 @@ def logs_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[s
         have = ", ".join(map(str, attempts)) or "none"
         raise OperatorError(f"item {item_id} of run {view.run_id} has no log for attempt {attempt}; attempts with a log: {have}")
     logged = ", ".join(map(str, attempts))
-    print(f"item {item_id}, attempt {attempt} (attempts logged: {logged}): {view.log_url(item_id, attempt)}", file=err, flush=True)
+    label = item_label(item_id, _fields_of(view, item_id))
+    where = view.log_file(item_id, attempt) or view.log_url(item_id, attempt)
+    print(f"item {label}, attempt {attempt} (attempts logged: {logged}): {where}", file=err, flush=True)
     out.write(text)
     if text and not text.endswith("\n") and hasattr(out, "isatty") and out.isatty():
         out.write("\n")  # so the shell prompt does not land on the log's last line
@@ -67,28 +73,29 @@ def logs_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[s
     return EXIT_OK
 
 
+def _fields_of(view: RunView, item_id: str) -> tuple[str, ...]:
+    return next((item.args for item in view.work_items() if item.id == item_id), ())
+
+
 def failed_items_lines(view: RunView, manifest: Mapping[str, Any]) -> list[str]:
-    """For each failed item: its reason, attempts, log URL and the last lines of that log."""
+    """For each failed item: its id and fields, reason, attempts, where its log is, and the last lines of that log."""
     done, failed_times = view.done_and_failed()
     failed = sorted(failed_times)
     total = int(manifest.get("item_count", 0))
     if not failed:
         return [f"run {view.run_id}: no failed items ({len(done)} done of {total})"]
+    fields = {item.id: item.args for item in view.work_items()}
     lines = [f"run {view.run_id}: {len(failed)} failed item(s) of {total}"]
     for item_id in failed:
-        marker = view.read_marker(layout.FAILED, item_id) or {}
-        attempt = layout.attempt_of_log(marker.get("log"))
-        if attempt is None:
-            attempts = view.log_attempts(item_id)
-            attempt = attempts[-1] if attempts else None
-        attempts_text = f" after {marker['attempts']} attempt(s)" if marker.get("attempts") else ""
+        item = view.failed_item(item_id, fields.get(item_id, ()))
+        attempts_text = f" after {item.attempts} attempt(s)" if item.attempts else ""
         lines.append("")
-        lines.append(f"item {item_id}: {marker.get('reason', 'unknown reason')}{attempts_text}")
-        text = view.read_log(item_id, attempt) if attempt is not None else None
-        if text is None or attempt is None:
+        lines.append(f"item {item.label}: {item.reason}{attempts_text}")
+        text = view.read_log(item_id, item.log_attempt) if item.log_attempt is not None else None
+        if text is None or item.log is None:
             lines.append("  log: none was uploaded")
             continue
-        lines.append(f"  log: {view.log_url(item_id, attempt)}")
+        lines.append(f"  log: {item.log}")
         tail = text.rstrip("\n").splitlines()[-FAILED_LOG_TAIL_LINES:]
         lines.extend(f"  | {line}" for line in tail)
     return lines

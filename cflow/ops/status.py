@@ -1,4 +1,8 @@
-"""``cflow status RUN_ID``: a run's items, attempts, VMs and time left."""
+"""``cflow status RUN_ID``: a run's items, attempts, VMs and time left, and its first failed items by name.
+
+Locally it works whether or not the stack runs: with no stack, the run's
+objects are read from the stack folder and it has no VMs.
+"""
 
 import argparse
 import dataclasses
@@ -12,7 +16,7 @@ from cflow.gcp import layout
 from cflow.lifecycle import STATE_CANCELLED, STATE_FINISHED, STATE_IN_PROGRESS, run_state
 from cflow.ops.session import open_session
 from cflow.ops.text import aligned, format_duration, format_time
-from cflow.ops.view import RunView, list_vms
+from cflow.ops.view import FailedItem, RunView, list_vms
 
 if TYPE_CHECKING:
     from cflow.gcp.compute import Compute
@@ -27,6 +31,10 @@ def add_parser(subparsers: Any, common: argparse.ArgumentParser) -> None:
     )
     status.add_argument("run_id", metavar="RUN_ID", help="the run's id, as `cflow run` printed it (see `cflow list`)")
     status.set_defaults(func=status_command)
+
+
+# How many failed items status names (`cflow logs RUN_ID` lists them all).
+FAILED_ITEMS_SHOWN = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,8 @@ class RunStatus:
     created: float | None
     elapsed: float | None  # seconds since created, or until the run ended
     cancelled_at: float | None = None
+    failed_items: tuple[FailedItem, ...] = ()  # the first FAILED_ITEMS_SHOWN, in item order
+    fleet_reachable: bool = True  # False: a local stack that is not running (so no VMs)
 
     @property
     def left(self) -> int:
@@ -70,12 +80,13 @@ class RunStatus:
         return self.elapsed / self.done * self.left
 
 
-def read_status(view: RunView, compute: "Compute", now: float) -> RunStatus:
+def read_status(view: RunView, compute: "Compute | None", now: float) -> RunStatus:
     """Build a run's ``RunStatus``.
 
     Args:
         view: the run's ``RunView``.
-        compute: ``cflow.gcp.compute.Compute`` of the run's project.
+        compute: ``cflow.gcp.compute.Compute`` of the run's project; None when
+            there is no fleet to ask (a local stack that is not running).
         now: wall-clock seconds (``time.time()``).
     Raises:
         RunNotFound, CloudError.
@@ -86,7 +97,7 @@ def read_status(view: RunView, compute: "Compute", now: float) -> RunStatus:
     done_times, failed_times = view.done_and_failed()
     total = int(manifest.get("item_count", 0))
     vms: dict[str, int] = {}
-    for vm in list_vms(compute, view.run_id):
+    for vm in list_vms(compute, view.run_id) if compute is not None else []:
         vms[vm.status] = vms.get(vm.status, 0) + 1
     live = sum(count for status, count in vms.items() if status in LIVE_STATES)
     cancelled = view.cancelled()
@@ -101,6 +112,11 @@ def read_status(view: RunView, compute: "Compute", now: float) -> RunStatus:
     if created is not None:
         elapsed = max((ended if ended is not None else now) - created, 0.0)
     left = max(total - len(done_times) - len(failed_times), 0)
+    failed_items: tuple[FailedItem, ...] = ()
+    if failed_times:
+        fields = {item.id: item.args for item in view.work_items()}
+        shown = sorted(failed_times)[:FAILED_ITEMS_SHOWN]
+        failed_items = tuple(view.failed_item(item_id, fields.get(item_id, ())) for item_id in shown)
     return RunStatus(
         run_id=view.run_id,
         bucket=view.bucket_name,
@@ -114,6 +130,8 @@ def read_status(view: RunView, compute: "Compute", now: float) -> RunStatus:
         created=created,
         elapsed=elapsed,
         cancelled_at=cancelled.get("time") if cancelled else None,
+        failed_items=failed_items,
+        fleet_reachable=compute is not None,
     )
 
 
@@ -131,7 +149,8 @@ def status_lines(status: RunStatus) -> list[str]:
         ("  done", str(status.done)),
         ("  failed", str(status.failed) + (f" (`cflow logs {status.run_id}` shows them)" if status.failed else "")),
         ("attempts", f"{status.attempts} ({status.retries} retries)"),
-        ("VMs", ", ".join(f"{count} {name}" for name, count in sorted(status.vms.items())) or "none"),
+        ("VMs", ", ".join(f"{count} {name}" for name, count in sorted(status.vms.items()))
+         or ("none" if status.fleet_reachable else "none (the local stack is not running)")),
     ]
     if status.created is not None:
         rows.append(("created", format_time(status.created)))
@@ -139,12 +158,25 @@ def status_lines(status: RunStatus) -> list[str]:
         rows.append(("elapsed" if status.state == STATE_IN_PROGRESS else "took", format_duration(status.elapsed)))
     if status.seconds_left is not None:
         rows.append(("time left", f"~{format_duration(status.seconds_left)} (estimate)"))
-    return aligned(rows)
+    lines = aligned(rows)
+    if status.failed_items:
+        lines.append("failed items:")
+        lines.extend(f"  {failed_item_line(item)}" for item in status.failed_items)
+        if status.failed > len(status.failed_items):
+            lines.append(f"  ... and {status.failed - len(status.failed_items)} more (`cflow logs {status.run_id}`)")
+    return lines
+
+
+def failed_item_line(item: FailedItem) -> str:
+    """``000149 (poison-0): exit status 7 after 3 attempt(s); log: PATH``."""
+    attempts = f" after {item.attempts} attempt(s)" if item.attempts else ""
+    return f"{item.label}: {item.reason}{attempts}; log: {item.log or 'none was uploaded'}"
 
 
 def status_command(args: argparse.Namespace, out: IO[str] | None = None, now: Callable[[], float] = time.time) -> int:
     out = out or sys.stdout
-    session = open_session(args)
-    status = read_status(session.run(args.run_id), session.compute(), now())
+    with open_session(args) as session:
+        compute = session.compute() if session.has_fleet else None
+        status = read_status(session.run(args.run_id), compute, now())
     print("\n".join(status_lines(status)), file=out, flush=True)
     return EXIT_OK

@@ -10,9 +10,11 @@ Where each behaviour lives:
 - ``task``: the task's process: argv and environment, exit watch, timeout,
   killing its group, and killing an orphan left by a dead worker.
 - ``lease``: ``LeaseKeeper``: lease extensions and log uploads while a task runs.
-- ``record``: recording an ended task's result: outputs, log, markers, event, ack.
-- ``handback``: handing an item back (nack, event, partial log): the hook,
-  a stopping or failing worker, a restarted worker.
+- ``record``: recording an ended task's result: outputs, log, markers (with
+  the attempt's span for the run's report), event, ack.
+- ``handback``: handing an item back (nack, event, partial log, the attempt's
+  span as a timeline record): the hook, a stopping or failing worker, a
+  restarted worker.
 - ``workdir``: ``WorkDir``: the files shared with the hook, and the lock.
 
 The event kinds, outcomes and file names they share with the scheduler and

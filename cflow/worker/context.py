@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cflow.history import AttemptSpan
 from cflow.protocol import Event, EventKind
 from cflow.worker.workdir import WorkDir
 
@@ -104,6 +105,10 @@ class WorkerStorage(Protocol):
     def write_failed_marker(self, item_id: str, info: dict[str, Any]) -> bool: ...
 
     def write_attempt_marker(self, item_id: str, attempt: int, info: dict[str, Any]) -> bool: ...
+
+    def write_timeline_record(self, span: AttemptSpan) -> None:
+        """Record the span of an attempt that leaves no marker (handed back, or a duplicate)."""
+        ...
 
 
 class WorkerMetadata(Protocol):

@@ -6,11 +6,18 @@ restarted after its predecessor died (``hand_back_inflight``). Every hand
 back happens under the work directory's hand-back lock, so an item is either
 recorded by the worker or handed back by exactly one side (see
 ``cflow.worker.workdir``).
+
+A handed-back attempt leaves no marker, so its span (where and when it ran,
+and that it was preempted or interrupted) goes into a timeline record for the
+run's report, written with its partial log after the lock is released
+(``record_span``).
 """
 
 import logging
+import time
 from pathlib import Path
 
+from cflow.history import AttemptSpan
 from cflow.protocol import EventKind
 from cflow.worker.context import WorkerContext
 from cflow.worker.task import kill_recorded_task
@@ -23,11 +30,15 @@ log = logging.getLogger(__name__)
 HOOK_SETTLE_WAIT_SECONDS = 25.0
 
 
-def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool = False) -> None:
+def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool = False) -> AttemptSpan | None:
     """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held.
 
     Args:
         settling: the record is the one in ``settling.json`` (else ``inflight.json``).
+    Returns:
+        The attempt's span until now, ending as preempted or interrupted (for
+        ``record_span`` once the lock is released), or None if the record
+        does not say when it started.
     """
     context.nack(record["ack_id"], record["item"])
     kind = EventKind.PREEMPTED if context.metadata.preempted() else EventKind.INTERRUPTED
@@ -36,10 +47,32 @@ def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool 
         context.work_dir.clear_settling()
     else:
         context.work_dir.clear_inflight()
+    started = record.get("started")
+    if not isinstance(started, int | float):
+        return None
+    return AttemptSpan(record["item"], record["attempt"], context.vm_name, float(started), time.time(), kind)
 
 
-def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_file: Path, reason: str) -> None:
-    """Note in the attempt's log why it ends here, and upload it. A failure is logged: the item is handed back already."""
+def record_span(context: WorkerContext, span: AttemptSpan | None) -> None:
+    """Write the timeline record of an attempt that leaves no marker (handed back, or a duplicate).
+
+    Never raises: the span is for the report, and losing one must not lose work.
+    """
+    if span is None:
+        return
+    try:
+        context.storage.write_timeline_record(span)
+    except Exception as error:
+        log.warning("could not record where item %s attempt %s ran (%s); the run's report will miss it", span.item, span.attempt, error)
+
+
+def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_file: Path, reason: str,
+                       span: AttemptSpan | None = None) -> None:
+    """Record the handed-back attempt's ``span``, note in its log why it ends here, and upload the log.
+
+    A failure is logged: the item is handed back already.
+    """
+    record_span(context, span)
     try:
         with open(log_file, "a") as stream:
             stream.write(f"\ncflow: {reason}; item handed back\n")
@@ -66,18 +99,16 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
         The item id handed back (the running one if both were), or None.
     """
     work_dir = context.work_dir
-    handed_back: list[TaskRecord] = []
+    handed_back: list[tuple[TaskRecord, AttemptSpan | None]] = []
     deadline = context.clock() + settle_wait_seconds
     while True:
         with work_dir.handback_lock():
             running = work_dir.read_inflight()
             if running is not None:
-                hand_back_record(context, running)
-                handed_back.append(running)
+                handed_back.append((running, hand_back_record(context, running)))
             settling = work_dir.read_settling()
             if settling is not None and take_settling:
-                hand_back_record(context, settling, settling=True)
-                handed_back.append(settling)
+                handed_back.append((settling, hand_back_record(context, settling, settling=True)))
                 settling = None
         if settling is None:
             break
@@ -85,13 +116,15 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
             log.info("item %s is being recorded by the worker; leaving it to finish (or to its lease)", settling["item"])
             break
         context.sleep(0.2)
-    for record in handed_back:
+    for record, span in handed_back:
         if kill_task:
             kill_recorded_task(record)
         log_file = Path(record["log"])
         if upload_log and log_file.exists():
-            upload_partial_log(context, record["item"], record["attempt"], log_file, reason)
-    return handed_back[0]["item"] if handed_back else None
+            upload_partial_log(context, record["item"], record["attempt"], log_file, reason, span=span)
+        else:
+            record_span(context, span)
+    return handed_back[0][0]["item"] if handed_back else None
 
 
 def hand_back(context: WorkerContext, settle_wait_seconds: float = HOOK_SETTLE_WAIT_SECONDS) -> str | None:

@@ -154,18 +154,19 @@ class Worker:
         output_dir = attempt_dir / "output"
         log_file = attempt_dir / "task.log"
         log_file.touch()
+        started = time.time()
         with work_dir.handback_lock():
             if work_dir.is_stopping():
                 context.nack(received.ack_id, item.id)
                 return Outcome.STOPPING
-            work_dir.write_inflight({"item": item.id, "attempt": attempt, "ack_id": received.ack_id, "log": str(log_file)})
+            work_dir.write_inflight({"item": item.id, "attempt": attempt, "ack_id": received.ack_id, "log": str(log_file),
+                                     "started": started})
         # Not waited for: the scheduler counts "started" for progress only.
         context.publish_event(EventKind.STARTED, wait=False, item=item.id, attempt=attempt)
         keeper = LeaseKeeper(context, item.id, attempt, log_file, received.ack_id)
         keeper.start()
         keeper_handed_over = False
         try:
-            started = time.time()
             exit_status, ending = run_task(
                 context, item, attempt, output_dir, log_file, received.ack_id,
                 hand_back_running=lambda: hand_back_inflight(context, reason="shut down", kill_task=False, upload_log=False),
@@ -177,23 +178,24 @@ class Worker:
             # settling.json holds one record: the previous result must be recorded first.
             self._wait_for_recording()
             interrupted = handed_back = False
+            handed_back_span = None
             with work_dir.handback_lock():
                 record = work_dir.running_record(received.ack_id)
                 if exit_status != 0 and (work_dir.is_stopping() or context.metadata.preempted()):
                     # A task killed by the shutdown is no failed attempt: hand it back.
                     interrupted = True
                     if record is not None:
-                        hand_back_record(context, record)
+                        handed_back_span = hand_back_record(context, record)
                         handed_back = True
                 elif record is not None:
                     # From here the hook leaves the item to us (it waits instead of nacking).
                     work_dir.move_to_settling(record)
             if interrupted:
                 if handed_back:
-                    upload_partial_log(context, item.id, attempt, log_file, "shut down")
+                    upload_partial_log(context, item.id, attempt, log_file, "shut down", span=handed_back_span)
                 return Outcome.INTERRUPTED
             keeper_handed_over = True
-            return EndedTask(item, attempt, received.ack_id, attempt_dir, exit_status, ending, elapsed, keeper)
+            return EndedTask(item, attempt, received.ack_id, attempt_dir, exit_status, ending, elapsed, keeper, started)
         finally:
             if not keeper_handed_over:
                 keeper.stop()

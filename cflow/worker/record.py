@@ -6,6 +6,10 @@ attempt count raised, then recorded (an attempt marker, create-only), then
 acked; the last one writes the failed marker instead. A VM that dies
 anywhere before the ack loses nothing: the lease expires and Pub/Sub
 redelivers, and the markers make the redelivery a duplicate.
+
+The done and attempt markers carry the attempt's span (where and when it ran,
+``cflow.history``) for the run's report; a duplicate, which writes no marker,
+leaves a timeline record instead, after its ack.
 """
 
 import logging
@@ -14,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cflow import tasks
+from cflow.history import AttemptSpan
 from cflow.protocol import EventKind, Outcome
 from cflow.worker.context import WorkerContext
-from cflow.worker.handback import hand_back_record
+from cflow.worker.handback import hand_back_record, record_span
 from cflow.worker.lease import LeaseKeeper
 from cflow.worker.task import TaskEnding
 
@@ -35,6 +40,13 @@ class EndedTask:
     ending: TaskEnding  # EXITED or TIMED_OUT
     elapsed: float
     keeper: LeaseKeeper  # keeps the lease until the result is recorded
+    started: float | None = None  # epoch seconds the attempt began (None: not known, no span is recorded)
+
+    def span(self, vm: str, outcome: EventKind) -> AttemptSpan | None:
+        """Where and when this attempt ran, ending as ``outcome``; None if its start is not known."""
+        if self.started is None:
+            return None
+        return AttemptSpan(self.item.id, self.attempt, vm, self.started, self.started + self.elapsed, outcome)
 
 
 def record_or_hand_back(context: WorkerContext, ended: EndedTask) -> Outcome:
@@ -45,10 +57,12 @@ def record_or_hand_back(context: WorkerContext, ended: EndedTask) -> Outcome:
         log.exception("recording the result of %s failed; handing it back", ended.item.id)
         with context.work_dir.handback_lock():
             record = context.work_dir.settling_record(ended.ack_id)
-            if record is not None:
-                hand_back_record(context, record, settling=True)
+            handed_back = hand_back_record(context, record, settling=True) if record is not None else None
         # Also when it was already taken out of settling; a second nack is harmless.
         context.nack(ended.ack_id, ended.item.id)
+        if handed_back is not None:
+            # Its task ended when it ended, not now: the span stops there.
+            record_span(context, ended.span(context.vm_name, handed_back.outcome))
         return Outcome.HANDED_BACK
 
 
@@ -65,10 +79,9 @@ def record_result(context: WorkerContext, ended: EndedTask) -> Outcome:
     try:
         output_dir, log_file = ended.attempt_dir / "output", ended.attempt_dir / "task.log"
         if ended.exit_status == 0:
-            outcome = _finish_done(context, ended.item, ended.attempt, output_dir, log_file, ended.ack_id, ended.elapsed)
+            outcome = _finish_done(context, ended, output_dir, log_file)
         else:
-            outcome = _finish_failed(context, ended.item, ended.attempt, log_file, ended.ack_id, ended.exit_status,
-                                     ended.ending == TaskEnding.TIMED_OUT, ended.elapsed)
+            outcome = _finish_failed(context, ended, log_file, ended.ending == TaskEnding.TIMED_OUT)
         with context.work_dir.handback_lock():
             if context.work_dir.settling_record(ended.ack_id) is not None:
                 context.work_dir.clear_settling()
@@ -78,32 +91,38 @@ def record_result(context: WorkerContext, ended: EndedTask) -> Outcome:
         ended.keeper.stop()
 
 
-def _finish_done(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path, log_file: Path, ack_id: str,
-                 elapsed: float) -> Outcome:
-    storage = context.storage
+def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log_file: Path) -> Outcome:
+    storage, item, attempt, ack_id, elapsed = context.storage, ended.item, ended.attempt, ended.ack_id, ended.elapsed
     if storage.is_done(item.id):
         # Another attempt finished first (a duplicate delivery ran in parallel): keep its outputs.
         context.publish_event(EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
         context.ack(ack_id)
+        record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
         return Outcome.DUPLICATE
     outputs = _upload_outputs(context, item, output_dir, log_file)
     log_url = storage.upload_log(item.id, attempt, log_file)
+    span = ended.span(context.vm_name, EventKind.DONE)
     first = storage.write_done_marker(
         item.id,
-        {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": outputs, "log": log_url},
+        {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": outputs, "log": log_url,
+         **(span.fields() if span else {})},
     )
     context.publish_event(EventKind.DONE if first else EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
     context.ack(ack_id)
+    if not first:
+        record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
     return Outcome.DONE if first else Outcome.DUPLICATE
 
 
-def _finish_failed(context: WorkerContext, item: tasks.WorkItem, attempt: int, log_file: Path, ack_id: str, exit_status: int,
-                   timed_out: bool, elapsed: float) -> Outcome:
-    settings, storage = context.settings, context.storage
+def _finish_failed(context: WorkerContext, ended: EndedTask, log_file: Path, timed_out: bool) -> Outcome:
+    settings, storage, item, attempt, ack_id = context.settings, context.storage, ended.item, ended.attempt, ended.ack_id
     log_url = storage.upload_log(item.id, attempt, log_file)
-    reason = "timed out" if timed_out else f"exit status {exit_status}"
-    info = {"item": item.id, "attempt": attempt, "reason": reason, "log": log_url, "vm": context.vm_name}
-    if attempt >= settings.max_attempts:
+    reason = "timed out" if timed_out else f"exit status {ended.exit_status}"
+    last = attempt >= settings.max_attempts
+    span = ended.span(context.vm_name, EventKind.FAILED if last else EventKind.RETRY)
+    info = {"item": item.id, "attempt": attempt, "reason": reason, "log": log_url, "vm": context.vm_name,
+            **(span.fields() if span else {})}
+    if last:
         storage.write_failed_marker(item.id, {**info, "attempts": attempt})
         outcome = Outcome.FAILED
         context.publish_event(EventKind.FAILED, item=item.id, attempt=attempt, reason=reason, log_url=log_url)
@@ -114,7 +133,7 @@ def _finish_failed(context: WorkerContext, item: tasks.WorkItem, attempt: int, l
         data, attributes = tasks.encode_message(item, attempt + 1)
         context.pubsub.publish(settings.work_topic, data, attributes)
         outcome = Outcome.RETRY
-        context.publish_event(EventKind.RETRY, item=item.id, attempt=attempt, reason=reason, log_url=log_url, seconds=elapsed)
+        context.publish_event(EventKind.RETRY, item=item.id, attempt=attempt, reason=reason, log_url=log_url, seconds=ended.elapsed)
     storage.write_attempt_marker(item.id, attempt, info)
     context.ack(ack_id)
     return outcome

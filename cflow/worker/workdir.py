@@ -40,6 +40,7 @@ class TaskRecord(TypedDict):
     attempt: int
     ack_id: str
     log: str  # the attempt's local task.log
+    started: NotRequired[float]  # epoch seconds the attempt began (for its span in the run's report)
     # Once the task started: its process group, identified across pid reuse (see cflow.procinfo).
     task_pgid: NotRequired[int]
     task_start: NotRequired[int | None]

@@ -37,6 +37,11 @@ def test_full_run_combines_every_item_once_and_cleans_up(project, compute, local
     assert not os.path.exists("/tmp/cflow-pwned")
     assert f"{len(items)} done, 0 failed" in err
     assert run_vms(compute, local_stack.project, run_id) == []
+    report = project.root / "output" / run_id / "report.html"
+    assert out.rstrip().splitlines()[-1] == f"report: {report} (open it in a browser)"
+    page = report.read_text()
+    assert page.count('data-outcome="done"') == len(items)  # one bar per attempt
+    assert "000009 (echo --flag=1 - &#x27;&#x27; &#x27;~&#x27; &#x27;$HOME&#x27;)" in page  # fields, shell-quoted, escaped
 
 
 def test_flaky_item_succeeds_on_its_second_attempt(project):
@@ -59,6 +64,9 @@ def test_poison_item_fails_after_max_attempts_with_its_log(project):
     assert "1 done, 1 failed" in err
     failed_line = next(line for line in err.splitlines() if line.startswith("failed: item 000001"))
     assert "exit status 7" in failed_line and "logs/000001/attempt-2.log" in failed_line
+    # Named by its fields, and locally its log is a file the user can open.
+    assert failed_line.startswith("failed: item 000001 (poison bad): exit status 7; log: /")
+    assert open(failed_line.split("; log: ", 1)[1]).read().startswith("poison: always failing")
     assert [r["mode"] for r in project.results(run_id_of(out))] == ["echo"]
 
 

@@ -221,6 +221,7 @@ def test_a_vm_naming_missing_or_mismatched_networks_gets_gces_answers(compute):
     # bulkInsert checks the same (field paths under instanceProperties), at once.
     properties = instance_body("unused")
     properties.pop("name")
+    properties["machineType"] = "e2-small"  # bulkInsert takes a bare name
     properties["networkInterfaces"] = [{"network": "global/networks/missing"}]
     body = {"count": 2, "namePattern": "bulk-#", "instanceProperties": properties}
     status, reason, message = refusal(lambda: compute.instances().bulkInsert(project=project, zone=ZONE, body=body).execute())
@@ -271,6 +272,7 @@ def test_a_subnet_out_of_addresses_fails_the_operation(compute):
     custom_network(compute, project, "tiny", [("tiny-a", REGION, "192.168.2.0/29")])
     properties = instance_body("unused", startup_script="sleep 1000")
     properties.pop("name")
+    properties["machineType"] = "e2-small"  # bulkInsert takes a bare name
     properties["networkInterfaces"] = [{"subnetwork": f"regions/{REGION}/subnetworks/tiny-a"}]
     body = {"count": 5, "minCount": 5, "namePattern": "tiny-#", "instanceProperties": properties}
     failed = wait_operation(compute, project, ZONE, compute.instances().bulkInsert(project=project, zone=ZONE, body=body).execute())

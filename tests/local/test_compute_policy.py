@@ -23,6 +23,7 @@ def body(name, interfaces):
 def bulk_body(interfaces, count=2):
     properties = body("unused", interfaces)
     properties.pop("name")
+    properties["machineType"] = "e2-small"  # bulkInsert takes a bare name
     return {"count": count, "namePattern": "fleet-#", "instanceProperties": properties}
 
 

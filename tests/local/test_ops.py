@@ -1,9 +1,13 @@
-"""`cflow status|logs|cancel|combine|list` against the local stack, on runs seeded straight into Cloud Storage."""
+"""`cflow status|logs|cancel|combine|list|report` against the local stack, on runs seeded straight into Cloud Storage.
+
+The last part runs them on a stack folder whose stack is not running, as after a local run ended.
+"""
 
 import io
 import re
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from google.api_core import exceptions as google_exceptions
@@ -181,6 +185,22 @@ def test_a_path_is_not_a_run_id(cflow):
 
 
 def test_no_running_stack_is_one_line_and_starts_nothing(tmp_path, capsys):
+    """Cancel needs the stack the run uses: without it, one line, and nothing is started."""
+    const_py = write_const(tmp_path / "project", "any-bucket")
+    stack_dir = tmp_path / "no-stack"
+
+    status = cli.main(["cancel", "0101-1200-abcd", "--yes", "--config", str(const_py), "--stack-dir", str(stack_dir)])
+
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.strip().splitlines() == [
+        f"cflow: error: no local stack is running in {stack_dir}; start it with `cflow local up --dir {stack_dir}` "
+        "(or pass --stack-dir to the folder of a running one)"
+    ]
+    assert not stack_dir.exists()
+
+
+def test_a_stack_folder_no_run_ever_used_is_one_line_and_starts_nothing(tmp_path, capsys):
     const_py = write_const(tmp_path / "project", "any-bucket")
     stack_dir = tmp_path / "no-stack"
 
@@ -189,8 +209,8 @@ def test_no_running_stack_is_one_line_and_starts_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 1
     assert err.strip().splitlines() == [
-        f"cflow: error: no local stack is running in {stack_dir}; start it with `cflow local up --dir {stack_dir}` "
-        "(or pass --stack-dir to the folder of a running one)"
+        f"cflow: error: no local run has kept anything in {stack_dir} (it has no gcs/ folder); "
+        "pass --stack-dir to the folder of the stack the run used"
     ]
     assert not stack_dir.exists()
 
@@ -227,7 +247,7 @@ def test_logs_rejects_items_outside_the_run(cflow, storage_client, bucket):
     assert f"run {run.run_id} has no item 000003; its items are 000000 to 000002" in err
 
 
-def test_logs_without_item_lists_failed_items_with_their_last_lines(cflow, storage_client, bucket):
+def test_logs_without_item_lists_failed_items_with_their_last_lines(cflow, storage_client, bucket, stack_env):
     run = SeededRun(storage_client, bucket, new_run_id(), count=4, created=time.time())
     run.done(0)
     run.failed(2, attempts=3, reason="exit status 7", log_text="".join(f"line {n}\n" for n in range(1, 9)))
@@ -237,8 +257,11 @@ def test_logs_without_item_lists_failed_items_with_their_last_lines(cflow, stora
     assert status == 0
     lines = out.splitlines()
     assert lines[0] == f"run {run.run_id}: 1 failed item(s) of 4"
-    assert f"item {run.item(2)}: exit status 7 after 3 attempt(s)" in lines
-    assert f"  log: gs://{bucket}/cflow/runs/{run.run_id}/logs/{run.item(2)}/attempt-3.log" in lines
+    assert f"item {run.item(2)} (arg2): exit status 7 after 3 attempt(s)" in lines  # named by its fields too
+    # Locally, a file the user can open.
+    log_file = Path(stack_env.dir) / "gcs" / bucket / "cflow" / "runs" / run.run_id / "logs" / run.item(2) / "attempt-3.log"
+    assert f"  log: {log_file}" in lines
+    assert log_file.read_text().endswith("line 8\n")
     assert [line for line in lines if line.startswith("  | ")] == [f"  | line {n}" for n in range(4, 9)]
 
 
@@ -490,3 +513,163 @@ def test_list_shows_runs_newest_first_with_counts_and_state(cflow, storage_clien
 
 def test_list_of_an_empty_bucket(cflow, bucket):
     assert cflow("list")[:2] == (0, f"no runs in gs://{bucket}\n")
+
+
+# ---------------------------------------------------------------- items by name, spans, report
+
+
+def test_status_and_logs_name_a_failed_item_by_its_fields_with_its_log_file(cflow, storage_client, bucket, stack_env):
+    run = SeededRun(storage_client, bucket, new_run_id(), count=3, created=time.time() - 20)
+    run.done(0)
+    run.failed(1, attempts=2, reason="exit status 7", log_text="poison\n")
+    log_file = Path(stack_env.dir) / "gcs" / bucket / run.storage.prefix / layout.log(run.item(1), 2)
+
+    status, out, _ = cflow("status", run.run_id)
+
+    assert status == 0
+    assert f"  {run.item(1)} (arg1): exit status 7 after 2 attempt(s); log: {log_file}" in out.splitlines()
+
+    status, out, err = cflow("logs", run.run_id, run.item(1))
+    assert (status, out) == (0, "poison\n")
+    assert err.strip() == f"item {run.item(1)} (arg1), attempt 2 (attempts logged: 1, 2): {log_file}"
+
+
+def span_info(run, index, attempt, vm, started, seconds, outcome):
+    from cflow.history import AttemptSpan
+
+    span = AttemptSpan(run.item(index), attempt, vm, started, started + seconds, outcome)
+    return span, {"item": run.item(index), **span.fields()}
+
+
+def seed_history(run, now):
+    """Two VMs, one preempted: item 0 done, item 1 preempted then done elsewhere, item 2 failed twice."""
+    from cflow.history import VmHistory
+    from cflow.protocol import EventKind
+
+    spans = []
+    for index, attempt, vm, started, seconds, outcome in [
+        (0, 1, "vm-a", now - 50, 5, EventKind.DONE),
+        (1, 1, "vm-b", now - 48, 10, EventKind.PREEMPTED),
+        (1, 1, "vm-a", now - 40, 8, EventKind.DONE),
+        (2, 1, "vm-a", now - 30, 2, EventKind.RETRY),
+        (2, 2, "vm-a", now - 27, 2, EventKind.FAILED),
+    ]:
+        span, info = span_info(run, index, attempt, vm, started, seconds, outcome)
+        spans.append(span)
+        if outcome == EventKind.DONE:
+            run.log(index, attempt, "ok\n")
+            run.storage.write_done_marker(run.item(index), info)
+        elif outcome == EventKind.PREEMPTED:
+            run.storage.write_timeline_record(span)
+        else:
+            url = run.log(index, attempt, "poison\n")
+            run.storage.write_attempt_marker(run.item(index), attempt, {**info, "reason": "exit status 7", "log": url})
+            if outcome == EventKind.FAILED:
+                run.storage.write_failed_marker(run.item(index), {**info, "attempts": 2, "reason": "exit status 7", "log": url})
+    history = VmHistory()
+    history.asked_for(["vm-a", "vm-b"], "us-central1-a", {"machineType": "e2-small", "scheduling": {"provisioningModel": "SPOT"}}, now - 55)
+    history.mark_preempted("vm-b", now - 38)
+    history.all_gone(now - 20)
+    run.storage.write_vm_history(history.to_document())
+    return spans
+
+
+def test_spans_ride_on_markers_and_timeline_records_and_come_back_in_one_listing_each(storage_client, bucket):
+    run = SeededRun(storage_client, bucket, new_run_id(), count=3, created=time.time() - 60)
+    spans = seed_history(run, time.time())
+
+    def to_the_ms(spans):  # times are kept to the millisecond
+        return sorted((s.item, s.attempt, s.vm, round(s.started, 3), round(s.ended, 3), s.outcome) for s in spans)
+
+    assert to_the_ms(run.storage.list_spans()) == to_the_ms(spans)
+
+
+def test_report_draws_each_vm_and_each_attempt_of_the_run(cflow, storage_client, bucket, const_py):
+    run = SeededRun(storage_client, bucket, new_run_id(), count=3, created=time.time() - 60)
+    spans = seed_history(run, time.time())
+
+    status, out, err = cflow("report", run.run_id)
+
+    assert status == 0, err
+    path = const_py.parent / "output" / run.run_id / "report.html"
+    assert out == f"report: {path}\n"
+    page = path.read_text()
+    assert page.count('<g class="vm-row') == 2
+    assert page.count('<rect class="bar') == len(spans)
+    assert 'data-outcome="preempted"' in page and 'data-outcome="failed"' in page
+    assert f"{run.item(2)} (arg2)" in page
+
+
+# ---------------------------------------------------------------- after the stack stopped
+
+
+@pytest.fixture
+def stopped_stack(tmp_path, monkeypatch):
+    """A stack folder holding a finished run, as a local run leaves it once its stack stopped; yields (dir, bucket, run)."""
+    from google.cloud import storage
+
+    from cflow.local.stored_runs import stack_storage
+
+    stack_dir = tmp_path / "stack"
+    (stack_dir / "gcs").mkdir(parents=True)
+    bucket_name = f"ops-{uuid.uuid4().hex[:12]}"
+    with stack_storage(stack_dir) as served, monkeypatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", served.url)
+        client = storage.Client(project="cflow-local", credentials=AnonymousCredentials())
+        client.create_bucket(bucket_name)
+        run = SeededRun(client, bucket_name, new_run_id(), count=3, created=time.time() - 60)
+        seed_history(run, time.time())
+    return stack_dir, bucket_name, run
+
+
+def files_under(folder):
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
+def processes_using(folder):
+    """Processes whose command line names ``folder``: a storage server left running would."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(folder).encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_status_logs_list_and_report_just_work_after_the_stack_stopped_and_leave_nothing_behind(tmp_path, stopped_stack, capsys):
+    stack_dir, bucket_name, run = stopped_stack
+    const_py = write_const(tmp_path / "project", bucket_name)
+    before = files_under(stack_dir)
+
+    def cflow(*args):
+        status = cli.main([*args, "--config", str(const_py), "--stack-dir", str(stack_dir)])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    started = time.monotonic()
+    status, out, err = cflow("status", run.run_id)
+    status_seconds = time.monotonic() - started
+    assert status == 0, err
+    assert field(out, "state") == "finished"
+    assert field(out, "  done") == "2"
+    assert field(out, "VMs") == "none (the local stack is not running)"
+    log_file = stack_dir / "gcs" / bucket_name / run.storage.prefix / layout.log(run.item(2), 2)
+    assert f"  {run.item(2)} (arg2): exit status 7 after 2 attempt(s); log: {log_file}" in out.splitlines()
+
+    status, out, err = cflow("logs", run.run_id, run.item(2))
+    assert (status, out) == (0, "poison\n"), err
+
+    status, out, _ = cflow("list")
+    assert status == 0 and run.run_id in out and out.rstrip().endswith("finished")
+
+    status, out, err = cflow("report", run.run_id)
+    assert status == 0, err
+    assert (const_py.parent / "output" / run.run_id / "report.html").read_text().count('<rect class="bar') == 5
+
+    assert not (stack_dir / "stack.json").exists()
+    assert files_under(stack_dir) == before  # read-only: not one file of the stack's added or touched
+    assert processes_using(stack_dir) == []
+    print(f"cflow status without a running stack: {status_seconds:.2f} s")

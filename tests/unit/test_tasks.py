@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from cflow import demo_data
+from cflow import demo_data, tasks
 from cflow.config import load_config
 from cflow.errors import ConfigError
 from cflow.tasks import (
@@ -321,3 +321,27 @@ def test_demo_shards_format_and_relation():
         for x1, x2, x3, y in (map(float, row) for row in rows[1:]):
             expected = demo_data.INTERCEPT + sum(c * x for c, x in zip(demo_data.COEFFICIENTS, (x1, x2, x3)))
             assert abs(y - expected) < 6 * demo_data.NOISE_SD
+
+
+# ---------------------------------------------------------------- naming an item in messages
+
+
+def test_an_item_is_named_by_its_id_and_its_fields():
+    assert tasks.item_label("000149", ["poison-0"]) == "000149 (poison-0)"
+    assert tasks.item_label("000001", ["a b", "c"]) == "000001 ('a b' c)"  # one field with a space reads as one
+    assert tasks.item_label("000002", []) == "000002"
+    assert tasks.WorkItem("000003", 3, ("x",)).label == "000003 (x)"
+
+
+def test_long_fields_keep_their_start_and_their_end_around_an_ellipsis():
+    shown = tasks.short_fields(["gs://cflow-local-cflow/cflow/demo/shards/part-007.csv"])
+
+    assert len(shown) == tasks.FIELDS_SHOWN_CHARS
+    assert shown.startswith("gs://cflow-") and shown.endswith("/shards/part-007.csv") and "\u2026" in shown
+
+
+def test_control_characters_in_fields_never_break_a_line():
+    shown = tasks.short_fields(["line\nbreak", "tab\there", "\x1b[31mred"])
+
+    assert "\n" not in shown and "\t" not in shown and "\x1b" not in shown
+    assert "line\\nbreak" in shown

@@ -142,14 +142,18 @@ class Catalog:
 
     # Machine types.
 
+    def machine_type_entry(self, name: str) -> tuple[int, int, bool, str] | None:
+        """(guestCpus, memoryMb, isSharedCpu, description) of a predefined or custom machine type; None if unknown."""
+        return self.machine_types.get(name) or custom_machine_type(name)
+
     def guest_cpus(self, machine_type: str) -> int | None:
         """Returns the vCPU count, or None for an unknown machine type (predefined or custom)."""
-        entry = self.machine_types.get(machine_type) or custom_machine_type(machine_type)
+        entry = self.machine_type_entry(machine_type)
         return entry[0] if entry else None
 
     def machine_type_json(self, project: str, zone: str, name: str) -> dict[str, Any]:
         """Returns a compute#machineType (predefined or custom); raises ApiError 404 if unknown."""
-        entry = self.machine_types.get(name) or custom_machine_type(name)
+        entry = self.machine_type_entry(name)
         if entry is None or zone not in self.zone_region:
             raise api_errors.not_found(f"projects/{project}/zones/{zone}/machineTypes/{name}")
         cpus, memory_mb, shared, description = entry

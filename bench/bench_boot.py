@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, BenchProject, banner, bench_stack, percentile, use_stack_environment, vm_disk_dirs, write_json_result
 
 INIT_STAMP = re.compile(r"cflow init: (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z (starting|package ready)")
-WORKER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO cflow\.worker: worker (\S+) on run ", re.M)
+WORKER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO cflow\.worker(?:\.entry)?: worker (\S+) on run ", re.M)
 WORKER_MODULES = "import cflow.worker, cflow.gcp.clients, cflow.gcp.metadata, cflow.gcp.pubsub, cflow.gcp.storage, google.cloud.pubsub_v1, google.cloud.storage"
 
 
@@ -45,6 +45,8 @@ def vm_timeline(disk_dir):
     """Epoch seconds of a VM's boot marks: {"init start", "package ready", "first pull"}; missing ones absent."""
     marks = {}
     home = Path(disk_dir) / "home" / "cflow"
+    if not home.is_dir():  # a VM on a real root (--vm-root): HOME is /root in its disk
+        home = Path(disk_dir) / "root" / "root" / "cflow"
     try:
         init_text = (home / "init.log").read_text()
     except FileNotFoundError:
@@ -184,6 +186,7 @@ def main(argv=None):
     parser.add_argument("--sequential", type=int, default=5, help="VMs booted one at a time (default 5)")
     parser.add_argument("--together", type=int, default=12, help="VMs booted together in one bulkInsert (default 12; 0 skips)")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
+    parser.add_argument("--vm-root", metavar="NAME", help="boot the VMs on a real root (e.g. debian-12: init.sh's stock path, apt-get and pip)")
     args = parser.parse_args(argv)
 
     banner(f"bench_boot: {args.sequential} VMs one at a time, {args.together} together")
@@ -194,7 +197,7 @@ def main(argv=None):
         figures.update(interpreter_start=bare, worker_imports=imports)
         print(f"fresh interpreter: start {bare:.3f} s; importing the worker's modules {imports:.3f} s more", flush=True)
         stack_dir = temporary / "stack"
-        with bench_stack(stack_dir) as (info, stack_seconds):
+        with bench_stack(stack_dir, **({"vm_root": args.vm_root} if args.vm_root else {})) as (info, stack_seconds):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             use_stack_environment(info)
             rig = BootRig(info, temporary)
@@ -203,7 +206,7 @@ def main(argv=None):
                 marks = {}
                 for _ in range(args.sequential):
                     names = rig.insert(1)
-                    marks.update(wait_first_pulls(stack_dir, names, 120))
+                    marks.update(wait_first_pulls(stack_dir, names, 600 if args.vm_root else 120))
                 if marks:
                     figures["sequential"] = report("one at a time", rig, marks)
                 if args.together:

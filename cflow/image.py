@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from cflow.errors import CloudError, ConfigError, StackError
+from cflow.package import WORKER_PACKAGES, worker_constraints
 
 if TYPE_CHECKING:
     from cflow.config import Config
@@ -48,9 +49,10 @@ FAILED_LINE = MARKER + "failed"
 # How the serial console reports the startup script's end: the emulator writes
 # "startup-script exit status N", GCE's guest agent "startup-script exit status N"
 # or 'Script "startup-script" failed with error: exit status N'.
-SCRIPT_EXIT_RE = re.compile(r'startup-script"?[^\n]*exit status (\d+)')
+# Only the runner's own two forms: a script's own line ("...: startup-script: LINE")
+# that mentions an exit status is not the script's end.
+SCRIPT_EXIT_RE = re.compile(r'(?:: startup-script exit status (\d+)$|Script "startup-script" failed with error: exit status (\d+))')
 NAME_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
-VENV_PACKAGES = ("google-cloud-pubsub", "google-cloud-storage", "google-auth")
 
 BUILD_SCRIPT = r"""#!/bin/bash
 # CFlow image build: the startup script of the build VM (`cflow image build`).
@@ -95,8 +97,11 @@ else
   retry apt-get install -y -q python3-venv
   echo "cflow-image-build: creating $VENV"
   python3 -m venv "$VENV"
-  echo "cflow-image-build: installing @PACKAGES@"
-  retry "$VENV/bin/pip" install -q @PACKAGES@
+  echo "cflow-image-build: installing @PACKAGES@ (pinned to the controller's versions)"
+  cat >"$ROOT/opt/cflow/constraints.txt" <<'CFLOW_CONSTRAINTS_END'
+@CONSTRAINTS@
+CFLOW_CONSTRAINTS_END
+  retry "$VENV/bin/pip" install -q -c "$ROOT/opt/cflow/constraints.txt" @PACKAGES@
 fi
 "$VENV/bin/python3" -c 'import google.auth, google.cloud.pubsub, google.cloud.storage'
 echo "cflow-image-build: the packages import in $VENV"
@@ -117,7 +122,11 @@ def build_script(init_script_text: str) -> str:
     """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh."""
     if "\nCFLOW_INIT_SH_END\n" in f"\n{init_script_text}\n":
         raise ConfigError("init.sh contains the line CFLOW_INIT_SH_END, which the image build uses as a delimiter; remove it")
-    return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(VENV_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
+    return (
+        BUILD_SCRIPT.replace("@PACKAGES@", " ".join(WORKER_PACKAGES))
+        .replace("@CONSTRAINTS@", worker_constraints().rstrip("\n"))
+        .replace("@INIT_SH@", init_script_text.rstrip("\n"))
+    )
 
 
 def default_image_name(family: str, now: datetime.datetime | None = None) -> str:
@@ -218,7 +227,7 @@ class ImageBuilder:
             self._say(f"creating image {request.image_name} (family {request.family}) from the disk of {vm_name}")
             operation = self.compute.insert_image_from_disk(
                 request.image_name, request.family, request.zone, vm_name,
-                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(VENV_PACKAGES)}) and /opt/cflow/init.sh",
+                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(WORKER_PACKAGES)}) and /opt/cflow/init.sh",
             )
             self._wait(operation, None, f"creating image {request.image_name}", deadline)
             image = self.compute.get_image(request.image_name)
@@ -275,9 +284,9 @@ class ImageBuilder:
             return "ready"
         if FAILED_LINE in line:
             raise ImageBuildError(f"the build script failed on {vm_name}: {line[line.find(FAILED_LINE):].strip()}; fix it (see the message) and build again")
-        match = SCRIPT_EXIT_RE.search(line)
+        match = SCRIPT_EXIT_RE.search(line.rstrip())
         if match:
-            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1)} before it was ready; "
+            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1) or match.group(2)} before it was ready; "
                                   "build again, or check VM_STOCK_IMAGE")
         return None
 

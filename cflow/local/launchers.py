@@ -214,6 +214,7 @@ class ComputeOptions:
     seed: int | None = None
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool | None = None
+    vm_root: str | None = None
     auth: bool = True
 
     def to_argv(self) -> list[str]:
@@ -246,6 +247,22 @@ class ComputeOptions:
         return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ())), "quota": tuple(data.get("quota", ()))})
 
 
+def prepare_vm_root(name: str) -> None:
+    """Builds the real VM root ``name`` now if it is not cached, so the emulator's start does not wait for it (about a minute, once).
+
+    Raises:
+        StackError: this host cannot run VMs on a real root, or the build failed.
+    """
+    from cflow.local.compute import rootfs
+
+    try:
+        recipe = rootfs.recipe_named(name)
+        problem = rootfs.host_problem()
+        if problem:
+            raise StackError(f"--vm-root {name}: {problem}")
+        rootfs.RootCache().ensure(recipe)
+    except rootfs.VmRootError as error:
+        raise StackError(str(error)) from None
 def write_fresh_token(path: str | os.PathLike[str]) -> None:
     """Writes a new random token to ``path``, readable by its owner only (0600, even if the file existed)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

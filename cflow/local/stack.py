@@ -54,6 +54,7 @@ from cflow.local.launchers import (
     launch_compute_emulator,
     launch_pubsub_emulator,
     launch_storage_server,
+    prepare_vm_root,
     read_token,
     require_compute_emulator,
     write_fresh_token,
@@ -260,6 +261,8 @@ class LocalStack:
         find_pubsub_emulator()
         find_storage_server()
         require_compute_emulator()
+        if compute_options.vm_root is not None:
+            prepare_vm_root(compute_options.vm_root)
         logger.info("starting the local stack in %s", self.dir)
         started: list[Service] = []
         deadline_s, clock, sleep = self.start_timeout_s, self.clock, self.sleep

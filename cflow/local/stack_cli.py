@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``cflow local`` and its subcommands on ``subparsers``."""
+    from cflow.local.compute.rootfs import RECIPES
+
     local = subparsers.add_parser(
         "local",
         help="start, inspect or stop the local cloud (Pub/Sub, Cloud Storage, Compute emulators)",
@@ -64,6 +66,10 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "--resource-not-ready", action=argparse.BooleanOptionalAction, default=None,
         help="refuse delete or stop of a booting or stopping VM with 400 resourceNotReady, as GCE does (the emulator's "
         "default); --no-resource-not-ready accepts them",
+    )
+    faults.add_argument(
+        "--vm-root", choices=sorted(RECIPES), metavar="NAME",
+        help="run VMs on a real root: debian-12, a minimal Debian 12 built once with debootstrap (cached in ~/.cache/cflow/); needs root",
     )
     faults.add_argument(
         "--no-auth", action="store_true",
@@ -112,6 +118,7 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         seed=args.seed,
         rate_limit_per_minute=args.rate_limit_per_minute,
         resource_not_ready=args.resource_not_ready,
+        vm_root=args.vm_root,
         auth=not args.no_auth,
     )
     for item in options.zone_capacity:

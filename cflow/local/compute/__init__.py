@@ -7,7 +7,8 @@ Run it::
         [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
         [--quota [REGION:]METRIC=N ...] [--cpu-quota N] [--deny-external-ip] \\
         [--no-default-network] [--error-rate R] [--boot-delay S] [--seed N] \\
-        [--rate-limit-per-minute N] [--no-resource-not-ready] [--auth-token-file F]
+        [--rate-limit-per-minute N] [--no-resource-not-ready] \\
+        [--vm-root debian-12] [--auth-token-file F]
 
 It prints ``compute emulator listening on http://H:P/compute/v1/`` once it
 accepts requests, and serves until SIGTERM/SIGINT (then powers every VM off
@@ -86,6 +87,18 @@ emulated VMs share the host's filesystem, so a guest that writes
 ``/opt/cflow`` on GCE writes ``$CFLOW_VM_ROOT/opt/cflow`` here (scripts
 that run on both write ``${CFLOW_VM_ROOT:-}/opt/cflow``).
 
+Serial console: a script's stdout and stderr reach ``serial-port-1.log`` as
+GCE's script runner logs them (``... google_metadata_script_runner[PID]:
+startup-script: LINE``, then ``startup-script exit status N``; ``console``).
+
+A real root (``--vm-root debian-12``, root only): a minimal Debian 12 built
+once with debootstrap and cached under ``~/.cache/cflow/vm-roots/``
+(``rootfs``); each VM runs its scripts chrooted in its own overlay on it, in
+a mount namespace of its own, with ``metadata.google.internal`` its own
+metadata server on port 80 (``guest_root``). Its disk is then the overlay's
+upper directory, ``STATE_DIR/vms/NAME-ID/root/``, and its environment is a
+GCE service's (no ``CFLOW_EMULATED_VM``, ``CFLOW_VM_ROOT``, host paths).
+
 Disks and images: every disk of a VM is a resource of its zone, named as
 GCE names it (the VM's name for the boot disk unless
 ``initializeParams.diskName``), deleted with the VM when ``autoDelete``.
@@ -131,8 +144,10 @@ and GPU rules); ``quotas`` (limits, usage, refusals), ``policy``
 error answers), ``scheduling`` (scheduling rules and time limits),
 ``rate_limit`` (the rate quota), ``request_ids`` (requestId), ``catalog``
 (zones, machine types, images), ``faults``, ``timers``, ``vm`` (guest
-processes), ``disk_images`` (disk and image content), ``watchdog`` (kills
-VMs of a dead emulator).
+processes), ``console`` (scripts' output on the serial console),
+``rootfs`` (building and caching real roots), ``guest_root`` (a VM's
+overlay and namespace on one), ``disk_images`` (disk and image content),
+``watchdog`` (kills VMs of a dead emulator).
 
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);

@@ -1,6 +1,8 @@
 """What a worker VM is made of: its instance properties for bulkInsert.
 
-The boot script is init.sh (see its header). The shutdown script
+The boot script is init.sh (see its header); a stock worker's metadata also
+names the run's wheelhouse (``cflow.wheelhouse``), where it installs its
+Python packages from. The shutdown script
 (``SHUTDOWN_SCRIPT``, generated with the work directory's file names from
 ``cflow.protocol``) marks an idle worker stopping without starting Python, or
 runs shutdown-signal.py from the downloaded package to hand the in-flight item
@@ -8,11 +10,14 @@ back.
 """
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cflow import protocol
 from cflow.config import Config
 from cflow.gcp.compute import RUN_LABEL
+
+if TYPE_CHECKING:
+    from cflow.wheelhouse import WheelhouseRef
 
 # Workers need Pub/Sub and their run's objects, nothing else.
 WORKER_SCOPES = (
@@ -73,8 +78,14 @@ def boot_image(config: Config) -> str:
     return f"projects/{config.project}/global/images/{name}"
 
 
-def worker_instance_properties(config: Config, run_id: str, package_url: str, init_script_text: str) -> dict[str, Any]:
-    """The ``instanceProperties`` of a bulkInsert for this run's workers."""
+def worker_instance_properties(
+    config: Config, run_id: str, package_url: str, init_script_text: str, wheelhouse: "WheelhouseRef | None" = None
+) -> dict[str, Any]:
+    """The ``instanceProperties`` of a bulkInsert for this run's workers.
+
+    ``wheelhouse``: where a stock worker installs its Python packages from
+    (``cflow.wheelhouse``; None when the workers have them).
+    """
     if config.vm_spot:
         scheduling = {
             "provisioningModel": "SPOT",
@@ -110,6 +121,7 @@ def worker_instance_properties(config: Config, run_id: str, package_url: str, in
                 {"key": "cflow-run", "value": run_id},
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
+                *(wheelhouse.metadata_items() if wheelhouse is not None else []),
             ]
         },
     }

@@ -3,9 +3,10 @@
 It holds the ``cflow`` package, the user's ``task/`` folder and the worker
 entry scripts, and never ``credential/``: workers use their VM's own service
 account. It also holds ``constraints.txt`` (``worker_constraints``): the
-versions this controller runs of the packages init.sh installs on a stock
-image and of everything they need, so workers run what the controller was
-tested with (``pip install -c constraints.txt``).
+versions this controller runs of the packages a stock worker installs and of
+everything they need, the run's record of them; the workers' wheelhouse
+(``cflow.wheelhouse``) is downloaded at these versions, so workers run what
+the controller was tested with.
 """
 
 import importlib.metadata
@@ -23,7 +24,7 @@ import cflow
 from cflow.errors import ConfigError
 
 ENTRY_SCRIPTS = ("init.sh", "startup-signal.py", "shutdown-signal.py")
-# What init.sh pip-installs on a stock image (its WORKER_PACKAGES).
+# What a stock worker installs from the run's wheelhouse (cflow.wheelhouse).
 WORKER_PACKAGES = ("google-cloud-pubsub", "google-cloud-storage", "google-auth")
 CONSTRAINTS_NAME = "constraints.txt"
 _REQUIREMENT = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
@@ -125,7 +126,7 @@ def worker_constraints(
                 wanted.append((match.group(1), frozenset(_normalised(extra) for extra in (match.group(2) or "").split(",") if extra.strip())))
     header = (
         "# The versions of the workers' Python packages on the controller that built this package\n"
-        "# (cflow/package.py); init.sh installs with `pip install -c constraints.txt`.\n"
+        "# (cflow/package.py); the workers' wheelhouse was downloaded at these versions (cflow/wheelhouse.py).\n"
     )
     return header + "".join(f"{pins[key]}\n" for key in sorted(pins))
 

@@ -11,6 +11,7 @@ which names failed items by their fields and, locally, their logs as files.
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -215,6 +216,7 @@ def execute_run(
     from cflow.package import build_package
     from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
+    from cflow.wheelhouse import WheelhouseRef, prepare_for_run
 
     out = out or sys.stderr
     started = time.monotonic()
@@ -222,6 +224,7 @@ def execute_run(
     storage = RunStorage(clients.storage, config.bucket, run_id)
     compute = Compute(clients.compute, clients.project)
     pubsub = PubSub(clients.publisher, clients.subscriber, clients.project)
+    say = functools.partial(print, file=out, flush=True)
 
     # Checks first: nothing is created before every one passes.
     # Locally the default bucket is made on demand; a bucket named in const.py
@@ -243,15 +246,20 @@ def execute_run(
                                f"(`cflow status {run_id}` shows them)")
         lifecycle.check_resumable(manifest, config, run_id)
         topics = RunTopics.from_dict(manifest["topics"])
+        # The workers of a resumed run install what its first workers did.
+        wheelhouse = WheelhouseRef.from_dict(manifest.get("wheelhouse")) or prepare_for_run(config, bucket, stack_dir, say)
     else:
         items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
         topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
+        # Stock workers install their Python packages from a wheelhouse in the bucket, made once per set of versions.
+        wheelhouse = prepare_for_run(config, bucket, stack_dir, say)
         package_url = storage.upload_package(build_package(config.base_dir))
         manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), package_url, time.time())
+        manifest["wheelhouse"] = wheelhouse.to_dict() if wheelhouse else None
         storage.write_items(items)
         storage.write_manifest(manifest)
 
-    properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
+    properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config), wheelhouse)
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
     if resume:
         scheduler.restore_vm_history()

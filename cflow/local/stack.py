@@ -97,6 +97,7 @@ class StackInfo:
     project: str
     zone: str
     dir: str
+    vm_root: str | None = None  # the real root its VMs boot on (--vm-root), or None: they share this machine's
     compute_token_file: str | None = None  # the Compute emulator's bearer token (None: it answers anyone)
 
     def env(self) -> dict[str, str]:
@@ -206,6 +207,7 @@ class LocalStack:
             project=record["project"],
             zone=record["zone"],
             dir=str(self.dir),
+            vm_root=record["compute_options"].get("vm_root"),
             compute_token_file=record.get("compute_token_file"),
         )
 

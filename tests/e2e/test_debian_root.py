@@ -2,8 +2,9 @@
 
 Marked ``slow`` (run by default; ``-m "not slow"`` leaves them out): the
 first use builds the root with debootstrap (about a minute, cached in
-~/.cache/cflow/vm-roots/), and a stock worker installs python3-venv and the
-Google clients with apt-get and pip, over the network. They skip, saying
+~/.cache/cflow/vm-roots/), and the controller makes the workers' wheelhouse
+once with pip download (cached in ~/.cache/cflow/wheelhouse/); a stock worker
+installs the Google clients from it, with no index. They skip, saying
 why, where VMs cannot run on a real root: not root, no overlayfs, no
 unshare/nsenter, or no debootstrap and no cached root.
 """
@@ -22,7 +23,8 @@ import pytest
 from cflow.gcp.clients import build_local_compute
 from cflow.local.compute import rootfs
 from cflow.local.stack import ComputeOptions, LocalStack
-from tests.e2e.conftest import Project, run_id_of, run_vms
+from cflow.wheelhouse import WheelhouseCache, WheelhouseSpec
+from tests.e2e.conftest import REPO, Project, run_id_of, run_vms
 from tests.helpers import compute_client, compute_emulator_process, instance_body, wait_operation, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -89,8 +91,65 @@ def test_a_spot_worker_on_debian_12_boots_the_stock_way_and_runs_a_run_to_the_co
         assert result["pubsub"] == [pubsub]
     (disk,) = glob.glob(os.path.join(debian_stack.dir, "compute", "vms", f"*-{run_id}-0001-*"))
     init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
-    assert "cflow init: installing python3-venv and google-cloud-pubsub google-cloud-storage google-auth" in init_log
+    assert "cflow init: installing the Google client packages from the wheelhouse into /opt/cflow/venv (no index)" in init_log
     assert run_vms(build_local_compute(debian_stack.compute_endpoint, debian_stack.compute_token_file), debian_stack.project, run_id) == []
+
+
+# The task reports the routes its VM has and whether it reaches a package registry (by name, as pip and apt-get do).
+NO_ROUTE_TASK = r'''
+import json, os, socket, sys
+def reach(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return "reached"
+    except OSError as error:
+        return type(error).__name__
+with open("/proc/net/route") as table:
+    routes = [line.split()[:2] for line in table.read().splitlines()[1:]]
+facts = {"args": sys.argv[1:], "routes": routes, "pypi": reach("pypi.org", 443), "debian": reach("deb.debian.org", 80),
+         "venv": os.access("/opt/cflow/venv/bin/python3", os.X_OK)}
+with open(os.path.join(os.environ["CFLOW_OUTPUT_DIR"], "result.jsonl"), "w") as stream:
+    stream.write(json.dumps(facts) + "\n")
+'''
+# In a network namespace of its own with only loopback up: a local stack on a
+# real root, the run, and the stack stopped however the run ends.
+NO_ROUTE_RUN = r'''set -eu
+ip link set lo up
+trap '"$PYTHON" -m cflow local down --dir "$STACK" >/dev/null 2>&1' EXIT
+"$PYTHON" -m cflow local up --dir "$STACK" --vm-root debian-12 >/dev/null
+"$PYTHON" "$SCHEDULER" --config "$CONFIG" --stack-dir "$STACK"
+'''
+
+
+def test_a_stock_worker_boots_and_works_with_no_route_to_any_package_registry(tmp_path):
+    reason = unavailable_reason() or (None if shutil.which("ip") else "iproute2's ip is missing")
+    if reason:
+        pytest.skip(f"VMs on a real root cannot run here: {reason}")
+    # The controller makes the wheelhouse while it has the network, once per set of versions...
+    WheelhouseCache().ensure(WheelhouseSpec.for_this_controller())
+    project = Project(tmp_path, stack=None)
+    (tmp_path / "task" / "t.py").write_text(NO_ROUTE_TASK)
+    project.write("one a\ntwo b\n", WORKER_NODE_CNT=1, VM_BOOT="stock")
+    # ...then the whole run, its stack and its VM live in a network namespace whose only interface is loopback:
+    # no route leads anywhere else, so nothing it runs can reach a package registry.
+    environment = {**project.environment(), "PYTHON": sys.executable, "STACK": str(tmp_path / "stack"),
+                   "SCHEDULER": str(REPO / "scheduler.py"), "CONFIG": str(tmp_path / "const.py")}
+    result = subprocess.run(["unshare", "--net", "--", "bash", "-c", NO_ROUTE_RUN], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=900, env=environment)
+
+    assert result.returncode == 0, result.stderr
+    assert "downloading the workers' packages" not in result.stderr  # the controller used its cache
+    run_id = run_id_of(result.stdout)
+    results = project.results(run_id)
+    assert [facts["args"] for facts in results] == [["one", "a"], ["two", "b"]]
+    for facts in results:
+        assert facts["routes"] == []  # not even a default route
+        assert facts["pypi"] != "reached" and facts["debian"] != "reached"
+        assert facts["venv"] is True
+    (disk,) = glob.glob(os.path.join(tmp_path, "stack", "compute", "vms", f"*-{run_id}-0001-*"))
+    init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
+    assert "cflow init: installing the Google client packages from the wheelhouse into /opt/cflow/venv (no index)" in init_log
+    assert "sha256 checked" in init_log
 
 
 def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_stack, tmp_path):
@@ -101,8 +160,8 @@ def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_
                "--stack-dir", debian_stack.dir]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=project.environment())
     assert result.returncode == 0, result.stderr
-    # The real path: apt-get and pip on the build VM, not the emulated one's host packages.
-    assert "installing python3-venv" in result.stderr and "emulated" not in result.stderr
+    # The real path: the build VM installs the workers' wheelhouse through init.sh, not the emulated one's host packages.
+    assert "from the workers' wheelhouse (init.sh, no package index)" in result.stderr and "emulated" not in result.stderr
     (tree,) = glob.glob(os.path.join(debian_stack.dir, "compute", "images", debian_stack.project, "root-fam-*"))
     assert os.access(os.path.join(tree, "root", "opt", "cflow", "venv", "bin", "python3"), os.X_OK)
 
@@ -115,7 +174,7 @@ def test_cflow_image_build_on_the_root_bakes_what_the_build_vm_installed(debian_
     (disk,) = glob.glob(os.path.join(debian_stack.dir, "compute", "vms", f"*-{run_id}-0001-*"))
     init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
     assert "cflow init: using the preinstalled packages in /opt/cflow/venv" in init_log
-    assert "installing python3-venv" not in init_log
+    assert "installing the Google client packages" not in init_log
 
 
 def serial(compute, project, zone, name):

@@ -391,17 +391,30 @@ def ports(*sequence):
     return lambda: remaining.pop(0) if remaining else free_loopback_port()
 
 
-def http_service_argv(pid_file, taken_port):
-    """The command of a toy service: on ``taken_port`` it never binds (as if it lost the race); elsewhere it serves HTTP.
-
-    Every attempt appends its pid to ``pid_file``, so the test can check each one was stopped.
-    """
+def http_service_argv(taken_port):
+    """The command of a toy service: on ``taken_port`` it never binds (as if it lost the race); elsewhere it serves HTTP."""
 
     def argv(port):
-        serve = "sleep 60" if port == taken_port else f"{sys.executable} -m http.server --bind 127.0.0.1 {port}"
-        return ["sh", "-c", f"echo $$ >> {pid_file}; exec {serve}"]
+        return ["sleep", "60"] if port == taken_port else [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
 
     return argv
+
+
+@pytest.fixture
+def launched_pids(monkeypatch):
+    """The pid of every process ``launch_on_free_port`` starts, in order (recorded as it starts them, so none is missed)."""
+    from cflow.local import services
+
+    pids = []
+    real_launch = services.launch_background
+
+    def recording_launch(*args, **kwargs):
+        service, process = real_launch(*args, **kwargs)
+        pids.append(process.pid)
+        return service, process
+
+    monkeypatch.setattr(services, "launch_background", recording_launch)
+    return pids
 
 
 def free_port_then(port):
@@ -415,53 +428,46 @@ def free_port_then(port):
     return pick
 
 
-def launched_pids(pid_file):
-    return [int(line) for line in pid_file.read_text().split()]
-
-
-def test_a_port_that_answers_garbage_is_given_up_for_another(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_a_port_that_answers_garbage_is_given_up_for_another(tmp_path, launched_pids):
     with garbage_server() as taken:
         service, process = launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
         )
     try:
         assert service.endpoint != f"127.0.0.1:{taken}" and service.is_alive()
-        first, second = launched_pids(pid_file)
+        first, second = launched_pids
         assert second == service.pid and not Path(f"/proc/{first}").exists(), "the attempt on the taken port still runs"
     finally:
         stop_service(service)
         process.wait(timeout=5)
 
 
-def test_a_port_answered_well_by_another_program_is_not_taken_for_ours(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_a_port_answered_well_by_another_program_is_not_taken_for_ours(tmp_path, launched_pids):
     with foreign_http_server() as taken:
         service, process = launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
         )
         try:
             assert service.endpoint != f"127.0.0.1:{taken}"
-            first, second = launched_pids(pid_file)
+            first, second = launched_pids
             assert second == service.pid and not Path(f"/proc/{first}").exists()
         finally:
             stop_service(service)
             process.wait(timeout=5)
 
 
-def test_after_the_last_port_the_error_is_one_line_naming_the_log_and_every_attempt_is_stopped(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_after_the_last_port_the_error_is_one_line_naming_the_log_and_every_attempt_is_stopped(tmp_path, launched_pids):
     with garbage_server() as taken, pytest.raises(PortAnsweredByAnother) as raised:
         launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=lambda: taken, attempts=3,
         )
     message = str(raised.value)
     assert "\n" not in message and "toy service" in message and "toy.log" in message, message
     assert f"ports tried: {taken}, {taken}, {taken}" in message and "BadStatusLine" in message, message
-    pids = launched_pids(pid_file)
+    pids = launched_pids
     assert len(pids) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 

@@ -33,10 +33,13 @@ def test_the_package_carries_the_controllers_versions(tmp_path):
         assert pins[name] == importlib.metadata.version(name), name
 
 
-def test_init_sh_installs_the_pinned_packages_with_the_constraints():
-    init = (REPO / "init.sh").read_text()
-    assert f'WORKER_PACKAGES="{" ".join(WORKER_PACKAGES)}"' in init
-    assert '-c "$CFLOW_DIR/package/constraints.txt" $WORKER_PACKAGES' in init
+def test_the_workers_wheelhouse_is_made_from_the_same_pins():
+    # init.sh installs from the run's wheelhouse (cflow.wheelhouse), downloaded at the versions constraints.txt lists.
+    from cflow.wheelhouse import WheelhouseSpec
+
+    spec = WheelhouseSpec.for_this_controller()
+    assert spec.packages == WORKER_PACKAGES
+    assert pins_of(spec.constraints_text()) == pins_of(worker_constraints())
 
 
 class FakeDistribution:

@@ -339,7 +339,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _compute_for(config: "Config", stack_dir: str | None) -> "tuple[Compute, StackInfo | None]":
     """The Compute seam for the config's target, and locally the running stack it uses (never one started here)."""
-    from cflow.gcp.clients import build_compute, credentials_for
+    from cflow.gcp.clients import build_compute, build_local_compute, credentials_for
     from cflow.gcp.compute import Compute
 
     if not config.is_local:
@@ -354,8 +354,7 @@ def _compute_for(config: "Config", stack_dir: str | None) -> "tuple[Compute, Sta
             f"no local stack is running in {folder}; start it with `cflow local up --dir {folder}` "
             "(the image lives in that stack, so it must outlive this command)"
         )
-    credentials, _ = credentials_for("local")
-    return Compute(build_compute(credentials, info.compute_endpoint), config.project), info
+    return Compute(build_local_compute(info.compute_endpoint, info.compute_token_file), config.project), info
 
 
 def _wheelhouse_for(config: "Config", stack: "StackInfo | None", say: Callable[[str], None]) -> "WheelhouseRef | None":

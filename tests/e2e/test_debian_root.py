@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cflow.gcp.clients import build_local_compute
 from cflow.local.compute import rootfs
 from cflow.local.stack import ComputeOptions, LocalStack
 from cflow.wheelhouse import WheelhouseCache, WheelhouseSpec
@@ -91,7 +92,7 @@ def test_a_spot_worker_on_debian_12_boots_the_stock_way_and_runs_a_run_to_the_co
     (disk,) = glob.glob(os.path.join(debian_stack.dir, "compute", "vms", f"*-{run_id}-0001-*"))
     init_log = (Path(disk) / "root" / "root" / "cflow" / "init.log").read_text()
     assert "cflow init: installing the Google client packages from the wheelhouse into /opt/cflow/venv (no index)" in init_log
-    assert run_vms(compute_client(debian_stack.compute_endpoint), debian_stack.project, run_id) == []
+    assert run_vms(build_local_compute(debian_stack.compute_endpoint, debian_stack.compute_token_file), debian_stack.project, run_id) == []
 
 
 # The task reports the routes its VM has and whether it reaches a package registry (by name, as pip and apt-get do).
@@ -181,7 +182,7 @@ def serial(compute, project, zone, name):
 
 
 def test_an_image_of_a_vm_on_the_root_carries_what_it_wrote_and_what_it_deleted(debian_stack):
-    compute = compute_client(debian_stack.compute_endpoint)
+    compute = build_local_compute(debian_stack.compute_endpoint, debian_stack.compute_token_file)
     project, zone = "root-images", "us-central1-a"
     bake = "set -e; mkdir -p /opt/baked; echo baked-content > /opt/baked/hello.txt; rm /etc/debian_version; echo baked-ok"
     wait_operation(compute, project, zone, compute.instances().insert(project=project, zone=zone, body=instance_body("bake-1", startup_script=bake)).execute())
@@ -203,7 +204,7 @@ def test_an_image_of_a_vm_on_the_root_carries_what_it_wrote_and_what_it_deleted(
 
 
 def test_stop_and_start_keep_the_vms_disk_and_give_it_a_fresh_namespace(debian_stack):
-    compute = compute_client(debian_stack.compute_endpoint)
+    compute = build_local_compute(debian_stack.compute_endpoint, debian_stack.compute_token_file)
     project, zone = "root-restart", "us-central1-a"
     script = "echo boot >> /var/boots.txt; echo boots=$(wc -l < /var/boots.txt) mounts=$(grep -c ' /dev/pts ' /proc/self/mounts)"
     body = instance_body("again", startup_script=script)

@@ -16,7 +16,7 @@ from google.auth.credentials import AnonymousCredentials
 from cflow import cli
 from cflow.errors import EXIT_INTERRUPTED
 from cflow.gcp import layout
-from cflow.gcp.clients import build_compute
+from cflow.gcp.clients import build_local_compute
 from cflow.gcp.compute import Compute
 from cflow.gcp.pubsub import PubSub, RunTopics
 from cflow.gcp.storage import RunStorage
@@ -336,7 +336,7 @@ def pubsub(stack_env):
 
 @pytest.fixture
 def compute(stack_env):
-    return Compute(build_compute(AnonymousCredentials(), stack_env.compute_endpoint), stack_env.project)
+    return Compute(build_local_compute(stack_env.compute_endpoint, stack_env.compute_token_file), stack_env.project)
 
 
 def start_vms(compute, zone, run_id, count):

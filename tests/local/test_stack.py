@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -55,17 +56,22 @@ def parse_exports(stdout):
     return exports
 
 
-def http_get(url):
+def http_get(url, headers=None):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=5) as response:
+    with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
         return response.status, response.read()
 
 
-def answers(url):
+def answers(url, headers=None):
     try:
-        return http_get(url)[0] == 200
+        return http_get(url, headers)[0] == 200
     except OSError:
         return False
+
+
+def bearer(token_file):
+    """The Authorization header the stack's Compute emulator wants (its token, from the exported file)."""
+    return {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"}
 
 
 def recorded_services(stack_dir):
@@ -89,7 +95,7 @@ def processes_holding_files_under(directory):
     return holders
 
 
-def start_vm(compute_endpoint, startup_script):
+def start_vm(compute_endpoint, startup_script, headers):
     """Insert one VM through the Compute REST API, as CFlow's workers are created."""
     body = {
         "name": "stack-test-vm",
@@ -101,7 +107,7 @@ def start_vm(compute_endpoint, startup_script):
     }
     request = urllib.request.Request(
         f"{compute_endpoint}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}/instances",
-        data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST",
+        data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}, method="POST",
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
@@ -117,7 +123,7 @@ def test_up_env_status_down_through_the_command(tmp_path):
     try:
         exports = parse_exports(up.stdout)
         assert set(exports) == {"PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CFLOW_COMPUTE_ENDPOINT",
-                                "CFLOW_PROJECT", "CFLOW_ZONE"}
+                                "CFLOW_COMPUTE_TOKEN_FILE", "CFLOW_PROJECT", "CFLOW_ZONE"}
         assert exports["CFLOW_PROJECT"] == LOCAL_PROJECT and exports["CFLOW_ZONE"] == LOCAL_ZONE
         assert exports["PUBSUB_EMULATOR_HOST"].startswith("127.0.0.1:")
         assert http_get(f"http://{exports['PUBSUB_EMULATOR_HOST']}/")[1].strip() == b"Ok"
@@ -125,7 +131,10 @@ def test_up_env_status_down_through_the_command(tmp_path):
         assert json.loads(http_get(exports["STORAGE_EMULATOR_HOST"] + "/storage/v1/b")[1])["kind"] == "storage#buckets"
         compute = exports["CFLOW_COMPUTE_ENDPOINT"]
         assert compute.startswith("http://127.0.0.1:") and compute.endswith("/compute/v1/")
-        assert answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}")
+        token_file = Path(exports["CFLOW_COMPUTE_TOKEN_FILE"])
+        assert token_file.parent == stack_dir.absolute() and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}", bearer(token_file))
+        assert not answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}"), "the Compute emulator answered a request without its token"
 
         services = recorded_services(stack_dir)
         assert all(service.is_alive() for service in services.values())
@@ -150,14 +159,14 @@ def test_up_env_status_down_through_the_command(tmp_path):
         assert "VMs: none" in status.stdout
 
         vm_pid_file = tmp_path / "vm.pid"
-        start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n")
+        start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n", bearer(token_file))
         wait_until(lambda: vm_pid_file.exists() and vm_pid_file.read_text().strip(), 30, "the VM's startup script")
         vm_pid = int(vm_pid_file.read_text())
         wait_until(lambda: "VMs: 1 RUNNING" in cflow("local", "status", "--dir", str(stack_dir)).stdout, 30, "the VM in `cflow local status`")
     finally:
         down = cflow("local", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stderr
-    assert not (stack_dir / "stack.json").exists()
+    assert not (stack_dir / "stack.json").exists() and not token_file.exists()
     assert not any(service.group_exists() for service in services.values())
     assert not answers(f"http://{exports['PUBSUB_EMULATOR_HOST']}/")
     assert processes_holding_files_under(stack_dir) == set()

@@ -107,6 +107,11 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
         "and cached under ~/.cache/cflow/), each VM on its own overlay in its own mount namespace; needs root. "
         "Default: VMs share the host's filesystem",
     )  # fmt: skip
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="F",
+        help="answer only requests with 'Authorization: Bearer <the token in F>' (others: 401, as GCE); VMs' metadata servers stay open",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -135,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         rate_limit_per_minute=args.rate_limit_per_minute,
         resource_not_ready=args.resource_not_ready,
         vm_root=args.vm_root,
+        auth_token_file=args.auth_token_file,
     )
     stop_requested = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stop_requested.set()) for number in (signal.SIGTERM, signal.SIGINT)}

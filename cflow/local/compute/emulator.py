@@ -15,6 +15,7 @@ from collections.abc import Callable
 from cflow.errors import CflowError
 from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
 from cflow.local.compute import rootfs
+from cflow.local.compute.auth import BearerTokenCheck, TokenFileError, read_token_file
 from cflow.local.compute.catalog import Catalog
 from cflow.local.compute.console import SerialConsole
 from cflow.local.compute.disk_images import DiskImages
@@ -51,7 +52,8 @@ class EmulatorOptions:
     ``constraints/compute.vmExternalIpAccess`` denying every VM;
     ``default_network`` False is ``--no-default-network``; ``vm_root`` names a
     real root for every VM (``rootfs.RECIPES``), None shares the host's
-    filesystem.
+    filesystem; ``auth_token_file`` set, every API request must carry
+    ``Authorization: Bearer <its token>``.
     """
 
     host: str = "127.0.0.1"
@@ -73,6 +75,7 @@ class EmulatorOptions:
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool = True
     vm_root: str | None = None
+    auth_token_file: str | None = None
 
     def validate(self, known_zones: set[str]) -> None:
         """Raises EmulatorOptionError for values the emulator cannot honour."""
@@ -165,6 +168,12 @@ class ComputeEmulator:
         """
         options = self.options
         options.validate(set(Catalog("").zone_names()))
+        token_check = None
+        if options.auth_token_file is not None:
+            try:
+                token_check = BearerTokenCheck(read_token_file(options.auth_token_file))
+            except TokenFileError as error:
+                raise EmulatorOptionError(str(error)) from None
         root_dir = None
         if options.vm_root is not None:
             # Built once per machine (about a minute), before the API answers.
@@ -174,7 +183,7 @@ class ComputeEmulator:
                 raise EmulatorOptionError(str(error)) from None
         _raise_open_file_limit()
         try:
-            server = ApiServer((options.host, options.port))
+            server = ApiServer((options.host, options.port), token_check=token_check)
         except OSError as error:
             raise EmulatorOptionError(
                 f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port"

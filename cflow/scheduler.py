@@ -3,9 +3,12 @@
 Each step reads what happened (worker events, done and failed markers in
 Cloud Storage, the run's VMs by label in one list call) and acts on the
 difference from what is wanted: delete VMs that stopped, create what is
-missing up to ``min(WORKER_NODE_CNT, items left)``, and delete idle VMs once
-the queue is drained. Tests call ``step()`` by hand; ``run_steps()`` loops
-it, riding out failed steps within a ``StepFailureBudget``.
+missing up to ``min(WORKER_NODE_CNT, items left, what the quota holds)``, and
+delete idle VMs once the queue is drained. Where to create and how to react
+when GCE refuses is decided by ``cflow.creation.CreationPolicy``; a refusal
+no retry mends, with no worker of the run alive, ends the run with
+``WorkersRefused``. Tests call ``step()`` by hand; ``run_steps()`` loops it,
+riding out failed steps within a ``StepFailureBudget``.
 
 Completion lives in Cloud Storage (done/failed markers), so a scheduler that
 is killed can be resumed with the run's id. A run cancelled from elsewhere
@@ -28,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cflow import fleet, tasks
-from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, QuotaExceeded, ZoneStockout
+from cflow.creation import STOCKOUT_COOLDOWN_SECONDS, Ask, CreationPolicy, refused_line
+from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, WorkersRefused
 from cflow.gcp.retry import Backoff
 from cflow.history import VmHistory, is_spot, vm_records_from_document
 from cflow.protocol import ITEM_END_EVENTS, EventKind
@@ -49,8 +53,6 @@ MARKER_LIST_INTERVAL_SECONDS = 30
 MARKER_LIST_COST_FACTOR = 20
 # Between steps the scheduler pulls events at most this often (see Scheduler.wait).
 EVENT_POLL_SECONDS = 0.25
-STOCKOUT_COOLDOWN_SECONDS = 120
-QUOTA_COOLDOWN_SECONDS = 60
 # Ray autoscaler's max_failures: so many failed steps in a row end the run (it stays resumable).
 MAX_CONSECUTIVE_STEP_FAILURES = 5
 # Waits after a failed step: 2, 4, 8, 16 ... s, at most a minute.
@@ -105,6 +107,8 @@ class Scheduler:
         topics: ``cflow.gcp.pubsub.RunTopics`` of the run.
         instance_properties: what ``fleet.worker_instance_properties`` returns.
         clock: monotonic seconds (tests pass their own).
+        max_workers: the most workers at once (the preflight's count of what the quota holds); None: WORKER_NODE_CNT.
+        policy: where to create and how to react to refusals (default: a ``CreationPolicy`` over the config's zones).
         wall_clock: epoch seconds, for the VM history (tests pass their own).
     """
 
@@ -119,6 +123,8 @@ class Scheduler:
         topics: "RunTopics",
         instance_properties: Mapping[str, Any],
         clock: Callable[[], float] = time.monotonic,
+        max_workers: int | None = None,
+        policy: CreationPolicy | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -135,12 +141,10 @@ class Scheduler:
         self.done_ids: set[str] = set()
         self.failed_ids: set[str] = set()
         self.pending_creations: list[PendingCreation] = []
-        self.zone_cooldown_until: dict[str, float] = {}
-        self.quota_cooldown_until = 0.0
-        self.quota_reported = False
+        self.max_workers = max_workers
+        self.policy = policy or CreationPolicy(config.zones)
         self.zones_out_reported = False
-        self.last_create_error: str | None = None
-        self.create_limit: int | None = None  # lowered when the quota refuses
+        self.last_creation_news: str | None = None
         self.next_vm_number = 1
         # As the workers' events name them (None where an event lacks the field).
         self.item_by_vm: dict[str | None, str | None] = {}  # VM name -> item it last started
@@ -237,9 +241,14 @@ class Scheduler:
             self.compute.delete_vms(stopped)
 
         left = self.progress.left
-        wanted = min(self.config.worker_node_cnt, left)
+        wanted = min(self.config.worker_node_cnt, left, self.max_workers if self.max_workers is not None else left)
         listed = {vm.name for vm in vms}
         in_flight = sum(1 for p in self.pending_creations for name in p.names if name not in listed)
+        if left and self.policy.stopped is not None and not live and not in_flight:
+            # GCE refuses every worker for good and none is alive: nothing would ever run.
+            error = self.policy.stopped.error
+            blamed = fleet.setting_to_change(error, self.config)
+            raise WorkersRefused(refused_line(error, blamed), error, blamed.setting if blamed else None)
         if left == 0:
             if live:
                 self.compute.delete_vms(live)
@@ -326,7 +335,7 @@ class Scheduler:
     def _all_ended(self) -> bool:
         return len(self.done_ids) + len(self.failed_ids) >= len(self.items)
 
-    def _read_events(self, timeout=0.5):
+    def _read_events(self, timeout: float = 0.5) -> None:
         for event in self.pubsub.drain_events(self.topics.events_subscription, timeout=timeout):
             kind, vm = event.get("type"), event.get("vm")
             sent = event.get("time")
@@ -384,65 +393,52 @@ class Scheduler:
         self._last_step_at = now
 
     def _settle_creations(self, now: float) -> None:
+        """Read the bulkInsert operations that finished; a refusal inside one is reacted to as one answered at once."""
         still_pending = []
         for pending in self.pending_creations:
             errors = self.compute.creation_result(pending)
             if errors is None:
                 still_pending.append(pending)
-            elif any(isinstance(error, ZoneStockout) for error in errors):
-                self.zone_cooldown_until[pending.zone] = now + STOCKOUT_COOLDOWN_SECONDS
+                continue
+            if errors:
                 self.vm_history.never_created(pending.names)
-                log.warning("zone %s has no capacity (stockout); trying the next zone", pending.zone)
-            elif errors:
-                self.vm_history.never_created(pending.names)
-                log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(error.reason or error.message for error in errors))
+            # GCE reports one error per VM (a policy refuses each by name): one reaction per kind is enough.
+            for error in {type(error): error for error in reversed(errors)}.values():
+                self._react(error, pending.zone, len(pending.names), now)
         self.pending_creations = still_pending
 
-    def _pick_zone(self, now: float) -> str | None:
-        for zone in self.config.zones:
-            if self.zone_cooldown_until.get(zone, 0) <= now:
-                return zone
-        return None
+    def _react(self, error: CloudError, zone: str, count: int, now: float) -> None:
+        """Let the policy react to a refusal; tell the user what changed (the same news once)."""
+        news = self.policy.refused(error, zone, count, now).describe(zone, now)
+        if news != self.last_creation_news:
+            log.warning("%s", news)
+            self.last_creation_news = news
 
     def _create(self, count: int, now: float) -> None:
-        if now < self.quota_cooldown_until:
-            return
-        if self.create_limit:
-            count = min(count, self.create_limit)
-        zone = self._pick_zone(now)
-        if zone is None:
-            if not self.zones_out_reported:
+        ask = self.policy.next_ask(count, now)
+        if ask is None:
+            if self.policy.every_zone_out_of_capacity(now) and not self.zones_out_reported:
                 log.warning("every configured zone is out of capacity; trying again every %d s "
                             "(add zones to VM_FALLBACK_ZONES to widen the search)", STOCKOUT_COOLDOWN_SECONDS)
                 self.zones_out_reported = True
             return
         self.zones_out_reported = False
-        names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(count)]
+        names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(ask.count)]
+        request_id = fleet.creation_request_id(self.run_id, ask.zone, names)
         try:
-            pending = self.compute.bulk_insert(zone, names, self.instance_properties)
-        except QuotaExceeded as error:
-            if not self.quota_reported:
-                log.warning("quota: %s (ask for more quota or lower WORKER_NODE_CNT); carrying on with the VMs it allows "
-                            "and asking for more every %d s", error.message, QUOTA_COOLDOWN_SECONDS)
-                self.quota_reported = True
-            self.quota_cooldown_until = now + QUOTA_COOLDOWN_SECONDS
-            self.create_limit = max(1, count // 2)
-            return
-        except ZoneStockout:
-            self.zone_cooldown_until[zone] = now + STOCKOUT_COOLDOWN_SECONDS
-            log.warning("zone %s has no capacity (stockout); trying the next zone", zone)
-            return
+            pending = self.compute.bulk_insert(ask.zone, names, self.instance_properties, request_id=request_id)
         except CloudError as error:
-            # Retried by the Compute seam already; the next step asks again.
-            message = error.message
-            if message != self.last_create_error:
-                log.warning("creating VMs in %s failed: %s; trying again on the next step", zone, message)
-                self.last_create_error = message
+            # Transient ones were retried by the Compute seam already; the policy says when to ask again.
+            self._react(error, ask.zone, ask.count, now)
             return
-        self.next_vm_number += count
+        self._created(ask, pending)
+
+    def _created(self, ask: Ask, pending: "PendingCreation") -> None:
+        self.policy.created(ask)
+        self.next_vm_number += ask.count
         self.pending_creations.append(pending)
-        self.vm_history.asked_for(names, zone, self.instance_properties, self.wall_clock())
-        log.info("creating %d VM(s) in %s", count, zone)
+        self.vm_history.asked_for(pending.names, ask.zone, self.instance_properties, self.wall_clock())
+        log.info("creating %d VM(s) in %s", ask.count, ask.zone)
 
     def _delete_idle(self, live: list["Vm"], surplus: int) -> None:
         idle = [vm for vm in live if vm.name in self.idle_vms and vm.name not in self.item_by_vm][:surplus]
@@ -511,14 +507,15 @@ def run_steps(
 
     Raises:
         RunCancelled: the run was cancelled.
+        WorkersRefused: GCE refuses every worker for good and none is alive.
         SchedulerGaveUp: the budget of failed steps in a row ran out.
     """
     budget = budget or StepFailureBudget(scheduler.run_id)
     while True:
         try:
             progress = scheduler.step()
-        except RunCancelled:
-            raise
+        except (RunCancelled, WorkersRefused):
+            raise  # an end, not a failed step: no retry mends it
         except Exception as error:
             sleep(budget.failed(error))
             continue

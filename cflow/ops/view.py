@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -173,8 +173,8 @@ class RunView:
         """The run's item ids in item order (from items.jsonl)."""
         return [item.id for item in self.work_items()]
 
-    def work_items(self) -> "list[WorkItem]":
-        """The run's items with their fields, in item order (from items.jsonl; [] if it has none)."""
+    def work_items(self) -> "Sequence[WorkItem]":
+        """The run's items with their fields, in item order (from items.jsonl, held compactly; empty if it has none)."""
         return self._read(self.storage.read_items) or []
 
     def marker_times(self, kind: str) -> dict[str, datetime.datetime]:

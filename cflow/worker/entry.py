@@ -1,8 +1,13 @@
 """The worker VM's two entry points: ``main`` (startup-signal.py) and ``shutdown_main`` (shutdown-signal.py).
 
-Both find their run from the VM's metadata (``cflow-run``, ``cflow-bucket``)
-and its run.json in Cloud Storage, and build the Google clients here, on
-first use: the shutdown hook sets the stop flag before anything slow.
+The worker finds its run from the VM's metadata (``cflow-run``,
+``cflow-bucket``) and its run.json in Cloud Storage, and keeps what the
+shutdown hook needs on the VM's disk (``hook.json``). The hook sets the stop
+flag first, then builds its clients from that file, touching no network
+before its nack: GCE gives a Spot VM 30 s in all, and the metadata server or
+Cloud Storage may be slow or gone by then. Without the file (no worker
+started on this boot) it asks the metadata server and run.json as the worker
+does.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from cflow.protocol import LoopEnd
 from cflow.worker.context import WorkerContext, WorkerSettings
 from cflow.worker.handback import hand_back, hand_back_inflight
 from cflow.worker.loop import Worker
-from cflow.worker.workdir import WorkDir
+from cflow.worker.workdir import HookSettings, WorkDir
 
 if TYPE_CHECKING:
     from cflow.gcp.metadata import Metadata
@@ -30,8 +35,8 @@ def _default_work_root() -> Path:
     return Path(__file__).resolve().parents[3]
 
 
-def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
-    """Everything both entry points work with: run settings, clients, this VM's name.
+def _vm_context(work_root: Path, metadata: Metadata) -> tuple[WorkerContext, HookSettings]:
+    """Everything both entry points work with: run settings, clients, this VM's name; and what the hook keeps of it.
 
     Raises:
         SystemExit: the VM was not started by CFlow, or its run is gone.
@@ -55,7 +60,20 @@ def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
         raise SystemExit(f"cflow worker: run {run_id} has no run.json in gs://{bucket}; was the run cancelled?")
     settings = WorkerSettings.from_manifest(manifest)
     pubsub = PubSub(clients.publisher, clients.subscriber)
-    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name)
+    context = WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name)
+    return context, HookSettings(manifest=manifest, project=project, vm_name=vm_name, target=target)
+
+
+def _hook_context(work_root: Path, metadata: Metadata, kept: HookSettings) -> WorkerContext:
+    """The shutdown hook's context from what the worker kept on disk: no request is made building it."""
+    from cflow.gcp.clients import build_worker_clients, vm_credentials
+    from cflow.gcp.pubsub import PubSub
+    from cflow.gcp.storage import RunStorage
+
+    settings = WorkerSettings.from_manifest(kept["manifest"])
+    clients = build_worker_clients(kept["target"], kept["project"], credentials=vm_credentials(kept["target"]))
+    storage = RunStorage(clients.storage, settings.bucket, settings.run_id)
+    return WorkerContext(settings, PubSub(clients.publisher, clients.subscriber), storage, metadata, WorkDir(work_root), kept["vm_name"])
 
 
 def _configure_logging() -> None:
@@ -78,7 +96,8 @@ def main(work_root: str | os.PathLike[str] | None = None) -> int:
     from cflow.gcp.metadata import Metadata
 
     metadata = Metadata()
-    context = _vm_context(root, metadata)
+    context, kept = _vm_context(root, metadata)
+    work_dir.write_hook_settings(kept)
     # A predecessor killed mid-item (SIGKILL, OOM) left its record: stop its
     # orphaned task and hand the item back now rather than after its lease.
     recovered = hand_back_inflight(context, reason="worker died", take_settling=True)
@@ -103,7 +122,8 @@ def shutdown_main(work_root: str | os.PathLike[str] | None = None) -> int:
 
     _configure_logging()
     metadata = Metadata()
-    context = _vm_context(root, metadata)
+    kept = WorkDir(root).read_hook_settings()
+    context = _hook_context(root, metadata, kept) if kept is not None else _vm_context(root, metadata)[0]
     item_id = hand_back(context)
     log.info("shutdown (%s): %s", "preempted" if metadata.preempted() else "stop or delete",
              f"handed back {item_id}" if item_id else "nothing in flight to hand back")

@@ -81,7 +81,7 @@ def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_f
         log.warning("could not upload the partial log of %s: %s", item_id, error)
 
 
-def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds: float = 0.0, take_settling: bool = False,
+def hand_back_inflight(context: WorkerContext, reason: str | None, settle_wait_seconds: float = 0.0, take_settling: bool = False,
                        kill_task: bool = True, upload_log: bool = True) -> str | None:
     """Hand the running item back at once: nack (it keeps its attempt count), event, partial log.
 
@@ -90,7 +90,8 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
     (on ``context.clock``) for it to be recorded, then leave it to the lease.
 
     Args:
-        reason: a few words for the partial log ("preempted", "shut down").
+        reason: a few words for the partial log ("worker died"); None: "preempted" or "shut down",
+            asked of the metadata server after the nack.
         take_settling: hand back the item being recorded too (its recorder
             is dead).
         kill_task: SIGTERM the recorded task group (verified to be ours).
@@ -121,6 +122,7 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
             kill_recorded_task(record)
         log_file = Path(record["log"])
         if upload_log and log_file.exists():
+            reason = reason or ("preempted" if context.metadata.preempted() else "shut down")
             upload_partial_log(context, record["item"], record["attempt"], log_file, reason, span=span)
         else:
             record_span(context, span)
@@ -131,9 +133,9 @@ def hand_back(context: WorkerContext, settle_wait_seconds: float = HOOK_SETTLE_W
     """The shutdown hook: stop the worker taking work, hand the in-flight item back, save its partial log.
 
     Called on preemption, stop or delete, within GCE's 30 s Spot grace. The
-    message is nacked, so it keeps its attempt count: a preemption never uses
+    nack is the first request it makes (whether the VM is preempted is asked
+    after), and the message keeps its attempt count: a preemption never uses
     up an attempt. Returns the item id handed back, or None.
     """
     context.work_dir.request_stop()
-    reason = "preempted" if context.metadata.preempted() else "shut down"
-    return hand_back_inflight(context, reason, settle_wait_seconds=settle_wait_seconds)
+    return hand_back_inflight(context, None, settle_wait_seconds=settle_wait_seconds)

@@ -41,7 +41,7 @@ def project(tmp_path):
         (tmp_path / "const.py").write_text(textwrap.dedent(body))
         return load_config(tmp_path / "const.py")
 
-    setattr(load, "dir", tmp_path)  # an attribute of the fixture's function
+    load.dir = tmp_path  # an attribute of the fixture's function
     return load
 
 

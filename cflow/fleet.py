@@ -2,7 +2,8 @@
 
 - ``worker_instance_properties``: the body (machine type, scheduling with
   ``maxRunDuration`` from MAX_RUN_HOURS, network interface from VM_NETWORK,
-  VM_SUBNETWORK and VM_EXTERNAL_IP, disk, service account, metadata).
+  VM_SUBNETWORK and VM_EXTERNAL_IP, disk, service account, metadata, and
+  the GPUs of VM_GPU_TYPE: ``cflow.gpus``).
 - ``vm_name`` / ``vm_number``; ``creation_request_id``: the ``requestId`` of a
   bulkInsert, derived from the run and the VM names.
 - ``setting_to_change``: which const.py setting a GCE refusal of that body
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cflow import protocol
+from cflow import gpus, protocol
 from cflow.config import Config
 from cflow.errors import CloudError
 from cflow.gcp.compute import RUN_LABEL, cflow_request_id
@@ -143,13 +144,16 @@ def worker_instance_properties(
         }
     else:
         scheduling = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+    if config.vm_gpu_type is not None:
+        # GCE cannot live-migrate a VM with GPUs and refuses MIGRATE: it stops for host maintenance instead.
+        scheduling["onHostMaintenance"] = gpus.ON_HOST_MAINTENANCE
     if config.max_run_hours is not None:
         # GCE deletes the worker when it has run this long, even if no controller is left to do it.
         scheduling["maxRunDuration"] = {"seconds": str(round(config.max_run_hours * 3600))}
         scheduling["instanceTerminationAction"] = "DELETE"
     labels = dict(config.vm_labels)
     labels.update({RUN_LABEL: run_id, "cflow-role": "worker"})
-    return {
+    properties: dict[str, Any] = {
         "machineType": config.vm_type,
         "scheduling": scheduling,
         "labels": labels,
@@ -170,9 +174,13 @@ def worker_instance_properties(
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
                 *(wheelhouse.metadata_items() if wheelhouse is not None else []),
+                *gpus.metadata_items(config),
             ]
         },
     }
+    if config.vm_gpu_type is not None:
+        properties["guestAccelerators"] = gpus.guest_accelerators(config)
+    return properties
 
 
 def read_init_script(config: Config) -> str:
@@ -219,6 +227,13 @@ def _settings_by_part(config: Config) -> list[tuple[str, SettingToChange]]:
             "VM_TYPE", f"set VM_TYPE to a machine type the zones offer (`gcloud compute machine-types list --zones {config.vm_zone}`)"
         )),
         ("guestCpus", SettingToChange("VM_TYPE", "set VM_TYPE to a smaller machine type")),
+        ("acceleratorCount", SettingToChange(
+            "VM_GPU_COUNT", "set VM_GPU_COUNT to a card count VM_GPU_TYPE attaches to VM_TYPE (1, 2 or 4 for most types)"
+        )),
+        ("accelerator", SettingToChange(
+            "VM_GPU_TYPE",
+            f"set VM_GPU_TYPE to a type the zones offer (`gcloud compute accelerator-types list --filter=zone:{config.vm_zone}`), or None",
+        )),
         ("serviceAccount", SettingToChange(
             "VM_COMPUTE_SERVICE_ACCOUNT",
             "set VM_COMPUTE_SERVICE_ACCOUNT to an account that exists and that the controller may act as "

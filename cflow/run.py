@@ -190,7 +190,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
     Raises:
         PreflightFailed, ConfigError: the preflight found a setting the project cannot honour (after the plan is printed).
     """
-    from cflow import fleet
+    from cflow import fleet, gpus
     from cflow.gcp import layout
     from cflow.tasks import load_items
 
@@ -210,7 +210,8 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         f"target:       {config.target} (project {config.project})",
         f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
-        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
+        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}"
+        + (f", {gpus.describe(config)} GPU(s) each (NVIDIA driver installed at boot unless the image has it)" if config.vm_gpu_type else ""),
         f"zones:        {', '.join(config.zones)}",
         f"network:      {fleet.network_url(config)}{', ' + str(fleet.subnetwork_url(config)) if config.vm_subnetwork else ''}, {external}",
         f"run time:     {'at most ' + format(config.max_run_hours, 'g') + ' h per worker (GCE deletes it then)' if config.max_run_hours else 'no limit'}",
@@ -251,12 +252,14 @@ def _dry_preflight(
 
 
 def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
-    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT."""
-    price = config.hourly_price()
+    """A rough range from PRICES: the fleet's hourly rate (machines and GPUs), and the most it can cost if every item hits TASK_TIMEOUT."""
+    from cflow import gpus
+
+    price = gpus.worker_hourly_price(config)
     if price is None:
-        return f"no estimate: add {config.vm_type} to PRICES in const.py"
+        return gpus.price_note(config)
     hourly = price * workers
-    text = f"${hourly:.3f}/hour for the fleet"
+    text = f"${hourly:.3f}/hour for the fleet" + (f" ({gpus.price_note(config)})" if config.vm_gpu_type else "")
     if item_count:
         rounds = -(-item_count // max(workers, 1))  # items per worker, rounded up
         worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
@@ -292,6 +295,7 @@ def execute_run(
         CloudError: a service refused.
     """
     from cflow import fleet, lifecycle
+    from cflow.creation import CreationPolicy
     from cflow.gcp import layout
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
@@ -353,7 +357,9 @@ def execute_run(
         storage.write_manifest(manifest)
 
     properties = fleet.worker_instance_properties(config, run_id, package_url, init_script, wheelhouse)
-    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers)
+    # Zones the preflight skipped (they do not offer VM_GPU_TYPE) are never asked.
+    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers,
+                          policy=CreationPolicy(preflight.zones or config.zones))
     if resume:
         scheduler.restore_vm_history()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
@@ -492,20 +498,22 @@ def print_summary(
     out: IO[str],
 ) -> None:
     """The run's last lines: counts, attempts, VM time and cost, failed items by their fields with their logs, where the result is."""
+    from cflow import gpus
     from cflow.gcp import layout
 
     progress = scheduler.progress
     attempts = progress.done + progress.failed + progress.retries + progress.preemptions
     kind = "Spot" if config.vm_spot else "standard"
+    gpus_each = f", {gpus.describe(config)} each" if config.vm_gpu_type else ""
     lines = [
         f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
         f"attempts: {attempts}, retries: {progress.retries}, preemptions: {progress.preemptions}",
-        f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind})",
+        f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind}{gpus_each})",
     ]
-    price = config.hourly_price()
+    price = gpus.worker_hourly_price(config)
     if price is not None:
         lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
-                     f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+                     f"(from PRICES in const.py: {gpus.price_note(config)}; yours to update)")
     fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
         failed = view.failed_item(item_id, fields.get(item_id, ()))

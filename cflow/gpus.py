@@ -15,12 +15,13 @@
   ``PROJECT_GPU_METRIC``. ``cflow.preflight`` checks both, and which zones
   offer the type.
 - ``machine_type_problem``: T4, P4, P100 and V100 attach only to N1 machine types.
-- ``worker_hourly_price`` and ``describe``: a worker's price from PRICES
-  (machine type plus its GPUs) and how the dry run and the summary name its GPUs.
+- ``accelerators_of`` a worker body, ``describe``, ``worker_hourly_price``
+  and ``price_note``: a worker's GPUs as the dry run and the summary name
+  them, and its price from PRICES (machine type plus GPUs).
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -103,42 +104,48 @@ def machine_type_problem(accelerator_type: str, machine_type: str) -> str | None
     return None
 
 
-def describe(config: "Config") -> str:
-    """``1 x nvidia-tesla-t4`` per worker, or "" without GPUs."""
-    return f"{config.vm_gpu_count} x {config.vm_gpu_type}" if config.vm_gpu_type is not None else ""
+def accelerators_of(properties: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """``[(type name, count)]`` of a worker body's ``guestAccelerators`` ([] without GPUs)."""
+    return [(type_name(str(entry["acceleratorType"])), int(entry.get("acceleratorCount", 1)))
+            for entry in properties.get("guestAccelerators") or []]
 
 
-def worker_hourly_price(config: "Config", spot: bool | None = None) -> float | None:
+def describe(accelerators: Sequence[tuple[str, int]]) -> str:
+    """``1 x nvidia-tesla-t4`` (per worker), or "" without GPUs."""
+    return ", ".join(f"{count} x {name}" for name, count in accelerators)
+
+
+def worker_hourly_price(config: "Config", accelerators: Sequence[tuple[str, int]], spot: bool | None = None) -> float | None:
     """Estimated USD per worker-hour from PRICES: its machine type plus its GPUs.
 
     Args:
+        accelerators: the worker's GPUs (``accelerators_of`` its body).
         spot: Spot prices if True; defaults to VM_SPOT.
     Returns:
-        The price, or None when PRICES lacks the machine type or the GPU type.
+        The price, or None when PRICES lacks the machine type or a GPU type.
     """
-    machine = config.hourly_price() if spot is None else config.hourly_price(spot=spot)
-    if machine is None or config.vm_gpu_type is None:
-        return machine
-    gpu = config.hourly_price(config.vm_gpu_type, spot=spot)
-    if gpu is None:
-        return None
-    return machine + gpu * config.vm_gpu_count
+    total = config.hourly_price() if spot is None else config.hourly_price(spot=spot)
+    for name, count in accelerators:
+        gpu = config.hourly_price(name, spot=spot)
+        if total is None or gpu is None:
+            return None
+        total += gpu * count
+    return total
 
 
-def price_note(config: "Config", spot: bool | None = None) -> str:
-    """What PRICES says one worker costs, for the dry run and the summary: ``$0.19/hour per Spot n1-standard-4 + 1 x $0.11 nvidia-tesla-t4``.
+def price_note(config: "Config", accelerators: Sequence[tuple[str, int]], spot: bool | None = None) -> str:
+    """What PRICES says one worker costs: ``$0.04/hour per Spot n1-standard-4 + 1 x $0.11/hour per nvidia-tesla-t4``.
 
     Names the entry PRICES lacks when there is no estimate.
     """
     spot = config.vm_spot if spot is None else spot
-    kind = "Spot" if spot else "standard"
     machine = config.hourly_price(spot=spot)
     if machine is None:
         return f"no estimate: add {config.vm_type} to PRICES in const.py"
-    text = f"${machine}/hour per {kind} {config.vm_type}"
-    if config.vm_gpu_type is None:
-        return text
-    gpu = config.hourly_price(config.vm_gpu_type, spot=spot)
-    if gpu is None:
-        return f"no estimate: add {config.vm_gpu_type} to PRICES in const.py"
-    return f"{text} + {config.vm_gpu_count} x ${gpu}/hour per {config.vm_gpu_type}"
+    parts = [f"${machine}/hour per {'Spot' if spot else 'standard'} {config.vm_type}"]
+    for name, count in accelerators:
+        gpu = config.hourly_price(name, spot=spot)
+        if gpu is None:
+            return f"no estimate: add {name} to PRICES in const.py"
+        parts.append(f"{count} x ${gpu}/hour per {name}")
+    return " + ".join(parts)

@@ -201,6 +201,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         config, "RUN_ID", layout.run_url(config.bucket, "RUN_ID", layout.PACKAGE), fleet.read_init_script(config)
     )
     workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    accelerators = gpus.describe(gpus.accelerators_of(properties))
     preflight_lines, failure = _dry_preflight(config, clients, properties, workers)
     for entry in properties["metadata"]["items"]:
         if entry["key"] in ("startup-script", "shutdown-script"):
@@ -211,14 +212,14 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
         f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}"
-        + (f", {gpus.describe(config)} GPU(s) each (NVIDIA driver installed at boot unless the image has it)" if config.vm_gpu_type else ""),
+        + (f", GPUs {accelerators} each (the NVIDIA driver installed at boot unless the image has it)" if accelerators else ""),
         f"zones:        {', '.join(config.zones)}",
         f"network:      {fleet.network_url(config)}{', ' + str(fleet.subnetwork_url(config)) if config.vm_subnetwork else ''}, {external}",
         f"run time:     {'at most ' + format(config.max_run_hours, 'g') + ' h per worker (GCE deletes it then)' if config.max_run_hours else 'no limit'}",
         f"boot:         {config.vm_boot} ({fleet.boot_image(config)})",
         f"bucket:       gs://{config.bucket}",
         f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
-        f"cost:         {cost_range(config, workers, len(items) if items is not None else None)}",
+        f"cost:         {cost_range(config, workers, len(items) if items is not None else None, properties)}",
         *preflight_lines,
         "instance body (bulkInsert instanceProperties, names RUN_ID and scripts elided):",
         json.dumps(properties, indent=2),
@@ -251,15 +252,19 @@ def _dry_preflight(
     return lines, None
 
 
-def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
-    """A rough range from PRICES: the fleet's hourly rate (machines and GPUs), and the most it can cost if every item hits TASK_TIMEOUT."""
+def cost_range(config: "Config", workers: int, item_count: int | None, properties: "dict[str, Any] | None" = None) -> str:
+    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT.
+
+    ``properties``: the workers' body; its GPUs are priced too.
+    """
     from cflow import gpus
 
-    price = gpus.worker_hourly_price(config)
+    accelerators = gpus.accelerators_of(properties or {})
+    price = gpus.worker_hourly_price(config, accelerators)
     if price is None:
-        return gpus.price_note(config)
+        return gpus.price_note(config, accelerators)
     hourly = price * workers
-    text = f"${hourly:.3f}/hour for the fleet" + (f" ({gpus.price_note(config)})" if config.vm_gpu_type else "")
+    text = f"${hourly:.3f}/hour for the fleet" + (f" ({gpus.price_note(config, accelerators)})" if accelerators else "")
     if item_count:
         rounds = -(-item_count // max(workers, 1))  # items per worker, rounded up
         worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
@@ -504,16 +509,17 @@ def print_summary(
     progress = scheduler.progress
     attempts = progress.done + progress.failed + progress.retries + progress.preemptions
     kind = "Spot" if config.vm_spot else "standard"
-    gpus_each = f", {gpus.describe(config)} each" if config.vm_gpu_type else ""
+    accelerators = gpus.accelerators_of(scheduler.instance_properties)
+    gpus_each = f", {gpus.describe(accelerators)} each" if accelerators else ""
     lines = [
         f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
         f"attempts: {attempts}, retries: {progress.retries}, preemptions: {progress.preemptions}",
         f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind}{gpus_each})",
     ]
-    price = gpus.worker_hourly_price(config)
+    price = gpus.worker_hourly_price(config, accelerators)
     if price is not None:
         lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
-                     f"(from PRICES in const.py: {gpus.price_note(config)}; yours to update)")
+                     f"(from PRICES in const.py: {gpus.price_note(config, accelerators)}; yours to update)")
     fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
         failed = view.failed_item(item_id, fields.get(item_id, ()))

@@ -64,10 +64,21 @@ class FakeStorage:
 
     def __init__(self):
         self.objects = {}  # relative name -> bytes
+        self.inputs = {}  # gs:// URL of an item's input -> bytes, or an exception to raise
         self.calls = []
 
     def url(self, relative=""):
         return f"gs://bucket/run/{relative}"
+
+    def download_input(self, url, local_path):
+        self.calls.append(("download", url))
+        content = self.inputs.get(url)
+        if content is None:
+            raise NotFound(f"{url} does not exist", status=404, service="storage")
+        if isinstance(content, Exception):
+            raise content
+        Path(local_path).write_bytes(content)
+        return len(content)
 
     def is_done(self, item_id):
         return f"done/{item_id}" in self.objects

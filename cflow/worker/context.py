@@ -42,11 +42,15 @@ class WorkerSettings:
     max_attempts: int
     lease_seconds: int
     idle_poweroff_seconds: float
+    stage_inputs: bool = False  # STAGE_INPUTS: download the item's gs:// objects first (cflow.worker.staging)
+    gpu_count: int = 0  # the VM's GPUs, for the task's CFLOW_GPU_COUNT
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> WorkerSettings:
         """The settings in a run.json document (``cflow.run`` writes it). Raises KeyError if one is missing."""
         topics = manifest["topics"]
+        # const.py as the run started (Config.to_dict()); a run recorded before a setting existed lacks it.
+        started_with = manifest.get("settings") or {}
         return cls(
             run_id=manifest["run_id"],
             bucket=manifest["bucket"],
@@ -58,6 +62,8 @@ class WorkerSettings:
             max_attempts=int(manifest["max_attempts"]),
             lease_seconds=int(manifest["lease_seconds"]),
             idle_poweroff_seconds=float(manifest["idle_poweroff_seconds"]),
+            stage_inputs=bool(started_with.get("stage_inputs", False)),
+            gpu_count=int(started_with.get("vm_gpu_count", 0)) if started_with.get("vm_gpu_type") else 0,
         )
 
 
@@ -108,6 +114,10 @@ class WorkerStorage(Protocol):
 
     def write_timeline_record(self, span: AttemptSpan) -> None:
         """Record the span of an attempt that leaves no marker (handed back, or a duplicate)."""
+        ...
+
+    def download_input(self, url: str, local_path: Path) -> int:
+        """Download an item's input object to ``local_path`` (STAGE_INPUTS); returns the bytes written."""
         ...
 
 

@@ -40,7 +40,7 @@ class View:
 
 
 def make(tmp_path, undeletable=()):
-    config = types.SimpleNamespace(combine="concat", result_dir=tmp_path, vm_spot=True, vm_type="e2-small", vm_gpu_type=None, hourly_price=lambda: None,
+    config = types.SimpleNamespace(combine="concat", result_dir=tmp_path, vm_spot=True, vm_type="e2-small", hourly_price=lambda: None,
                                    worker_node_cnt=2, zones=("us-central1-a",), vm_name_prefix="w", lease_seconds=30)
     compute, pubsub, storage = FakeCompute(), FakeSchedulerPubSub(), RunStorage(RUN)
     compute.vms = {name: Vm(name, "us-central1-a", "RUNNING", "") for name in ("w-1", "w-2")}

@@ -72,6 +72,17 @@ def run_objects(clients, run_id):
 # ---------------------------------------------------------------- GPUs
 
 
+def test_the_compute_seam_reads_which_gpu_types_a_zone_offers(gpu_stack, monkeypatch):
+    from cflow.gcp.compute import Compute
+
+    compute = Compute(StackClients(gpu_stack, monkeypatch).compute, gpu_stack.project)
+
+    assert T4 in [entry["name"] for entry in compute.accelerator_types("us-east1-c")]
+    assert T4 not in [entry["name"] for entry in compute.accelerator_types("us-east1-b")]
+    assert compute.accelerator_type("us-east1-c", T4)["maximumCardsPerInstance"] == 4
+    assert compute.accelerator_type("us-east1-b", T4) is None  # GCE's 404 naming the type: not offered there
+
+
 def test_a_gpu_run_skips_a_zone_without_the_type_and_its_workers_carry_the_gpus(gpu_stack, tmp_path, monkeypatch):
     clients = StackClients(gpu_stack, monkeypatch)
     rendezvous = tmp_path / "rendezvous"

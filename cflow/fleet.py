@@ -1,4 +1,11 @@
-"""What a worker VM is made of: its instance properties for bulkInsert.
+"""What a worker VM is made of: its instance properties for bulkInsert, and their lane variants.
+
+``worker_instance_properties`` is the body of the run's workers as const.py
+describes them (Spot or standard, as VM_SPOT says, in the Spot lane);
+``lane_variant`` derives from it the body of a worker of another lane or
+provisioning model (``cflow.lanes``): a standard VM of the standard lane, or
+a standard VM of the Spot lane while Spot capacity is out. The lane is in
+the VM's label and metadata attribute ``LANE_ATTRIBUTE``.
 
 The boot script is init.sh (see its header). The shutdown script
 (``SHUTDOWN_SCRIPT``, generated with the work directory's file names from
@@ -7,6 +14,8 @@ runs shutdown-signal.py from the downloaded package to hand the in-flight item
 back.
 """
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,21 +82,24 @@ def boot_image(config: Config) -> str:
     return f"projects/{config.project}/global/images/{name}"
 
 
+SPOT_SCHEDULING = {
+    "provisioningModel": "SPOT",
+    # A preempted worker deletes itself: nothing stays billed, and the
+    # scheduler creates a replacement on its next step.
+    "instanceTerminationAction": "DELETE",
+    "onHostMaintenance": "TERMINATE",
+    "automaticRestart": False,
+}
+STANDARD_SCHEDULING = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+# What makes a body Spot or standard; lane_variant replaces these and keeps the rest (a time limit, say).
+_PROVISIONING_KEYS = ("provisioningModel", "preemptible", "instanceTerminationAction", "onHostMaintenance", "automaticRestart")
+
+
 def worker_instance_properties(config: Config, run_id: str, package_url: str, init_script_text: str) -> dict[str, Any]:
-    """The ``instanceProperties`` of a bulkInsert for this run's workers."""
-    if config.vm_spot:
-        scheduling = {
-            "provisioningModel": "SPOT",
-            # A preempted worker deletes itself: nothing stays billed, and the
-            # scheduler creates a replacement on its next step.
-            "instanceTerminationAction": "DELETE",
-            "onHostMaintenance": "TERMINATE",
-            "automaticRestart": False,
-        }
-    else:
-        scheduling = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+    """The ``instanceProperties`` of a bulkInsert for this run's workers (the Spot lane's, Spot as VM_SPOT says)."""
+    scheduling = dict(SPOT_SCHEDULING if config.vm_spot else STANDARD_SCHEDULING)
     labels = dict(config.vm_labels)
-    labels.update({RUN_LABEL: run_id, "cflow-role": "worker"})
+    labels.update({RUN_LABEL: run_id, "cflow-role": "worker", protocol.LANE_ATTRIBUTE: protocol.Lane.SPOT.value})
     return {
         "machineType": config.vm_type,
         "scheduling": scheduling,
@@ -110,9 +122,33 @@ def worker_instance_properties(config: Config, run_id: str, package_url: str, in
                 {"key": "cflow-run", "value": run_id},
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
+                {"key": protocol.LANE_ATTRIBUTE, "value": protocol.Lane.SPOT.value},
             ]
         },
     }
+
+
+def lane_variant(properties: Mapping[str, Any], lane: protocol.Lane, spot: bool) -> dict[str, Any]:
+    """The body of a worker of ``lane``, Spot or standard, made from the run's ``worker_instance_properties``.
+
+    Only what makes a VM Spot or standard changes in ``scheduling`` (a time
+    limit stays, and with it its termination action); the lane goes into the
+    label and the metadata attribute ``LANE_ATTRIBUTE``.
+    """
+    variant = copy.deepcopy(dict(properties))
+    scheduling = dict(variant.get("scheduling") or {})
+    kept_action = scheduling.get("instanceTerminationAction")
+    for key in _PROVISIONING_KEYS:
+        scheduling.pop(key, None)
+    scheduling.update(SPOT_SCHEDULING if spot else STANDARD_SCHEDULING)
+    if not spot and kept_action is not None and ("maxRunDuration" in scheduling or "terminationTime" in scheduling):
+        scheduling["instanceTerminationAction"] = kept_action  # GCE needs it beside a time limit
+    variant["scheduling"] = scheduling
+    variant["labels"] = {**variant.get("labels", {}), protocol.LANE_ATTRIBUTE: lane.value}
+    items = [item for item in variant.get("metadata", {}).get("items", []) if item.get("key") != protocol.LANE_ATTRIBUTE]
+    items.append({"key": protocol.LANE_ATTRIBUTE, "value": lane.value})
+    variant["metadata"] = {**variant.get("metadata", {}), "items": items}
+    return variant
 
 
 def read_init_script(config: Config) -> str:

@@ -1,8 +1,10 @@
 """The worker VM's two entry points: ``main`` (startup-signal.py) and ``shutdown_main`` (shutdown-signal.py).
 
-Both find their run from the VM's metadata (``cflow-run``, ``cflow-bucket``)
-and its run.json in Cloud Storage, and build the Google clients here, on
-first use: the shutdown hook sets the stop flag before anything slow.
+Both find their run from the VM's metadata (``cflow-run``, ``cflow-bucket``,
+and the lane whose queue it pulls, ``LANE_ATTRIBUTE``) and its run.json in
+Cloud Storage, and build the Google clients here, on first use: the shutdown
+hook sets the stop flag before anything slow. The worker also starts the
+``ControlWatch`` that hears the scheduler's word (``cflow.worker.control``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cflow.procinfo import process_started_at
-from cflow.protocol import LoopEnd
+from cflow.protocol import LANE_ATTRIBUTE, Lane, LoopEnd
 from cflow.worker.context import WorkerContext, WorkerSettings
+from cflow.worker.control import ControlWatch
 from cflow.worker.handback import hand_back, hand_back_inflight
 from cflow.worker.loop import Worker
 from cflow.worker.workdir import WorkDir
@@ -55,7 +58,8 @@ def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
         raise SystemExit(f"cflow worker: run {run_id} has no run.json in gs://{bucket}; was the run cancelled?")
     settings = WorkerSettings.from_manifest(manifest)
     pubsub = PubSub(clients.publisher, clients.subscriber)
-    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name)
+    lane = Lane.STANDARD if metadata.attribute(LANE_ATTRIBUTE) == Lane.STANDARD else Lane.SPOT
+    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name, lane=lane)
 
 
 def _configure_logging() -> None:
@@ -84,8 +88,10 @@ def main(work_root: str | os.PathLike[str] | None = None) -> int:
     recovered = hand_back_inflight(context, reason="worker died", take_settling=True)
     if recovered:
         log.info("handed back item %s left by a worker that died", recovered)
-    log.info("worker %s on run %s", context.vm_name, context.settings.run_id)
-    if Worker.from_context(context).run() == LoopEnd.IDLE:
+    log.info("worker %s on run %s (%s lane)", context.vm_name, context.settings.run_id, context.lane)
+    control = ControlWatch(metadata)
+    control.start()
+    if Worker.from_context(context, control).run() == LoopEnd.IDLE:
         # A safety net for a controller that is gone: an idle VM stops billing.
         log.info("idle for %.0f s; powering off", context.settings.idle_poweroff_seconds)
         metadata.power_off()

@@ -1,4 +1,4 @@
-"""Handing an item back: nack it (it keeps its attempt count), tell the scheduler, save its partial log.
+"""Handing an item back: nack it, or republish it with its preemption count raised; tell the scheduler; save its partial log.
 
 Used by the shutdown hook (``hand_back``, on preemption, stop or delete), by
 a worker that sees the stop flag or fails on an item, and by a worker
@@ -7,18 +7,29 @@ back happens under the work directory's hand-back lock, so an item is either
 recorded by the worker or handed back by exactly one side (see
 ``cflow.worker.workdir``).
 
+A preempted item is handed back by republishing it with its preemption count
+raised (to the standard lane once the count reaches
+SPOT_PREEMPTIONS_BEFORE_STANDARD, after its lane marker), then acking the old
+message: the count travels with the item (``cflow.lanes``). Without that
+setting, or if the republish fails, it is nacked as before (the message
+keeps its attempt count either way). A backup copy (``cflow.backups``) is
+never handed back: the original still runs, so the copy is acked and dropped.
+
 A handed-back attempt leaves no marker, so its span (where and when it ran,
 and that it was preempted or interrupted) goes into a timeline record for the
 run's report, written with its partial log after the lock is released
 (``record_span``).
 """
 
+import json
 import logging
 import time
 from pathlib import Path
 
+from cflow import tasks
 from cflow.history import AttemptSpan
-from cflow.protocol import EventKind
+from cflow.lanes import lane_after_preemption, with_preemptions
+from cflow.protocol import EventKind, Lane
 from cflow.worker.context import WorkerContext
 from cflow.worker.task import kill_recorded_task
 from cflow.worker.workdir import TaskRecord
@@ -31,18 +42,29 @@ HOOK_SETTLE_WAIT_SECONDS = 25.0
 
 
 def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool = False) -> AttemptSpan | None:
-    """Nack the record's message, tell the scheduler, and forget the record. Call with the lock held.
+    """Hand the record's message back (see the module docstring), tell the scheduler, and forget the record. Call with the lock held.
 
     Args:
         settling: the record is the one in ``settling.json`` (else ``inflight.json``).
     Returns:
-        The attempt's span until now, ending as preempted or interrupted (for
-        ``record_span`` once the lock is released), or None if the record
-        does not say when it started.
+        The attempt's span until now, ending as preempted or interrupted (a
+        dropped backup copy: duplicate), for ``record_span`` once the lock is
+        released; None if the record does not say when it started.
     """
-    context.nack(record["ack_id"], record["item"])
-    kind = EventKind.PREEMPTED if context.metadata.preempted() else EventKind.INTERRUPTED
-    context.publish_event(kind, item=record["item"], attempt=record["attempt"])
+    preempted = context.metadata.preempted()
+    kind = EventKind.PREEMPTED if preempted else EventKind.INTERRUPTED
+    if record.get("backup"):
+        context.ack(record["ack_id"])
+        kind = EventKind.DUPLICATE
+        context.publish_event(kind, item=record["item"], attempt=record["attempt"], backup=True,
+                              reason="backup copy dropped: " + ("preempted" if preempted else "shut down"))
+    elif preempted and (moved := _republish_preempted(context, record)) is not None:
+        context.ack(record["ack_id"])
+        preemptions, lane = moved
+        context.publish_event(kind, item=record["item"], attempt=record["attempt"], preemptions=preemptions, lane=lane)
+    else:
+        context.nack(record["ack_id"], record["item"])
+        context.publish_event(kind, item=record["item"], attempt=record["attempt"])
     if settling:
         context.work_dir.clear_settling()
     else:
@@ -51,6 +73,36 @@ def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool 
     if not isinstance(started, int | float):
         return None
     return AttemptSpan(record["item"], record["attempt"], context.vm_name, float(started), time.time(), kind)
+
+
+def _republish_preempted(context: WorkerContext, record: TaskRecord) -> tuple[int, Lane] | None:
+    """Publish a preempted item again with its preemption count raised, to the lane that count sends it to.
+
+    The standard lane's marker is written first: what the scheduler counts
+    must never miss an item that is there. Returns ``(preemptions, lane)``,
+    or None when it was not republished (the setting is None, a record
+    without the message, a worker of the standard lane, or a failure: the
+    caller nacks it instead).
+    """
+    threshold = context.settings.preemptions_before_standard
+    data = record.get("data")
+    if threshold is None or data is None or context.lane != Lane.SPOT:
+        return None
+    preemptions = record.get("preemptions", 0) + 1
+    lane = lane_after_preemption(preemptions, threshold)
+    try:
+        item = tasks.WorkItem.from_dict(json.loads(data))
+        message, attributes = tasks.encode_message(item, record["attempt"])
+        if lane == Lane.STANDARD:
+            context.storage.write_lane_marker(lane.value, item.id, {"item": item.id, "preemptions": preemptions, "vm": context.vm_name,
+                                                                   "time": time.time()})
+        context.pubsub.publish(context.settings.lane_topic(lane), message, with_preemptions(attributes, preemptions))
+    except Exception as error:
+        log.warning("could not publish item %s again with its preemption counted (%s); handing it back as it was", record["item"], error)
+        return None
+    if lane == Lane.STANDARD:
+        log.info("item %s was preempted %d times: it moves to a standard VM", record["item"], preemptions)
+    return preemptions, lane
 
 
 def record_span(context: WorkerContext, span: AttemptSpan | None) -> None:
@@ -120,7 +172,8 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
         if kill_task:
             kill_recorded_task(record)
         log_file = Path(record["log"])
-        if upload_log and log_file.exists():
+        # A backup copy's log would replace the log of the attempt it backs up, which still runs.
+        if upload_log and log_file.exists() and not record.get("backup"):
             upload_partial_log(context, record["item"], record["attempt"], log_file, reason, span=span)
         else:
             record_span(context, span)

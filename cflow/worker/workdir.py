@@ -46,6 +46,10 @@ class TaskRecord(TypedDict):
     task_start: NotRequired[int | None]
     boot_id: NotRequired[str]
     settling: NotRequired[bool]  # True in settling.json
+    # What a hand-back on preemption needs to publish the item again with its count raised (cflow.lanes):
+    data: NotRequired[str]  # the work message's data (the item as JSON)
+    preemptions: NotRequired[int]  # the item's preemptions before this run
+    backup: NotRequired[bool]  # a backup copy (cflow.backups): dropped, never handed back
 
 
 class WorkDir:

@@ -27,11 +27,22 @@ message's wording:
 
 Each keeps the service's own ``status``, ``reason`` and ``message``;
 ``str(error)`` is CFlow's one line for the user.
+
+Exit statuses of ``cflow run`` / ``scheduler.py`` (the README lists them too):
+
+    0    every item done
+    1    some items failed (listed with their logs), or a run stopped midway
+         and left resumable (a cancel elsewhere, a step failing again and again)
+    2    bad configuration or usage
+    4    the run reached MAX_COST_USD: the items running then finished, the
+         rest were cancelled (not run, not failed) and nothing is left running
+    130  interrupted (Ctrl-C)
 """
 
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
+EXIT_COST_CAP = 4
 EXIT_INTERRUPTED = 130
 
 

@@ -5,7 +5,10 @@ created (bad input never costs a VM), and the run id is printed before the
 first thing is created so an interrupted run can be resumed or cancelled.
 At the end: combine, delete the fleet and topics, write the VM history and
 RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``), and print the summary,
-which names failed items by their fields and, locally, their logs as files.
+which names failed items by their fields and, locally, their logs as files,
+and says what the lanes, backups and cost did. A run that reached
+MAX_COST_USD ends cancelled (``cflow.lifecycle.cancel_run``), its done items
+combined, with ``EXIT_COST_CAP``.
 """
 
 import argparse
@@ -22,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
+from cflow.errors import EXIT_COST_CAP, EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
 
 if TYPE_CHECKING:
     from cflow.config import Config
@@ -162,6 +165,9 @@ def dry_run(config: "Config", out: IO[str] | None = None) -> int:
         f"bucket:       gs://{config.bucket}",
         f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
         f"cost:         {cost_range(config, workers, len(items) if items is not None else None)}",
+        *([f"cost cap:     {cap_against_worst_case(config, workers, len(items) if items is not None else None)}"]
+          if config.max_cost_usd is not None else []),
+        f"Spot:         {spot_plan(config)}",
         "instance body (bulkInsert instanceProperties, names RUN_ID and scripts elided):",
         json.dumps(properties, indent=2),
         "dry run: nothing was created",
@@ -182,6 +188,32 @@ def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
         worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
         text += f"; at most ${hourly * worst_hours:.2f} if every attempt ran to TASK_TIMEOUT"
     return text + " (estimate from PRICES in const.py)"
+
+
+def cap_against_worst_case(config: "Config", workers: int, item_count: int | None) -> str:
+    """The dry run's line about MAX_COST_USD: the cap against the worst case (every attempt to TASK_TIMEOUT)."""
+    from cflow.costs import cap_line, worst_case
+
+    assert config.max_cost_usd is not None  # the caller shows this line only with a cap
+    price = config.hourly_price()
+    worst = None
+    if price is not None and item_count:
+        worst = worst_case(price * workers, workers, item_count, config.max_attempts, config.task_timeout)
+    return cap_line(config.max_cost_usd, worst)
+
+
+def spot_plan(config: "Config") -> str:
+    """The dry run's line about Spot: when items move to standard VMs, the stockout fallback, backups."""
+    if not config.vm_spot:
+        moves = "standard VMs only (VM_SPOT = False)"
+    elif config.spot_preemptions_before_standard is None:
+        moves = "items stay on Spot however often they are preempted"
+    else:
+        moves = (f"an item preempted {config.spot_preemptions_before_standard} times moves to standard VMs "
+                 f"(at most {config.standard_workers_max})")
+    if config.vm_spot and config.spot_stockout_fallback_minutes is not None:
+        moves += f"; standard workers after {config.spot_stockout_fallback_minutes:g} min with every zone out of Spot"
+    return moves + ("; backup copies of the slowest items once the queue is drained" if config.backup_tasks else "; no backup copies")
 
 
 def execute_run(
@@ -213,7 +245,7 @@ def execute_run(
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import Bucket, RunStorage
     from cflow.package import build_package
-    from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
+    from cflow.scheduler import Policies, RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
 
     out = out or sys.stderr
@@ -252,9 +284,10 @@ def execute_run(
         storage.write_manifest(manifest)
 
     properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
-    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties)
+    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, policies=Policies.from_config(config))
     if resume:
         scheduler.restore_vm_history()
+        scheduler.restore_account()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
     if created_queue or not storage.is_published():
@@ -320,25 +353,35 @@ def finish_run(
     config: "Config", run_id: str, scheduler: "Scheduler", storage: "RunStorage", pubsub: "PubSub", topics: "RunTopics", started: float,
     out: IO[str], view: "RunView | None" = None,
 ) -> int:
-    """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status."""
-    from cflow.lifecycle import combine_outputs, done_in_item_order
+    """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status.
+
+    A run that reached its cost cap is cancelled instead (marked, topics and
+    VMs deleted until gone: its items left are not run) and ends with ``EXIT_COST_CAP``.
+    """
+    from cflow.lifecycle import cancel_run, combine_outputs, done_in_item_order
     from cflow.ops.view import RunView
 
+    progress = scheduler.progress
     combined: dict[str, CombinedFile] = {}
     # The VMs have no work left and bill until they are gone: delete them while combining.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-fleet") as deleter:
-        fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id)
+        if progress.cost_capped:
+            fleet_deleted = deleter.submit(lambda: cancel_run(storage, pubsub, scheduler.compute, topics, time.time()).vms_left)
+        else:
+            fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id)
         if config.combine == "concat":
             done_in_order = done_in_item_order((item.id for item in scheduler.items), scheduler.done_ids)
             print(f"combining the outputs of {len(done_in_order)} item(s) into {Path(config.result_dir) / run_id}", file=out, flush=True)
             combined = combine_outputs(storage, done_in_order, config.result_dir)
         left = fleet_deleted.result()
-    pubsub.delete_run_topics(topics)
+    if not progress.cost_capped:
+        pubsub.delete_run_topics(topics)
     scheduler.write_vm_history(fleet_gone=True)
     view = view or RunView(storage)
     _write_report(view, config, run_id)
-    progress = scheduler.progress
     print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, left, out)
+    if progress.cost_capped:
+        return EXIT_COST_CAP
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
 
 
@@ -369,16 +412,29 @@ def print_summary(
 
     progress = scheduler.progress
     attempts = progress.done + progress.failed + progress.retries + progress.preemptions
-    kind = "Spot" if config.vm_spot else "standard"
+    not_run = f", {progress.not_run} not run" if progress.not_run else ""
+    by_kind = sorted(scheduler.cost_meter.seconds.items())
+    vm_time = ", ".join(f"{seconds:.0f} ({kind.label})" for kind, seconds in by_kind if seconds >= 0.5)
     lines = [
-        f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
+        f"run {run_id}: {progress.done} done, {progress.failed} failed{not_run} of {progress.total} item(s) in {wall_seconds:.1f} s",
         f"attempts: {attempts}, retries: {progress.retries}, preemptions: {progress.preemptions}",
-        f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind})",
+        f"VM-seconds: {vm_time or '0'}",
     ]
-    price = config.hourly_price()
-    if price is not None:
-        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
-                     f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+    if progress.cost_usd is not None:
+        priced = "; ".join(f"${kind.hourly_price(config.prices)}/hour per {kind.machine_type} {'Spot' if kind.spot else 'standard'} VM"
+                           for kind, _ in by_kind) or "nothing ran"
+        lines.append(f"estimated cost: ${progress.cost_usd:.4f} (from PRICES in const.py: {priced}; yours to update)")
+    if progress.standard_items:
+        lines.append(f"standard lane: {progress.standard_items} item(s) moved to standard VMs after "
+                     f"{config.spot_preemptions_before_standard} preemptions")
+    fallback = scheduler.policies.stockout_fallback.summary_line
+    if fallback:
+        lines.append(fallback)
+    if progress.backups_launched:
+        lines.append(f"backups: {progress.backups_launched} launched, {progress.backups_won} won")
+    if progress.cost_capped:
+        lines.append(f"cost cap: MAX_COST_USD ${config.max_cost_usd:.2f} reached (${progress.cost_usd or 0:.4f} by PRICES); "
+                     f"{progress.not_run} item(s) not run (cancelled, not failed)" + ("" if vms_left else "; nothing of the run is left running"))
     fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
         failed = view.failed_item(item_id, fields.get(item_id, ()))

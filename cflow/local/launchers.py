@@ -209,6 +209,8 @@ class ComputeOptions:
     seed: int | None = None
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool | None = None
+    slow_vms: float | None = None
+    slow_factor: float | None = None
 
     def to_argv(self) -> list[str]:
         """The ``cflow emulator compute`` options that set these values."""

@@ -388,11 +388,22 @@ class Scheduler:
         return max(spot_left - with_backup, 0)
 
     def _launch_backups(self, live: list["Vm"]) -> None:
-        """Publish a backup copy of each slow item the policy picks, for the idle Spot workers to pull."""
+        """Publish a backup copy of each slow item the policy picks, for the idle Spot workers to pull.
+
+        Only once the Spot queue is drained: every unfinished item of the lane
+        has a running copy (as the "started" events tell). A worker says it is
+        idle only after a whole empty pull, so the idle ones are the running
+        Spot VMs that hold no item then.
+        """
         if not self.policies.backups.enabled:
             return
-        spot_live = {vm.name for vm in live if self.lane_of(vm) == Lane.SPOT}
-        idle = [name for name in spot_live if name in self.idle_vms and name not in self.item_by_vm]
+        spot_live = {vm.name for vm in live if self.lane_of(vm) == Lane.SPOT and vm.status == "RUNNING"}
+        if self.progress.left > len(spot_live) + len(self.standard_ids):
+            return  # more items left than workers: some wait in the queue
+        running_items = {copy.item for copy in self.copy_by_vm.values()}
+        if any(item.id not in running_items and item.id not in self.standard_ids for item in self.unfinished_items()):
+            return
+        idle = [name for name in spot_live if name not in self.item_by_vm]
         running_since: dict[str, float] = {}
         for vm, copy in self.copy_by_vm.items():
             if vm in spot_live and not copy.backup and copy.item not in self.done_ids and copy.item not in self.failed_ids:

@@ -461,10 +461,11 @@ class PowerOff:
 class SlowGuests:
     """Gives the processes of some guests only 1/``factor`` of the time, from one thread.
 
-    Every ``period_s``: one /proc scan finds each slow guest's processes (its
-    process groups and every process carrying its marker: the task a worker
-    starts in a session of its own too), SIGCONT lets them run for
+    Every ``period_s``: SIGCONT lets each slow guest's processes run for
     ``period_s / factor``, then SIGSTOP stops them for the rest of the period.
+    A /proc scan before each finds them: the guest's process groups and every
+    process carrying its marker (the task a worker starts in a session of its
+    own too).
 
     Args:
         process_table: a ProcessTable for marked processes.
@@ -525,9 +526,9 @@ class SlowGuests:
             with self._lock:
                 any_slow = bool(self._guests)
             if any_slow:
-                scan = self._process_table.scan()
-                self._signal_all(signal.SIGCONT, scan)
+                self._signal_all(signal.SIGCONT, self._process_table.scan())
                 if self._stopped.wait(self._period_s / self.factor):
                     return
-                self._signal_all(signal.SIGSTOP, scan)
+                # Scanned again: a task started while the guest ran (in a session of its own) is stopped too.
+                self._signal_all(signal.SIGSTOP, self._process_table.scan())
             self._stopped.wait(max(0.0, started + self._period_s - self._monotonic()))

@@ -124,7 +124,8 @@ class FakeMetadata:
         return self.is_preempted
 
     def watch_attributes(self, last_etag, timeout_seconds=60):
-        # No long poll here: tests call ControlWatch.apply or read the answer once.
+        if last_etag == str(self.version):
+            time.sleep(0.05)  # a short stand-in for the server holding the call until something changes
         return dict(self.attributes), str(self.version)
 
     def set_attributes(self, **attributes):

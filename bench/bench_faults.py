@@ -82,7 +82,10 @@ def one_run(name, temporary, args, compute_options, settings):
         project = BenchProject(folder / "project", STEP_TASK, WORKER_NODE_CNT=args.workers, VM_TYPE="e2-small",
                                TASK_TIMEOUT=max(60, int(args.seconds * args.slow_factor * 10)), **settings)
         project.write(task_lines(args.items, args.seconds, stamps))
-        run = project.run(folder / "stack").check()
+        run = project.run(folder / "stack")
+    (folder / "scheduler.out").write_text(run.stdout)
+    (folder / "scheduler.err").write_text(run.stderr)  # kept with --keep, for a look at what the scheduler did
+    run.check()
     spans = Spans.read(stamps)
     counts = from_summary(run.stderr)
     figures = {"wall": run.wall_seconds, "stack_seconds": stack_seconds, "task_runs": len(spans.lines),

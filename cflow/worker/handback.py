@@ -122,12 +122,15 @@ def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_f
                        span: AttemptSpan | None = None) -> None:
     """Record the handed-back attempt's ``span``, note in its log why it ends here, and upload the log.
 
+    An item another copy recorded done keeps that copy's log (``cflow.backups``).
     A failure is logged: the item is handed back already.
     """
     record_span(context, span)
     try:
         with open(log_file, "a") as stream:
             stream.write(f"\ncflow: {reason}; item handed back\n")
+        if context.storage.is_done(item_id):
+            return
         context.storage.upload_log(item_id, attempt, log_file)
     except Exception as error:
         log.warning("could not upload the partial log of %s: %s", item_id, error)

@@ -66,11 +66,13 @@ def task_lines(items, seconds, stamp_file):
 
 
 def from_summary(stderr):
-    """The counts the run's summary printed (0 for a line it did not print)."""
+    """The counts the run's summary printed (0 for a line it did not print), and its VM-seconds (all kinds)."""
     found = {}
     for name, pattern in SUMMARY_PATTERNS.items():
         match = pattern.search(stderr)
         found[name] = int(match.group(1)) if match else 0
+    vm_line = next((line for line in stderr.splitlines() if line.startswith("VM-seconds: ")), "")
+    found["vm_seconds"] = sum(int(number) for number in re.findall(r"(\d+) \(", vm_line))
     return found
 
 
@@ -96,6 +98,12 @@ def one_run(name, temporary, args, compute_options, settings):
           f"{counts['backups_won']} won, {counts['moved_to_standard']} item(s) moved to standard VMs", flush=True)
     print(f"  task runs (start to end stamps, a stopped copy has none): {describe(spans.durations(), 1, 's')}; "
           f"first task {spans.first_start - run.started_at:.2f} s after start, {tail:.2f} s after the last task end", flush=True)
+    busy = sum(spans.durations())
+    if counts["vm_seconds"]:
+        # Where the faults cost: a VM bills (and counts) from its creation; boots, preempted and paused work use none of it.
+        figures.update(busy_fraction=busy / counts["vm_seconds"], live_vms=counts["vm_seconds"] / run.wall_seconds)
+        print(f"  VM time {counts['vm_seconds']} VM-s ({figures['live_vms']:.1f} VMs live on average of {args.workers}), "
+              f"{busy:.0f} s of it in finished task runs ({figures['busy_fraction']:.0%})", flush=True)
     return figures
 
 
@@ -104,7 +112,7 @@ def main(argv=None):
     parser.add_argument("--items", type=int, default=240, help="work items (default 240)")
     parser.add_argument("--seconds", type=float, default=1.0, help="seconds each task sleeps (default 1)")
     parser.add_argument("--workers", type=int, default=12, help="WORKER_NODE_CNT (default 12)")
-    parser.add_argument("--preempt-mean-s", type=float, default=10.0, help="mean life of a Spot VM in the faulty runs (default 10)")
+    parser.add_argument("--preempt-mean-s", type=float, default=10.0, help="mean life of a Spot VM in the faulty runs (default 10; 0: no preemptions)")
     parser.add_argument("--slow-vms", type=float, default=0.1, help="fraction of slow VMs in the faulty runs (default 0.1)")
     parser.add_argument("--slow-factor", type=float, default=5.0, help="how much slower a slow VM is (default 5)")
     parser.add_argument("--seed", type=int, default=13, help="the emulator's seed, the same for both faulty runs (default 13)")

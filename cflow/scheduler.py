@@ -232,6 +232,7 @@ class Scheduler:
         self._copies_to_stop: list[tuple[str | None, str]] = []
         # The cost cap: VMs told to take no new item.
         self._drained: set[str] = set()
+        self._preempted_since_step = False  # a VM to replace: wait() steps at once
 
     # -- publishing --------------------------------------------------------
 
@@ -532,13 +533,15 @@ class Scheduler:
         """Wait up to ``seconds`` until the next step, reading events as they come.
 
         Returns as soon as the events show every item ended, so the run's end
-        is seen when it happens instead of up to a step interval later. A
+        is seen when it happens instead of up to a step interval later, and
+        when a VM was preempted, so its replacement is asked for at once. A
         failure to read events (a lost queue, a cancel) is the next step's to
         handle: the rest of the time is slept.
         """
         deadline = self.clock() + seconds
         # Already all ended yet the last step did not finish: nothing to wake for.
         wake_on_end = not self._all_ended()
+        self._preempted_since_step = False
         while True:
             pulled_at = self.clock()
             left = deadline - pulled_at
@@ -553,7 +556,7 @@ class Scheduler:
                 log.debug("reading events while waiting failed (%s); the next step handles it", error)
                 sleep(max(0.0, deadline - self.clock()))
                 return
-            if self._all_ended():
+            if self._all_ended() or (self._preempted_since_step and not self.progress.cost_capped):
                 return
             # A pull can come back at once, empty or with one event: a few pulls a
             # second see the end soon enough without spinning on the service.
@@ -598,6 +601,7 @@ class Scheduler:
                 log.warning("item %s failed for good after %s attempts; log: %s", event.get("item"), event.get("attempt"), event.get("log"))
             elif kind == EventKind.PREEMPTED:
                 self.progress.preemptions += 1
+                self._preempted_since_step = True
                 self.vm_history.mark_preempted(vm, when)
                 if event.get("lane") == Lane.STANDARD and item_id in self.item_ids:
                     self.standard_ids.add(item_id)

@@ -250,3 +250,18 @@ def test_vm_time_is_counted_by_machine_type_and_provisioning_model():
     assert seconds == {("e2-small", True): 20.0, ("e2-small", False): 10.0}
     assert progress.cost_usd == pytest.approx(20 * 0.001 + 10 * 0.01)
     assert scheduler.vm_seconds == 30.0
+
+
+def test_a_preempted_vm_is_replaced_at_once_not_at_the_next_interval():
+    scheduler, _compute, pubsub, _storage, clock, _wall = make_scheduler(item_count=6, workers=2)
+    scheduler.step()
+    batches = [[], [{"type": "preempted", "vm": "w-1", "item": "000001", "attempt": 1}]]
+
+    def drain(subscription, max_messages=1000, timeout=0.5):
+        clock.advance(0.05)
+        return batches.pop(0) if batches else []
+
+    pubsub.drain_events = drain
+    started = clock.now
+    scheduler.wait(2.0, sleep=clock.advance)
+    assert clock.now - started < 0.5  # two pulls, then back to step

@@ -1,5 +1,6 @@
 """The policy objects of lanes, backups and cost (cflow.lanes, cflow.backups, cflow.costs), alone, with times passed in."""
 
+import json
 import logging
 
 import pytest
@@ -173,3 +174,53 @@ def test_the_dry_run_shows_the_cap_against_the_worst_case():
     assert cap_line(10.0, 6.0) == "$10.00 (MAX_COST_USD); the worst case, $6.00, is within it"
     assert cap_line(5.0, 6.0).startswith("$5.00 (MAX_COST_USD); the worst case, $6.00, is above it: at the cap the run stops creating")
     assert cap_line(5.0, None) == "$5.00 (MAX_COST_USD); no worst case to compare it with"
+
+
+# -- the settings, and the dry run -------------------------------------------------------
+
+import io  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cflow.config import load_config  # noqa: E402
+from cflow.errors import ConfigError  # noqa: E402
+from cflow.run import dry_run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def settings_file(tmp_path, body):
+    (tmp_path / "task").mkdir(exist_ok=True)
+    (tmp_path / "task" / "task.sh").write_text("#!/bin/bash\n")
+    (tmp_path / "tasks.txt").write_text("".join(f"item-{n}\n" for n in range(10)))
+    shutil.copy2(REPO / "init.sh", tmp_path / "init.sh")
+    path = tmp_path / "const.py"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("body, message", [
+    ("SPOT_PREEMPTIONS_BEFORE_STANDARD = 0", "SPOT_PREEMPTIONS_BEFORE_STANDARD must be None or a positive integer, got 0"),
+    ("STANDARD_WORKERS_MAX = 0", "STANDARD_WORKERS_MAX must be a positive integer, got 0"),
+    ("SPOT_STOCKOUT_FALLBACK_MINUTES = -1", "SPOT_STOCKOUT_FALLBACK_MINUTES must be None or a number of minutes of at least 0, got -1"),
+    ("BACKUP_TASKS = 'yes'", "BACKUP_TASKS must be True or False, got 'yes'"),
+    ("MAX_COST_USD = 0", "MAX_COST_USD must be None or a positive number of US dollars, got 0"),
+    ("VM_TYPE = 'n2-highmem-8'\nMAX_COST_USD = 5", "MAX_COST_USD is set, but PRICES has no price for VM_TYPE 'n2-highmem-8'"),
+])
+def test_a_bad_lane_backup_or_cost_setting_is_one_line_naming_it(tmp_path, body, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(settings_file(tmp_path, body + "\n"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_dry_run_shows_the_spot_plan_and_the_cap_against_the_worst_case(tmp_path):
+    config = load_config(settings_file(tmp_path, "WORKER_NODE_CNT = 5\nMAX_COST_USD = 0.5\nTASK_TIMEOUT = 3600\nMAX_ATTEMPTS = 3\n"))
+    out = io.StringIO()
+    dry_run(config, out)
+    text = out.getvalue()
+    # 10 items on 5 Spot e2-standard-2 at $0.020/hour: 2 rounds x 3 attempts x 1 hour x $0.10/hour = $0.60.
+    assert "cost cap:     $0.50 (MAX_COST_USD); the worst case, $0.60, is above it" in text
+    assert ("Spot:         an item preempted 3 times moves to standard VMs (at most 2); backup copies of the slowest items "
+            "once the queue is drained") in text
+    body = json.loads(text[text.index("{"): text.rindex("}") + 1])
+    assert body["labels"][LANE_ATTRIBUTE] == "spot"

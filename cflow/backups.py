@@ -72,6 +72,16 @@ class BackupPolicy:
             return None
         return statistics.median(self.item_times)
 
+    def next_due(self, running_since: Mapping[str, float], backed_up: Collection[str]) -> float | None:
+        """When the next running item without a backup becomes slow enough for one (on ``running_since``'s clock), or None."""
+        if not self.enabled:
+            return None
+        median = self.median()
+        starts = [started for item, started in running_since.items() if item not in backed_up]
+        if median is None or not starts:
+            return None
+        return min(starts) + self.multiple * median
+
     def choose(self, running_since: Mapping[str, float], idle_workers: int, backed_up: Collection[str], now: float) -> list[str]:
         """The items to launch a backup copy of now, longest-running first.
 

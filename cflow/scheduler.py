@@ -233,6 +233,7 @@ class Scheduler:
         # The cost cap: VMs told to take no new item.
         self._drained: set[str] = set()
         self._preempted_since_step = False  # a VM to replace: wait() steps at once
+        self._backup_due_at: float | None = None  # wall-clock time a backup is due: wait() steps then
 
     # -- publishing --------------------------------------------------------
 
@@ -409,8 +410,12 @@ class Scheduler:
         for vm, copy in self.copy_by_vm.items():
             if vm in spot_live and not copy.backup and copy.item not in self.done_ids and copy.item not in self.failed_ids:
                 running_since[copy.item] = copy.started
-        chosen = self.policies.backups.choose(running_since, len(idle) - len(self.backups.waiting), self.backups.launched, self.wall_clock())
+        free = len(idle) - len(self.backups.waiting)
+        chosen = self.policies.backups.choose(running_since, free, self.backups.launched, self.wall_clock())
         attempts = {copy.item: copy.attempt for copy in self.copy_by_vm.values()}
+        if free > len(chosen):
+            # Wake when the next item becomes slow enough, not up to a step interval later (wait() reads this).
+            self._backup_due_at = self.policies.backups.next_due(running_since, self.backups.launched | set(chosen))
         for item_id in chosen:
             data, attributes = tasks.encode_message(self.items_by_id[item_id], attempts[item_id])
             self.pubsub.publish(self.topics.work_topic, data, backup_attributes(attributes))
@@ -533,12 +538,16 @@ class Scheduler:
         """Wait up to ``seconds`` until the next step, reading events as they come.
 
         Returns as soon as the events show every item ended, so the run's end
-        is seen when it happens instead of up to a step interval later, and
-        when a VM was preempted, so its replacement is asked for at once. A
+        is seen when it happens instead of up to a step interval later; when a
+        VM was preempted, so its replacement is asked for at once; and when a
+        backup copy falls due (``cflow.backups``), so it starts on time. A
         failure to read events (a lost queue, a cancel) is the next step's to
         handle: the rest of the time is slept.
         """
         deadline = self.clock() + seconds
+        if self._backup_due_at is not None:
+            deadline = min(deadline, self.clock() + max(self._backup_due_at - self.wall_clock(), EVENT_POLL_SECONDS))
+            self._backup_due_at = None
         # Already all ended yet the last step did not finish: nothing to wake for.
         wake_on_end = not self._all_ended()
         self._preempted_since_step = False

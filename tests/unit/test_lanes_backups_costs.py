@@ -224,3 +224,10 @@ def test_the_dry_run_shows_the_spot_plan_and_the_cap_against_the_worst_case(tmp_
             "once the queue is drained") in text
     body = json.loads(text[text.index("{"): text.rindex("}") + 1])
     assert body["labels"][LANE_ATTRIBUTE] == "spot"
+
+
+def test_the_policy_says_when_the_next_backup_falls_due():
+    policy = policy_with_times(10, 10, 10)
+    assert policy.next_due({"a": 100.0, "b": 95.0}, backed_up=set()) == 115.0
+    assert policy.next_due({"a": 100.0, "b": 95.0}, backed_up={"b"}) == 120.0
+    assert policy.next_due({}, backed_up=set()) is None and policy_with_times(1).next_due({"a": 0.0}, set()) is None

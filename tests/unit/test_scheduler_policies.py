@@ -265,3 +265,33 @@ def test_a_preempted_vm_is_replaced_at_once_not_at_the_next_interval():
     started = clock.now
     scheduler.wait(2.0, sleep=clock.advance)
     assert clock.now - started < 0.5  # two pulls, then back to step
+
+
+def test_the_wait_between_steps_ends_when_a_backup_falls_due():
+    scheduler, compute, pubsub, storage, clock, wall = make_scheduler(item_count=4, workers=3, policies=Policies(backups=BackupPolicy(enabled=True)))
+    scheduler.step()
+    names = sorted(compute.vms)
+    for item in ("000000", "000001", "000002"):
+        pubsub.pending_events.append({"type": "done", "vm": names[1], "item": item, "seconds": 10.0})
+    storage.done.update({"000000", "000001", "000002"})
+    pubsub.pending_events.append({"type": "started", "vm": names[0], "item": "000003", "attempt": 1, "time": wall.now})
+    scheduler.refresh_markers()
+    wall.advance(19.5)  # due at 20 s (twice the median)
+    scheduler.step()
+    assert pubsub.published == []
+
+    def drain(subscription, max_messages=1000, timeout=0.5):
+        clock.advance(timeout)
+        wall.advance(timeout)
+        return []
+
+    def sleep(seconds):
+        clock.advance(seconds)
+        wall.advance(seconds)
+
+    pubsub.drain_events = drain
+    started = clock.now
+    scheduler.wait(2.0, sleep=sleep)
+    assert clock.now - started == pytest.approx(0.5)
+    scheduler.step()
+    assert len(pubsub.published) == 1

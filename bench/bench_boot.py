@@ -1,6 +1,6 @@
 """Benchmark 3: worker boot, from the VM's insert to its first pull, on the local stack.
 
-    python3 bench/bench_boot.py [--sequential 5] [--together 12]
+    python3 bench/bench_boot.py [--sequential 5] [--together 12] [--vm-root debian-12] [--init-script FILE]
 
 A run is prepared as the scheduler prepares it (package uploaded, run.json,
 topics), then worker VMs are created with CFlow's own bulkInsert and instance
@@ -13,9 +13,16 @@ properties (init.sh as the startup script):
 
 Insert time is taken just before the bulkInsert call; the rest comes from the
 VM's own logs (home/cflow/init.log and worker.log under the VM's disk folder
-in the stack's compute/vms/): init.sh's "starting" and "package ready" stamps,
-and the worker's "worker NAME on run RUN" line, which it logs just before its
-first pull. A fresh interpreter's import time of the worker's modules is
+in the stack's compute/vms/): init.sh's "starting", "package ready" and
+"starting the worker" stamps, and the worker's "worker NAME on run RUN" line,
+which it logs just before its first pull.
+
+With --vm-root the VMs boot on a real root and take the stock path: the run's
+wheelhouse is made (or found in ~/.cache/cflow/wheelhouse/) and uploaded
+first, as `cflow run` does, and "package ready -> starting the worker" is the
+install. --init-script boots another init.sh, e.g. an older one
+(`git show REV:init.sh > old-init.sh`), to compare two boot paths side by
+side on the same stack. A fresh interpreter's import time of the worker's modules is
 measured apart, to split the worker's start into imports and the rest.
 
 Target: median insert -> first pull < 1.5 s.
@@ -36,22 +43,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import REPO, BenchProject, banner, bench_stack, percentile, use_stack_environment, vm_disk_dirs, write_json_result
 
-INIT_STAMP = re.compile(r"cflow init: (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z (starting|package ready)")
-WORKER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO cflow\.worker: worker (\S+) on run ", re.M)
+INIT_STAMP = re.compile(r"cflow init: (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z (starting the worker|starting|package ready)")
+INIT_MARKS = {"starting": "init start", "package ready": "package ready", "starting the worker": "worker start"}
+WORKER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO cflow\.worker(?:\.entry)?: worker (\S+) on run ", re.M)
 WORKER_MODULES = "import cflow.worker, cflow.gcp.clients, cflow.gcp.metadata, cflow.gcp.pubsub, cflow.gcp.storage, google.cloud.pubsub_v1, google.cloud.storage"
 
 
 def vm_timeline(disk_dir):
-    """Epoch seconds of a VM's boot marks: {"init start", "package ready", "first pull"}; missing ones absent."""
+    """Epoch seconds of a VM's boot marks: {"init start", "package ready", "worker start", "first pull"}; missing ones absent."""
     marks = {}
     home = Path(disk_dir) / "home" / "cflow"
+    if not home.is_dir():  # a VM on a real root (--vm-root): HOME is /root in its disk
+        home = Path(disk_dir) / "root" / "root" / "cflow"
     try:
         init_text = (home / "init.log").read_text()
     except FileNotFoundError:
         return marks
     for stamp, what in INIT_STAMP.findall(init_text):
         moment = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.UTC).timestamp()
-        marks.setdefault("init start" if what == "starting" else "package ready", moment)
+        marks.setdefault(INIT_MARKS[what], moment)
     try:
         worker_text = (home / "worker.log").read_text()
     except FileNotFoundError:
@@ -82,7 +92,7 @@ def import_seconds(repeats=3):
 class BootRig:
     """A prepared run (package, run.json, topics) whose worker VMs can be created on demand."""
 
-    def __init__(self, info, temporary):
+    def __init__(self, info, temporary, stack_dir, init_script=None):
         from cflow import fleet
         from cflow.config import load_config
         from cflow.gcp.clients import build_clients
@@ -90,6 +100,7 @@ class BootRig:
         from cflow.gcp.pubsub import PubSub, RunTopics
         from cflow.gcp.storage import Bucket, RunStorage
         from cflow.package import build_package
+        from cflow.wheelhouse import prepare_for_run
 
         project = BenchProject(temporary / "project", "#!/bin/bash\ntrue\n", VM_TYPE="e2-small", WORKER_NODE_CNT=1)
         project.write(["000001"])
@@ -103,6 +114,11 @@ class BootRig:
         package = build_package(project.root)
         self.package_bytes = len(package)
         package_url = storage.upload_package(package)
+        # As `cflow run` does: only VMs on a real root install packages, from the run's wheelhouse.
+        started = time.monotonic()
+        wheelhouse = prepare_for_run(self.config, Bucket(clients.storage, self.config.bucket), stack_dir, print)
+        self.wheelhouse = wheelhouse
+        self.wheelhouse_seconds = time.monotonic() - started
         topics = RunTopics.for_run(clients.project, self.run_id, "boot-topic", "boot-sub")
         self.pubsub = PubSub(clients.publisher, clients.subscriber)
         self.topics = topics
@@ -112,8 +128,10 @@ class BootRig:
             "run_id": self.run_id, "bucket": self.config.bucket, "topics": topics.to_dict(),
             "task_command": list(self.config.task_module_cmd), "task_timeout": 60, "max_attempts": 3,
             "lease_seconds": 60, "idle_poweroff_seconds": 3600, "item_count": 0, "package": package_url,
+            "wheelhouse": wheelhouse.to_dict() if wheelhouse else None,
         })
-        self.properties = fleet.worker_instance_properties(self.config, self.run_id, package_url, fleet.read_init_script(self.config))
+        init_text = Path(init_script).read_text() if init_script else fleet.read_init_script(self.config)
+        self.properties = fleet.worker_instance_properties(self.config, self.run_id, package_url, init_text, wheelhouse)
         self.next_number = 1
         self.inserted_at = {}
 
@@ -166,13 +184,17 @@ def wait_first_pulls(stack_dir, names, timeout_s):
 
 def report(title, rig, marks):
     """Print median/max insert -> first pull and the median of each boot stage; returns the figures."""
-    total, stages = [], {"insert -> init.sh running": [], "package fetch (init.sh)": [], "worker start to first pull": []}
+    total = []
+    stages = {"insert -> init.sh running": [], "package (+ wheelhouse) fetch": [], "install (venv + pip)": [], "worker start to first pull": []}
     for name, mark in marks.items():
         inserted = rig.inserted_at[name]
+        # An init.sh without the "starting the worker" stamp: its install counts in the worker's start.
+        worker_start = mark.get("worker start", mark["package ready"])
         total.append(mark["first pull"] - inserted)
         stages["insert -> init.sh running"].append(mark["init start"] - inserted)
-        stages["package fetch (init.sh)"].append(mark["package ready"] - mark["init start"])
-        stages["worker start to first pull"].append(mark["first pull"] - mark["package ready"])
+        stages["package (+ wheelhouse) fetch"].append(mark["package ready"] - mark["init start"])
+        stages["install (venv + pip)"].append(worker_start - mark["package ready"])
+        stages["worker start to first pull"].append(mark["first pull"] - worker_start)
     print(f"{title}: insert -> first pull median {percentile(total, 0.5):.2f} s, max {max(total):.2f} s (n={len(total)})")
     for stage, values in stages.items():
         print(f"    {stage:30s} median {percentile(values, 0.5):.3f} s")
@@ -184,6 +206,8 @@ def main(argv=None):
     parser.add_argument("--sequential", type=int, default=5, help="VMs booted one at a time (default 5)")
     parser.add_argument("--together", type=int, default=12, help="VMs booted together in one bulkInsert (default 12; 0 skips)")
     parser.add_argument("--json", metavar="FILE", help="append the figures as a JSON line to FILE")
+    parser.add_argument("--vm-root", metavar="NAME", help="boot the VMs on a real root (e.g. debian-12: init.sh's stock path, from the run's wheelhouse)")
+    parser.add_argument("--init-script", metavar="FILE", help="boot with this init.sh instead of the project's (e.g. an older one, to compare)")
     args = parser.parse_args(argv)
 
     banner(f"bench_boot: {args.sequential} VMs one at a time, {args.together} together")
@@ -194,16 +218,19 @@ def main(argv=None):
         figures.update(interpreter_start=bare, worker_imports=imports)
         print(f"fresh interpreter: start {bare:.3f} s; importing the worker's modules {imports:.3f} s more", flush=True)
         stack_dir = temporary / "stack"
-        with bench_stack(stack_dir) as (info, stack_seconds):
+        with bench_stack(stack_dir, **({"vm_root": args.vm_root} if args.vm_root else {})) as (info, stack_seconds):
             print(f"local stack up in {stack_seconds:.2f} s", flush=True)
             use_stack_environment(info)
-            rig = BootRig(info, temporary)
-            print(f"package: {rig.package_bytes} bytes", flush=True)
+            rig = BootRig(info, temporary, stack_dir, args.init_script)
+            print(f"package: {rig.package_bytes} bytes; wheelhouse: {rig.wheelhouse.url if rig.wheelhouse else 'none (VMs share this machine)'}"
+                  f" (ready in {rig.wheelhouse_seconds:.2f} s)", flush=True)
+            figures["wheelhouse_seconds"] = rig.wheelhouse_seconds
+            figures["init_script"] = args.init_script or "init.sh"
             try:
                 marks = {}
                 for _ in range(args.sequential):
                     names = rig.insert(1)
-                    marks.update(wait_first_pulls(stack_dir, names, 120))
+                    marks.update(wait_first_pulls(stack_dir, names, 600 if args.vm_root else 120))
                 if marks:
                     figures["sequential"] = report("one at a time", rig, marks)
                 if args.together:

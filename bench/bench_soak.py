@@ -67,11 +67,9 @@ def read_ledger(path):
 
 def count_preempted_vms(info):
     """VMs the emulator preempted: its compute.instances.preempted operations, in every zone of the stack."""
-    from google.auth.credentials import AnonymousCredentials
+    from cflow.gcp.clients import build_local_compute
 
-    from cflow.gcp.clients import build_compute
-
-    compute = build_compute(AnonymousCredentials(), info.compute_endpoint)
+    compute = build_local_compute(info.compute_endpoint, info.compute_token_file)
     zones = [zone["name"] for zone in compute.zones().list(project=info.project).execute(num_retries=6).get("items", [])]
     preempted = 0
     for zone in zones:

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple, NoReturn, TypeVar, dataclass_transform
 
 from cflow.errors import ConfigError
 from cflow.local import LOCAL_PROJECT
-from cflow.zones import KNOWN_ZONES
+from cflow.zones import KNOWN_ZONES, region_of
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,13 @@ MAX_USER_LABELS = 60
 RESERVED_LABEL_PREFIX = "cflow-"
 
 GCE_NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+# Shared VPC: a network or subnetwork of another (host) project, by its path.
+NETWORK_PATH_RE = re.compile(r"projects/(?P<project>[a-z][-a-z0-9.:]*[a-z0-9])/global/networks/(?P<name>[a-z]([-a-z0-9]*[a-z0-9])?)")
+SUBNETWORK_PATH_RE = re.compile(
+    r"projects/(?P<project>[a-z][-a-z0-9.:]*[a-z0-9])/regions/(?P<region>[a-z]+(-[a-z]+)*[0-9]+)/subnetworks/(?P<name>[a-z]([-a-z0-9]*[a-z0-9])?)"
+)
+# GCE's bounds on scheduling.maxRunDuration: 30 seconds to 120 days.
+MIN_RUN_HOURS, MAX_RUN_HOURS = 30 / 3600, 120 * 24
 ZONE_RE = re.compile(r"[a-z]+(-[a-z]+)*[0-9]+-[a-z]")
 PROJECT_ID_RE = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
 MACHINE_TYPE_RE = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)+")
@@ -578,6 +585,59 @@ def _check_fallback_zones(checker: Checker, name: str, value: Any) -> tuple[str,
     return tuple(value)
 
 
+def _check_network(checker: Checker, name: str, value: Any) -> str:
+    if not isinstance(value, str) or not (
+        (GCE_NAME_RE.fullmatch(value) and len(value) <= 63) or NETWORK_PATH_RE.fullmatch(value)
+    ):
+        checker.fail(
+            name,
+            f"must be a VPC network's name, or 'projects/HOST_PROJECT/global/networks/NAME' for a Shared VPC, got {_short_repr(value)}",
+            "use e.g. 'default'; `gcloud compute networks list` shows yours",
+        )
+    return value
+
+
+def _check_max_run_hours(checker: Checker, name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or not MIN_RUN_HOURS <= value <= MAX_RUN_HOURS:
+        checker.fail(
+            name,
+            f"must be a number of hours from {MIN_RUN_HOURS:.4f} (30 s) to {MAX_RUN_HOURS} (120 days, GCE's limit), got {_short_repr(value)}",
+            "set it to more than a worker ever needs, e.g. 24",
+        )
+    return float(value)
+
+
+def _check_subnetwork(checker: Checker, name: str, value: Any) -> str | None:
+    """VM_SUBNETWORK: a subnetwork is regional, so every zone of the run must be in its region."""
+    if value is None:
+        return None
+    fix = "set it to a subnetwork of VM_NETWORK in the zones' region (`gcloud compute networks subnets list`), or None"
+    path = SUBNETWORK_PATH_RE.fullmatch(value) if isinstance(value, str) else None
+    if not isinstance(value, str) or not (path or (GCE_NAME_RE.fullmatch(value) and len(value) <= 63)):
+        checker.fail(
+            name,
+            f"must be a subnetwork's name, or 'projects/HOST_PROJECT/regions/REGION/subnetworks/NAME', got {_short_repr(value)}",
+            fix,
+        )
+    zones = (checker.earlier("VM_ZONE"), *checker.earlier("VM_FALLBACK_ZONES"))
+    regions = sorted({region_of(zone) for zone in zones})
+    if path and regions != [path.group("region")]:
+        checker.fail(
+            name,
+            f"is in region {path.group('region')}, but the zones (VM_ZONE, VM_FALLBACK_ZONES) are in {', '.join(regions)}",
+            f"pick zones in {path.group('region')}, or a subnetwork in theirs",
+        )
+    if len(regions) > 1:
+        checker.fail(
+            name,
+            f"is one region's subnetwork, but the zones (VM_ZONE, VM_FALLBACK_ZONES) span {', '.join(regions)}",
+            "keep the zones in one region, or set VM_SUBNETWORK = None to use the network's subnetwork in each",
+        )
+    return value
+
+
 def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
     """VM_IMAGE_NAME: required when VM_BOOT is 'image'; when set, an image name or 'family/NAME'."""
     if value is None and checker.earlier("VM_BOOT") != "image":
@@ -732,6 +792,17 @@ class Config:
         "default", "service account the workers run as: 'default' or an email address", _check_service_account
     )
     vm_labels: types.MappingProxyType[str, str] = setting({}, "extra labels on every worker; keys starting with 'cflow-' are CFlow's own", _check_labels)
+    vm_network: str = setting("default", "the VPC network of the workers: a name, or 'projects/HOST/global/networks/NAME'", _check_network)
+    vm_subnetwork: str | None = setting(
+        None, "the workers' subnetwork in the zones' region; None: the network's own subnetwork there", _check_subnetwork
+    )
+    vm_external_ip: bool = setting(
+        True, "True: each worker gets an external IP; False: none (needs Private Google Access or Cloud NAT)",
+        _boolean("True for an external IP per worker, False for none"),
+    )
+    max_run_hours: float | None = setting(
+        24, "hours after which GCE deletes a worker even if this controller is gone; None: no limit", _check_max_run_hours
+    )
     # Plumbing.
     topic_name: str = setting("cflow-topic", "name prefix of the run's Pub/Sub topic; the run id is appended", _check_pubsub_prefix)
     subscription_name: str = setting("cflow-sub", "name prefix of the run's Pub/Sub subscription; the run id is appended", _check_pubsub_prefix)

@@ -22,18 +22,27 @@ message's wording:
       ZoneStockout              the zone has no capacity (zone)
       TransientError            worth trying again after a wait
         RateLimited             the service asks us to slow down
+        ResourceNotReady        the VM is still being created or stopped (GCE's 400 resourceNotReady)
         ServiceUnreachable      no answer at all (network, endpoint down)
       PermanentRequestError     the request itself is wrong; retrying will not help
 
-Each keeps the service's own ``status``, ``reason`` and ``message``;
-``str(error)`` is CFlow's one line for the user.
+How a run ends when the cloud says no: ``WorkersRefused`` (GCE refuses every
+worker for good: exit 2) and ``VmsLeftBehind`` (exit 3).
+
+Each keeps the service's own ``status``, ``reason`` and ``message``, and
+what GCE's answer named (``field``, ``resource``, ``constraint``) so a
+reaction can say which setting to change; ``str(error)`` is CFlow's one line
+for the user.
 
 Exit statuses of ``cflow run`` / ``scheduler.py`` (the README lists them too):
 
-    0    every item done
+    0    every item done, nothing of the run left in the cloud
     1    some items failed (listed with their logs), or a run stopped midway
          and left resumable (a cancel elsewhere, a step failing again and again)
-    2    bad configuration or usage
+    2    bad configuration or usage: const.py, a setting the cloud refuses
+         (preflight, or GCE refusing to create any worker), a missing bucket
+    3    the run did not clean up: VMs of the run are still there at the end;
+         each is listed with the gcloud command that deletes it
     4    the run reached MAX_COST_USD: the items running then finished, the
          rest were cancelled (not run, not failed) and nothing is left running
     130  interrupted (Ctrl-C)
@@ -42,6 +51,7 @@ Exit statuses of ``cflow run`` / ``scheduler.py`` (the README lists them too):
 EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
+EXIT_VMS_LEFT = 3
 EXIT_COST_CAP = 4
 EXIT_INTERRUPTED = 130
 
@@ -71,9 +81,17 @@ class CloudError(CflowError):
         reason: the service's machine-readable reason (GCE's ``reason`` or operation ``code``), or "".
         message: the service's own human-readable message, or "".
         service: "compute", "pubsub" or "storage" when known.
+
+    Attributes set by ``cflow.gcp.errors.classify`` when GCE's answer names them (else None):
+        field: the request field refused, e.g. "resource.networkInterfaces[0].network".
+        resource: the resource path named, e.g. "projects/p/global/networks/default".
+        constraint: the organization policy constraint, e.g. "constraints/compute.vmExternalIpAccess".
     """
 
     exit_status = 1
+    field: str | None = None
+    resource: str | None = None
+    constraint: str | None = None
 
     def __init__(self, text: str, status: int | None = None, reason: str = "", message: str = "", service: str | None = None) -> None:
         super().__init__(text)
@@ -164,6 +182,10 @@ class TransientError(CloudError):
     """A failure worth trying again after a wait (5xx, a timeout, a resource not ready yet)."""
 
 
+class ResourceNotReady(TransientError):
+    """GCE's 400 ``resourceNotReady``: the VM (or disk) is still being created or stopped; ask again shortly."""
+
+
 class RateLimited(TransientError):
     """The service asks for fewer requests (429, rateLimitExceeded)."""
 
@@ -174,3 +196,39 @@ class ServiceUnreachable(TransientError):
 
 class PermanentRequestError(CloudError):
     """The request itself is refused (a missing network, a bad image, a policy): retrying will not help."""
+
+
+# ---------------------------------------------------------------- how a run ends when the cloud says no
+
+
+class WorkersRefused(CflowError):
+    """GCE refused to create the run's workers for a reason no retry mends, and none of them is alive.
+
+    The run is cancelled (nothing of it left running) and the line quotes
+    GCE's reason and message and names the setting to change.
+
+    Attributes:
+        error: GCE's refusal, classified.
+        setting: the const.py setting to change, when one is to blame.
+    """
+
+    exit_status = EXIT_USAGE
+
+    def __init__(self, text: str, error: CloudError, setting: str | None = None) -> None:
+        super().__init__(text)
+        self.error = error
+        self.setting = setting
+
+
+class VmsLeftBehind(CflowError):
+    """The run ended, but VMs of its own are still there (billing): each is named with its gcloud delete command.
+
+    Attributes:
+        commands: one ``gcloud compute instances delete ...`` per VM left.
+    """
+
+    exit_status = EXIT_VMS_LEFT
+
+    def __init__(self, text: str, commands: list[str]) -> None:
+        super().__init__(text)
+        self.commands = commands

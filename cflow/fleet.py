@@ -1,13 +1,23 @@
-"""What a worker VM is made of: its instance properties for bulkInsert, and their lane variants.
+"""What a worker VM is made of: its instance properties for bulkInsert and their lane variants, its name, and which setting made each part.
 
-``worker_instance_properties`` is the body of the run's workers as const.py
-describes them (Spot or standard, as VM_SPOT says, in the Spot lane);
-``lane_variant`` derives from it the body of a worker of another lane or
-provisioning model (``cflow.lanes``): a standard VM of the standard lane, or
-a standard VM of the Spot lane while Spot capacity is out. The lane is in
-the VM's label and metadata attribute ``LANE_ATTRIBUTE``.
+- ``worker_instance_properties``: the body of the run's workers as const.py
+  describes them (Spot or standard, as VM_SPOT says, in the Spot lane):
+  machine type, scheduling with ``maxRunDuration`` from MAX_RUN_HOURS,
+  network interface from VM_NETWORK, VM_SUBNETWORK and VM_EXTERNAL_IP, disk,
+  service account, metadata.
+- ``lane_variant``: from that body, the body of a worker of another lane or
+  provisioning model (``cflow.lanes``): a standard VM of the standard lane,
+  or a standard VM of the Spot lane while Spot capacity is out. The lane is
+  in the VM's label and metadata attribute ``LANE_ATTRIBUTE``.
+- ``vm_name`` / ``vm_number``; ``creation_request_id``: the ``requestId`` of a
+  bulkInsert, derived from the run and the VM names.
+- ``setting_to_change``: which const.py setting a GCE refusal of that body
+  blames, and how to fix it (GCE names the field, resource or policy; this
+  module knows which setting filled it).
 
-The boot script is init.sh (see its header). The shutdown script
+The boot script is init.sh (see its header); a stock worker's metadata also
+names the run's wheelhouse (``cflow.wheelhouse``), where it installs its
+Python packages from. The shutdown script
 (``SHUTDOWN_SCRIPT``, generated with the work directory's file names from
 ``cflow.protocol``) marks an idle worker stopping without starting Python, or
 runs shutdown-signal.py from the downloaded package to hand the in-flight item
@@ -15,13 +25,18 @@ back.
 """
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cflow import protocol
 from cflow.config import Config
-from cflow.gcp.compute import RUN_LABEL
+from cflow.errors import CloudError
+from cflow.gcp.compute import RUN_LABEL, cflow_request_id
+from cflow.zones import region_of
+
+if TYPE_CHECKING:
+    from cflow.wheelhouse import WheelhouseRef
 
 # Workers need Pub/Sub and their run's objects, nothing else.
 WORKER_SCOPES = (
@@ -95,9 +110,52 @@ STANDARD_SCHEDULING = {"provisioningModel": "STANDARD", "onHostMaintenance": "MI
 _PROVISIONING_KEYS = ("provisioningModel", "preemptible", "instanceTerminationAction", "onHostMaintenance", "automaticRestart")
 
 
-def worker_instance_properties(config: Config, run_id: str, package_url: str, init_script_text: str) -> dict[str, Any]:
-    """The ``instanceProperties`` of a bulkInsert for this run's workers (the Spot lane's, Spot as VM_SPOT says)."""
-    scheduling = dict(SPOT_SCHEDULING if config.vm_spot else STANDARD_SCHEDULING)
+def creation_request_id(run_id: str, zone: str, names: Sequence[str]) -> str:
+    """The ``requestId`` of the bulkInsert that creates ``names``: the same creation sent again gets the same id.
+
+    Names are never reused within a run (and run ids are not reused), so two different creations never share one.
+    """
+    return cflow_request_id("cflow-workers", run_id, zone, *names)
+
+
+def network_url(config: Config) -> str:
+    """The interface's ``network``: VM_NETWORK as a path GCE takes."""
+    return config.vm_network if "/" in config.vm_network else f"global/networks/{config.vm_network}"
+
+
+def subnetwork_url(config: Config) -> str | None:
+    """The interface's ``subnetwork``, or None to let GCE take the network's own subnetwork in the zone's region."""
+    if config.vm_subnetwork is None:
+        return None
+    if "/" in config.vm_subnetwork:
+        return config.vm_subnetwork
+    return f"regions/{region_of(config.vm_zone)}/subnetworks/{config.vm_subnetwork}"
+
+
+def network_interface(config: Config) -> dict[str, Any]:
+    """The workers' one network interface; an external IP only with VM_EXTERNAL_IP (no access config otherwise)."""
+    interface: dict[str, Any] = {"network": network_url(config)}
+    subnetwork = subnetwork_url(config)
+    if subnetwork is not None:
+        interface["subnetwork"] = subnetwork
+    if config.vm_external_ip:
+        interface["accessConfigs"] = [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]
+    return interface
+
+
+def worker_instance_properties(
+    config: Config, run_id: str, package_url: str, init_script_text: str, wheelhouse: "WheelhouseRef | None" = None
+) -> dict[str, Any]:
+    """The ``instanceProperties`` of a bulkInsert for this run's workers (the Spot lane's, Spot as VM_SPOT says).
+
+    ``wheelhouse``: where a stock worker installs its Python packages from
+    (``cflow.wheelhouse``; None when the workers have them).
+    """
+    scheduling: dict[str, Any] = dict(SPOT_SCHEDULING if config.vm_spot else STANDARD_SCHEDULING)
+    if config.max_run_hours is not None:
+        # GCE deletes the worker when it has run this long, even if no controller is left to do it.
+        scheduling["maxRunDuration"] = {"seconds": str(round(config.max_run_hours * 3600))}
+        scheduling["instanceTerminationAction"] = "DELETE"
     labels = dict(config.vm_labels)
     labels.update({RUN_LABEL: run_id, "cflow-role": "worker", protocol.LANE_ATTRIBUTE: protocol.Lane.SPOT.value})
     return {
@@ -111,9 +169,7 @@ def worker_instance_properties(config: Config, run_id: str, package_url: str, in
                 "initializeParams": {"sourceImage": boot_image(config), "diskSizeGb": str(config.vm_disk_gb)},
             }
         ],
-        "networkInterfaces": [
-            {"network": "global/networks/default", "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
-        ],
+        "networkInterfaces": [network_interface(config)],
         "serviceAccounts": [{"email": config.vm_compute_service_account, "scopes": list(WORKER_SCOPES)}],
         "metadata": {
             "items": [
@@ -123,6 +179,7 @@ def worker_instance_properties(config: Config, run_id: str, package_url: str, in
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
                 {"key": protocol.LANE_ATTRIBUTE, "value": protocol.Lane.SPOT.value},
+                *(wheelhouse.metadata_items() if wheelhouse is not None else []),
             ]
         },
     }
@@ -154,3 +211,75 @@ def lane_variant(properties: Mapping[str, Any], lane: protocol.Lane, spot: bool)
 def read_init_script(config: Config) -> str:
     """The text of init.sh beside const.py (the workers' startup-script)."""
     return (Path(config.base_dir) / "init.sh").read_text()
+
+
+class SettingToChange(NamedTuple):
+    """The const.py setting a refusal blames, and how to fix it (one clause, for the end of a line)."""
+
+    setting: str
+    fix: str
+
+
+def _image_setting(config: Config) -> SettingToChange:
+    if config.vm_boot == "image":
+        return SettingToChange("VM_IMAGE_NAME", "set VM_IMAGE_NAME to an image that exists (`cflow image build` makes one)")
+    return SettingToChange("VM_STOCK_IMAGE", "set VM_STOCK_IMAGE to a public image, e.g. 'projects/debian-cloud/global/images/family/debian-12'")
+
+
+def _settings_by_part(config: Config) -> list[tuple[str, SettingToChange]]:
+    """(part of a field, resource path or constraint, setting): the first part found in GCE's answer decides."""
+    network, region = config.vm_network.rsplit("/", 1)[-1], region_of(config.vm_zone)
+    external_ip = SettingToChange(
+        "VM_EXTERNAL_IP",
+        "set VM_EXTERNAL_IP = False in const.py (the workers then need Private Google Access on the subnetwork or Cloud NAT; "
+        "see \"Running on GCP\" in the README)",
+    )
+    return [
+        ("vmExternalIpAccess", external_ip),
+        ("accessConfigs", external_ip),
+        ("subnetwork", SettingToChange(
+            "VM_SUBNETWORK",
+            f"set VM_SUBNETWORK to a subnetwork of {network} in {region} (`gcloud compute networks subnets list --network {network}`), "
+            "or None for the network's own",
+        )),
+        ("networks/", SettingToChange(
+            "VM_NETWORK",
+            f"create it (gcloud compute networks create {network} --subnet-mode=auto) or set VM_NETWORK in const.py "
+            "to one of `gcloud compute networks list`",
+        )),
+        ("network", SettingToChange("VM_NETWORK", "set VM_NETWORK in const.py to one of `gcloud compute networks list`")),
+        ("machineType", SettingToChange(
+            "VM_TYPE", f"set VM_TYPE to a machine type the zones offer (`gcloud compute machine-types list --zones {config.vm_zone}`)"
+        )),
+        ("guestCpus", SettingToChange("VM_TYPE", "set VM_TYPE to a smaller machine type")),
+        ("serviceAccount", SettingToChange(
+            "VM_COMPUTE_SERVICE_ACCOUNT",
+            "set VM_COMPUTE_SERVICE_ACCOUNT to an account that exists and that the controller may act as "
+            "(roles/iam.serviceAccountUser on it), or 'default'",
+        )),
+        ("diskSizeGb", SettingToChange("VM_DISK_GB", "set VM_DISK_GB to at least the image's size")),
+        ("sourceImage", _image_setting(config)),
+        ("images/", _image_setting(config)),
+        ("requireShieldedVm", _image_setting(config)),
+        ("trustedImageProjects", _image_setting(config)),
+        ("maxRunDuration", SettingToChange("MAX_RUN_HOURS", "set MAX_RUN_HOURS between 30 seconds and 120 days, or None")),
+        ("instanceTerminationAction", SettingToChange("MAX_RUN_HOURS", "set MAX_RUN_HOURS = None")),
+        ("provisioningModel", SettingToChange("VM_SPOT", "set VM_SPOT = False for standard VMs")),
+        ("labels", SettingToChange("VM_LABELS", "fix VM_LABELS (lowercase keys and values)")),
+        ("zones/", SettingToChange("VM_ZONE", "pick zones from `gcloud compute zones list` for VM_ZONE and VM_FALLBACK_ZONES")),
+    ]
+
+
+def setting_to_change(error: CloudError, config: Config) -> SettingToChange | None:
+    """The setting whose value made GCE refuse the workers, from what the refusal names; None when none is to blame.
+
+    The policy constraint is read first, then the request field, then the resource.
+    """
+    table = _settings_by_part(config)
+    for named in (error.constraint, error.field, error.resource):
+        if not named:
+            continue
+        for part, blamed in table:
+            if part in named:
+                return blamed
+    return None

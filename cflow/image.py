@@ -1,11 +1,14 @@
 """``cflow image build``: bake the workers' software into an image, through the Compute Engine API.
 
 The seed's manual steps, automated: boot a standard VM from VM_STOCK_IMAGE
-whose startup script (``build_script``) installs the Python client packages
-into /opt/cflow/venv and copies init.sh to /opt/cflow/init.sh; wait until it
-says it is done on the serial console; stop the VM; make an image of its boot
-disk in a family; delete the VM. Workers booted from that image
-(``VM_BOOT = "image"``) skip the install: init.sh finds the venv and uses it.
+whose startup script (``build_script``) copies init.sh to /opt/cflow/init.sh
+and has it install the Python client packages into /opt/cflow/venv from the
+workers' wheelhouse in the bucket (``cflow.wheelhouse``: the same bytes a
+stock worker installs, no apt-get, no package index; the build VM reads it
+with VM_COMPUTE_SERVICE_ACCOUNT); wait until it says it is done on the
+serial console; stop the VM; make an image of its boot disk in a family;
+delete the VM. Workers booted from that image (``VM_BOOT = "image"``) skip
+the install: init.sh finds the venv and uses it.
 
 The same code builds on GCP and on the local Compute emulator. An emulated
 image lives in the running local stack, so locally the command needs one
@@ -16,7 +19,9 @@ image with it when it stops).
 import argparse
 import dataclasses
 import datetime
+import functools
 import logging
+import os
 import re
 import secrets
 import sys
@@ -26,10 +31,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from cflow.errors import CloudError, ConfigError, StackError
+from cflow.package import WORKER_PACKAGES
 
 if TYPE_CHECKING:
     from cflow.config import Config
     from cflow.gcp.compute import Compute
+    from cflow.local.stack import StackInfo
+    from cflow.wheelhouse import WheelhouseRef
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ BUILD_VM_PREFIX = "cflow-image-build"
 BUILD_ROLE_LABEL = {"cflow-role": "image-build"}
 # The build installs packages; any small standard machine does, in any zone.
 BUILD_MACHINE_TYPE = "e2-standard-2"
+# The build VM reads the wheelhouse from the bucket, nothing else.
+BUILD_SCOPES = ("https://www.googleapis.com/auth/devstorage.read_only",)
 POLL_INTERVAL_S = 2.0
 QUIET_REPORT_EVERY_S = 30.0
 MARKER = "cflow-image-build: "
@@ -48,9 +58,10 @@ FAILED_LINE = MARKER + "failed"
 # How the serial console reports the startup script's end: the emulator writes
 # "startup-script exit status N", GCE's guest agent "startup-script exit status N"
 # or 'Script "startup-script" failed with error: exit status N'.
-SCRIPT_EXIT_RE = re.compile(r'startup-script"?[^\n]*exit status (\d+)')
+# Only the runner's own two forms: a script's own line ("...: startup-script: LINE")
+# that mentions an exit status is not the script's end.
+SCRIPT_EXIT_RE = re.compile(r'(?:: startup-script exit status (\d+)$|Script "startup-script" failed with error: exit status (\d+))')
 NAME_RE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
-VENV_PACKAGES = ("google-cloud-pubsub", "google-cloud-storage", "google-auth")
 
 BUILD_SCRIPT = r"""#!/bin/bash
 # CFlow image build: the startup script of the build VM (`cflow image build`).
@@ -68,16 +79,6 @@ ROOT="${CFLOW_VM_ROOT:-}"
 VENV="$ROOT/opt/cflow/venv"
 trap 'echo "cflow-image-build: failed: line $LINENO exited with status $?"' ERR
 
-retry() {
-  local attempt
-  for attempt in 1 2 3 4 5; do
-    "$@" && return 0
-    echo "cflow-image-build: retrying in 10 s: $*"
-    sleep 10
-  done
-  return 1
-}
-
 echo "cflow-image-build: started"
 mkdir -p "$ROOT/opt/cflow"
 if [ "${CFLOW_EMULATED_VM:-}" = "1" ]; then
@@ -88,22 +89,19 @@ if [ "${CFLOW_EMULATED_VM:-}" = "1" ]; then
   # A host that runs in a venv of its own keeps its packages there, not in
   # the base interpreter's site-packages that --system-site-packages adds.
   python3 -c 'import site; print("\n".join(site.getsitepackages()))' >"$(echo "$VENV"/lib/python3*/site-packages)/cflow-host.pth"
-else
-  export DEBIAN_FRONTEND=noninteractive
-  echo "cflow-image-build: installing python3-venv"
-  retry apt-get update -q
-  retry apt-get install -y -q python3-venv
-  echo "cflow-image-build: creating $VENV"
-  python3 -m venv "$VENV"
-  echo "cflow-image-build: installing @PACKAGES@"
-  retry "$VENV/bin/pip" install -q @PACKAGES@
 fi
-"$VENV/bin/python3" -c 'import google.auth, google.cloud.pubsub, google.cloud.storage'
-echo "cflow-image-build: the packages import in $VENV"
 cat >"$ROOT/opt/cflow/init.sh" <<'CFLOW_INIT_SH_END'
 @INIT_SH@
 CFLOW_INIT_SH_END
 chmod 755 "$ROOT/opt/cflow/init.sh"
+if [ "${CFLOW_EMULATED_VM:-}" != "1" ]; then
+  # What a stock worker does at boot, once: the run's wheelhouse (instance
+  # metadata cflow-wheelhouse), sha256 checked, installed with no index.
+  echo "cflow-image-build: installing @PACKAGES@ from the workers' wheelhouse (init.sh, no package index)"
+  CFLOW_INIT_INSTALL_ONLY=1 bash "$ROOT/opt/cflow/init.sh"
+fi
+"$VENV/bin/python3" -c 'import google.auth, google.cloud.pubsub, google.cloud.storage'
+echo "cflow-image-build: the packages import in $VENV"
 sync
 echo "cflow-image-build: ready"
 """
@@ -117,7 +115,7 @@ def build_script(init_script_text: str) -> str:
     """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh."""
     if "\nCFLOW_INIT_SH_END\n" in f"\n{init_script_text}\n":
         raise ConfigError("init.sh contains the line CFLOW_INIT_SH_END, which the image build uses as a delimiter; remove it")
-    return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(VENV_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
+    return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(WORKER_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
 
 
 def default_image_name(family: str, now: datetime.datetime | None = None) -> str:
@@ -135,9 +133,18 @@ def check_image_names(family: str, name: str) -> None:
                           "at most 63 characters; pass a shorter --name or --family")
 
 
-def build_vm_body(name: str, zone: str, stock_image: str, disk_gb: int, labels: Mapping[str, str], startup_script: str) -> dict[str, Any]:
-    """The instances.insert body of the build VM: standard (never Spot: a preempted build is wasted), no service account."""
-    return {
+def build_vm_body(
+    name: str, zone: str, stock_image: str, disk_gb: int, labels: Mapping[str, str], startup_script: str,
+    wheelhouse: "WheelhouseRef | None" = None, service_account: str | None = None,
+) -> dict[str, Any]:
+    """The instances.insert body of the build VM: standard (never Spot: a preempted build is wasted).
+
+    With a ``wheelhouse`` it carries its metadata and ``service_account``
+    with read-only Cloud Storage (to fetch it); without one (an emulated VM
+    that uses this machine's packages), no service account.
+    """
+    metadata = [{"key": "startup-script", "value": startup_script}, *(wheelhouse.metadata_items() if wheelhouse else [])]
+    body: dict[str, Any] = {
         "name": name,
         "machineType": f"zones/{zone}/machineTypes/{BUILD_MACHINE_TYPE}",
         "labels": {**labels, **BUILD_ROLE_LABEL},
@@ -145,12 +152,15 @@ def build_vm_body(name: str, zone: str, stock_image: str, disk_gb: int, labels: 
         "disks": [
             {"boot": True, "autoDelete": True, "initializeParams": {"sourceImage": stock_image, "diskSizeGb": str(disk_gb)}}
         ],
-        # apt and pip need the internet: an external address.
+        # As the workers have: the route to Cloud Storage on the default network.
         "networkInterfaces": [
             {"network": "global/networks/default", "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT"}]}
         ],
-        "metadata": {"items": [{"key": "startup-script", "value": startup_script}]},
+        "metadata": {"items": metadata},
     }
+    if wheelhouse is not None and service_account:
+        body["serviceAccounts"] = [{"email": service_account, "scopes": list(BUILD_SCOPES)}]
+    return body
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +175,8 @@ class BuildRequest:
     labels: dict[str, str]
     init_script_text: str
     timeout_s: float
+    wheelhouse: "WheelhouseRef | None" = None  # what the build VM installs (None: an emulated VM uses this machine's packages)
+    service_account: str | None = None  # reads the wheelhouse
 
 
 class ImageBuilder:
@@ -207,7 +219,8 @@ class ImageBuilder:
         """
         deadline = self.clock() + request.timeout_s
         vm_name = vm_name or f"{BUILD_VM_PREFIX}-{secrets.token_hex(3)}"
-        body = build_vm_body(vm_name, request.zone, request.stock_image, request.disk_gb, request.labels, build_script(request.init_script_text))
+        body = build_vm_body(vm_name, request.zone, request.stock_image, request.disk_gb, request.labels, build_script(request.init_script_text),
+                             request.wheelhouse, request.service_account)
         self._say(f"creating build VM {vm_name} in {request.zone} from {request.stock_image}")
         operation = self.compute.insert_vm(request.zone, body)
         try:
@@ -218,7 +231,7 @@ class ImageBuilder:
             self._say(f"creating image {request.image_name} (family {request.family}) from the disk of {vm_name}")
             operation = self.compute.insert_image_from_disk(
                 request.image_name, request.family, request.zone, vm_name,
-                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(VENV_PACKAGES)}) and /opt/cflow/init.sh",
+                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(WORKER_PACKAGES)}) and /opt/cflow/init.sh",
             )
             self._wait(operation, None, f"creating image {request.image_name}", deadline)
             image = self.compute.get_image(request.image_name)
@@ -275,9 +288,9 @@ class ImageBuilder:
             return "ready"
         if FAILED_LINE in line:
             raise ImageBuildError(f"the build script failed on {vm_name}: {line[line.find(FAILED_LINE):].strip()}; fix it (see the message) and build again")
-        match = SCRIPT_EXIT_RE.search(line)
+        match = SCRIPT_EXIT_RE.search(line.rstrip())
         if match:
-            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1)} before it was ready; "
+            raise ImageBuildError(f"the build script on {vm_name} ended with exit status {match.group(1) or match.group(2)} before it was ready; "
                                   "build again, or check VM_STOCK_IMAGE")
         return None
 
@@ -324,14 +337,14 @@ def add_parser(subparsers: Any) -> None:
     build.set_defaults(func=build_command)
 
 
-def _compute_for(config: "Config", stack_dir: str | None) -> "Compute":
-    """The Compute seam for the config's target; locally only a running stack is used."""
-    from cflow.gcp.clients import build_compute, credentials_for
+def _compute_for(config: "Config", stack_dir: str | None) -> "tuple[Compute, StackInfo | None]":
+    """The Compute seam for the config's target, and locally the running stack it uses (never one started here)."""
+    from cflow.gcp.clients import build_compute, build_local_compute, credentials_for
     from cflow.gcp.compute import Compute
 
     if not config.is_local:
         credentials, _ = credentials_for("gcp", config.credential_file)
-        return Compute(build_compute(credentials), config.project)
+        return Compute(build_compute(credentials), config.project), None
     from cflow.local.stack import LocalStack
 
     folder = Path(stack_dir) if stack_dir else config.base_dir / ".cflow" / "local"
@@ -341,8 +354,23 @@ def _compute_for(config: "Config", stack_dir: str | None) -> "Compute":
             f"no local stack is running in {folder}; start it with `cflow local up --dir {folder}` "
             "(the image lives in that stack, so it must outlive this command)"
         )
-    credentials, _ = credentials_for("local")
-    return Compute(build_compute(credentials, info.compute_endpoint), config.project)
+    return Compute(build_local_compute(info.compute_endpoint, info.compute_token_file), config.project), info
+
+
+def _wheelhouse_for(config: "Config", stack: "StackInfo | None", say: Callable[[str], None]) -> "WheelhouseRef | None":
+    """The workers' wheelhouse the build VM installs, in the bucket; None when the build VM uses this machine's packages (emulated)."""
+    from cflow import wheelhouse
+    from cflow.gcp.clients import build_storage_client
+    from cflow.gcp.storage import Bucket
+
+    if not wheelhouse.stock_vms_install(config, stack.vm_root if stack else None):
+        return None
+    if stack is not None:
+        os.environ.update(stack.env())  # the storage client finds the stack's fake-gcs-server here
+    bucket = Bucket(build_storage_client(config.target, config.project, config.credential_file), config.bucket)
+    # As `cflow run`: locally the default bucket is made on demand, a bucket named in const.py must exist.
+    bucket.ensure_exists(create_if_missing=config.is_local and config.bucket == f"{config.project}-cflow")
+    return wheelhouse.prepare(bucket, say)
 
 
 def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
@@ -358,7 +386,7 @@ def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[
     name = args.name or default_image_name(args.family)
     check_image_names(args.family, name)
     zone = args.zone or config.vm_zone
-    compute = _compute_for(config, args.stack_dir)
+    compute, stack = _compute_for(config, args.stack_dir)
     if not compute.zone_exists(zone):
         raise ConfigError(f"zone {zone} does not exist in project {config.project}; pass --zone, e.g. {config.vm_zone}")
     compute.check_image(config.vm_stock_image)
@@ -367,6 +395,8 @@ def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[
     request = BuildRequest(
         image_name=name, family=args.family, zone=zone, stock_image=config.vm_stock_image, disk_gb=config.vm_disk_gb,
         labels=dict(config.vm_labels), init_script_text=read_init_script(config), timeout_s=args.timeout,
+        wheelhouse=_wheelhouse_for(config, stack, functools.partial(print, file=err, flush=True)),
+        service_account=config.vm_compute_service_account,
     )
     image = ImageBuilder(compute, err).build(request)
     print(f"image: {image['name']} (family {args.family}, project {config.project})", file=out)

@@ -11,6 +11,8 @@ needs; everything else that happens to a run happens here, once, for both
 - ``cancel_run``: mark it cancelled (first, so a cancel cut short still
   shows), delete its topics (so a scheduler still running stops on its next
   step instead of creating workers), delete its VMs until they are gone;
+- ``delete_command`` / ``left_behind_lines``: a VM of the run still there
+  at the end, named with the exact gcloud command that deletes it;
 - ``combine_outputs``: concatenate the done items' outputs into
   RESULT_DIR/RUN_ID and upload them to the run's combined/ folder;
 - ``run_state``: finished, cancelled, or in progress.
@@ -29,7 +31,7 @@ from cflow.errors import CloudError, ConfigError
 
 if TYPE_CHECKING:
     from cflow.config import Config
-    from cflow.gcp.compute import Compute
+    from cflow.gcp.compute import Compute, Vm
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
 
@@ -131,10 +133,24 @@ def check_resumable(manifest: Mapping[str, Any], config: "Config", run_id: str) 
 
 @dataclasses.dataclass(frozen=True)
 class CancelOutcome:
-    """What a cancel did: the VMs listed when it began deleting, and those still listed at its deadline."""
+    """What a cancel did: the VMs listed when it began deleting, and those still listed at its deadline (names, and the VMs)."""
 
     vms_found: int
     vms_left: list[str]
+    left_behind: "tuple[Vm, ...]" = ()
+
+
+def delete_command(project: str, vm: "Vm") -> str:
+    """The gcloud command that deletes ``vm``."""
+    return f"gcloud compute instances delete {vm.name} --zone {vm.zone} --project {project} --quiet"
+
+
+def left_behind_lines(run_id: str, project: str, vms: "Sequence[Vm]") -> list[str]:
+    """One line per VM of the run still there (it may still bill), each with the command that deletes it, then what to do."""
+    lines = [f"still there: VM {vm.name} ({vm.status or 'unknown'} in {vm.zone}); delete it: {delete_command(project, vm)}" for vm in vms]
+    lines.append(f"run {run_id} did not clean up: {len(vms)} VM(s) of its own are still there and may bill until deleted; "
+                 f"run the commands above, or `cflow cancel {run_id} --yes`")
+    return lines
 
 
 def cancel_run(
@@ -175,7 +191,7 @@ def cancel_run(
         left = compute.delete_run_vms(run_id, deadline_seconds, poll_seconds, clock=clock, sleep=sleep)
     except CloudError as error:
         raise CloudError(f"deleting the VMs of run {run_id} failed: {error.message}") from error
-    return CancelOutcome(vms_found=found, vms_left=left)
+    return CancelOutcome(vms_found=found, vms_left=[vm.name for vm in left], left_behind=tuple(left))
 
 
 # ---------------------------------------------------------------- combine

@@ -2,20 +2,33 @@
 
 It holds the ``cflow`` package, the user's ``task/`` folder and the worker
 entry scripts, and never ``credential/``: workers use their VM's own service
-account.
+account. It also holds ``constraints.txt`` (``worker_constraints``): the
+versions this controller runs of the packages a stock worker installs and of
+everything they need, the run's record of them; the workers' wheelhouse
+(``cflow.wheelhouse``) is downloaded at these versions, so workers run what
+the controller was tested with.
 """
 
+import importlib.metadata
 import importlib.util
 import io
 import py_compile
+import re
 import tarfile
 import tempfile
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cflow
 from cflow.errors import ConfigError
 
 ENTRY_SCRIPTS = ("init.sh", "startup-signal.py", "shutdown-signal.py")
+# What a stock worker installs from the run's wheelhouse (cflow.wheelhouse).
+WORKER_PACKAGES = ("google-cloud-pubsub", "google-cloud-storage", "google-auth")
+CONSTRAINTS_NAME = "constraints.txt"
+_REQUIREMENT = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
+_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 SKIPPED_PARTS = {"__pycache__", ".git", ".pytest_cache", "credential"}
 # Never imported on a worker (the cloud in a box runs beside the controller):
 # shipped as source only, not compiled as well.
@@ -74,11 +87,56 @@ def _refuse_keys(path: Path, base_dir: Path) -> None:
         )
 
 
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def worker_constraints(
+    packages: Iterable[str] = WORKER_PACKAGES,
+    distribution: Callable[[str], importlib.metadata.Distribution] = importlib.metadata.distribution,
+) -> str:
+    """pip constraints (``NAME==VERSION`` lines) pinning ``packages`` and all they require to this controller's versions.
+
+    Requirements are followed through extras (``google-api-core[grpc]``); one
+    whose environment marker keeps it off this controller is not installed here
+    and stays unpinned, as does anything not installed. Local version labels
+    (``+cpu``) are dropped: a public index only has the public version.
+    """
+    pins: dict[str, str] = {}
+    wanted: list[tuple[str, frozenset[str]]] = [(name, frozenset()) for name in packages]
+    expanded: set[tuple[str, frozenset[str]]] = set()
+    while wanted:
+        name, extras = wanted.pop()
+        key = (_normalised(name), extras)
+        if key in expanded:
+            continue
+        expanded.add(key)
+        try:
+            found = distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pins[_normalised(found.metadata["Name"] or name)] = f"{found.metadata['Name'] or name}=={found.version.split('+')[0]}"
+        for requirement in found.requires or []:
+            text, _, marker = requirement.partition(";")
+            needs_extra = _EXTRA_MARKER.search(marker)
+            if needs_extra and _normalised(needs_extra.group(1)) not in extras:
+                continue
+            match = _REQUIREMENT.match(text)
+            if match:
+                wanted.append((match.group(1), frozenset(_normalised(extra) for extra in (match.group(2) or "").split(",") if extra.strip())))
+    header = (
+        "# The versions of the workers' Python packages on the controller that built this package\n"
+        "# (cflow/package.py); the workers' wheelhouse was downloaded at these versions (cflow/wheelhouse.py).\n"
+    )
+    return header + "".join(f"{pins[key]}\n" for key in sorted(pins))
+
+
 def build_package(base_dir: str | Path) -> bytes:
     """Returns the package as tar.gz bytes (file modes kept, so task scripts stay executable).
 
     CFlow's own modules also go in compiled (``__pycache__``, hash-checked),
-    so a booting worker does not compile them again on every VM.
+    so a booting worker does not compile them again on every VM; and
+    ``constraints.txt`` (``worker_constraints``) at the top.
     """
     buffer = io.BytesIO()
     # gzip level 6 (gzip's own default, not tarfile's 9): half the time for a 1% larger package.
@@ -87,6 +145,12 @@ def build_package(base_dir: str | Path) -> bytes:
             archive.add(str(path), arcname=name, recursive=False)
             if name.startswith("cflow/") and not name.startswith(CONTROLLER_ONLY) and name.endswith(".py"):
                 _add_bytecode(archive, name, path, Path(scratch) / "module.pyc")
+        constraints = worker_constraints().encode()
+        info = tarfile.TarInfo(CONSTRAINTS_NAME)
+        info.size = len(constraints)
+        info.mode = 0o644
+        info.mtime = int(time.time())
+        archive.addfile(info, io.BytesIO(constraints))
     return buffer.getvalue()
 
 

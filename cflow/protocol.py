@@ -115,3 +115,4 @@ STOPPING_FLAG = "stopping"  # set by the shutdown hook: take no new item
 HANDBACK_LOCK = "handback.lock"  # flock held while either side reads or changes the two records
 SHUTDOWN_ENTRY = "shutdown-signal.py"  # the Python shutdown hook, in PACKAGE_DIR
 SHUTDOWN_LOG = "shutdown.log"  # what the shutdown script and hook print
+HOOK_SETTINGS_FILE = "hook.json"  # what the shutdown hook needs, written at worker start: it reads no network before the nack

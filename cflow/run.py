@@ -1,19 +1,29 @@
 """``python3 scheduler.py`` / ``cflow run``: one whole run, from const.py to the combined result and its report.
 
 Order matters: everything that can be checked is checked before anything is
-created (bad input never costs a VM), and the run id is printed before the
-first thing is created so an interrupted run can be resumed or cancelled.
+created or uploaded (bad input never costs a VM): const.py, the bucket, then
+the preflight (``cflow.preflight``: zones, image, network, service account,
+quotas); the run id is printed before the first thing is created so an
+interrupted run can be resumed or cancelled. ``--dry-run`` runs the same
+reads and prints the plan, writing nothing.
+
 At the end: combine, delete the fleet and topics, write the VM history and
 RESULT_DIR/RUN_ID/report.html (``cflow.ops.report``), and print the summary,
 which names failed items by their fields and, locally, their logs as files,
-and says what the lanes, backups and cost did. A run that reached
+and says what the lanes, backups and cost did.
+
+How a run ends (exit statuses in ``cflow.errors``): the summary (0, or 1 with
+failed items); GCE refusing every worker for good cancels the run and ends
+it in one line (``WorkersRefused``, 2); any VM of the run still there at the
+end is named with its gcloud delete command (3); a run that reached
 MAX_COST_USD ends cancelled (``cflow.lifecycle.cancel_run``), its done items
-combined, with ``EXIT_COST_CAP``.
+combined (``EXIT_COST_CAP``, 4, unless a VM was left: 3).
 """
 
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -25,16 +35,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cflow.errors import EXIT_COST_CAP, EXIT_ITEMS_FAILED, EXIT_OK, ConfigError
+from cflow.errors import (
+    EXIT_COST_CAP,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_VMS_LEFT,
+    CflowError,
+    CloudError,
+    ConfigError,
+    VmsLeftBehind,
+    WorkersRefused,
+)
 
 if TYPE_CHECKING:
     from cflow.config import Config
     from cflow.gcp.clients import Clients
-    from cflow.gcp.compute import Compute
+    from cflow.gcp.compute import Compute, Vm
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import RunStorage
     from cflow.lifecycle import CombinedFile
     from cflow.ops.view import RunView
+    from cflow.preflight import PreflightResult
     from cflow.scheduler import Progress, Scheduler
 
 log = logging.getLogger(__name__)
@@ -56,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", dest="target", action="store_const", const="local", help="run on the local cloud in a box")
     where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="run on Google Cloud")
     parser.add_argument("--resume", metavar="RUN_ID", help="carry on a run that was interrupted, from what it keeps in Cloud Storage")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+    parser.add_argument("--dry-run", action="store_true", help="check the settings against the cloud (read only) and print the plan; create nothing")
     parser.add_argument("--yes", action="store_true", help="on Ctrl-C, cancel the run (delete its VMs, topics and subscriptions) without asking")
     parser.add_argument("--stack-dir", default=None, metavar="DIR", help="local stack folder (default: .cflow/local beside const.py)")
 
@@ -98,7 +119,7 @@ def run_command(args: argparse.Namespace, before_run: "Callable[[Config, Clients
 
     config = load_config(args.config, overrides_from(args))
     if args.dry_run:
-        return dry_run(config)
+        return dry_run(config, clients=_reading_clients(config, args))
     run_id = args.resume or new_run_id()
     print(f"run id: {run_id}", flush=True)
     with _cloud(config, args) as clients:
@@ -139,28 +160,73 @@ def _cloud(config: "Config", args: argparse.Namespace) -> "Iterator[Clients]":
         yield build_clients("local", config.project)
 
 
-def dry_run(config: "Config", out: IO[str] | None = None) -> int:
-    """Print the plan: items, VMs, zones, boot, the instance body and a cost range. Creates nothing."""
+def _reading_clients(config: "Config", args: argparse.Namespace) -> "Clients | str":
+    """The clients a dry run reads through, or why there are none (one line): it starts nothing and writes nothing."""
+    from cflow.gcp.clients import build_clients
+
+    try:
+        if not config.is_local:
+            return build_clients("gcp", config.project, config.credential_file)
+        from cflow.local.stack import LocalStack
+
+        stack_dir = Path(args.stack_dir) if args.stack_dir else config.base_dir / ".cflow" / "local"
+        info = LocalStack(stack_dir).info()
+        if info is None:
+            return f"no local stack is running in {stack_dir} (`cflow local up` starts one)"
+        os.environ.update(info.env())
+        return build_clients("local", config.project)
+    except CflowError as error:
+        return str(error)
+
+
+def preflight_run(config: "Config", clients: "Clients", properties: dict[str, Any], wanted: int,
+                  own_vms: "list[Vm] | None" = None, compute: "Compute | None" = None) -> "PreflightResult":
+    """The preflight (``cflow.preflight``) through the run's clients.
+
+    Raises:
+        PreflightFailed, ConfigError: a setting the project cannot honour.
+        CloudError: Compute Engine could not be read.
+    """
+    from cflow.gcp.compute import Compute
+    from cflow.gcp.iam import ServiceAccounts
+    from cflow.preflight import Preflight
+
+    accounts = ServiceAccounts(clients.iam) if clients.iam is not None else None
+    return Preflight(config, compute or Compute(clients.compute, clients.project), accounts).check(properties, wanted, own_vms or [])
+
+
+def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | str | None" = None) -> int:
+    """Print the plan: items, VMs, zones, boot, the preflight, the instance body and a cost range. Writes nothing.
+
+    Args:
+        clients: the clients to read through, or why there are none (the preflight is then skipped, saying so).
+    Raises:
+        PreflightFailed, ConfigError: the preflight found a setting the project cannot honour (after the plan is printed).
+    """
     from cflow import fleet
     from cflow.gcp import layout
     from cflow.tasks import load_items
 
     out = out or sys.stdout
-    # A gs:// prefix would need a listing; the dry run talks to no service at all.
+    # A gs:// prefix would need a listing; the dry run lists nothing of the user's.
     items = load_items(config) if config.tasks_kind != "gcs" else None
     properties = fleet.worker_instance_properties(
         config, "RUN_ID", layout.run_url(config.bucket, "RUN_ID", layout.PACKAGE), fleet.read_init_script(config)
     )
+    workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    preflight_lines, failure = _dry_preflight(config, clients, properties, workers)
     for entry in properties["metadata"]["items"]:
         if entry["key"] in ("startup-script", "shutdown-script"):
             entry["value"] = f"<{len(entry['value'])} bytes: {'init.sh' if entry['key'] == 'startup-script' else 'runs shutdown-signal.py'}>"
-    workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    external = "an external IP each" if config.vm_external_ip else "no external IP"
     lines = [
         f"target:       {config.target} (project {config.project})",
         f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
         f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
         f"zones:        {', '.join(config.zones)}",
+        f"network:      {fleet.network_url(config)}{', ' + str(fleet.subnetwork_url(config)) if config.vm_subnetwork else ''}, {external}",
+        f"run time:     {'at most ' + format(config.max_run_hours, 'g') + ' h per worker (GCE deletes it then)' if config.max_run_hours else 'no limit'}",
         f"boot:         {config.vm_boot} ({fleet.boot_image(config)})",
         f"bucket:       gs://{config.bucket}",
         f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
@@ -168,12 +234,36 @@ def dry_run(config: "Config", out: IO[str] | None = None) -> int:
         *([f"cost cap:     {cap_against_worst_case(config, workers, len(items) if items is not None else None)}"]
           if config.max_cost_usd is not None else []),
         f"Spot:         {spot_plan(config)}",
+        *preflight_lines,
         "instance body (bulkInsert instanceProperties, names RUN_ID and scripts elided):",
         json.dumps(properties, indent=2),
         "dry run: nothing was created",
     ]
-    print("\n".join(lines), file=out)
+    print("\n".join(lines), file=out, flush=True)
+    if failure is not None:
+        raise failure
     return EXIT_OK
+
+
+def _dry_preflight(
+    config: "Config", clients: "Clients | str | None", properties: dict[str, Any], workers: int
+) -> tuple[list[str], CflowError | None]:
+    """The dry run's preflight lines, and the error it found (raised after the plan is printed)."""
+    if clients is None or isinstance(clients, str):
+        why = clients or "no clients given"
+        return [f"preflight:    not checked ({why}); network, image, account and quotas are unchecked"], None
+    try:
+        result = preflight_run(config, clients, properties, workers)
+    except CloudError as error:
+        if isinstance(error, ConfigError):
+            return [f"preflight:    FAILED: {error}"], error
+        return [f"preflight:    not checked (the cloud could not be read: {error}); network, image, account and quotas are unchecked"], None
+    except ConfigError as error:
+        return [f"preflight:    FAILED: {error}"], error
+    lines = [f"preflight:    {line}" for line in result.checked]
+    lines += [f"warning:      {line}" for line in result.warnings]
+    lines += [f"not checked:  {line}" for line in result.unchecked]
+    return lines, None
 
 
 def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
@@ -236,17 +326,22 @@ def execute_run(
     Raises:
         ConfigError: a check failed before anything was created, or a resumed
             run's settings differ in const.py now.
+        PreflightFailed: the project cannot honour a setting (nothing created or uploaded).
         RunCancelled: the run was (or is, meanwhile) cancelled.
         SchedulerGaveUp: the reconcile step kept failing; the run is resumable.
+        WorkersRefused: GCE refused every worker for good; the run was cancelled.
+        VmsLeftBehind: ... and a VM of the run was still there after the cancel.
         CloudError: a service refused.
     """
     from cflow import fleet, lifecycle
+    from cflow.gcp import layout
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import Bucket, RunStorage
     from cflow.package import build_package
     from cflow.scheduler import Policies, RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
+    from cflow.wheelhouse import WheelhouseRef, prepare_for_run
 
     out = out or sys.stderr
     started = time.monotonic()
@@ -254,17 +349,13 @@ def execute_run(
     storage = RunStorage(clients.storage, config.bucket, run_id)
     compute = Compute(clients.compute, clients.project)
     pubsub = PubSub(clients.publisher, clients.subscriber, clients.project)
+    say = functools.partial(print, file=out, flush=True)
 
-    # Checks first: nothing is created before every one passes.
+    # Checks first: nothing is created or uploaded before every one passes.
     # Locally the default bucket is made on demand; a bucket named in const.py
     # must exist, as on GCP, so a typo never writes results somewhere new.
     bucket.ensure_exists(create_if_missing=config.is_local and config.bucket == f"{config.project}-cflow")
-    for zone in config.zones:
-        if not compute.zone_exists(zone):
-            raise ConfigError(f"{config.config_path.name}: VM_ZONE/VM_FALLBACK_ZONES: zone {zone} does not exist in project {clients.project}; "
-                              "pick one from `gcloud compute zones list`")
-    compute.check_image(fleet.boot_image(config))
-
+    own_vms: list[Vm] = []
     if resume:
         manifest = storage.read_manifest()
         items = storage.read_items()
@@ -274,17 +365,38 @@ def execute_run(
             raise RunCancelled(f"run {run_id} was cancelled and cannot be resumed; start a new run for the items left "
                                f"(`cflow status {run_id}` shows them)")
         lifecycle.check_resumable(manifest, config, run_id)
+        own_vms = compute.list_run_vms(run_id)
+        package_url = manifest["package"]
         topics = RunTopics.from_dict(manifest["topics"])
+        kept_wheelhouse = WheelhouseRef.from_dict(manifest.get("wheelhouse"))
     else:
         items = load_items(config, list_objects=lambda bucket_name, prefix: Bucket(clients.storage, bucket_name).list_object_names(prefix))
+        package_url = storage.url(layout.PACKAGE)
         topics = RunTopics.for_run(clients.project, run_id, config.topic_name, config.subscription_name)
-        package_url = storage.upload_package(build_package(config.base_dir))
+    init_script = fleet.read_init_script(config)
+    preflight = preflight_run(config, clients, fleet.worker_instance_properties(config, run_id, package_url, init_script),
+                              min(config.worker_node_cnt, len(items)), own_vms, compute)
+    for line in preflight.warnings:
+        print(f"warning: {line}", file=out, flush=True)
+    for line in preflight.unchecked:
+        log.info("preflight: not checked: %s", line)
+
+    if resume:
+        # The workers of a resumed run install what its first workers did.
+        wheelhouse = kept_wheelhouse or prepare_for_run(config, bucket, stack_dir, say)
+    else:
+        # Stock workers install their Python packages from a wheelhouse in the bucket, made once per set of versions.
+        wheelhouse = prepare_for_run(config, bucket, stack_dir, say)
+        uploaded_url = storage.upload_package(build_package(config.base_dir))
+        assert uploaded_url == package_url, "the package is uploaded where the workers' body says"
         manifest = lifecycle.new_manifest(config, run_id, clients.project, topics, len(items), package_url, time.time())
+        manifest["wheelhouse"] = wheelhouse.to_dict() if wheelhouse else None
         storage.write_items(items)
         storage.write_manifest(manifest)
 
-    properties = fleet.worker_instance_properties(config, run_id, manifest["package"], fleet.read_init_script(config))
-    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, policies=Policies.from_config(config))
+    properties = fleet.worker_instance_properties(config, run_id, package_url, init_script, wheelhouse)
+    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers,
+                          policies=Policies.from_config(config))
     if resume:
         scheduler.restore_vm_history()
         scheduler.restore_account()
@@ -303,6 +415,10 @@ def execute_run(
         run_steps(scheduler, lambda progress: reporter.show(progress, time.monotonic() - started), step_interval, sleep=sleep)
     except (RunCancelled, SchedulerGaveUp):
         reporter.close()  # the error line goes below the progress line, not over it
+        raise
+    except WorkersRefused as refused:
+        reporter.close()
+        _end_refused(run_id, refused, storage, pubsub, compute, topics, out)
         raise
     except KeyboardInterrupt:
         reporter.close()
@@ -330,7 +446,7 @@ def _run_view(storage: "RunStorage", config: "Config", stack_dir: Path | None) -
 
 def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute: "Compute", topics: "RunTopics", assume_yes: bool, out: IO[str]) -> None:
     """Ctrl-C: cancel the run (asking on a terminal unless --yes), or leave it resumable."""
-    from cflow.lifecycle import cancel_run
+    from cflow.lifecycle import cancel_run, left_behind_lines
 
     cancel = assume_yes
     if not assume_yes and sys.stdin.isatty():
@@ -341,12 +457,28 @@ def _on_interrupt(run_id: str, storage: "RunStorage", pubsub: "PubSub", compute:
         cancel = answer.strip().lower() in ("y", "yes")
     if cancel:
         outcome = cancel_run(storage, pubsub, compute, topics, time.time())
-        left = outcome.vms_left
-        print(f"run {run_id} cancelled: VMs, topics and subscriptions deleted; outputs and logs kept"
-              + (f" (still listed: {', '.join(left)})" if left else ""), file=out, flush=True)
+        print(f"run {run_id} cancelled: VMs, topics and subscriptions deleted; outputs and logs kept", file=out, flush=True)
+        if outcome.left_behind:
+            print("\n".join(left_behind_lines(run_id, compute.project, outcome.left_behind)), file=out, flush=True)
     else:
         print(f"run {run_id} was left as it is; carry on with `python3 scheduler.py --resume {run_id}` "
               f"or stop it with `cflow cancel {run_id}`", file=out, flush=True)
+
+
+def _end_refused(run_id: str, refused: WorkersRefused, storage: "RunStorage", pubsub: "PubSub", compute: "Compute",
+                 topics: "RunTopics", out: IO[str]) -> None:
+    """GCE refuses every worker for good and none is alive: cancel the run cleanly (topics, any VM), keep what it wrote.
+
+    Raises:
+        VmsLeftBehind: a VM of the run is still there after the cancel (each named with its delete command).
+    """
+    from cflow.lifecycle import cancel_run, delete_command, left_behind_lines
+
+    outcome = cancel_run(storage, pubsub, compute, topics, time.time())
+    if outcome.left_behind:
+        print("\n".join(left_behind_lines(run_id, compute.project, outcome.left_behind)), file=out, flush=True)
+        raise VmsLeftBehind(f"{refused}; and the run did not clean up (see the commands above)",
+                            [delete_command(compute.project, vm) for vm in outcome.left_behind]) from refused
 
 
 def finish_run(
@@ -356,9 +488,12 @@ def finish_run(
     """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status.
 
     A run that reached its cost cap is cancelled instead (marked, topics and
-    VMs deleted until gone: its items left are not run) and ends with ``EXIT_COST_CAP``.
+    VMs deleted until gone: its items left are not run) and ends with
+    ``EXIT_COST_CAP`` (4). A VM of the run still there after the fleet's
+    deletion is named with the command that deletes it, and the status is
+    ``EXIT_VMS_LEFT`` (3), cost cap or not: a VM that may bill comes first.
     """
-    from cflow.lifecycle import cancel_run, combine_outputs, done_in_item_order
+    from cflow.lifecycle import cancel_run, combine_outputs, done_in_item_order, left_behind_lines
     from cflow.ops.view import RunView
 
     progress = scheduler.progress
@@ -366,7 +501,7 @@ def finish_run(
     # The VMs have no work left and bill until they are gone: delete them while combining.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="delete-fleet") as deleter:
         if progress.cost_capped:
-            fleet_deleted = deleter.submit(lambda: cancel_run(storage, pubsub, scheduler.compute, topics, time.time()).vms_left)
+            fleet_deleted = deleter.submit(lambda: list(cancel_run(storage, pubsub, scheduler.compute, topics, time.time()).left_behind))
         else:
             fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id)
         if config.combine == "concat":
@@ -379,7 +514,10 @@ def finish_run(
     scheduler.write_vm_history(fleet_gone=True)
     view = view or RunView(storage)
     _write_report(view, config, run_id)
-    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, left, out)
+    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, out, vms_left=bool(left))
+    if left:
+        print("\n".join(left_behind_lines(run_id, scheduler.compute.project, left)), file=out, flush=True)
+        return EXIT_VMS_LEFT
     if progress.cost_capped:
         return EXIT_COST_CAP
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
@@ -404,10 +542,14 @@ def print_summary(
     view: "RunView",
     combined: "dict[str, CombinedFile]",
     wall_seconds: float,
-    vms_left: list[str],
     out: IO[str],
+    vms_left: bool = False,
 ) -> None:
-    """The run's last lines: counts, attempts, VM time and cost, failed items by their fields with their logs, where the result is."""
+    """The run's last lines: counts, attempts, VM time and cost, the lanes, backups and cost cap, failed items by their fields
+    with their logs, where the result is.
+
+    ``vms_left``: a VM of the run is still there (the caller names it); the cost cap's line then claims nothing about it.
+    """
     from cflow.gcp import layout
 
     progress = scheduler.progress
@@ -443,8 +585,6 @@ def print_summary(
         lines.append(f"combined: {file.path} ({file.url})")
     if config.combine == "none":
         lines.append(f"outputs: {view.storage.url(layout.outputs_of('ITEM'))} (COMBINE = \"none\")")
-    if vms_left:
-        lines.append(f"warning: VMs still listed after deletion: {', '.join(vms_left)}; delete them with `cflow cancel {run_id}`")
     print("\n".join(lines), file=out, flush=True)
 
 

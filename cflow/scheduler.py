@@ -3,9 +3,12 @@
 Each step reads what happened (worker events, done and failed markers in
 Cloud Storage, the run's VMs by label in one list call) and acts on the
 difference from what is wanted: delete VMs that stopped, create what is
-missing up to ``min(WORKER_NODE_CNT, items left)``, and delete idle VMs once
-the queue is drained. Tests call ``step()`` by hand; ``run_steps()`` loops
-it, riding out failed steps within a ``StepFailureBudget``.
+missing up to ``min(WORKER_NODE_CNT, items left, what the quota holds)``, and
+delete idle VMs once the queue is drained. Where to create and how to react
+when GCE refuses is decided by ``cflow.creation.CreationPolicy``; a refusal
+no retry mends, with no worker of the run alive, ends the run with
+``WorkersRefused``. Tests call ``step()`` by hand; ``run_steps()`` loops it,
+riding out failed steps within a ``StepFailureBudget``.
 
 Completion lives in Cloud Storage (done/failed markers), so a scheduler that
 is killed can be resumed with the run's id. A run cancelled from elsewhere
@@ -52,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 from cflow import fleet, tasks
 from cflow.backups import BackupLedger, BackupPolicy, backup_attributes
 from cflow.costs import CostCap, CostMeter, VmKind
-from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, QuotaExceeded, ZoneStockout
+from cflow.creation import STOCKOUT_COOLDOWN_SECONDS, Ask, CreationPolicy, refused_line
+from cflow.errors import EXIT_ITEMS_FAILED, CflowError, CloudError, NotFound, WorkersRefused
 from cflow.gcp.retry import Backoff
 from cflow.history import VmHistory, is_spot, vm_records_from_document
 from cflow.lanes import StandardLane, StockoutFallback, lane_of_labels, with_preemptions
@@ -71,8 +75,6 @@ STOPPED_STATES = {"TERMINATED", "STOPPED", "SUSPENDED"}
 MARKER_LIST_INTERVAL_SECONDS = 30
 # Between steps the scheduler pulls events at most this often (see Scheduler.wait).
 EVENT_POLL_SECONDS = 0.25
-STOCKOUT_COOLDOWN_SECONDS = 120
-QUOTA_COOLDOWN_SECONDS = 60
 # Ray autoscaler's max_failures: so many failed steps in a row end the run (it stays resumable).
 MAX_CONSECUTIVE_STEP_FAILURES = 5
 # Waits after a failed step: 2, 4, 8, 16 ... s, at most a minute.
@@ -172,6 +174,8 @@ class Scheduler:
         instance_properties: what ``fleet.worker_instance_properties`` returns.
         clock: monotonic seconds (tests pass their own).
         wall_clock: epoch seconds, for the VM history and item times (tests pass their own).
+        max_workers: the most workers at once (the preflight's count of what the quota holds); None: WORKER_NODE_CNT.
+        policy: where to create and how to react to refusals (default: a ``CreationPolicy`` over the config's zones).
         policies: the lanes, backups and cost decisions (default: none of them; ``Policies.from_config``).
     """
 
@@ -187,6 +191,8 @@ class Scheduler:
         instance_properties: Mapping[str, Any],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        max_workers: int | None = None,
+        policy: CreationPolicy | None = None,
         policies: Policies | None = None,
     ) -> None:
         self.config = config
@@ -203,14 +209,11 @@ class Scheduler:
         self.done_ids: set[str] = set()
         self.failed_ids: set[str] = set()
         self.pending_creations: list[PendingCreation] = []
+        self.max_workers = max_workers
+        self.policy = policy or CreationPolicy(config.zones)
         self.policies = policies or Policies()
-        # Stockouts are of one provisioning model: a zone out of Spot VMs may have standard ones.
-        self.zone_cooldown_until: dict[tuple[str, bool], float] = {}
-        self.quota_cooldown_until = 0.0
-        self.quota_reported = False
         self.zones_out_reported = False
-        self.last_create_error: str | None = None
-        self.create_limit: int | None = None  # lowered when the quota refuses
+        self.last_creation_news: str | None = None
         self.next_vm_number = 1
         # As the workers' events name them (None where an event lacks the field).
         self.item_by_vm: dict[str | None, str | None] = {}  # VM name -> item it last started
@@ -294,6 +297,7 @@ class Scheduler:
 
         Raises:
             RunCancelled: the run was cancelled meanwhile; nothing was created.
+            WorkersRefused: GCE refuses every worker for good and none of the run's is alive.
             CloudError: a service refused; ``run_steps`` tries again within its budget.
         """
         now = self.clock()
@@ -329,6 +333,11 @@ class Scheduler:
         left = self.progress.left
         listed = {vm.name for vm in vms}
         in_flight = [name for p in self.pending_creations for name in p.names if name not in listed]
+        if left and self.policy.stopped is not None and not live and not in_flight:
+            # GCE refuses every worker for good and none is alive: nothing would ever run.
+            error = self.policy.stopped.error
+            blamed = fleet.setting_to_change(error, self.config)
+            raise WorkersRefused(refused_line(error, blamed), error, blamed.setting if blamed else None)
         if not self.progress.cost_capped and self.policies.cost_cap.reached(self.cost_meter):
             self._cap_reached()
         if self.progress.cost_capped:
@@ -362,8 +371,9 @@ class Scheduler:
         """Keep each lane's fleet at the size its items want: create what is missing, delete idle surplus."""
         standard_unfinished = len(self.standard_ids - self.done_ids - self.failed_ids)
         spot_left = self.progress.left - standard_unfinished
+        most = self.config.worker_node_cnt if self.max_workers is None else min(self.config.worker_node_cnt, self.max_workers)
         wanted = {
-            Lane.SPOT: min(self.config.worker_node_cnt, spot_left + self._backup_spares(spot_left)),
+            Lane.SPOT: min(most, spot_left + self._backup_spares(spot_left)),
             Lane.STANDARD: self.policies.standard_lane.wanted(standard_unfinished),
         }
         for lane, lane_wanted in wanted.items():
@@ -664,77 +674,66 @@ class Scheduler:
         self.progress.cost_usd = self.cost_meter.cost(self.policies.cost_cap.prices) if self.policies.cost_cap.prices else None
 
     def _settle_creations(self, now: float) -> None:
+        """Read the bulkInsert operations that finished; a refusal inside one is reacted to as one answered at once."""
         still_pending = []
         for pending in self.pending_creations:
             errors = self.compute.creation_result(pending)
             spot = self.asked_kind.get(pending.names[0], (Lane.SPOT, True))[1] if pending.names else True
             if errors is None:
                 still_pending.append(pending)
-            elif any(isinstance(error, ZoneStockout) for error in errors):
-                self.zone_cooldown_until[(pending.zone, spot)] = now + STOCKOUT_COOLDOWN_SECONDS
+                continue
+            if errors:
                 self.vm_history.never_created(pending.names)
-                log.warning("zone %s has no capacity (stockout)%s; trying the next zone", pending.zone, self._model_note(spot))
-            elif errors:
-                self.vm_history.never_created(pending.names)
-                log.warning("creating VMs in %s failed: %s", pending.zone, ", ".join(error.reason or error.message for error in errors))
             elif spot:
                 self.policies.stockout_fallback.spot_created()
+            # GCE reports one error per VM (a policy refuses each by name): one reaction per kind is enough.
+            for error in {type(error): error for error in reversed(errors)}.values():
+                self._react(error, pending.zone, len(pending.names), now, spot)
         self.pending_creations = still_pending
 
-    def _pick_zone(self, now: float, spot: bool) -> str | None:
-        for zone in self.config.zones:
-            if self.zone_cooldown_until.get((zone, spot), 0) <= now:
-                return zone
-        return None
+    def _react(self, error: CloudError, zone: str, count: int, now: float, spot: bool) -> None:
+        """Let the policy react to a refusal; tell the user what changed (the same news once)."""
+        news = self.policy.refused(error, zone, count, now, spot=spot).describe(zone, now)
+        if self._model_note(spot):
+            news += f" (asking{self._model_note(spot)})"
+        if news != self.last_creation_news:
+            log.warning("%s", news)
+            self.last_creation_news = news
 
     def _create(self, count: int, now: float, lane: Lane = Lane.SPOT) -> None:
-        if now < self.quota_cooldown_until:
-            return
-        if self.create_limit:
-            count = min(count, self.create_limit)
         spot = is_spot(self.instance_properties) and lane == Lane.SPOT
-        zone = self._pick_zone(now, spot)
-        if zone is None and spot:
+        if spot and self.policy.every_zone_out_of_capacity(now, spot=True):
             fallback = self.policies.stockout_fallback
             fallback.all_zones_out(now)
             if fallback.use_standard(now):
                 spot = False
-                zone = self._pick_zone(now, spot)
-        if zone is None:
-            if not self.zones_out_reported:
-                log.warning("every configured zone is out of capacity; trying again every %d s "
-                            "(add zones to VM_FALLBACK_ZONES to widen the search)", STOCKOUT_COOLDOWN_SECONDS)
+        ask = self.policy.next_ask(count, now, spot=spot)
+        if ask is None:
+            if self.policy.every_zone_out_of_capacity(now, spot=spot) and not self.zones_out_reported:
+                log.warning("every configured zone is out of capacity%s; trying again every %d s "
+                            "(add zones to VM_FALLBACK_ZONES to widen the search)", self._model_note(spot), STOCKOUT_COOLDOWN_SECONDS)
                 self.zones_out_reported = True
             return
         self.zones_out_reported = False
-        names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(count)]
+        names = [fleet.vm_name(self.config, self.run_id, self.next_vm_number + i) for i in range(ask.count)]
+        request_id = fleet.creation_request_id(self.run_id, ask.zone, names)
         properties = self._properties(lane, spot)
         try:
-            pending = self.compute.bulk_insert(zone, names, properties)
-        except QuotaExceeded as error:
-            if not self.quota_reported:
-                log.warning("quota: %s (ask for more quota or lower WORKER_NODE_CNT); carrying on with the VMs it allows "
-                            "and asking for more every %d s", error.message, QUOTA_COOLDOWN_SECONDS)
-                self.quota_reported = True
-            self.quota_cooldown_until = now + QUOTA_COOLDOWN_SECONDS
-            self.create_limit = max(1, count // 2)
-            return
-        except ZoneStockout:
-            self.zone_cooldown_until[(zone, spot)] = now + STOCKOUT_COOLDOWN_SECONDS
-            log.warning("zone %s has no capacity (stockout)%s; trying the next zone", zone, self._model_note(spot))
-            return
+            pending = self.compute.bulk_insert(ask.zone, names, properties, request_id=request_id)
         except CloudError as error:
-            # Retried by the Compute seam already; the next step asks again.
-            message = error.message
-            if message != self.last_create_error:
-                log.warning("creating VMs in %s failed: %s; trying again on the next step", zone, message)
-                self.last_create_error = message
+            # Transient ones were retried by the Compute seam already; the policy says when to ask again.
+            self._react(error, ask.zone, ask.count, now, spot)
             return
-        self.next_vm_number += count
+        self._created(ask, pending, lane, spot, properties)
+
+    def _created(self, ask: Ask, pending: "PendingCreation", lane: Lane, spot: bool, properties: Mapping[str, Any]) -> None:
+        self.policy.created(ask)
+        self.next_vm_number += ask.count
         self.pending_creations.append(pending)
-        self.asked_kind.update((name, (lane, spot)) for name in names)
-        self.vm_history.asked_for(names, zone, properties, self.wall_clock())
-        log.info("creating %d VM(s) in %s%s%s", count, zone, self._model_note(spot), " for the items moved off Spot" if lane == Lane.STANDARD else "")
+        self.asked_kind.update((name, (lane, spot)) for name in pending.names)
+        self.vm_history.asked_for(pending.names, ask.zone, properties, self.wall_clock())
+        log.info("creating %d VM(s) in %s%s%s", ask.count, ask.zone, self._model_note(spot),
+                 " for the items moved off Spot" if lane == Lane.STANDARD else "")
 
     def _model_note(self, spot: bool) -> str:
         """The words " for standard VMs" (or Spot) when that is not what the run's workers are, else nothing."""
@@ -818,13 +817,14 @@ def run_steps(
     Raises:
         RunCancelled: the run was cancelled.
         SchedulerGaveUp: the budget of failed steps in a row ran out.
+        WorkersRefused: GCE refuses every worker for good and none is alive.
     """
     budget = budget or StepFailureBudget(scheduler.run_id)
     while True:
         try:
             progress = scheduler.step()
-        except RunCancelled:
-            raise
+        except (RunCancelled, WorkersRefused):
+            raise  # an end, not a failed step: no retry mends it
         except Exception as error:
             sleep(budget.failed(error))
             continue

@@ -147,20 +147,24 @@ class FakeCompute:
     helpers = ("set_status", "count")
 
     def __init__(self):
+        self.project = "proj"
         self.vms = {}  # name -> Vm
+        self.undeletable = set()  # names whose deletes GCE never carries out
         self.calls = []
         self.pending_results = {}  # operation -> errors (None while running)
         self.quota_left = None  # None: no quota
         self.stockout_zones = set()
+        self.request_ids = []  # the requestId of each bulkInsert, in call order
 
     def list_run_vms(self, run_id):
         self.calls.append(("list", run_id))
         return list(self.vms.values())
 
-    def bulk_insert(self, zone, names, instance_properties):
+    def bulk_insert(self, zone, names, instance_properties, request_id=None):
         self.calls.append(("bulkInsert", zone, tuple(names)))
+        self.request_ids.append(request_id)
         if self.quota_left is not None and len(names) > self.quota_left:
-            raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.")
+            raise QuotaExceeded("Quota 'CPUS' exceeded. Limit: 8.0 in region us-central1.", metric="CPUS", region="us-central1", limit=8.0)
         operation = f"op-{len(self.calls)}"
         if zone in self.stockout_zones:
             self.pending_results[operation] = [
@@ -183,14 +187,16 @@ class FakeCompute:
         return self.pending_results.get(pending.operation)
 
     def delete_vms(self, vms):
+        vms = list(vms)
         self.calls.append(("delete", tuple(sorted(vm.name for vm in vms))))
         for vm in vms:
             self.vms.pop(vm.name, None)
+        return set()
 
     def delete_run_vms(self, run_id, deadline_seconds=300, poll_seconds=1.0, clock=time.monotonic, sleep=None):
         self.calls.append(("delete-run", run_id))
-        self.vms.clear()
-        return []
+        self.vms = {name: vm for name, vm in self.vms.items() if name in self.undeletable}
+        return sorted(self.vms.values(), key=lambda vm: vm.name)
 
     def set_status(self, name, status, message=""):
         vm = self.vms[name]
@@ -308,7 +314,7 @@ class ScriptedCompute:
         self.calls = []
         self.console = ""
 
-    def insert_vm(self, zone, body):
+    def insert_vm(self, zone, body, request_id=None):
         self.calls.append(("insert_vm", body["name"]))
         self.body = body
         return "op-insert"
@@ -336,3 +342,60 @@ class ScriptedCompute:
     def delete_vm(self, zone, name):
         self.calls.append(("delete_vm", name))
         return "op-delete"
+
+
+class FakeProjectCompute:
+    """What the preflight reads of a project: zones, images, machine types, networks, quotas, set by the test."""
+
+    fakes = Compute
+    helpers = ("set_quota",)
+
+    def __init__(self, project="proj"):
+        from cflow.gcp.compute import Quota
+        from cflow.zones import KNOWN_ZONES
+
+        self.project = project
+        self.zones = set(KNOWN_ZONES)
+        self.images = {"projects/debian-cloud/global/images/family/debian-12"}
+        self.machine_types = {"e2-small": 2, "e2-standard-2": 2, "e2-standard-4": 4, "n2-standard-4": 4}
+        auto_subnets = [f"https://compute/projects/{project}/regions/{region}/subnetworks/default"
+                        for region in ("us-central1", "us-east1", "europe-west1")]
+        self.networks = {(project, "default"): {"name": "default", "autoCreateSubnetworks": True, "subnetworks": auto_subnets}}
+        self.subnetworks = {}  # (project, region, name) -> resource
+        self.quotas = {}  # region -> {metric: Quota}
+        self.global_quotas = {}
+        self.default_account = "123-compute@developer.gserviceaccount.com"
+        self.calls = []
+        self.Quota = Quota
+
+    def set_quota(self, region, metric, limit, usage=0):
+        self.quotas.setdefault(region, {})[metric] = self.Quota(metric, float(limit), float(usage))
+
+    def zone_exists(self, zone):
+        return zone in self.zones
+
+    def find_image(self, image_url):
+        self.calls.append(("image", image_url))
+        return {"name": image_url} if image_url in self.images else None
+
+    def machine_type(self, zone, name):
+        cpus = self.machine_types.get(name)
+        return None if cpus is None else {"name": name, "guestCpus": cpus}
+
+    def network(self, name, project=None):
+        self.calls.append(("network", project or self.project, name))
+        return self.networks.get((project or self.project, name))
+
+    def subnetwork(self, region, name, project=None):
+        self.calls.append(("subnetwork", project or self.project, region, name))
+        return self.subnetworks.get((project or self.project, region, name))
+
+    def region_quotas(self, region):
+        self.calls.append(("region", region))
+        return dict(self.quotas.get(region, {}))
+
+    def project_quotas(self):
+        return dict(self.global_quotas)
+
+    def default_service_account(self):
+        return self.default_account

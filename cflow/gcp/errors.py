@@ -4,7 +4,8 @@
 ``HttpError``, a ``google.api_core`` exception, a google-auth error, a
 transport error (no answer at all), or one entry of a Compute operation's
 ``error.errors`` (``classify_operation_error``). It returns a ``CloudError``
-subclass that keeps the service's status, reason and message, and whose
+subclass that keeps the service's status, reason and message (and the
+request field, resource and policy constraint GCE's message names), and whose
 text is one line the user can act on: an API that is not enabled, a
 permission the account lacks (naming the role that grants it), a missing
 bucket, a quota, rejected credentials. The seams (``Compute``, ``PubSub``,
@@ -12,7 +13,13 @@ bucket, a quota, rejected credentials. The seams (``Compute``, ``PubSub``,
 their methods.
 
 The rules are data (the reason sets below), checked in order; the first that
-matches decides the class.
+matches decides the class. Two of GCE's answers look alike and are not: a
+rate limit ("Quota exceeded for quota metric 'Queries' and limit 'Queries per
+minute'", reason ``rateLimitExceeded``) is a ``RateLimited``, never a
+``QuotaExceeded``; a resource quota ("Quota 'CPUS' exceeded", reason
+``quotaExceeded`` at once or code ``QUOTA_EXCEEDED`` in an operation) is a
+``QuotaExceeded`` whose ``metric`` is GCE's metric name as ``regions.get``
+lists it (``CPUS``, ``PREEMPTIBLE_CPUS``, ``IN_USE_ADDRESSES``...).
 """
 
 import errno
@@ -34,6 +41,7 @@ from cflow.errors import (
     PreconditionFailed,
     QuotaExceeded,
     RateLimited,
+    ResourceNotReady,
     ServiceUnreachable,
     TransientError,
     ZoneStockout,
@@ -52,10 +60,18 @@ STOCKOUT_REASONS = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTE
 PERMISSION_REASONS = {"PERMISSION_DENIED", "insufficientPermissions", "forbidden"}
 CREDENTIALS_REASONS = {"UNAUTHENTICATED", "authError"}
 # 400s that mean "not yet", not "never": GCE answers resourceNotReady while a disk or VM is settling.
-TRANSIENT_REASONS = {"resourceNotReady", "RESOURCE_NOT_READY", "backendError", "internalError", "INTERNAL_ERROR"}
+NOT_READY_REASONS = {"resourceNotReady", "RESOURCE_NOT_READY"}
+TRANSIENT_REASONS = NOT_READY_REASONS | {"backendError", "internalError", "INTERNAL_ERROR"}
 # What googleapiclient itself treats as a lost connection worth retrying.
 TRANSPORT_ERRNOS = {errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ECONNRESET}
 QUOTA_MESSAGE_RE = re.compile(r"Quota '(?P<metric>[^']+)' exceeded\.\s*Limit: (?P<limit>[0-9.]+)(?: in region (?P<region>[a-z0-9-]+))?")
+# A rate limit in a quota's words: a limit "per minute" (or second, day) on requests, not on resources.
+RATE_QUOTA_RE = re.compile(r"quota metric '[^']+' and limit '[^']*per (?:minute|second|100 seconds|day)", re.IGNORECASE)
+# What GCE's messages name, read once here so the rest of CFlow never reads wording.
+FIELD_RE = re.compile(r"field '(?P<field>[^']+)'")
+RESOURCE_RE = re.compile(r"resource '(?P<resource>(?:projects/|https?://|global/|regions/|zones/)[^']+)'")
+SERVICE_ACCOUNT_RE = re.compile(r"(?i)service ?accounts? '?(?P<email>[\w.+-]+@[\w-]+(?:\.[\w-]+)+)")
+CONSTRAINT_RE = re.compile(r"\b(?P<constraint>constraints/[A-Za-z0-9_.]+)")
 
 
 class _Refusal(NamedTuple):
@@ -160,25 +176,53 @@ def _walk(document: Any) -> Iterator[Mapping[str, Any]]:
             yield from _walk(value)
 
 
+def quota_metric_name(name: str) -> str:
+    """GCE's quota metric as ``regions.get`` lists it: "compute.googleapis.com/n2_cpus" -> "N2_CPUS"."""
+    return name.rsplit("/", 1)[-1].upper()
+
+
 def quota_details(message: str, document: Any = None) -> tuple[str | None, str | None, float | None]:
-    """(metric, region, limit) of a quota refusal: from GCE's ``quotaInfo`` when present, else from its message."""
+    """(metric, region, limit) of a quota refusal: from GCE's message and its ``quotaInfo``, whichever says it.
+
+    The metric is named as ``regions.get`` lists it (``CPUS``, ``IN_USE_ADDRESSES``).
+    """
+    metric: str | None = None
+    region: str | None = None
+    limit: float | None = None
+    match = QUOTA_MESSAGE_RE.search(message)
+    if match:
+        metric, region, limit = match.group("metric"), match.group("region"), float(match.group("limit"))
     for entry in _walk(document):
         info = entry.get("quotaInfo")
         if isinstance(info, Mapping):
             dimensions = info.get("dimensions") or {}
-            limit = info.get("limit")
-            return (
-                info.get("metricName") or info.get("limitName"),
-                dimensions.get("region") if isinstance(dimensions, Mapping) else None,
-                float(limit) if isinstance(limit, (int, float)) else None,
-            )
-    match = QUOTA_MESSAGE_RE.search(message)
-    if match:
-        return match.group("metric"), match.group("region"), float(match.group("limit"))
-    return None, None, None
+            info_limit = info.get("limit")
+            info_metric = info.get("metricName") or info.get("limitName")
+            metric = metric or (quota_metric_name(str(info_metric)) if info_metric else None)
+            region = region or (dimensions.get("region") if isinstance(dimensions, Mapping) else None)
+            if limit is None and isinstance(info_limit, (int, float)):
+                limit = float(info_limit)
+            break
+    return metric, region, limit
+
+
+def _subject(error: CloudError, message: str) -> CloudError:
+    """Note on ``error`` the request field, resource and policy constraint GCE's message names."""
+    for attribute, pattern in (("field", FIELD_RE), ("resource", RESOURCE_RE), ("constraint", CONSTRAINT_RE)):
+        match = pattern.search(message)
+        if match:
+            setattr(error, attribute, match.group(attribute))
+    account = SERVICE_ACCOUNT_RE.search(message)
+    if account and error.resource is None:
+        error.resource = f"serviceAccounts/{account.group('email')}"
+    return error
 
 
 def _classify_refusal(refusal: _Refusal, service: str, project: str | None, zone: str | None) -> CloudError:
+    return _subject(_class_of_refusal(refusal, service, project, zone), refusal.message)
+
+
+def _class_of_refusal(refusal: _Refusal, service: str, project: str | None, zone: str | None) -> CloudError:
     name, api, role = SERVICES[service]
     status, reasons, message = refusal.status, set(refusal.reasons), refusal.message
     text = " ".join((*refusal.reasons, *refusal.details, message))
@@ -186,7 +230,7 @@ def _classify_refusal(refusal: _Refusal, service: str, project: str | None, zone
     details: _Details = {"status": status, "reason": refusal.reasons[0] if refusal.reasons else "", "message": message, "service": service}
     if any(mark in text for mark in API_DISABLED_MARKS):
         return ApiNotEnabled(f"the {name} API is not enabled{where}; enable it: gcloud services enable {api}", **details)
-    if status == 429 or reasons & RATE_LIMIT_REASONS:
+    if status == 429 or reasons & RATE_LIMIT_REASONS or RATE_QUOTA_RE.search(message):
         return RateLimited(f"{name} is limiting the rate of requests{where}: {_one_line(message)}; wait a little and try again", **details)
     if reasons & QUOTA_REASONS or any(mark in text for mark in QUOTA_REASONS):
         metric, region, limit = quota_details(message, refusal.document)
@@ -209,6 +253,11 @@ def _classify_refusal(refusal: _Refusal, service: str, project: str | None, zone
         if service == "storage":
             return BucketNotFound(f"BUCKET: not found in {name} ({_one_line(message, 160)}); create it or fix BUCKET in const.py", **details)
         return NotFound(refused, **details)
+    if reasons & NOT_READY_REASONS:
+        return ResourceNotReady(refused, **details)
+    if status == 412 and CONSTRAINT_RE.search(message):
+        # An organization policy (GCE answers 412 conditionNotMet): no retry or precondition mends it.
+        return PermanentRequestError(refused, **details)
     if status == 412:
         return PreconditionFailed(refused, **details)
     if status == 409:
@@ -259,7 +308,7 @@ def classify_operation_error(entry: Mapping[str, Any], zone: str | None = None, 
     error = _classify_refusal(refusal, "compute", project, zone)
     # An operation carries no HTTP status; "unknown" is not "try again": only known transient codes are.
     if type(error) is TransientError and code not in TRANSIENT_REASONS:
-        return PermanentRequestError(str(error), status=None, reason=code, message=error.message, service="compute")
+        return _subject(PermanentRequestError(str(error), status=None, reason=code, message=error.message, service="compute"), refusal.message)
     return error
 
 

@@ -27,13 +27,17 @@ The done and attempt markers and the timeline records carry their attempt's
 span (``cflow.history.AttemptSpan``) as custom metadata, so one listing of
 each folder reads every span.
 
-The demo's input shards live beside the runs, under ``gs://BUCKET/cflow/demo/``.
+The demo's input shards live beside the runs, under ``gs://BUCKET/cflow/demo/``,
+and the stock workers' Python packages under ``gs://BUCKET/cflow/wheelhouse/``
+(``wheelhouse``): one archive per set of versions, named by the sha256 of its
+bytes, shared by every run (``cflow.wheelhouse``).
 """
 
 import re
 
 RUNS_PREFIX = "cflow/runs/"
 DEMO_PREFIX = "cflow/demo/"
+WHEELHOUSE_PREFIX = "cflow/wheelhouse/"
 
 PACKAGE = "package/package.tar.gz"
 ITEMS = "items.jsonl"
@@ -133,3 +137,14 @@ def combined(name: str) -> str:
 def demo_object(name: str) -> str:
     """The object name of a demo input (``shards/part-007.csv`` -> ``cflow/demo/shards/part-007.csv``)."""
     return f"{DEMO_PREFIX}{name}"
+
+
+def wheelhouse(sha256: str) -> str:
+    """The object name of the workers' wheelhouse whose bytes have this sha256: ``cflow/wheelhouse/SHA256.tar``.
+
+    Raises:
+        ValueError: ``sha256`` is not 64 hex digits (it must not shape the name otherwise).
+    """
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise ValueError(f"{sha256!r} is not a sha256 in hex")
+    return f"{WHEELHOUSE_PREFIX}{sha256}.tar"

@@ -12,8 +12,10 @@ the ones a caller may expect (an object that does not exist, a marker that
 is already there) are answers, not errors.
 """
 
+import base64
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -44,7 +46,7 @@ class ListedRecord:
 
 
 class Bucket:
-    """A bucket as a whole: it exists, the runs in it, the demo's inputs, a TASKS prefix.
+    """A bucket as a whole: it exists, the runs in it, the demo's inputs, a TASKS prefix, the workers' wheelhouse.
 
     Args:
         client: a ``google.cloud.storage.Client``.
@@ -113,6 +115,43 @@ class Bucket:
                 bucket.blob(object_name).upload_from_string(data, content_type=content_type)
                 uploaded += 1
         return uploaded
+
+    def wheelhouse_url(self, sha256: str) -> str:
+        """``gs://BUCKET/cflow/wheelhouse/SHA256.tar``."""
+        return f"gs://{self.bucket_name}/{layout.wheelhouse(sha256)}"
+
+    @translated("storage")
+    def upload_wheelhouse(self, sha256: str, local_path: Path) -> bool:
+        """Upload the workers' wheelhouse (``cflow.wheelhouse``) unless an object of the same bytes is already there.
+
+        The name is the sha256 of the bytes, so an object of that name and
+        size whose MD5 (which Cloud Storage keeps) matches is the same file:
+        one metadata read, no download. Any other object of that name (a
+        broken upload) is replaced.
+
+        Returns:
+            True if it uploaded, False if the bucket already had it (or another controller uploaded it meanwhile).
+        """
+        blob = self.client.bucket(self.bucket_name).get_blob(layout.wheelhouse(sha256))
+        size = local_path.stat().st_size
+        if blob is not None and blob.size == size and blob.md5_hash in (None, _base64_md5(local_path)):
+            return False
+        target = self.client.bucket(self.bucket_name).blob(layout.wheelhouse(sha256))
+        try:
+            target.upload_from_filename(str(local_path), content_type="application/x-tar",
+                                        if_generation_match=blob.generation if blob is not None else 0)
+        except google_exceptions.PreconditionFailed:
+            return False  # another controller wrote it first
+        return True
+
+
+def _base64_md5(path: Path) -> str:
+    """The MD5 of a file as Cloud Storage shows it (``md5Hash``: base64)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return base64.b64encode(digest.digest()).decode()
 
 
 class RunStorage:

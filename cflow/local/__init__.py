@@ -3,7 +3,8 @@
 The same CFlow code talks to these as to GCP; only endpoints change:
 
 - Compute Engine: CFlow's own emulator (``cflow.local.compute``), REST at
-  ``http://HOST:PORT/compute/v1/``; ``CFLOW_COMPUTE_ENDPOINT`` names it.
+  ``http://HOST:PORT/compute/v1/``; ``CFLOW_COMPUTE_ENDPOINT`` names it, and
+  ``CFLOW_COMPUTE_TOKEN_FILE`` the file holding the bearer token it requires.
 - Pub/Sub: the official emulator; ``PUBSUB_EMULATOR_HOST=HOST:PORT``.
 - Cloud Storage: fake-gcs-server; ``STORAGE_EMULATOR_HOST=http://HOST:PORT``.
 - Metadata server: one per emulated VM; ``GCE_METADATA_HOST`` and
@@ -26,4 +27,5 @@ DEFAULT_STACK_DIR = ".cflow/local"
 ENV_PUBSUB = "PUBSUB_EMULATOR_HOST"
 ENV_STORAGE = "STORAGE_EMULATOR_HOST"
 ENV_COMPUTE = "CFLOW_COMPUTE_ENDPOINT"
+ENV_COMPUTE_TOKEN_FILE = "CFLOW_COMPUTE_TOKEN_FILE"
 ENV_PROJECT = "CFLOW_PROJECT"

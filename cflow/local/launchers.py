@@ -7,7 +7,8 @@
 - Compute Engine: CFlow's own emulator (``python -m cflow emulator compute``),
   ``launch_compute_emulator`` with ``ComputeOptions``; endpoint
   ``http://127.0.0.1:PORT/compute/v1/``. It picks its own port and says which
-  in its log, so it needs no port retry.
+  in its log, so it needs no port retry. Given a token file
+  (``write_fresh_token``), it answers only requests that carry that token.
 
 Each launcher returns ``(Service, Popen)`` of a process group that answers,
 or raises ``StackError`` (one line: what is missing or which log to read)
@@ -17,6 +18,7 @@ with nothing of its own left running.
 import dataclasses
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -195,6 +197,9 @@ class ComputeOptions:
     ``deny_external_ip`` and ``no_default_network`` are the switches of the
     same names; ``resource_not_ready`` False is ``--no-resource-not-ready``
     (a tri-state switch: None leaves the emulator's default).
+    ``auth``: the stack's emulator answers only requests with its token (a
+    fresh one in the stack's folder, ``--auth-token-file``); not an emulator
+    option of its own, so ``to_argv`` leaves it out.
     """
 
     preempt_mean_s: float | None = None
@@ -211,11 +216,15 @@ class ComputeOptions:
     resource_not_ready: bool | None = None
     slow_vms: float | None = None
     slow_factor: float | None = None
+    vm_root: str | None = None
+    auth: bool = True
 
     def to_argv(self) -> list[str]:
         """The ``cflow emulator compute`` options that set these values."""
         argv = []
         for field in dataclasses.fields(self):
+            if field.name == "auth":
+                continue
             value = getattr(self, field.name)
             flag = "--" + field.name.replace("_", "-")
             if isinstance(value, tuple):
@@ -240,6 +249,35 @@ class ComputeOptions:
         return cls(**{**data, "zone_capacity": tuple(data.get("zone_capacity", ())), "quota": tuple(data.get("quota", ()))})
 
 
+def prepare_vm_root(name: str) -> None:
+    """Builds the real VM root ``name`` now if it is not cached, so the emulator's start does not wait for it (about a minute, once).
+
+    Raises:
+        StackError: this host cannot run VMs on a real root, or the build failed.
+    """
+    from cflow.local.compute import rootfs
+
+    try:
+        recipe = rootfs.recipe_named(name)
+        problem = rootfs.host_problem()
+        if problem:
+            raise StackError(f"--vm-root {name}: {problem}")
+        rootfs.RootCache().ensure(recipe)
+    except rootfs.VmRootError as error:
+        raise StackError(str(error)) from None
+def write_fresh_token(path: str | os.PathLike[str]) -> None:
+    """Writes a new random token to ``path``, readable by its owner only (0600, even if the file existed)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as token_file:
+        os.fchmod(token_file.fileno(), 0o600)
+        token_file.write(secrets.token_urlsafe(32) + "\n")
+
+
+def read_token(path: str | os.PathLike[str]) -> str:
+    """The token in ``path`` (written by ``write_fresh_token``)."""
+    return Path(path).read_text().strip()
+
+
 def require_compute_emulator() -> None:
     """Raises StackError if this checkout lacks the Compute emulator."""
     if not (Path(__file__).parent / "compute" / "cli.py").is_file():
@@ -255,6 +293,7 @@ def launch_compute_emulator(
     deadline_s: float = START_TIMEOUT_S,
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
+    token_file: str | os.PathLike[str] | None = None,
 ) -> tuple[Service, subprocess.Popen[bytes]]:
     """Start ``python -m cflow emulator compute`` on a port it picks, and wait until its REST API answers.
 
@@ -263,6 +302,7 @@ def launch_compute_emulator(
         pubsub_host, storage_url: what its VMs get as PUBSUB_EMULATOR_HOST and
             STORAGE_EMULATOR_HOST (None: not set).
         options: fault and timing options (None: the emulator's defaults).
+        token_file: its ``--auth-token-file`` (None: it answers anyone).
     Returns:
         (Service, Popen); ``service.endpoint`` is ``"http://127.0.0.1:PORT/compute/v1/"``.
     Raises:
@@ -275,6 +315,10 @@ def launch_compute_emulator(
     if storage_url is not None:
         argv += ["--storage-emulator-host", storage_url]
     argv += (options or ComputeOptions()).to_argv()
+    headers = {}
+    if token_file is not None:
+        argv += ["--auth-token-file", str(token_file)]
+        headers["Authorization"] = f"Bearer {read_token(token_file)}"
     env = dict(os.environ)
     # Its readiness line must reach the log file at once, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
@@ -292,7 +336,7 @@ def launch_compute_emulator(
             if match is None:
                 return False
             endpoint = match.group(1)
-        return http_answers(f"{endpoint}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}")
+        return http_answers(f"{endpoint}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}", headers=headers)
 
     try:
         wait_until_ready(service, answers, deadline_s, clock, sleep)

@@ -262,8 +262,8 @@ def stop_and_reap(service: Service, process: "subprocess.Popen[bytes]", clock: C
 # ---------------------------------------------------------------- HTTP readiness
 
 
-def http_answers(url: str, timeout_s: float = 2.0) -> bool:
-    """True if ``url`` answers 2xx; False while nothing answers yet (or answers an HTTP error).
+def http_answers(url: str, timeout_s: float = 2.0, headers: Mapping[str, str] | None = None) -> bool:
+    """True if ``url`` answers 2xx (asked with ``headers``); False while nothing answers yet (or answers an HTTP error).
 
     Raises:
         ForeignAnswer: something answered that does not speak HTTP, or reset
@@ -272,7 +272,7 @@ def http_answers(url: str, timeout_s: float = 2.0) -> bool:
     # Loopback only: bypass any proxy configured in the environment.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout_s) as response:
+        with opener.open(urllib.request.Request(url, headers=dict(headers or {})), timeout=timeout_s) as response:
             return 200 <= response.status < 300
     except urllib.error.HTTPError:
         return False  # an HTTP answer, just not a good one (yet)

@@ -14,7 +14,9 @@ What lives elsewhere: launching, waiting for and stopping one service
 
 Layout of ``STACK_DIR``: ``stack.json`` (present while the stack runs),
 ``pubsub.log``, ``storage.log``, ``compute.log``, ``gcs/`` (Cloud Storage
-objects), ``compute/`` (the Compute emulator's state).
+objects), ``compute/`` (the Compute emulator's state), ``compute-token``
+(0600: the bearer token the Compute emulator requires, fresh at every start,
+unless ``ComputeOptions(auth=False)``; ``CFLOW_COMPUTE_TOKEN_FILE`` names it).
 """
 
 import contextlib
@@ -32,12 +34,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, TypedDict, cast
+from typing import IO, Any, NotRequired, TypedDict, cast
 
 from cflow.errors import StackError
 from cflow.local import (
     DEFAULT_STACK_DIR,
     ENV_COMPUTE,
+    ENV_COMPUTE_TOKEN_FILE,
     ENV_PROJECT,
     ENV_PUBSUB,
     ENV_STORAGE,
@@ -51,7 +54,10 @@ from cflow.local.launchers import (
     launch_compute_emulator,
     launch_pubsub_emulator,
     launch_storage_server,
+    prepare_vm_root,
+    read_token,
     require_compute_emulator,
+    write_fresh_token,
 )
 from cflow.local.services import (
     START_TIMEOUT_S,
@@ -70,6 +76,7 @@ logger = logging.getLogger(__name__)
 
 ENV_ZONE = "CFLOW_ZONE"
 STACK_FILE = "stack.json"
+COMPUTE_TOKEN_FILE = "compute-token"
 STACK_FORMAT = 1
 # The Compute emulator runs every VM's shutdown script on SIGTERM; give it
 # that grace plus this margin before we kill it.
@@ -90,16 +97,21 @@ class StackInfo:
     project: str
     zone: str
     dir: str
+    vm_root: str | None = None  # the real root its VMs boot on (--vm-root), or None: they share this machine's
+    compute_token_file: str | None = None  # the Compute emulator's bearer token (None: it answers anyone)
 
     def env(self) -> dict[str, str]:
         """Return the environment variables that point CFlow and the Google clients at this stack."""
-        return {
+        variables = {
             ENV_PUBSUB: self.pubsub_host,
             ENV_STORAGE: self.storage_url,
             ENV_COMPUTE: self.compute_endpoint,
             ENV_PROJECT: self.project,
             ENV_ZONE: self.zone,
         }
+        if self.compute_token_file is not None:
+            variables[ENV_COMPUTE_TOKEN_FILE] = self.compute_token_file
+        return variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +133,7 @@ class StackRecord(TypedDict):
     zone: str
     compute_options: dict[str, Any]
     services: dict[str, dict[str, Any]]  # name in SERVICE_ORDER -> Service.to_json()
+    compute_token_file: NotRequired[str | None]
 
 
 SERVICE_ORDER = ("pubsub", "storage", "compute")
@@ -194,6 +207,8 @@ class LocalStack:
             project=record["project"],
             zone=record["zone"],
             dir=str(self.dir),
+            vm_root=record["compute_options"].get("vm_root"),
+            compute_token_file=record.get("compute_token_file"),
         )
 
     def _all_alive(self, record: StackRecord) -> bool:
@@ -248,6 +263,8 @@ class LocalStack:
         find_pubsub_emulator()
         find_storage_server()
         require_compute_emulator()
+        if compute_options.vm_root is not None:
+            prepare_vm_root(compute_options.vm_root)
         logger.info("starting the local stack in %s", self.dir)
         started: list[Service] = []
         deadline_s, clock, sleep = self.start_timeout_s, self.clock, self.sleep
@@ -259,9 +276,15 @@ class LocalStack:
                 self.dir / "gcs", self.dir / "storage.log", deadline_s, clock=clock, sleep=sleep, pick_port=self.pick_port
             )
             self._keep(started, storage, process)
+            token_file = None
+            if compute_options.auth:
+                # A fresh token per start: whoever read an earlier stack's token cannot reach this one.
+                token_file = self.dir / COMPUTE_TOKEN_FILE
+                write_fresh_token(token_file)
             compute, process = launch_compute_emulator(
-                self.dir / "compute", self.dir / "compute.log", pubsub.endpoint, storage.endpoint, compute_options, deadline_s, clock, sleep
-            )
+                self.dir / "compute", self.dir / "compute.log", pubsub.endpoint, storage.endpoint, compute_options, deadline_s, clock, sleep,
+                token_file=token_file,
+            )  # fmt: skip
             self._keep(started, compute, process)
         except BaseException:
             for service in reversed(started):
@@ -274,6 +297,7 @@ class LocalStack:
             "zone": LOCAL_ZONE,
             "compute_options": compute_options.to_json(),
             "services": {name: service.to_json() for name, service in zip(SERVICE_ORDER, started)},
+            "compute_token_file": str(token_file) if token_file is not None else None,
         }
         temporary = self.stack_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(record, indent=2) + "\n")
@@ -314,6 +338,9 @@ class LocalStack:
             )
             stopped.append(name)
         self._reap()
+        token_file = record.get("compute_token_file")
+        if token_file:
+            Path(token_file).unlink(missing_ok=True)
         self.stack_file.unlink(missing_ok=True)
         return stopped
 
@@ -338,23 +365,32 @@ class LocalStack:
         vm_counts = None
         compute = services.get("compute")
         if compute is not None and compute.is_alive():
-            vm_counts = count_vms(compute.endpoint, record["project"])
+            vm_counts = count_vms(compute.endpoint, record["project"], token_file=record.get("compute_token_file"))
         return statuses, vm_counts
 
 
-def _http_json(url: str, timeout_s: float = 5.0) -> Any:
+def _http_json(url: str, timeout_s: float = 5.0, headers: dict[str, str] | None = None) -> Any:
     # Loopback only: bypass any proxy configured in the environment.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=timeout_s) as response:
+    with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout_s) as response:
         return json.load(response)
 
 
-def count_vms(compute_endpoint: str, project: str, attempts: int = 3) -> dict[str, int] | None:
+def count_vms(compute_endpoint: str, project: str, attempts: int = 3, token_file: str | None = None) -> dict[str, int] | None:
     """Count the project's VMs by status through the Compute REST aggregatedList.
 
+    Args:
+        token_file: the emulator's bearer token file, if it has one.
     Returns:
-        {status: count}, or None if the emulator does not answer.
+        {status: count}, or None if the emulator does not answer (or refuses us).
     """
+    headers = {}
+    if token_file is not None:
+        try:
+            headers["Authorization"] = f"Bearer {read_token(token_file)}"
+        except OSError as error:
+            logger.debug("cannot read the Compute emulator's token: %s", error)
+            return None
     counts: dict[str, int] = {}
     url = f"{compute_endpoint}projects/{project}/aggregated/instances"
     while True:
@@ -362,7 +398,7 @@ def count_vms(compute_endpoint: str, project: str, attempts: int = 3) -> dict[st
         # The emulator may be injecting transient 429/503 errors (--error-rate).
         for _ in range(attempts):
             try:
-                page = _http_json(url)
+                page = _http_json(url, headers=headers)
                 break
             except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
                 logger.debug("aggregatedList failed: %s", error)

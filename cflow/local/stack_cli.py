@@ -2,7 +2,9 @@
 
 ``eval "$(cflow local up)"`` starts the stack (or reuses the running one) and
 sets the variables that point CFlow and the Google clients at it; only the
-``export`` lines go to stdout, progress goes to stderr.
+``export`` lines go to stdout, progress goes to stderr. The Compute emulator
+answers only requests with the token in ``CFLOW_COMPUTE_TOKEN_FILE`` unless
+``--no-auth``.
 """
 
 import argparse
@@ -20,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``cflow local`` and its subcommands on ``subparsers``."""
+    from cflow.local.compute.rootfs import RECIPES
+
     local = subparsers.add_parser(
         "local",
         help="start, inspect or stop the local cloud (Pub/Sub, Cloud Storage, Compute emulators)",
@@ -65,6 +69,15 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="refuse delete or stop of a booting or stopping VM with 400 resourceNotReady, as GCE does (the emulator's "
         "default); --no-resource-not-ready accepts them",
     )
+    faults.add_argument(
+        "--vm-root", choices=sorted(RECIPES), metavar="NAME",
+        help="run VMs on a real root: debian-12, a minimal Debian 12 built once with debootstrap (cached in ~/.cache/cflow/); needs root",
+    )
+    faults.add_argument(
+        "--no-auth", action="store_true",
+        help="let the Compute emulator answer anyone who reaches its port (default: only requests with the "
+        "token in the stack's compute-token file, CFLOW_COMPUTE_TOKEN_FILE)",
+    )  # fmt: skip
     up.set_defaults(func=run_up)
 
     down = actions.add_parser("down", help="stop the local stack and everything it started")
@@ -109,6 +122,8 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         resource_not_ready=args.resource_not_ready,
         slow_vms=args.slow_vms,
         slow_factor=args.slow_factor,
+        vm_root=args.vm_root,
+        auth=not args.no_auth,
     )
     for item in options.zone_capacity:
         zone, _, count = item.partition("=")

@@ -1,10 +1,14 @@
 """The worker VM's two entry points: ``main`` (startup-signal.py) and ``shutdown_main`` (shutdown-signal.py).
 
-Both find their run from the VM's metadata (``cflow-run``, ``cflow-bucket``,
-and the lane whose queue it pulls, ``LANE_ATTRIBUTE``) and its run.json in
-Cloud Storage, and build the Google clients here, on first use: the shutdown
-hook sets the stop flag before anything slow. The worker also starts the
-``ControlWatch`` that hears the scheduler's word (``cflow.worker.control``).
+The worker finds its run from the VM's metadata (``cflow-run``,
+``cflow-bucket``, and the lane whose queue it pulls, ``LANE_ATTRIBUTE``) and
+its run.json in Cloud Storage, and keeps what the shutdown hook needs on the
+VM's disk (``hook.json``). The hook sets the stop flag first, then builds its
+clients from that file, touching no network before its hand-back: GCE gives
+a Spot VM 30 s in all, and the metadata server or Cloud Storage may be slow
+or gone by then. Without the file (no worker started on this boot) it asks
+the metadata server and run.json as the worker does. The worker also starts
+the ``ControlWatch`` that hears the scheduler's word (``cflow.worker.control``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from cflow.worker.context import WorkerContext, WorkerSettings
 from cflow.worker.control import ControlWatch
 from cflow.worker.handback import hand_back, hand_back_inflight
 from cflow.worker.loop import Worker
-from cflow.worker.workdir import WorkDir
+from cflow.worker.workdir import HookSettings, WorkDir
 
 if TYPE_CHECKING:
     from cflow.gcp.metadata import Metadata
@@ -33,8 +37,8 @@ def _default_work_root() -> Path:
     return Path(__file__).resolve().parents[3]
 
 
-def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
-    """Everything both entry points work with: run settings, clients, this VM's name.
+def _vm_context(work_root: Path, metadata: Metadata) -> tuple[WorkerContext, HookSettings]:
+    """Everything both entry points work with: run settings, clients, this VM's name; and what the hook keeps of it.
 
     Raises:
         SystemExit: the VM was not started by CFlow, or its run is gone.
@@ -59,7 +63,22 @@ def _vm_context(work_root: Path, metadata: Metadata) -> WorkerContext:
     settings = WorkerSettings.from_manifest(manifest)
     pubsub = PubSub(clients.publisher, clients.subscriber)
     lane = Lane.STANDARD if metadata.attribute(LANE_ATTRIBUTE) == Lane.STANDARD else Lane.SPOT
-    return WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name, lane=lane)
+    context = WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name, lane=lane)
+    return context, HookSettings(manifest=manifest, project=project, vm_name=vm_name, target=target, lane=lane.value)
+
+
+def _hook_context(work_root: Path, metadata: Metadata, kept: HookSettings) -> WorkerContext:
+    """The shutdown hook's context from what the worker kept on disk: no request is made building it."""
+    from cflow.gcp.clients import build_worker_clients, vm_credentials
+    from cflow.gcp.pubsub import PubSub
+    from cflow.gcp.storage import RunStorage
+
+    settings = WorkerSettings.from_manifest(kept["manifest"])
+    clients = build_worker_clients(kept["target"], kept["project"], credentials=vm_credentials(kept["target"]))
+    storage = RunStorage(clients.storage, settings.bucket, settings.run_id)
+    lane = Lane.STANDARD if kept.get("lane") == Lane.STANDARD else Lane.SPOT
+    return WorkerContext(settings, PubSub(clients.publisher, clients.subscriber), storage, metadata, WorkDir(work_root), kept["vm_name"],
+                         lane=lane)
 
 
 def _configure_logging() -> None:
@@ -82,7 +101,8 @@ def main(work_root: str | os.PathLike[str] | None = None) -> int:
     from cflow.gcp.metadata import Metadata
 
     metadata = Metadata()
-    context = _vm_context(root, metadata)
+    context, kept = _vm_context(root, metadata)
+    work_dir.write_hook_settings(kept)
     # A predecessor killed mid-item (SIGKILL, OOM) left its record: stop its
     # orphaned task and hand the item back now rather than after its lease.
     recovered = hand_back_inflight(context, reason="worker died", take_settling=True)
@@ -109,7 +129,8 @@ def shutdown_main(work_root: str | os.PathLike[str] | None = None) -> int:
 
     _configure_logging()
     metadata = Metadata()
-    context = _vm_context(root, metadata)
+    kept = WorkDir(root).read_hook_settings()
+    context = _hook_context(root, metadata, kept) if kept is not None else _vm_context(root, metadata)[0]
     item_id = hand_back(context)
     log.info("shutdown (%s): %s", "preempted" if metadata.preempted() else "stop or delete",
              f"handed back {item_id}" if item_id else "nothing in flight to hand back")

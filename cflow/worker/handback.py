@@ -44,6 +44,11 @@ HOOK_SETTLE_WAIT_SECONDS = 25.0
 def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool = False) -> AttemptSpan | None:
     """Hand the record's message back (see the module docstring), tell the scheduler, and forget the record. Call with the lock held.
 
+    The hand-back is the first request made: the metadata server is asked
+    whether the VM is preempted before it only when the answer decides how
+    the item goes back (a Spot-lane item that may be republished with its
+    count raised); otherwise after (for the event).
+
     Args:
         settling: the record is the one in ``settling.json`` (else ``inflight.json``).
     Returns:
@@ -51,19 +56,19 @@ def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool 
         dropped backup copy: duplicate), for ``record_span`` once the lock is
         released; None if the record does not say when it started.
     """
-    preempted = context.metadata.preempted()
-    kind = EventKind.PREEMPTED if preempted else EventKind.INTERRUPTED
     if record.get("backup"):
         context.ack(record["ack_id"])
         kind = EventKind.DUPLICATE
         context.publish_event(kind, item=record["item"], attempt=record["attempt"], backup=True,
-                              reason="backup copy dropped: " + ("preempted" if preempted else "shut down"))
-    elif preempted and (moved := _republish_preempted(context, record)) is not None:
+                              reason="backup copy dropped: " + ("preempted" if context.metadata.preempted() else "shut down"))
+    elif _may_republish(context, record) and context.metadata.preempted() and (moved := _republish_preempted(context, record)) is not None:
         context.ack(record["ack_id"])
+        kind = EventKind.PREEMPTED
         preemptions, lane = moved
         context.publish_event(kind, item=record["item"], attempt=record["attempt"], preemptions=preemptions, lane=lane)
     else:
         context.nack(record["ack_id"], record["item"])
+        kind = EventKind.PREEMPTED if context.metadata.preempted() else EventKind.INTERRUPTED
         context.publish_event(kind, item=record["item"], attempt=record["attempt"])
     if settling:
         context.work_dir.clear_settling()
@@ -75,18 +80,22 @@ def hand_back_record(context: WorkerContext, record: TaskRecord, settling: bool 
     return AttemptSpan(record["item"], record["attempt"], context.vm_name, float(started), time.time(), kind)
 
 
+def _may_republish(context: WorkerContext, record: TaskRecord) -> bool:
+    """Whether a preemption would hand this record back by a republish: lanes on, a Spot-lane worker, the message kept."""
+    return context.settings.preemptions_before_standard is not None and context.lane == Lane.SPOT and record.get("data") is not None
+
+
 def _republish_preempted(context: WorkerContext, record: TaskRecord) -> tuple[int, Lane] | None:
     """Publish a preempted item again with its preemption count raised, to the lane that count sends it to.
 
     The standard lane's marker is written first: what the scheduler counts
     must never miss an item that is there. Returns ``(preemptions, lane)``,
-    or None when it was not republished (the setting is None, a record
-    without the message, a worker of the standard lane, or a failure: the
-    caller nacks it instead).
+    or None when it was not republished (a failure: the caller nacks it
+    instead). Call only when ``_may_republish``.
     """
     threshold = context.settings.preemptions_before_standard
     data = record.get("data")
-    if threshold is None or data is None or context.lane != Lane.SPOT:
+    if threshold is None or data is None:
         return None
     preemptions = record.get("preemptions", 0) + 1
     lane = lane_after_preemption(preemptions, threshold)
@@ -136,7 +145,7 @@ def upload_partial_log(context: WorkerContext, item_id: str, attempt: int, log_f
         log.warning("could not upload the partial log of %s: %s", item_id, error)
 
 
-def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds: float = 0.0, take_settling: bool = False,
+def hand_back_inflight(context: WorkerContext, reason: str | None, settle_wait_seconds: float = 0.0, take_settling: bool = False,
                        kill_task: bool = True, upload_log: bool = True) -> str | None:
     """Hand the running item back at once: nack (it keeps its attempt count), event, partial log.
 
@@ -145,7 +154,8 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
     (on ``context.clock``) for it to be recorded, then leave it to the lease.
 
     Args:
-        reason: a few words for the partial log ("preempted", "shut down").
+        reason: a few words for the partial log ("worker died"); None: "preempted" or "shut down",
+            asked of the metadata server after the nack.
         take_settling: hand back the item being recorded too (its recorder
             is dead).
         kill_task: SIGTERM the recorded task group (verified to be ours).
@@ -177,6 +187,7 @@ def hand_back_inflight(context: WorkerContext, reason: str, settle_wait_seconds:
         log_file = Path(record["log"])
         # A backup copy's log would replace the log of the attempt it backs up, which still runs.
         if upload_log and log_file.exists() and not record.get("backup"):
+            reason = reason or ("preempted" if context.metadata.preempted() else "shut down")
             upload_partial_log(context, record["item"], record["attempt"], log_file, reason, span=span)
         else:
             record_span(context, span)
@@ -187,9 +198,12 @@ def hand_back(context: WorkerContext, settle_wait_seconds: float = HOOK_SETTLE_W
     """The shutdown hook: stop the worker taking work, hand the in-flight item back, save its partial log.
 
     Called on preemption, stop or delete, within GCE's 30 s Spot grace. The
-    message is nacked, so it keeps its attempt count: a preemption never uses
-    up an attempt. Returns the item id handed back, or None.
+    hand-back is the first request it makes to Pub/Sub or Cloud Storage: a
+    nack, with whether the VM is preempted asked after; on a Spot-lane worker
+    with SPOT_PREEMPTIONS_BEFORE_STANDARD set, the metadata server is asked
+    first (2 s at most), since a preemption is handed back by a republish
+    that counts it. Either way the item keeps its attempt count: a
+    preemption never uses up an attempt. Returns the item id handed back, or None.
     """
     context.work_dir.request_stop()
-    reason = "preempted" if context.metadata.preempted() else "shut down"
-    return hand_back_inflight(context, reason, settle_wait_seconds=settle_wait_seconds)
+    return hand_back_inflight(context, None, settle_wait_seconds=settle_wait_seconds)

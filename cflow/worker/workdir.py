@@ -13,6 +13,9 @@ shutdown script (``cflow.fleet.SHUTDOWN_SCRIPT``) share these files, named in
   background thread while it pulls and starts the next item, so a busy worker
   loses only the pull and the task's start between two tasks. One result is
   recorded at a time.
+- ``hook.json``: what the shutdown hook needs to hand an item back (the
+  run's settings, project, this VM's name and lane), written once when the
+  worker starts, so the hook touches no network before its hand-back.
 - ``handback.lock``: an exclusive lock held while either side reads and
   changes those two files and acts on them (nack, lease extension, moving an
   item from running to settling). So each item is either settled by the
@@ -52,6 +55,16 @@ class TaskRecord(TypedDict):
     backup: NotRequired[bool]  # a backup copy (cflow.backups): dropped, never handed back
 
 
+class HookSettings(TypedDict):
+    """What hook.json holds: the shutdown hook's context without asking the metadata server or Cloud Storage."""
+
+    manifest: dict[str, object]  # the run's run.json, as the worker read it
+    project: str
+    vm_name: str
+    target: str  # "gcp" or "local"
+    lane: NotRequired[str]  # the queue this VM pulls (``protocol.Lane``); absent: the Spot lane
+
+
 class WorkDir:
     """The worker's local files: package, per-attempt outputs and logs, and the files shared with the hook.
 
@@ -66,6 +79,7 @@ class WorkDir:
         self.stopping = self.root / protocol.STOPPING_FLAG
         self.lock_file = self.root / protocol.HANDBACK_LOCK
         self.package = self.root / protocol.PACKAGE_DIR
+        self.hook_settings = self.root / protocol.HOOK_SETTINGS_FILE
 
     def attempt_dir(self, item_id: str, attempt: int) -> Path:
         return self.root / protocol.ATTEMPTS_DIR / f"{item_id}-{attempt}"
@@ -115,6 +129,23 @@ class WorkDir:
     def record_of(self, ack_id: str) -> TaskRecord | None:
         """The running or settling record of the message ``ack_id``, or None (settled or handed back)."""
         return self.running_record(ack_id) or self.settling_record(ack_id)
+
+    # -- what the shutdown hook needs --------------------------------------
+
+    def write_hook_settings(self, settings: HookSettings) -> None:
+        """Keep what the shutdown hook needs on the VM's disk (once, at worker start)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = self.hook_settings.with_suffix(".tmp")
+        partial.write_text(json.dumps(settings))
+        os.replace(partial, self.hook_settings)
+
+    def read_hook_settings(self) -> HookSettings | None:
+        """What the worker kept for the hook, or None (no worker started on this boot yet)."""
+        try:
+            settings: HookSettings = json.loads(self.hook_settings.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return settings
 
     # -- the stop flag ------------------------------------------------------
 

@@ -174,7 +174,7 @@ class StackClients:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import pubsub_v1, storage
 
-        from cflow.gcp.clients import build_compute
+        from cflow.gcp.clients import build_local_compute
 
         for name, value in info.env().items():
             monkeypatch.setenv(name, value)
@@ -182,7 +182,7 @@ class StackClients:
         self.storage = storage.Client(project=info.project, credentials=AnonymousCredentials())
         self.publisher = pubsub_v1.PublisherClient()
         self.subscriber = pubsub_v1.SubscriberClient()
-        self.compute = build_compute(AnonymousCredentials(), info.compute_endpoint)
+        self.compute = build_local_compute(info.compute_endpoint, info.compute_token_file)
 
     def run_storage(self, run_id, bucket=None):
         from cflow.gcp.storage import RunStorage

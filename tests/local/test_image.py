@@ -71,11 +71,9 @@ def project(tmp_path, local_stack):
 
 @pytest.fixture
 def compute(local_stack):
-    from google.auth.credentials import AnonymousCredentials
+    from cflow.gcp.clients import build_local_compute
 
-    from cflow.gcp.clients import build_compute
-
-    return build_compute(AnonymousCredentials(), local_stack.compute_endpoint)
+    return build_local_compute(local_stack.compute_endpoint, local_stack.compute_token_file)
 
 
 # ---------------------------------------------------------------- failure paths, scripted

@@ -16,7 +16,7 @@ from google.auth.credentials import AnonymousCredentials
 from cflow import cli
 from cflow.errors import EXIT_INTERRUPTED
 from cflow.gcp import layout
-from cflow.gcp.clients import build_compute
+from cflow.gcp.clients import build_local_compute
 from cflow.gcp.compute import Compute
 from cflow.gcp.pubsub import PubSub, RunTopics
 from cflow.gcp.storage import RunStorage
@@ -336,7 +336,7 @@ def pubsub(stack_env):
 
 @pytest.fixture
 def compute(stack_env):
-    return Compute(build_compute(AnonymousCredentials(), stack_env.compute_endpoint), stack_env.project)
+    return Compute(build_local_compute(stack_env.compute_endpoint, stack_env.compute_token_file), stack_env.project)
 
 
 def start_vms(compute, zone, run_id, count):
@@ -499,16 +499,35 @@ def test_list_shows_runs_newest_first_with_counts_and_state(cflow, storage_clien
 
     assert status == 0
     lines = out.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["RUN ID", "CREATED", "ITEMS", "DONE", "FAILED", "STATE"]
+    assert re.split(r"\s{2,}", lines[0]) == ["RUN ID", "CREATED", "ITEMS", "DONE", "FAILED", "STATE", "VMS"]
+    # The stack is shared: VMs other tests left running show as runs of their own; only the seeded runs are asserted.
+    seeded = {"0101-0900-aaaa", "0101-1000-bbbb", "0101-1100-cccc"}
+    lines = [lines[0], *(line for line in lines[1:] if line.split(" ", 1)[0] in seeded)]
     rows = [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
     assert rows == [
-        ["0101-1000-bbbb", format_time(now - 100), "12", "1", "0", "in progress"],
-        ["0101-1100-cccc", format_time(now - 200), "3", "0", "0", "cancelled"],
-        ["0101-0900-aaaa", format_time(now - 300), "2", "1", "1", "finished"],
+        ["0101-1000-bbbb", format_time(now - 100), "12", "1", "0", "in progress", "-"],
+        ["0101-1100-cccc", format_time(now - 200), "3", "0", "0", "cancelled", "-"],
+        ["0101-0900-aaaa", format_time(now - 300), "2", "1", "1", "finished", "-"],
     ]
     # Aligned: every column starts at the same place on every line.
     assert len({line.index("  ") for line in lines[1:]}) == 1
-    assert len({line.rstrip().rindex(" ") for line in lines[1:] if not line.endswith("in progress")}) == 1
+    assert len({line.rstrip().rindex(" ") for line in lines[1:]}) == 1
+
+
+def test_list_shows_the_vms_a_run_still_has_and_runs_known_only_by_their_vms(cflow, run_with_fleet, compute, stack_env):
+    run, _topics = run_with_fleet
+    stray = new_run_id()
+    start_vms(compute, stack_env.zone, stray, 1)
+    try:
+        status, out, _ = cflow("list")
+    finally:
+        compute.delete_vms(compute.list_run_vms(stray))
+
+    assert status == 0
+    rows = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip()) for line in out.splitlines()[1:]}
+    assert rows[run.run_id][5:] == ["in progress", "2 alive"]
+    assert rows[stray][5:] == ["VMs only (no run.json here)", "1 alive"]
+    assert out.splitlines()[-1] == "VMS: a run's VMs still there (and billing); `cflow cancel RUN_ID` deletes them"
 
 
 def test_list_of_an_empty_bucket(cflow, bucket):
@@ -663,7 +682,7 @@ def test_status_logs_list_and_report_just_work_after_the_stack_stopped_and_leave
     assert (status, out) == (0, "poison\n"), err
 
     status, out, _ = cflow("list")
-    assert status == 0 and run.run_id in out and out.rstrip().endswith("finished")
+    assert status == 0 and run.run_id in out and out.rstrip().endswith("finished  -")  # no stack running: no VM of any run
 
     status, out, err = cflow("report", run.run_id)
     assert status == 0, err

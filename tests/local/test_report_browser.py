@@ -94,11 +94,9 @@ def finished_run(tmp_path_factory):
         stack = wait_until(lambda: LocalStack(root / "stack").info(), 120, "the run's own stack to start")
         first = wait_until(lambda: (rendezvous / "started-0").exists() and json.loads((rendezvous / "started-0").read_text()),
                            120, "the slow item to start")
-        from google.auth.credentials import AnonymousCredentials
+        from cflow.gcp.clients import build_local_compute
 
-        from cflow.gcp.clients import build_compute
-
-        compute = build_compute(AnonymousCredentials(), stack.compute_endpoint)
+        compute = build_local_compute(stack.compute_endpoint, stack.compute_token_file)
         compute.instances().simulateMaintenanceEvent(project=stack.project, zone=stack.zone, instance=first["vm"]).execute()
         wait_until(lambda: (rendezvous / "started-1").exists(), 120, "the slow item to run again on another VM")
         (rendezvous / "release").touch()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -55,17 +56,22 @@ def parse_exports(stdout):
     return exports
 
 
-def http_get(url):
+def http_get(url, headers=None):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(url, timeout=5) as response:
+    with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
         return response.status, response.read()
 
 
-def answers(url):
+def answers(url, headers=None):
     try:
-        return http_get(url)[0] == 200
+        return http_get(url, headers)[0] == 200
     except OSError:
         return False
+
+
+def bearer(token_file):
+    """The Authorization header the stack's Compute emulator wants (its token, from the exported file)."""
+    return {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"}
 
 
 def recorded_services(stack_dir):
@@ -89,7 +95,7 @@ def processes_holding_files_under(directory):
     return holders
 
 
-def start_vm(compute_endpoint, startup_script):
+def start_vm(compute_endpoint, startup_script, headers):
     """Insert one VM through the Compute REST API, as CFlow's workers are created."""
     body = {
         "name": "stack-test-vm",
@@ -101,7 +107,7 @@ def start_vm(compute_endpoint, startup_script):
     }
     request = urllib.request.Request(
         f"{compute_endpoint}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}/instances",
-        data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST",
+        data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}, method="POST",
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
@@ -117,7 +123,7 @@ def test_up_env_status_down_through_the_command(tmp_path):
     try:
         exports = parse_exports(up.stdout)
         assert set(exports) == {"PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "CFLOW_COMPUTE_ENDPOINT",
-                                "CFLOW_PROJECT", "CFLOW_ZONE"}
+                                "CFLOW_COMPUTE_TOKEN_FILE", "CFLOW_PROJECT", "CFLOW_ZONE"}
         assert exports["CFLOW_PROJECT"] == LOCAL_PROJECT and exports["CFLOW_ZONE"] == LOCAL_ZONE
         assert exports["PUBSUB_EMULATOR_HOST"].startswith("127.0.0.1:")
         assert http_get(f"http://{exports['PUBSUB_EMULATOR_HOST']}/")[1].strip() == b"Ok"
@@ -125,7 +131,10 @@ def test_up_env_status_down_through_the_command(tmp_path):
         assert json.loads(http_get(exports["STORAGE_EMULATOR_HOST"] + "/storage/v1/b")[1])["kind"] == "storage#buckets"
         compute = exports["CFLOW_COMPUTE_ENDPOINT"]
         assert compute.startswith("http://127.0.0.1:") and compute.endswith("/compute/v1/")
-        assert answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}")
+        token_file = Path(exports["CFLOW_COMPUTE_TOKEN_FILE"])
+        assert token_file.parent == stack_dir.absolute() and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}", bearer(token_file))
+        assert not answers(f"{compute}projects/{LOCAL_PROJECT}/zones/{LOCAL_ZONE}"), "the Compute emulator answered a request without its token"
 
         services = recorded_services(stack_dir)
         assert all(service.is_alive() for service in services.values())
@@ -150,14 +159,14 @@ def test_up_env_status_down_through_the_command(tmp_path):
         assert "VMs: none" in status.stdout
 
         vm_pid_file = tmp_path / "vm.pid"
-        start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n")
+        start_vm(compute, f"#!/bin/sh\necho $$ > {vm_pid_file}\nexec sleep 300\n", bearer(token_file))
         wait_until(lambda: vm_pid_file.exists() and vm_pid_file.read_text().strip(), 30, "the VM's startup script")
         vm_pid = int(vm_pid_file.read_text())
         wait_until(lambda: "VMs: 1 RUNNING" in cflow("local", "status", "--dir", str(stack_dir)).stdout, 30, "the VM in `cflow local status`")
     finally:
         down = cflow("local", "down", "--dir", str(stack_dir))
     assert down.returncode == 0, down.stderr
-    assert not (stack_dir / "stack.json").exists()
+    assert not (stack_dir / "stack.json").exists() and not token_file.exists()
     assert not any(service.group_exists() for service in services.values())
     assert not answers(f"http://{exports['PUBSUB_EMULATOR_HOST']}/")
     assert processes_holding_files_under(stack_dir) == set()
@@ -382,17 +391,30 @@ def ports(*sequence):
     return lambda: remaining.pop(0) if remaining else free_loopback_port()
 
 
-def http_service_argv(pid_file, taken_port):
-    """The command of a toy service: on ``taken_port`` it never binds (as if it lost the race); elsewhere it serves HTTP.
-
-    Every attempt appends its pid to ``pid_file``, so the test can check each one was stopped.
-    """
+def http_service_argv(taken_port):
+    """The command of a toy service: on ``taken_port`` it never binds (as if it lost the race); elsewhere it serves HTTP."""
 
     def argv(port):
-        serve = "sleep 60" if port == taken_port else f"{sys.executable} -m http.server --bind 127.0.0.1 {port}"
-        return ["sh", "-c", f"echo $$ >> {pid_file}; exec {serve}"]
+        return ["sleep", "60"] if port == taken_port else [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
 
     return argv
+
+
+@pytest.fixture
+def launched_pids(monkeypatch):
+    """The pid of every process ``launch_on_free_port`` starts, in order (recorded as it starts them, so none is missed)."""
+    from cflow.local import services
+
+    pids = []
+    real_launch = services.launch_background
+
+    def recording_launch(*args, **kwargs):
+        service, process = real_launch(*args, **kwargs)
+        pids.append(process.pid)
+        return service, process
+
+    monkeypatch.setattr(services, "launch_background", recording_launch)
+    return pids
 
 
 def free_port_then(port):
@@ -406,53 +428,46 @@ def free_port_then(port):
     return pick
 
 
-def launched_pids(pid_file):
-    return [int(line) for line in pid_file.read_text().split()]
-
-
-def test_a_port_that_answers_garbage_is_given_up_for_another(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_a_port_that_answers_garbage_is_given_up_for_another(tmp_path, launched_pids):
     with garbage_server() as taken:
         service, process = launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
         )
     try:
         assert service.endpoint != f"127.0.0.1:{taken}" and service.is_alive()
-        first, second = launched_pids(pid_file)
+        first, second = launched_pids
         assert second == service.pid and not Path(f"/proc/{first}").exists(), "the attempt on the taken port still runs"
     finally:
         stop_service(service)
         process.wait(timeout=5)
 
 
-def test_a_port_answered_well_by_another_program_is_not_taken_for_ours(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_a_port_answered_well_by_another_program_is_not_taken_for_ours(tmp_path, launched_pids):
     with foreign_http_server() as taken:
         service, process = launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=ports(taken),
         )
         try:
             assert service.endpoint != f"127.0.0.1:{taken}"
-            first, second = launched_pids(pid_file)
+            first, second = launched_pids
             assert second == service.pid and not Path(f"/proc/{first}").exists()
         finally:
             stop_service(service)
             process.wait(timeout=5)
 
 
-def test_after_the_last_port_the_error_is_one_line_naming_the_log_and_every_attempt_is_stopped(tmp_path):
-    pid_file = tmp_path / "pids"
+def test_after_the_last_port_the_error_is_one_line_naming_the_log_and_every_attempt_is_stopped(tmp_path, launched_pids):
     with garbage_server() as taken, pytest.raises(PortAnsweredByAnother) as raised:
         launch_on_free_port(
-            "toy service", http_service_argv(pid_file, taken), tmp_path / "toy.log",
+            "toy service", http_service_argv(taken), tmp_path / "toy.log",
             lambda port: f"http://127.0.0.1:{port}/", deadline_s=30, pick_port=lambda: taken, attempts=3,
         )
     message = str(raised.value)
     assert "\n" not in message and "toy service" in message and "toy.log" in message, message
     assert f"ports tried: {taken}, {taken}, {taken}" in message and "BadStatusLine" in message, message
-    pids = launched_pids(pid_file)
+    pids = launched_pids
     assert len(pids) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 

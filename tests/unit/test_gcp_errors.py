@@ -22,6 +22,7 @@ from cflow.errors import (
     PreconditionFailed,
     QuotaExceeded,
     RateLimited,
+    ResourceNotReady,
     ServiceUnreachable,
     TransientError,
     ZoneStockout,
@@ -92,7 +93,7 @@ def test_every_translation_is_one_short_line(message):
         (http_error(429, "rateLimitExceeded", "Quota exceeded for quota metric 'Queries' and limit 'Queries per minute'"), RateLimited),
         (http_error(403, "userRateLimitExceeded", "User Rate Limit Exceeded"), RateLimited),
         (http_error(503, "backendError", "The service is currently unavailable."), TransientError),
-        (http_error(400, "resourceNotReady", "The resource 'disk-1' is not ready"), TransientError),
+        (http_error(400, "resourceNotReady", "The resource 'disk-1' is not ready"), ResourceNotReady),
         (http_error(400, "invalid", "Invalid value for field 'machineType'"), PermanentRequestError),
         (http_error(401, "authError", "Invalid Credentials"), CredentialsRejected),
         (http_error(403, "forbidden", "Required 'compute.instances.create' permission"), PermissionDenied),
@@ -144,8 +145,15 @@ def test_quota_details_come_from_quota_info_when_gce_sends_it():
     }
     error = classify_operation_error(entry, "europe-west4-a")
     assert isinstance(error, QuotaExceeded)
-    assert (error.metric, error.region, error.limit) == ("compute.googleapis.com/n2_cpus", "europe-west4", 24.0)
+    assert (error.metric, error.region, error.limit) == ("N2_CPUS", "europe-west4", 24.0)
     assert error.reason == "QUOTA_EXCEEDED"
+
+
+def test_quota_metric_from_quota_info_alone_is_named_as_regions_get_lists_it():
+    entry = {"code": "QUOTA_EXCEEDED", "message": "Quota exceeded.",
+             "errorDetails": [{"quotaInfo": {"metricName": "compute.googleapis.com/in_use_addresses", "dimensions": {"region": "us-east1"}, "limit": 4}}]}
+    error = classify_operation_error(entry, "us-east1-b")
+    assert (error.metric, error.region, error.limit) == ("IN_USE_ADDRESSES", "us-east1", 4.0)
 
 
 def test_operation_errors_are_classified_too():
@@ -180,3 +188,44 @@ def test_translated_seam_methods_raise_only_cflow_classes_with_the_google_error_
     assert isinstance(caught.value.__cause__, HttpError)
     with pytest.raises(KeyError):
         Seam().broken()
+
+
+# -- GCE's answers that look alike and are not -----------------------------------
+
+
+def test_a_rate_limit_in_quota_words_is_a_rate_limit_never_a_quota():
+    message = ("Quota exceeded for quota metric 'Queries' and limit 'Queries per minute' of service 'compute.googleapis.com' "
+               "for consumer 'project_number:123'.")
+    assert type(classify(http_error(403, "rateLimitExceeded", message), "compute")) is RateLimited
+    # Even when the reason says quota: a limit per minute is a rate.
+    assert type(classify(http_error(403, "quotaExceeded", message), "compute")) is RateLimited
+
+
+def test_an_address_quota_is_a_quota_of_its_own_metric_not_of_cpus():
+    error = classify(http_error(403, "quotaExceeded", "Quota 'IN_USE_ADDRESSES' exceeded.  Limit: 2.0 in region us-central1."), "compute")
+    assert isinstance(error, QuotaExceeded)
+    assert (error.metric, error.region, error.limit) == ("IN_USE_ADDRESSES", "us-central1", 2.0)
+
+
+def test_an_organization_policy_is_a_permanent_refusal_naming_its_constraint():
+    message = ("Constraint constraints/compute.vmExternalIpAccess violated for project 123. Add instance "
+               "projects/p/zones/us-central1-a/instances/w-1 to the constraint to use external IP with it.")
+    error = classify(http_error(412, "conditionNotMet", message), "compute")
+    assert type(error) is PermanentRequestError
+    assert error.constraint == "constraints/compute.vmExternalIpAccess"
+    # A fingerprint mismatch is still a precondition.
+    assert type(classify(http_error(412, "conditionNotMet", "Supplied fingerprint does not match current metadata fingerprint."),
+                         "compute")) is PreconditionFailed
+
+
+def test_what_gce_names_is_kept_on_the_error():
+    error = classify(http_error(400, "invalid", "Invalid value for field 'resource.networkInterfaces[0].network': "
+                                                "'global/networks/x'. The referenced network resource cannot be found."), "compute")
+    assert error.field == "resource.networkInterfaces[0].network" and error.constraint is None
+    missing = classify(http_error(404, "notFound", "The resource 'projects/p/global/networks/x' was not found"), "compute")
+    assert missing.resource == "projects/p/global/networks/x"
+
+
+def test_resource_not_ready_is_transient_at_once_and_in_an_operation():
+    assert is_transient(http_error(400, "resourceNotReady", "The resource 'projects/p/zones/z/instances/w' is not ready"))
+    assert isinstance(classify_operation_error({"code": "RESOURCE_NOT_READY", "message": "later"}), ResourceNotReady)

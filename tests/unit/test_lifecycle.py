@@ -94,7 +94,7 @@ def test_cancel_marks_first_then_deletes_topics_then_vms_and_keeps_the_first_mar
     outcome = lifecycle.cancel_run(storage, pubsub, compute, topics, now=100.0)
 
     assert journal == ["mark", "topics", "vms"]
-    assert outcome == lifecycle.CancelOutcome(vms_found=2, vms_left=[])
+    assert outcome == lifecycle.CancelOutcome(vms_found=2, vms_left=[], left_behind=())
     assert compute.vms == {}
     lifecycle.cancel_run(storage, pubsub, compute, topics, now=200.0)
     assert storage.cancelled == {"time": 100.0}
@@ -114,3 +114,18 @@ def test_a_refused_vm_deletion_is_one_line_naming_the_run():
 
 def test_done_items_are_combined_in_item_order():
     assert lifecycle.done_in_item_order(["000000", "000001", "000002", "000003"], {"000003", "000001"}) == ["000001", "000003"]
+
+
+def test_a_vm_the_cancel_could_not_delete_is_named_with_the_exact_gcloud_command():
+    storage, pubsub, compute, _ = seams_with_a_journal()
+    compute.undeletable = {"w-2"}
+
+    outcome = lifecycle.cancel_run(storage, pubsub, compute, None, now=1.0)
+
+    assert outcome.vms_left == ["w-2"] and [vm.name for vm in outcome.left_behind] == ["w-2"]
+    lines = lifecycle.left_behind_lines(RUN, "proj-1", outcome.left_behind)
+    assert lines == [
+        "still there: VM w-2 (RUNNING in z); delete it: gcloud compute instances delete w-2 --zone z --project proj-1 --quiet",
+        f"run {RUN} did not clean up: 1 VM(s) of its own are still there and may bill until deleted; "
+        f"run the commands above, or `cflow cancel {RUN} --yes`",
+    ]

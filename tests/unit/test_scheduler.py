@@ -229,11 +229,11 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
     scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
     insert = compute.bulk_insert
 
-    def refuse_in_a(zone, names, properties):
+    def refuse_in_a(zone, names, properties, request_id=None):
         if zone == "us-central1-a":
             compute.calls.append(("bulkInsert", zone, tuple(names)))
             raise ZoneStockout("zone us-central1-a: does not have enough resources")
-        return insert(zone, names, properties)
+        return insert(zone, names, properties, request_id)
 
     compute.bulk_insert = refuse_in_a
     scheduler.step()
@@ -241,13 +241,18 @@ def test_stockout_refused_at_once_moves_to_the_next_zone():
     assert {vm.zone for vm in compute.vms.values()} == {"us-central1-b"}
 
 
-def test_compute_error_on_create_is_logged_once_and_retried_next_step(caplog):
-    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
+def test_compute_error_on_create_is_logged_once_and_retried_after_a_backoff(caplog):
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(workers=2)
     error = TransientError("Compute Engine refused a request: Backend error", status=503, reason="backendError", message="Backend error")
-    compute.bulk_insert = lambda zone, names, properties: (_ for _ in ()).throw(error)
+    asked = []
+    compute.bulk_insert = lambda zone, names, properties, request_id=None: (asked.append(zone), (_ for _ in ()).throw(error))
     scheduler.step()
     scheduler.step()
     assert sum("Backend error" in r.getMessage() for r in caplog.records) == 1
+    assert len(asked) == 1  # the seam retried already: the next step waits out the backoff
+    clock.now += 5.01
+    scheduler.step()
+    assert len(asked) == 2
 
 
 class EventFeed:
@@ -394,3 +399,110 @@ def test_the_budget_waits_are_capped():
     budget = StepFailureBudget(RUN, max_consecutive=10)
     waits = [budget.failed(RuntimeError("x")) for _ in range(9)]
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 60.0]
+
+
+# -- GCE's refusals when creating workers -------------------------------------------
+
+from cflow.errors import EXIT_USAGE, PermanentRequestError, QuotaExceeded, WorkersRefused  # noqa: E402
+from cflow.gcp.errors import classify_operation_error  # noqa: E402
+
+
+def refusing_operations(compute, entry):
+    """bulkInsert is accepted, and its operation ends with ``entry`` as its error (nothing created)."""
+
+    def bulk_insert(zone, names, properties, request_id=None):
+        compute.calls.append(("bulkInsert", zone, tuple(names)))
+        operation = f"op-{len(compute.calls)}"
+        compute.pending_results[operation] = [classify_operation_error(entry, zone)]
+        from cflow.gcp.compute import PendingCreation
+
+        return PendingCreation(zone=zone, operation=operation, names=tuple(names))
+
+    compute.bulk_insert = bulk_insert
+
+
+def test_a_quota_refused_inside_the_operation_cools_down_creation_instead_of_asking_every_step(caplog):
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(workers=3)
+    refusing_operations(compute, {"code": "QUOTA_EXCEEDED", "message": "Quota 'IN_USE_ADDRESSES' exceeded.  Limit: 2.0 in region us-central1."})
+    for _ in range(5):
+        scheduler.step()
+        clock.now += 2
+    assert compute.count("bulkInsert") == 1
+    assert sum("IN_USE_ADDRESSES" in r.getMessage() for r in caplog.records) == 1
+    clock.now += 60
+    scheduler.step()
+    assert compute.calls[-1][0] == "bulkInsert" and len(compute.calls[-1][2]) == 1  # asked again, for half as many
+
+
+def test_a_refusal_no_retry_mends_with_no_worker_alive_ends_the_run_in_one_line_naming_the_setting():
+    scheduler, compute, _pubsub, _storage, _clock = make_scheduler(workers=2)
+    scheduler.config = types.SimpleNamespace(**vars(scheduler.config), vm_network="default", vm_zone="us-central1-a", vm_boot="stock")
+    refusing_operations(compute, {"code": "CONDITION_NOT_MET", "message": "Constraint constraints/compute.vmExternalIpAccess "
+                                  "violated for project 1. Add instance projects/p/zones/us-central1-a/instances/w to the constraint."})
+    scheduler.step()  # asks; the operation is refused
+    with pytest.raises(WorkersRefused) as caught:
+        scheduler.step()
+    refused = caught.value
+    assert refused.exit_status == EXIT_USAGE and refused.setting == "VM_EXTERNAL_IP"
+    assert str(refused).startswith("VM_EXTERNAL_IP: Compute Engine refused to create the run's workers (GCE: CONDITION_NOT_MET: "
+                                   "Constraint constraints/compute.vmExternalIpAccess violated")
+    assert "\n" not in str(refused)
+    assert compute.count("bulkInsert") == 1
+
+
+def test_a_refusal_no_retry_mends_with_workers_alive_stops_creating_and_carries_on_with_them():
+    scheduler, compute, _pubsub, _storage, clock = make_scheduler(item_count=10, workers=3)
+    compute.quota_left = 2
+    scheduler.step()  # 3 asked: the quota refuses at once
+    clock.now += 61
+    scheduler.step()  # 1 asked (halved), created
+    assert len(compute.vms) == 1
+    error = PermanentRequestError("Compute Engine refused a request: Invalid value for field 'resource.machineType'",
+                                  status=400, reason="invalid", message="Invalid value for field 'resource.machineType'")
+    compute.bulk_insert = lambda zone, names, properties, request_id=None: (_ for _ in ()).throw(error)
+    clock.now += 61
+    scheduler.step()
+    for _ in range(3):
+        clock.now += 200
+        scheduler.step()  # no raise: a worker is alive and keeps working
+    assert scheduler.policy.stopped is not None and len(compute.vms) == 1
+
+
+def test_the_fleet_never_exceeds_what_the_preflight_said_fits():
+    scheduler, compute, *_ = make_scheduler(item_count=10, workers=6)
+    scheduler.max_workers = 2
+    scheduler.step()
+    assert len(compute.vms) == 2
+
+
+def test_every_bulk_insert_carries_the_request_id_of_its_run_zone_and_names():
+    from cflow import fleet
+
+    scheduler, compute, *_ = make_scheduler(workers=2)
+    scheduler.step()
+    assert compute.request_ids == [fleet.creation_request_id(RUN, "us-central1-a", [f"w-{RUN}-0001", f"w-{RUN}-0002"])]
+
+
+def test_a_quota_at_zero_everywhere_ends_the_run_even_before_any_worker():
+    scheduler, compute, *_ = make_scheduler(workers=2, zones=("us-central1-a",))
+    scheduler.config = types.SimpleNamespace(**vars(scheduler.config), vm_network="default", vm_zone="us-central1-a", vm_boot="stock")
+
+    def refuse(zone, names, properties, request_id=None):
+        compute.calls.append(("bulkInsert", zone, tuple(names)))
+        raise QuotaExceeded("quota", metric="PREEMPTIBLE_CPUS", region="us-central1", limit=0.0, reason="quotaExceeded",
+                            message="Quota 'PREEMPTIBLE_CPUS' exceeded.  Limit: 0.0 in region us-central1.")
+
+    compute.bulk_insert = refuse
+    with pytest.raises(WorkersRefused, match=r"^no worker fits the PREEMPTIBLE_CPUS quota in us-central1 \(limit 0\)"):
+        scheduler.step()
+        scheduler.step()
+
+
+def test_workers_refused_for_good_end_the_loop_at_once_without_using_the_budget():
+    scheduler, *_ = make_scheduler()
+    refused = WorkersRefused("VM_NETWORK: refused", PermanentRequestError("x"), "VM_NETWORK")
+    scheduler.step = FlakySteps(scheduler, [refused])
+    slept = []
+    with pytest.raises(WorkersRefused):
+        run_steps(scheduler, lambda progress: None, step_interval=2.0, sleep=slept.append)
+    assert slept == [] and scheduler.step.calls == 1

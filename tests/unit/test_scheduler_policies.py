@@ -108,10 +108,10 @@ def test_every_zone_out_of_spot_for_the_minutes_creates_standard_workers_of_the_
     scheduler, compute, _pubsub, _storage, clock, _wall = make_scheduler(workers=2, policies=Policies(stockout_fallback=StockoutFallback(5)))
     compute.stockout_zones.update({"us-central1-a", "us-central1-b"})
 
-    def spot_only_stockout(zone, names, properties):
+    def spot_only_stockout(zone, names, properties, request_id=None):
         if properties["scheduling"]["provisioningModel"] == "STANDARD":
             compute.stockout_zones.discard(zone)
-        pending = original(zone, names, properties)
+        pending = original(zone, names, properties, request_id=request_id)
         compute.stockout_zones.add(zone)
         return pending
 

@@ -700,3 +700,63 @@ def test_process_hands_back_an_item_whose_result_cannot_be_recorded(work_dir, tm
     assert ("nack", "ack-39") in pubsub.calls and ("ack", ("ack-39",)) not in pubsub.calls
     # Nothing left for the shutdown hook to wait for.
     assert not work_dir.settling.exists() and not work_dir.inflight.exists()
+
+
+# -- the shutdown hook reaches the network first with its nack ---------------------
+
+
+class JournalMetadata(FakeMetadata):
+    """Notes each question asked of the metadata server in the Pub/Sub fake's journal."""
+
+    def __init__(self, journal, preempted=True):
+        super().__init__(preempted)
+        self.journal = journal
+
+    def preempted(self):
+        self.journal.append(("metadata", "preempted"))
+        return super().preempted()
+
+
+def test_the_hook_nacks_before_it_asks_the_metadata_server_anything(work_dir):
+    pubsub, storage = FakePubSub(), FakeStorage()
+    log_file = work_dir.root / "partial.log"
+    log_file.write_text("half way\n")
+    work_dir.write_inflight({"item": "000011", "attempt": 1, "ack_id": "ack-9", "log": str(log_file)})
+
+    hand_back(make_context(work_dir, pubsub, storage, JournalMetadata(pubsub.calls)))
+
+    assert pubsub.calls[0] == ("nack", "ack-9")
+    assert ("metadata", "preempted") in pubsub.calls
+    assert b"cflow: preempted; item handed back" in storage.objects["logs/000011/attempt-1.log"]
+
+
+def test_the_hook_builds_its_context_from_the_settings_the_worker_kept_without_a_request(work_dir, monkeypatch):
+    from cflow.gcp.metadata import Metadata
+    from cflow.gcp.storage import RunStorage
+    from cflow.worker import entry
+
+    manifest = {"run_id": "0101-0000-abcd", "bucket": "bucket", "task_command": ["true"], "task_timeout": 30,
+                "max_attempts": 3, "lease_seconds": 60, "idle_poweroff_seconds": 120,
+                "topics": {"work_subscription": "projects/p/subscriptions/w", "work_topic": "projects/p/topics/w",
+                           "events_topic": "projects/p/topics/e"}}
+    work_dir.write_hook_settings({"manifest": manifest, "project": "p", "vm_name": "vm-7", "target": "local"})
+
+    def no_request(*args, **kwargs):
+        raise AssertionError("the hook made a request before its nack")
+
+    monkeypatch.setattr(Metadata, "get", no_request)
+    monkeypatch.setattr(RunStorage, "read_manifest", no_request)
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+
+    context = entry._hook_context(work_dir.root, Metadata(), work_dir.read_hook_settings())
+
+    assert context.vm_name == "vm-7"
+    assert context.settings == WorkerSettings.from_manifest(manifest)
+    assert context.storage.run_id == "0101-0000-abcd"
+
+
+def test_missing_or_unreadable_hook_settings_leave_the_hook_to_ask_as_the_worker_does(work_dir):
+    assert work_dir.read_hook_settings() is None
+    work_dir.hook_settings.write_text('{"manifest": ')  # e.g. a full disk cut the worker's write short
+    assert work_dir.read_hook_settings() is None

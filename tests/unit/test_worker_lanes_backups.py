@@ -49,10 +49,10 @@ def inflight_record(work_dir, preemptions, backup=False):
     work_dir.write_inflight(record)
 
 
-def hook_context(work_dir, pubsub, storage, threshold=3, lane=Lane.SPOT):
+def hook_context(work_dir, pubsub, storage, threshold=3, lane=Lane.SPOT, metadata=None):
     settings = make_settings(("true",), preemptions_before_standard=threshold, standard_topic="standard-topic",
                              standard_subscription="standard-sub")
-    return WorkerContext(settings, pubsub, storage, FakeMetadata(preempted=True), work_dir, "vm-1", lane=lane)
+    return WorkerContext(settings, pubsub, storage, metadata or FakeMetadata(preempted=True), work_dir, "vm-1", lane=lane)
 
 
 # -- a preemption is counted in the message ----------------------------------------------
@@ -106,6 +106,59 @@ def test_without_the_setting_or_when_the_republish_fails_the_item_is_nacked_as_b
     inflight_record(work_dir, preemptions=0)
     hand_back(hook_context(work_dir, pubsub, storage))
     assert ("nack", "ack-9") in pubsub.calls and "preemptions" not in pubsub.events[-1]
+
+
+class AskedMetadata(FakeMetadata):
+    """Notes each preempted question in the Pub/Sub fake's journal, so its order against the hand-back shows."""
+
+    def __init__(self, journal, preempted=True):
+        super().__init__(preempted)
+        self.journal = journal
+
+    def preempted(self):
+        self.journal.append(("metadata", "preempted"))
+        return super().preempted()
+
+
+@pytest.mark.parametrize("threshold, lane", [(None, Lane.SPOT), (3, Lane.STANDARD)])
+def test_where_no_republish_can_follow_the_hook_nacks_before_asking_the_metadata_server(work_dir, threshold, lane):
+    pubsub, storage = FakePubSub(), FakeStorage()
+    inflight_record(work_dir, preemptions=1)
+    context = hook_context(work_dir, pubsub, storage, threshold=threshold, lane=lane, metadata=AskedMetadata(pubsub.calls))
+
+    hand_back(context)
+
+    assert pubsub.calls[0] == ("nack", "ack-9") and ("metadata", "preempted") in pubsub.calls
+
+
+@pytest.mark.parametrize("preempted, first_to_pubsub", [(True, "publish"), (False, "nack")])
+def test_a_spot_lane_hook_asks_whether_preempted_first_since_the_answer_decides_the_hand_back(work_dir, preempted, first_to_pubsub):
+    pubsub, storage = FakePubSub(), FakeStorage()
+    inflight_record(work_dir, preemptions=1)
+    context = hook_context(work_dir, pubsub, storage, metadata=AskedMetadata(pubsub.calls, preempted=preempted))
+
+    hand_back(context)
+
+    assert pubsub.calls[0] == ("metadata", "preempted")
+    assert pubsub.calls[1][0] == first_to_pubsub
+    assert (pubsub.published != []) is preempted
+
+
+def test_the_hook_keeps_the_workers_lane_from_the_settings_on_disk(work_dir, monkeypatch):
+    from cflow.gcp.metadata import Metadata
+    from cflow.worker import entry
+
+    manifest = {"run_id": "0101-0000-abcd", "bucket": "bucket", "task_command": ["true"], "task_timeout": 30,
+                "max_attempts": 3, "lease_seconds": 60, "idle_poweroff_seconds": 120,
+                "topics": {"work_subscription": "projects/p/subscriptions/w", "work_topic": "projects/p/topics/w",
+                           "events_topic": "projects/p/topics/e"}}
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")
+    kept = {"manifest": manifest, "project": "p", "vm_name": "vm-7", "target": "local"}
+    work_dir.write_hook_settings({**kept, "lane": "standard"})
+    assert entry._hook_context(work_dir.root, Metadata(), work_dir.read_hook_settings()).lane == Lane.STANDARD
+    work_dir.write_hook_settings(kept)  # written by a worker from before the lanes
+    assert entry._hook_context(work_dir.root, Metadata(), work_dir.read_hook_settings()).lane == Lane.SPOT
 
 
 def test_a_preempted_backup_copy_is_dropped_without_its_log(work_dir):

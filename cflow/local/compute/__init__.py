@@ -7,7 +7,8 @@ Run it::
         [--shutdown-grace S] [--preempt-mean-s S] [--zone-capacity ZONE=N ...] \\
         [--quota [REGION:]METRIC=N ...] [--cpu-quota N] [--deny-external-ip] \\
         [--no-default-network] [--error-rate R] [--boot-delay S] [--seed N] \\
-        [--rate-limit-per-minute N] [--no-resource-not-ready]
+        [--rate-limit-per-minute N] [--no-resource-not-ready] \\
+        [--vm-root debian-12] [--auth-token-file F]
 
 It prints ``compute emulator listening on http://H:P/compute/v1/`` once it
 accepts requests, and serves until SIGTERM/SIGINT (then powers every VM off
@@ -16,25 +17,46 @@ in parallel and exits 0). Clients use it unchanged::
     googleapiclient.discovery.build("compute", "v1", credentials=AnonymousCredentials(),
         client_options={"api_endpoint": "http://H:P/compute/v1/"}, static_discovery=True)
 
-Batches: ``POST http://H:P/batch/compute/v1``. googleapiclient takes a
-batch URI from the discovery document, not from ``api_endpoint``, so pass
-``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")``.
+The gcloud CLI and the GAPIC client google-cloud-compute work unchanged
+(``CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE=http://H:P/compute/v1/``;
+``ClientOptions(api_endpoint="http://H:P")``): see the README's "Pointing
+gcloud at the emulator".
 
-Served: instances insert, bulkInsert, get, list, aggregatedList (filter,
-maxResults, pageToken), delete, stop, start, setLabels, setMetadata
-(fingerprints checked, 412 conditionNotMet), setScheduling, simulateMaintenanceEvent,
-getSerialPortOutput (contents, start, next; 1 MB at most); zoneOperations
-and globalOperations get, wait, list, delete; disks get, list, delete
+Batches: ``POST http://H:P/batch/compute/v1`` (where gcloud sends them).
+googleapiclient takes a batch URI from the discovery document, not from
+``api_endpoint``, so pass ``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")``.
+
+``--auth-token-file F``: every API request (batches too) must carry
+``Authorization: Bearer <the token in F>``, else 401 as GCE answers
+(``WWW-Authenticate``, reason ``required`` or ``authError``) and nothing
+is done; the VMs' metadata servers are not behind it (``auth``).
+
+Served: instances insert, bulkInsert (an ``operationGroupId``, and an
+``insert`` operation per VM in that group, as GCE), get, list,
+aggregatedList (filter, maxResults, pageToken), delete, stop, start, reset,
+setLabels, setMetadata (fingerprints compared as bytes, standard or
+URL-safe base64; else 412 conditionNotMet), setScheduling,
+setDeletionProtection, simulateMaintenanceEvent, getSerialPortOutput
+(port 1..4, start, next; the last 1 MB is kept); zoneOperations,
+regionOperations and globalOperations get, wait, list, delete, and
+globalOperations aggregatedList; disks get, list, aggregatedList, delete
 (detached disks only); images insert (from a ``sourceDisk``; 400
 resourceInUseByAnotherResource for a disk of a VM that is not TERMINATED
 unless ``forceCreate=true``; 409 for a taken name), get, getFromFamily (the
 newest READY image of the family that is not deprecated), list (filter),
-delete, deprecate; machineTypes get, list; zones get, list; regions get,
-list (with their ``quotas``); regionOperations get, wait, list, delete;
-networks insert, get, list, delete; subnetworks insert, get, list,
-aggregatedList, delete, setPrivateIpGoogleAccess; acceleratorTypes get,
-list, aggregatedList. Public images (debian-cloud, ubuntu-os-cloud,
-cos-cloud) are read-only: changing them is 403 forbidden.
+delete, deprecate; imageFamilyViews get (and
+``projects/P/zones/Z|-/imageFamilyViews/F`` as a source image, as gcloud
+sends ``--image-family``); machineTypes get, list, aggregatedList
+(``custom-N-MB`` types too); diskTypes get, list, aggregatedList; zones get,
+list; regions get, list (with their ``quotas``); projects get (common
+instance metadata, project-wide quotas) and setCommonInstanceMetadata
+(guests see it under ``project/attributes/``); networks insert, get, list,
+delete; subnetworks insert, get, list, aggregatedList, delete,
+setPrivateIpGoogleAccess; acceleratorTypes get, list, aggregatedList.
+List filters are GCE's (``filters``): ``name eq ".*\\bX\\b.*"`` as gcloud
+rewrites ``--filter name=X``, ``ne``, ``=``/``!=``/``:``, parentheses, AND,
+OR, NOT. Public images (debian-cloud, ubuntu-os-cloud, cos-cloud) are
+read-only: changing them is 403 forbidden.
 
 Networks, quotas, policy, GPUs: every project has the ``default`` auto-mode
 network (one subnet per region in GCE's 10.128.0.0/9 auto ranges) unless
@@ -64,6 +86,18 @@ server, ``127.0.0.1:PORT``), ``PUBSUB_EMULATOR_HOST``,
 emulated VMs share the host's filesystem, so a guest that writes
 ``/opt/cflow`` on GCE writes ``$CFLOW_VM_ROOT/opt/cflow`` here (scripts
 that run on both write ``${CFLOW_VM_ROOT:-}/opt/cflow``).
+
+Serial console: a script's stdout and stderr reach ``serial-port-1.log`` as
+GCE's script runner logs them (``... google_metadata_script_runner[PID]:
+startup-script: LINE``, then ``startup-script exit status N``; ``console``).
+
+A real root (``--vm-root debian-12``, root only): a minimal Debian 12 built
+once with debootstrap and cached under ``~/.cache/cflow/vm-roots/``
+(``rootfs``); each VM runs its scripts chrooted in its own overlay on it, in
+a mount namespace of its own, with ``metadata.google.internal`` its own
+metadata server on port 80 (``guest_root``). Its disk is then the overlay's
+upper directory, ``STATE_DIR/vms/NAME-ID/root/``, and its environment is a
+GCE service's (no ``CFLOW_EMULATED_VM``, ``CFLOW_VM_ROOT``, host paths).
 
 Disks and images: every disk of a VM is a resource of its zone, named as
 GCE names it (the VM's name for the boot disk unless
@@ -96,21 +130,24 @@ exactly that. The VM runs its shutdown script and ends TERMINATED (operation
 ``compute.instances.guestTerminate``). Nothing on the host is touched.
 
 Where things live: ``emulator`` (assembly, options), ``cli`` (the command),
-``server`` (HTTP routes, one table per resource, and batches), ``engine``
-(the parts wired together), ``core`` (lock, ids, shared tables, operations),
-one part per resource: ``zones``, ``instances``, ``disks``, ``images``,
-``operations``, ``networks`` (networks, subnetworks, VMs' interfaces and
-addresses), ``regions``, ``accelerators`` (accelerator types and GPU
-rules); ``quotas`` (limits, usage, refusals), ``policy`` (organization
-policy); ``lifecycle`` (the VM state machine), ``guest_metadata`` and
+``server`` (HTTP routes, one table per resource, and batches), ``auth``
+(the bearer token), ``engine`` (the parts wired together), ``core`` (lock,
+ids, shared tables, operations), one part per resource: ``zones`` (and
+machine and disk types), ``instances``, ``disks``, ``images``,
+``operations``, ``projects``, ``networks`` (networks, subnetworks, VMs'
+interfaces and addresses), ``regions``, ``accelerators`` (accelerator types
+and GPU rules); ``quotas`` (limits, usage, refusals), ``policy``
+(organization policy); ``lifecycle`` (the VM state machine), ``guest_metadata`` and
 ``metadata`` (what a VM's metadata server answers, and the servers),
 ``resources`` (records and their JSON), ``validation`` (request bodies),
 ``filters`` (list filters), ``paging`` (page tokens), ``api_errors`` (GCE's
 error answers), ``scheduling`` (scheduling rules and time limits),
 ``rate_limit`` (the rate quota), ``request_ids`` (requestId), ``catalog``
 (zones, machine types, images), ``faults``, ``timers``, ``vm`` (guest
-processes), ``disk_images`` (disk and image content), ``watchdog`` (kills
-VMs of a dead emulator).
+processes), ``console`` (scripts' output on the serial console),
+``rootfs`` (building and caching real roots), ``guest_root`` (a VM's
+overlay and namespace on one), ``disk_images`` (disk and image content),
+``watchdog`` (kills VMs of a dead emulator).
 
 Python API: ``ComputeEmulator(EmulatorOptions(...)).start()`` returns the
 base URL, ``.stop()`` stops it (``cflow.local.compute.emulator``);

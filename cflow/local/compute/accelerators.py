@@ -179,7 +179,9 @@ class AcceleratorTypes:
             ApiError: 404 notFound, 400 invalid or badRequest as the module docstring lists.
         """
         result = []
-        cpus, _, shared, _ = self.catalog.machine_types[machine_type]
+        entry = self.catalog.machine_type_entry(machine_type)
+        assert entry is not None  # validation took only a machine type the catalog knows (predefined or custom)
+        cpus, _, shared, _ = entry
         for index, request in enumerate(requests):
             model = GPU_MODELS_BY_NAME.get(request.type_name)
             if model is None or zone not in model.zones:

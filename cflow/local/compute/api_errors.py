@@ -30,16 +30,25 @@ class ApiError(Exception):
         self.reason = reason
         self.message = message
         self.domain = domain
+        # What some errors carry besides (401: the Authorization header, UNAUTHENTICATED, a challenge).
+        self.error_message: str | None = None  # errors[0].message when it differs from the top one
+        self.location: str | None = None
+        self.location_type: str | None = None
+        self.status: str | None = None
+        self.details: list[dict[str, Any]] = []
+        self.headers: dict[str, str] = {}
 
     def to_json(self) -> dict[str, Any]:
         """Returns the error body as a JSON-ready dict."""
-        return {
-            "error": {
-                "code": self.code,
-                "message": self.message,
-                "errors": [{"message": self.message, "domain": self.domain, "reason": self.reason}],
-            }
-        }
+        entry: dict[str, Any] = {"message": self.error_message or self.message, "domain": self.domain, "reason": self.reason}
+        if self.location is not None:
+            entry.update(location=self.location, locationType=self.location_type)
+        body: dict[str, Any] = {"code": self.code, "message": self.message, "errors": [entry]}
+        if self.status is not None:
+            body["status"] = self.status
+        if self.details:
+            body["details"] = [dict(detail) for detail in self.details]
+        return {"error": body}
 
 
 def not_found(resource_path: str) -> ApiError:
@@ -132,3 +141,31 @@ def backend_error() -> ApiError:
 
 def unknown_url(path: str) -> ApiError:
     return ApiError(404, "notFound", f"The requested URL {path} was not found on this server.")
+
+
+AUTH_HELP = "Expected OAuth 2 access token, login cookie or other valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
+AUTH_REALM = 'Bearer realm="https://accounts.google.com/"'
+
+
+def _unauthenticated(reason: str, message: str, entry_message: str, challenge: str) -> ApiError:
+    error = ApiError(401, reason, message)
+    error.error_message = entry_message
+    error.location, error.location_type = "Authorization", "header"
+    error.status = "UNAUTHENTICATED"
+    error.headers["WWW-Authenticate"] = challenge
+    return error
+
+
+def credentials_missing() -> ApiError:
+    """401 for a request without credentials, as Google's front end answers it."""
+    error = _unauthenticated("required", f"Request is missing required authentication credential. {AUTH_HELP}", "Login Required.", AUTH_REALM)
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "CREDENTIALS_MISSING", "domain": "googleapis.com"}
+    error.details.append({**info, "metadata": {"service": "compute.googleapis.com"}})
+    return error
+
+
+def credentials_invalid() -> ApiError:
+    """401 for a request whose bearer token is not a valid one."""
+    return _unauthenticated(
+        "authError", f"Request had invalid authentication credentials. {AUTH_HELP}", "Invalid Credentials", AUTH_REALM + ', error="invalid_token"'
+    )

@@ -1,4 +1,4 @@
-"""What exists before any VM does: zones, machine types and images.
+"""What exists before any VM does: zones, machine types (predefined and custom), disk types and images.
 
 One ``Catalog`` holds every table. Public images (``PUBLIC_IMAGES``) are
 there from the start and read-only; project images come and go with
@@ -6,6 +6,7 @@ there from the start and read-only; project images come and go with
 """
 
 import hashlib
+import re
 import threading
 from typing import Any
 
@@ -32,6 +33,46 @@ def _machine_types() -> dict[str, tuple[int, int, bool, str]]:
     for cpus in (4, 8, 16):
         types[f"c2-standard-{cpus}"] = (cpus, cpus * 4096, False, f"Compute Optimized: {cpus} vCPUs, {cpus * 4} GB RAM")
     return types
+
+
+# Disk types of every zone: name -> (description, valid sizes, default size GB).
+DISK_TYPES = {
+    "pd-standard": ("Standard Persistent Disk", "10GB-65536GB", 500),
+    "pd-balanced": ("Balanced Persistent Disk", "10GB-65536GB", 100),
+    "pd-ssd": ("SSD Persistent Disk", "10GB-65536GB", 100),
+    "pd-extreme": ("Extreme Persistent Disk", "500GB-65536GB", 1000),
+    "hyperdisk-balanced": ("Hyperdisk Balanced Persistent Disk", "4GB-65536GB", 100),
+    "local-ssd": ("Local SSD", "375GB-375GB", 375),
+}
+
+# Custom machine types, as GCE names them: [SERIES-]custom-CPUS-MEMORY_MB[-ext] (no series: N1).
+CUSTOM_MACHINE_TYPE = re.compile(r"(?:(?P<series>e2|n1|n2|n2d)-)?custom-(?P<cpus>[0-9]+)-(?P<memory>[0-9]+)(?P<ext>-ext)?")
+# Series -> (allowed vCPU counts, min and max MB of memory per vCPU without -ext).
+CUSTOM_LIMITS: dict[str, tuple[range, int, int]] = {
+    "n1": (range(1, 97), 922, 6656),
+    "e2": (range(2, 33), 512, 8192),
+    "n2": (range(2, 129), 512, 8192),
+    "n2d": (range(2, 225), 512, 8192),
+}
+
+
+def custom_machine_type(name: str) -> tuple[int, int, bool, str] | None:
+    """(guestCpus, memoryMb, isSharedCpu, description) of a valid custom machine type name, else None.
+
+    GCE's rules: memory a multiple of 256 MB, within the series' per-vCPU
+    range (no upper bound with ``-ext``); vCPUs 1 or an even number.
+    """
+    match = CUSTOM_MACHINE_TYPE.fullmatch(name)
+    if match is None:
+        return None
+    series = match.group("series") or "n1"
+    cpus, memory_mb = int(match.group("cpus")), int(match.group("memory"))
+    allowed_cpus, least_per_cpu, most_per_cpu = CUSTOM_LIMITS[series]
+    if cpus not in allowed_cpus or (cpus > 1 and cpus % 2) or memory_mb % 256:
+        return None
+    if memory_mb < least_per_cpu * cpus or (not match.group("ext") and memory_mb > most_per_cpu * cpus):
+        return None
+    return cpus, memory_mb, False, "Custom created machine type."
 
 
 # (project, name, family, description); the newest image of a family comes last.
@@ -101,14 +142,18 @@ class Catalog:
 
     # Machine types.
 
+    def machine_type_entry(self, name: str) -> tuple[int, int, bool, str] | None:
+        """(guestCpus, memoryMb, isSharedCpu, description) of a predefined or custom machine type; None if unknown."""
+        return self.machine_types.get(name) or custom_machine_type(name)
+
     def guest_cpus(self, machine_type: str) -> int | None:
-        """Returns the vCPU count, or None for an unknown machine type."""
-        entry = self.machine_types.get(machine_type)
+        """Returns the vCPU count, or None for an unknown machine type (predefined or custom)."""
+        entry = self.machine_type_entry(machine_type)
         return entry[0] if entry else None
 
     def machine_type_json(self, project: str, zone: str, name: str) -> dict[str, Any]:
-        """Returns a compute#machineType; raises ApiError 404 if unknown."""
-        entry = self.machine_types.get(name)
+        """Returns a compute#machineType (predefined or custom); raises ApiError 404 if unknown."""
+        entry = self.machine_type_entry(name)
         if entry is None or zone not in self.zone_region:
             raise api_errors.not_found(f"projects/{project}/zones/{zone}/machineTypes/{name}")
         cpus, memory_mb, shared, description = entry
@@ -127,6 +172,26 @@ class Catalog:
             "selfLink": f"{self.zone_url(project, zone)}/machineTypes/{name}",
             "isSharedCpu": shared,
             "architecture": "X86_64",
+        }
+
+    # Disk types.
+
+    def disk_type_json(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        """Returns a compute#diskType; raises ApiError 404 if unknown."""
+        entry = DISK_TYPES.get(name)
+        if entry is None or zone not in self.zone_region:
+            raise api_errors.not_found(f"projects/{project}/zones/{zone}/diskTypes/{name}")
+        description, valid_sizes, default_gb = entry
+        return {
+            "kind": "compute#diskType",
+            "id": str(stable_id("diskType/" + name)),
+            "creationTimestamp": CATALOG_TIMESTAMP,
+            "name": name,
+            "description": description,
+            "validDiskSize": valid_sizes,
+            "zone": self.zone_url(project, zone),
+            "selfLink": f"{self.zone_url(project, zone)}/diskTypes/{name}",
+            "defaultDiskSizeGb": str(default_gb),
         }
 
     # Images.
@@ -213,8 +278,10 @@ class Catalog:
     def resolve_source_image(self, source: str, request_project: str) -> dict[str, Any]:
         """Resolves a ``sourceImage`` reference as GCE accepts them.
 
-        Accepts full URLs, ``projects/P/global/images/[family/]X`` and
-        ``global/images/[family/]X`` (the request's project).
+        Accepts full URLs, ``projects/P/global/images/[family/]X``,
+        ``global/images/[family/]X`` (the request's project) and the zonal view
+        of a family gcloud sends for ``--image-family``,
+        ``projects/P/zones/Z/imageFamilyViews/F`` (``Z`` a zone or ``-``: any).
 
         Returns the image JSON; raises ApiError 404 for an unknown image and
         400 for a reference that is not an image path at all.
@@ -230,5 +297,9 @@ class Catalog:
         if len(parts) == 5 and parts[0] == "projects" and parts[2:4] == ["global", "images"]:
             return self.image_json(parts[1], parts[4])
         if len(parts) == 6 and parts[0] == "projects" and parts[2:5] == ["global", "images", "family"]:
+            return self.image_from_family(parts[1], parts[5])
+        if len(parts) == 6 and parts[0] == "projects" and parts[2] == "zones" and parts[4] == "imageFamilyViews":
+            if parts[3] != "-" and parts[3] not in self.zone_region:
+                raise api_errors.not_found(path)
             return self.image_from_family(parts[1], parts[5])
         raise api_errors.invalid_field("resource.disks[0].initializeParams.sourceImage", source, "The URL is malformed.")

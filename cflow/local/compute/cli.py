@@ -57,6 +57,7 @@ def _quota(text: str) -> "QuotaSetting":
 def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
     """Registers ``cflow emulator compute``."""
     from cflow.local import LOCAL_PROJECT
+    from cflow.local.compute.rootfs import RECIPES
 
     parser = emulator_subparsers(subparsers).add_parser(
         "compute",
@@ -103,6 +104,17 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
         help="delete or stop of a VM that is still booting or already stopping is 400 resourceNotReady, as on GCE "
         "(default); --no-resource-not-ready accepts them",
     )
+    parser.add_argument(
+        "--vm-root", choices=sorted(RECIPES), metavar="NAME",
+        help="run every VM's scripts on a real root (debian-12: a minimal Debian 12 like the GCE image, built once with debootstrap "
+        "and cached under ~/.cache/cflow/), each VM on its own overlay in its own mount namespace; needs root. "
+        "Default: VMs share the host's filesystem",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="F",
+        help="answer only requests with 'Authorization: Bearer <the token in F>' (others: 401, as GCE); VMs' metadata servers stay open",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -132,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
         resource_not_ready=args.resource_not_ready,
         slow_vms=args.slow_vms,
         slow_factor=args.slow_factor,
+        vm_root=args.vm_root,
+        auth_token_file=args.auth_token_file,
     )
     stop_requested = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stop_requested.set()) for number in (signal.SIGTERM, signal.SIGINT)}

@@ -12,20 +12,31 @@ Operations are made here (``new_operation``) because every part answers
 with one; ``finish_operation`` wakes whoever waits in operations.wait.
 """
 
+import dataclasses
 import random
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from cflow.local.compute import api_errors
 from cflow.local.compute.catalog import Catalog
 from cflow.local.compute.faults import Faults
-from cflow.local.compute.resources import Disk, Instance, Operation, OperationKey, ResourceKey, rfc3339
+from cflow.local.compute.resources import Disk, Instance, Operation, OperationKey, ResourceKey, fingerprint, rfc3339
 from cflow.local.compute.timers import TimerQueue
 
 MAX_KEPT_OPERATIONS = 20000
 
 WallClock = Callable[[], float]
+
+
+@dataclasses.dataclass(slots=True)
+class ProjectMetadata:
+    """A project's ``commonInstanceMetadata``: what every VM of it sees under ``project/attributes/``."""
+
+    items: list[dict[str, str]]
+    fingerprint: str
+    version: int = 0
 
 
 class ComputeCore:
@@ -46,6 +57,7 @@ class ComputeCore:
         closing: True once the emulator is shutting down; new work is refused.
         instances, instances_by_id, disks, operations: the tables parts share.
         image_trees: (project, image name) -> the image's content on the host.
+        project_metadata: project -> its common instance metadata (``project_metadata_of``).
     """
 
     def __init__(
@@ -66,6 +78,7 @@ class ComputeCore:
         self.disks: dict[ResourceKey, Disk] = {}
         self.operations: dict[OperationKey, Operation] = {}
         self.image_trees: dict[tuple[str, str], str] = {}
+        self.project_metadata: dict[str, ProjectMetadata] = {}
         self._used_ids: set[int] = set()
         self._operation_sequence = 0
 
@@ -89,6 +102,13 @@ class ComputeCore:
         """Raises ApiError 400 for a zone the catalog does not know."""
         if self.catalog.region_of(zone) is None:
             raise api_errors.invalid_field("zone", zone, "Unknown zone.")
+
+    def project_metadata_of(self, project: str) -> "ProjectMetadata":
+        """The project's common instance metadata (empty until set; hold the lock)."""
+        metadata = self.project_metadata.get(project)
+        if metadata is None:
+            metadata = self.project_metadata[project] = ProjectMetadata(items=[], fingerprint=fingerprint([[], 0]))
+        return metadata
 
     def refuse_if_closing(self) -> None:
         """Raises ApiError 503 once the emulator is shutting down (hold the lock)."""
@@ -136,6 +156,10 @@ class ComputeCore:
             for key in [key for key, old in self.operations.items() if old.status == "DONE"][: len(self.operations) // 10]:
                 del self.operations[key]
         return operation
+
+    def new_operation_group_id(self) -> str:
+        """A fresh ``operationGroupId`` (a UUID, as GCE's)."""
+        return str(uuid.UUID(int=self.id_random.getrandbits(128), version=4))
 
     def finish_operation(
         self, operation: Operation, errors: list[dict[str, Any]] | None = None, http_code: int | None = None, http_message: str | None = None

@@ -5,7 +5,12 @@ An image's content is a copy of that tree in ``STATE_DIR/images/PROJECT/NAME-ID/
 without the emulator's own bookkeeping (``vm.BOOKKEEPING_PATHS``: the serial
 log, the script files, the poweroff shim), which every boot writes anew, and
 without sockets, FIFOs and device files, which a disk image cannot hold.
-Symlinks are copied as symlinks.
+Symlinks are copied as symlinks; extended attributes are kept.
+
+A VM on a real root (``guest_root``) has its disk in ``root/``, an overlay's
+upper directory: what it deleted from the root is a whiteout there (a
+character device 0/0), and a directory it replaced is marked opaque by an
+extended attribute. Both are kept, so an image holds the deletions too.
 """
 
 import logging
@@ -54,7 +59,7 @@ class DiskImages:
             os.makedirs(tree_dir)
             return 0
         try:
-            shutil.copytree(disk_dir, tree_dir, symlinks=True, ignore=self._ignore_for(disk_dir), copy_function=_copy_if_present)
+            shutil.copytree(disk_dir, tree_dir, symlinks=True, ignore=self._ignore_for(disk_dir), copy_function=_copy_entry)
         except OSError as error:  # shutil.Error too: it lists every file that failed
             shutil.rmtree(tree_dir, ignore_errors=True)
             raise OSError(f"cannot copy {disk_dir} into an image: {error}") from None
@@ -85,7 +90,7 @@ class DiskImages:
             OSError: the copy failed (the hold is dropped all the same).
         """
         try:
-            shutil.copytree(tree_dir, disk_dir, symlinks=True, dirs_exist_ok=True)
+            shutil.copytree(tree_dir, disk_dir, symlinks=True, dirs_exist_ok=True, copy_function=_copy_entry)
         except shutil.Error as error:
             raise OSError(f"cannot copy image {tree_dir} into {disk_dir}: {error}") from None
         finally:
@@ -114,16 +119,31 @@ class DiskImages:
                 except FileNotFoundError:
                     skipped.add(name)  # gone while we looked: a temporary file of a process
                     continue
-                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode) or _is_whiteout(os.path.join(directory, name))):
                     skipped.add(name)
             return skipped
 
         return ignore
 
 
-def _copy_if_present(source: str, destination: str) -> str:
+def _is_whiteout(path: str) -> bool:
+    """True for an overlayfs whiteout: a character device with device number 0/0."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISCHR(status.st_mode) and status.st_rdev == 0
+
+
+def _copy_entry(source: str, destination: str) -> str:
+    """Copies a file with its metadata; a whiteout is made anew (it cannot be opened)."""
     # A running VM's files come and go (forceCreate); one deleted mid-copy is no part of the image.
     try:
+        if _is_whiteout(source):
+            if os.path.lexists(destination):
+                os.unlink(destination)
+            os.mknod(destination, stat.S_IFCHR | 0o000, 0)
+            return destination
         return shutil.copy2(source, destination)
     except FileNotFoundError:
         return destination

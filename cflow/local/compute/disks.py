@@ -1,4 +1,4 @@
-"""disks.*: every disk of a VM as a zonal resource, and what happens to disks when VMs come and go.
+"""disks.* (get, list, aggregatedList, delete): every disk of a VM as a zonal resource, and what happens to disks when VMs come and go.
 
 A disk is named as GCE names it (the VM's name for the boot disk unless
 ``initializeParams.diskName``); it goes with its VM when ``autoDelete`` is
@@ -11,14 +11,14 @@ from collections.abc import Iterable
 from cflow.local.compute import api_errors
 from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.filters import compile_filter
-from cflow.local.compute.paging import Json
+from cflow.local.compute.paging import Json, aggregated_list
 from cflow.local.compute.resources import Disk, Instance
 from cflow.local.compute.validation import DiskSpec, InstanceSpec
 from cflow.local.compute.vm import GuestLauncher
 
 
 class Disks:
-    """disks.get/list/delete, and the disks of instances being created and removed.
+    """disks.get/list/aggregatedList/delete, and the disks of instances being created and removed.
 
     Args:
         core: the shared state (``core.disks`` is the table).
@@ -114,6 +114,15 @@ class Disks:
             "items": [disk for disk in rendered if predicate(disk)],
             "selfLink": f"{self.core.zone_url(project, zone)}/disks",
         }
+
+    def aggregated_list(self, project: str, filter_text: str | None = None) -> Json:
+        """disks.aggregatedList: every disk of the project, by zone and name."""
+        predicate = compile_filter(filter_text)
+        base_url = self.core.base_url
+        with self.core.lock:
+            rendered = [(f"zones/{zone}", disk.to_json(base_url)) for (owner, zone, _), disk in sorted(self.core.disks.items()) if owner == project]
+        scopes = [f"zones/{zone}" for zone in self.core.catalog.zone_names()]
+        return aggregated_list(base_url, "compute#diskAggregatedList", project, "disks", scopes, [item for item in rendered if predicate(item[1])])
 
     def delete(self, project: str, zone: str, name: str) -> Json:
         """disks.delete of a detached disk (its content stays on the host, as a deleted VM's does).

@@ -14,10 +14,14 @@ from collections.abc import Callable
 
 from cflow.errors import CflowError
 from cflow.local import ENV_COMPUTE, ENV_PUBSUB, ENV_STORAGE, LOCAL_PROJECT
+from cflow.local.compute import rootfs
+from cflow.local.compute.auth import BearerTokenCheck, TokenFileError, read_token_file
 from cflow.local.compute.catalog import Catalog
+from cflow.local.compute.console import SerialConsole
 from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
+from cflow.local.compute.guest_root import GuestRoots
 from cflow.local.compute.metadata import MetadataServers
 from cflow.local.compute.policy import OrganizationPolicy
 from cflow.local.compute.quotas import QuotaLimits, QuotaSetting
@@ -46,8 +50,11 @@ class EmulatorOptions:
     ``--quota`` settings; ``cpu_quota`` is ``--quota CPUS=N`` (the settings
     win over it). ``deny_external_ip`` is the organization policy
     ``constraints/compute.vmExternalIpAccess`` denying every VM;
-    ``default_network`` False is ``--no-default-network``. ``slow_vms`` is the
-    fraction of VMs that get only 1/``slow_factor`` of the time.
+    ``default_network`` False is ``--no-default-network``; ``vm_root`` names a
+    real root for every VM (``rootfs.RECIPES``), None shares the host's
+    filesystem; ``auth_token_file`` set, every API request must carry
+    ``Authorization: Bearer <its token>``. ``slow_vms`` is the fraction of
+    VMs that get only 1/``slow_factor`` of the time.
     """
 
     host: str = "127.0.0.1"
@@ -70,9 +77,17 @@ class EmulatorOptions:
     resource_not_ready: bool = True
     slow_vms: float = 0.0
     slow_factor: float = 5.0
+    vm_root: str | None = None
+    auth_token_file: str | None = None
 
     def validate(self, known_zones: set[str]) -> None:
         """Raises EmulatorOptionError for values the emulator cannot honour."""
+        if self.vm_root is not None:
+            if self.vm_root not in rootfs.RECIPES:
+                raise EmulatorOptionError(f"--vm-root {self.vm_root!r} is unknown; use one of: {', '.join(sorted(rootfs.RECIPES))}")
+            problem = rootfs.host_problem()
+            if problem:
+                raise EmulatorOptionError(f"--vm-root {self.vm_root}: {problem}")
         if not 0.0 <= self.error_rate < 1.0:
             raise EmulatorOptionError(f"--error-rate {self.error_rate} must be in [0, 1); use e.g. 0.1 for 10% of requests")
         durations = (("--shutdown-grace", self.shutdown_grace_s), ("--preempt-mean-s", self.preempt_mean_s), ("--boot-delay", self.boot_delay_s))
@@ -125,6 +140,7 @@ class _Running:
     power_off: PowerOff
     metadata_servers: MetadataServers
     watchdog: Watchdog
+    console: SerialConsole
     slow_guests: SlowGuests | None
 
 
@@ -160,9 +176,22 @@ class ComputeEmulator:
         """
         options = self.options
         options.validate(set(Catalog("").zone_names()))
+        token_check = None
+        if options.auth_token_file is not None:
+            try:
+                token_check = BearerTokenCheck(read_token_file(options.auth_token_file))
+            except TokenFileError as error:
+                raise EmulatorOptionError(str(error)) from None
+        root_dir = None
+        if options.vm_root is not None:
+            # Built once per machine (about a minute), before the API answers.
+            try:
+                root_dir = str(rootfs.RootCache().ensure(rootfs.recipe_named(options.vm_root)))
+            except rootfs.VmRootError as error:
+                raise EmulatorOptionError(str(error)) from None
         _raise_open_file_limit()
         try:
-            server = ApiServer((options.host, options.port))
+            server = ApiServer((options.host, options.port), token_check=token_check)
         except OSError as error:
             raise EmulatorOptionError(
                 f"cannot listen on {options.host}:{options.port} ({error.strerror}); pick another --port, or 0 for any free port"
@@ -186,10 +215,12 @@ class ComputeEmulator:
             vm_environment[ENV_PUBSUB] = options.pubsub_emulator_host
         if options.storage_emulator_host:
             vm_environment[ENV_STORAGE] = options.storage_emulator_host
-        launcher = GuestLauncher(state_dir, marker_prefix, vm_environment, watchdog)
+        metadata_servers = MetadataServers("127.0.0.1")
+        console = SerialConsole(self._wall_clock)
+        roots = GuestRoots(root_dir, metadata_servers) if root_dir is not None else None
+        launcher = GuestLauncher(state_dir, marker_prefix, vm_environment, watchdog, console, root=roots)
         power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
         timers = TimerQueue(self._monotonic)
-        metadata_servers = MetadataServers("127.0.0.1")
         faults = Faults(options.error_rate, options.zone_capacity, options.preempt_mean_s, options.seed, slow_fraction=options.slow_vms)
         slow_guests = SlowGuests(ProcessTable(marker_prefix), options.slow_factor, self._monotonic) if options.slow_vms > 0 else None
         engine = self.engine = ComputeEngine(
@@ -214,6 +245,7 @@ class ComputeEmulator:
         rate_limiter = RateLimiter(options.rate_limit_per_minute, self._wall_clock) if options.rate_limit_per_minute else None
         server.dispatcher = Dispatcher(engine_routes(engine), faults, rate_limiter, RequestIds(engine.core))
         metadata_servers.start(engine.guest_metadata)
+        console.start()
         power_off.start()
         if slow_guests is not None:
             slow_guests.start()
@@ -221,8 +253,10 @@ class ComputeEmulator:
         engine.start()
         server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="compute-api", daemon=True)
         server_thread.start()
-        self._running = _Running(server, engine, timers, power_off, metadata_servers, watchdog, slow_guests)
+        self._running = _Running(server, engine, timers, power_off, metadata_servers, watchdog, console, slow_guests)
         logger.info("compute emulator: state in %s, watchdog pid %s", state_dir, watchdog.pid)
+        if roots is not None:
+            logger.info("compute emulator: %s", roots.describe())
         return base_url
 
     def stop(self) -> None:
@@ -240,6 +274,7 @@ class ComputeEmulator:
         running.power_off.stop()
         running.metadata_servers.stop()
         running.watchdog.close()
+        running.console.stop()
         if self._temporary_state_dir:
             shutil.rmtree(self._temporary_state_dir, ignore_errors=True)
 

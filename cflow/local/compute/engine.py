@@ -5,7 +5,7 @@ Where each behaviour lives:
 - ``core``: the lock, ids, timestamps, the shared tables, making and finishing operations;
 - ``instances``: instances.* (insert, bulkInsert, list, stop, start, ...);
 - ``lifecycle``: the VM state machine (boot, power-off, preemption, removal, the emulator's shutdown);
-- ``disks``, ``images``, ``operations``, ``zones``: those resources' API;
+- ``disks``, ``images``, ``operations``, ``zones``, ``projects``: those resources' API;
 - ``networks`` (networks, subnetworks, VMs' interfaces and addresses), ``regions``,
   ``accelerators`` (accelerator types, GPU rules), ``quotas``, ``policy`` (organization policy);
 - ``guest_metadata``: what each VM's metadata server answers;
@@ -30,6 +30,7 @@ from cflow.local.compute.lifecycle import Lifecycle, MetadataPorts
 from cflow.local.compute.networks import Networks
 from cflow.local.compute.operations import Operations
 from cflow.local.compute.policy import OrganizationPolicy
+from cflow.local.compute.projects import Projects, project_usage_counters
 from cflow.local.compute.quotas import QuotaLimits, Quotas
 from cflow.local.compute.regions import Regions
 from cflow.local.compute.timers import TimerQueue
@@ -62,7 +63,7 @@ class ComputeEngine:
         slow_guests: runs the slow VMs' duty cycle (None: no VM is slow).
 
     Attributes:
-        core, zones, instances, disks, images, operations, networks, regions, accelerators: the parts
+        core, zones, instances, disks, images, operations, networks, regions, accelerators, projects: the parts
             (``server`` routes onto them).
         quotas: usage and limits (``regions`` and ``projects.get`` report them).
         lifecycle: the VM state machine.
@@ -127,6 +128,7 @@ class ComputeEngine:
             refuse_not_ready=refuse_not_ready,
         )
         self.guest_metadata = GuestMetadata(self.core, self.lifecycle)
+        self.projects = Projects(self.core, self.quotas, usage_counters=project_usage_counters(self.core, self.networks))
 
     def start(self) -> None:
         """Starts the engine's own timed work (the reaper of exited startup scripts)."""

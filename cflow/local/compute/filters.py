@@ -47,7 +47,8 @@ def _tokenize(text: str) -> list[Token]:
         assert kind is not None  # every alternative is a named group
         value = match.group(kind)
         if kind == "quoted":
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            # Unescaped later: a regular expression keeps its escapes (``\b``, ``\-``), a literal loses them.
+            value = value[1:-1]
         tokens.append((kind, value))
     return tokens
 
@@ -169,7 +170,11 @@ class _Parser:
         if kind not in ("word", "quoted") or expected is None:
             raise ValueError("expected a value")
         if op in ("eq", "ne"):
+            if kind == "quoted":
+                expected = re.sub(r"""\\(["'])""", r"\1", expected)
             re.compile(expected)
+        elif kind == "quoted":
+            expected = re.sub(r"\\(.)", r"\1", expected)
         return lambda resource: _compare(resource, field, op, expected)
 
 

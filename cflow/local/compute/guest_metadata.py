@@ -113,7 +113,11 @@ class GuestMetadata:
                     "tags": json.dumps(instance.tags),
                     "zone": f"projects/{number}/zones/{instance.zone}",
                 },
-                "project": {"attributes": Verbatim(), "numeric-project-id": number, "project-id": instance.project},
+                "project": {
+                    "attributes": Verbatim((item["key"], item["value"]) for item in self.core.project_metadata_of(instance.project).items),
+                    "numeric-project-id": number,
+                    "project-id": instance.project,
+                },
             }
 
 

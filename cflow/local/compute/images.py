@@ -1,4 +1,4 @@
-"""images.*: project images made from a disk, their content on the host, and the public images.
+"""images.* and imageFamilyViews.get: project images made from a disk, their content on the host, and the public images.
 
 The catalog (``catalog.Catalog``) holds every image's JSON, public images
 included (read-only: changing one is 403). ``images.insert`` copies a boot
@@ -78,6 +78,15 @@ class Images:
     def get_from_family(self, project: str, family: str) -> Json:
         """images.getFromFamily: the newest READY image of the family that is not deprecated."""
         return self.catalog.image_from_family(project, family)
+
+    def get_family_view(self, project: str, zone: str, family: str) -> Json:
+        """imageFamilyViews.get: the image of the family a VM in ``zone`` would boot (``{"image": ...}``).
+
+        Raises:
+            ApiError: 400 for an unknown zone; 404 for a family without a usable image.
+        """
+        self.core.check_zone(zone)
+        return {"image": self.catalog.image_from_family(project, family)}
 
     def list_images(self, project: str, filter_text: str | None = None) -> Json:
         """images.list of a project, in creation order."""

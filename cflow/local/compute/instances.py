@@ -1,5 +1,5 @@
-"""instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, setLabels, setMetadata,
-setScheduling, simulateMaintenanceEvent, getSerialPortOutput.
+"""instances.*: insert, bulkInsert, get, list, aggregatedList, delete, stop, start, reset, setLabels,
+setMetadata, setScheduling, setDeletionProtection, simulateMaintenanceEvent, getSerialPortOutput.
 
 Creating a VM checks what its interfaces name (``networks``) and its GPUs
 (``accelerators``), the organization policy (``policy``), the quotas
@@ -43,12 +43,13 @@ from cflow.local.compute.networks import Networks, ip_space_exhausted_error
 from cflow.local.compute.paging import Json, RawJson, max_results, page_after, page_token
 from cflow.local.compute.policy import CONDITION_NOT_MET_HTTP, OrganizationPolicy
 from cflow.local.compute.quotas import Quotas, VmShape
-from cflow.local.compute.resources import Instance, Operation, fingerprint
+from cflow.local.compute.resources import Instance, Operation, fingerprint, fingerprints_match
 from cflow.local.compute.validation import InstanceSpec
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher
 
 MAX_BULK_COUNT = 5000
-MAX_SERIAL_BYTES = 1024 * 1024
+MAX_SERIAL_BYTES = 1024 * 1024  # what GCE keeps of a serial port
+SERIAL_PORTS = 4
 BULK_FIELD = "bulkInsertInstanceResource"
 # What a VM is while delete, stop and start answer resourceNotReady.
 NOT_READY = ("PROVISIONING", "STAGING", "STOPPING")
@@ -182,6 +183,7 @@ class Instances:
             hostname=hostname or spec["hostname"],
             creation_ts=core.now(),
             guest_accelerators=[dict(entry) for entry in accelerators],
+            kept=copy.deepcopy(spec["kept"]),
         )
         self.disks.attach_new(instance)
         self.images.hold_boot_content(instance)
@@ -259,6 +261,7 @@ class Instances:
                 raise refusal.error()
             operation = core.new_operation(project, zone, "bulkInsert", core.zone_url(project, zone))
             operation.bulk_status = {"targetVmCount": count, "createdVmCount": 0, "failedToCreateVmCount": count, "deletedVmCount": 0, "status": "CREATING"}
+            operation.operation_group_id = core.new_operation_group_id()
             free = core.faults.free_capacity(zone, self._live_in_zone(zone))
             to_create = allowed if free is None else min(allowed, free)
             names = list(per_instance)[:to_create]
@@ -286,7 +289,11 @@ class Instances:
                     instance = self._create(
                         project, zone, spec, name, interfaces, checked.accelerators, hostname=hostname if isinstance(hostname, str) else None
                     )
-                    instance.boot_operations.append(operation)
+                    # As on GCE, each VM also gets an insert operation of the group (gcloud lists them by operationGroupId).
+                    own = core.new_operation(project, zone, "insert", instance.self_link(core.base_url), instance.id)
+                    own.operation_group_id = operation.operation_group_id
+                    own.remaining = 1
+                    instance.boot_operations += [operation, own]
             return operation.to_json(core.base_url)
 
     def _bulk_internal_error(self, project: str, zone: str) -> Json:
@@ -444,12 +451,15 @@ class Instances:
         """instances.delete: a running VM runs its shutdown script first; a terminated one goes at once.
 
         A booting or stopping VM is 400 resourceNotReady (with ``refuse_not_ready`` off:
-        a booting one goes at once, a stopping one once it is down).
+        a booting one goes at once, a stopping one once it is down); a VM with
+        ``deletionProtection`` is 400 invalidResourceUsage.
         """
         core = self.core
         core.check_zone(zone)
         with core.lock:
             instance = self.record(project, zone, name)
+            if instance.kept.get("deletionProtection"):
+                raise api_errors.invalid_resource_usage("Resource cannot be deleted if it's protected against deletion.")
             self._refuse_unless_settled(instance)
             operation = core.new_operation(project, zone, "delete", instance.self_link(core.base_url), instance.id)
             if instance.status == "RUNNING":
@@ -522,6 +532,36 @@ class Instances:
             core.changed.notify_all()
             return operation.to_json(core.base_url)
 
+    def reset(self, project: str, zone: str, name: str) -> Json:
+        """instances.reset: a hard reset of a RUNNING VM (no shutdown script); DONE when its startup script runs again.
+
+        Raises:
+            ApiError: 400 resourceNotReady unless the VM is RUNNING.
+        """
+        core = self.core
+        core.check_zone(zone)
+        with core.lock:
+            core.refuse_if_closing()
+            instance = self.record(project, zone, name)
+            if instance.status != "RUNNING":
+                raise api_errors.resource_not_ready(f"projects/{project}/zones/{zone}/instances/{name}")
+            operation = core.new_operation(project, zone, "reset", instance.self_link(core.base_url), instance.id)
+            self.lifecycle.reset(instance, operation)
+            return operation.to_json(core.base_url)
+
+    def set_deletion_protection(self, project: str, zone: str, name: str, protect: str | None) -> Json:
+        """instances.setDeletionProtection (``deletionProtection`` defaults to true, as on GCE)."""
+        core = self.core
+        core.check_zone(zone)
+        value = str(protect).lower() != "false" if protect not in (None, "") else True
+        with core.lock:
+            instance = self.record(project, zone, name)
+            operation = core.new_operation(project, zone, "setDeletionProtection", instance.self_link(core.base_url), instance.id)
+            instance.kept["deletionProtection"] = value
+            instance.touch()
+            core.finish_operation(operation)
+            return operation.to_json(core.base_url)
+
     # instances.setLabels, setMetadata.
 
     def set_labels(self, project: str, zone: str, name: str, body: Json | None) -> Json:
@@ -533,7 +573,7 @@ class Instances:
         labels = validation.check_labels(body.get("labels"), "instancesSetLabelsRequest.labels")
         with core.lock:
             instance = self.record(project, zone, name)
-            if body.get("labelFingerprint") != instance.label_fingerprint:
+            if not fingerprints_match(body.get("labelFingerprint"), instance.label_fingerprint):
                 raise api_errors.condition_not_met("Labels fingerprint either invalid or resource labels have changed")
             operation = core.new_operation(project, zone, "setLabels", instance.self_link(core.base_url), instance.id)
             instance.labels = labels
@@ -550,7 +590,7 @@ class Instances:
         items = validation.check_metadata_items(body, "metadata")
         with core.lock:
             instance = self.record(project, zone, name)
-            if body.get("fingerprint") != instance.metadata_fingerprint:
+            if not fingerprints_match(body.get("fingerprint"), instance.metadata_fingerprint):
                 raise api_errors.condition_not_met("Supplied fingerprint does not match current metadata fingerprint.")
             operation = core.new_operation(project, zone, "setMetadata", instance.self_link(core.base_url), instance.id)
             instance.metadata_items = items
@@ -613,24 +653,39 @@ class Instances:
             core.finish_operation(operation)
             return operation.to_json(core.base_url)
 
-    def serial_port_output(self, project: str, zone: str, name: str, start: str | None = None) -> Json:
-        """instances.getSerialPortOutput: up to 1 MB of the serial console from ``start`` (negative: from the end)."""
+    def serial_port_output(self, project: str, zone: str, name: str, start: str | None = None, port: str | None = None) -> Json:
+        """instances.getSerialPortOutput, as GCE keeps a serial port: its last 1 MB.
+
+        ``start`` is a byte position in everything the port ever printed
+        (negative: that many bytes before the end). A position older than the
+        kept megabyte moves up to the oldest byte kept, and the answer's
+        ``start`` says where it moved; ``next`` is where the next call starts.
+        Ports 2 to 4 exist and stay silent.
+
+        Raises:
+            ApiError: 400 for a ``port`` outside 1..4 or a ``start`` that is not an integer.
+        """
         core = self.core
         core.check_zone(zone)
+        port_number = validation.parse_int64(port, "port") if port not in (None, "") else 1
+        if not 1 <= port_number <= SERIAL_PORTS:
+            raise api_errors.invalid_field("port", port_number, f"Must be between 1 and {SERIAL_PORTS}.")
         offset = validation.parse_int64(start, "start") if start not in (None, "") else 0
         with core.lock:
             instance = self.record(project, zone, name)
             path = os.path.join(self.launcher.disk_dir(instance.name, instance.id), SERIAL_LOG_NAME)
             self_link = instance.self_link(core.base_url) + "/serialPort"
+        contents = b""
         try:
             with open(path, "rb") as serial:
-                size = os.fstat(serial.fileno()).st_size
-                offset = max(0, min(offset if offset >= 0 else size + offset, size))
-                serial.seek(offset)
-                contents = serial.read(MAX_SERIAL_BYTES)
+                size = os.fstat(serial.fileno()).st_size if port_number == 1 else 0
+                oldest = max(0, size - MAX_SERIAL_BYTES)
+                offset = max(oldest, size + offset if offset < 0 else offset)
+                if offset < size:
+                    serial.seek(offset)
+                    contents = serial.read(size - offset)
         except FileNotFoundError:
-            contents = b""
-            offset = 0
+            offset = max(0, offset)
         return {
             "kind": "compute#serialPortOutput",
             "contents": contents.decode(errors="replace"),

@@ -17,8 +17,10 @@ Instance states:
   or ``delete`` operation records it. ``resourceStatus.scheduling.
   terminationTimestamp`` shows the deadline while the VM runs.
 - delete: STOPPING -> gone (404).
+- reset: stays RUNNING; every process is killed at once (no shutdown
+  script) and the startup script runs again.
 - slow VMs (``--slow-vms``): a VM the faults pick at boot is made slow
-  (``vm.SlowGuests``) until its power-off begins.
+  (``vm.SlowGuests``) until its power-off begins; a reset keeps it slow.
 
 Timed steps run on the core's TimerQueue and check the instance's ``epoch``,
 so a step armed for an earlier boot does nothing. Slow work (waiting for
@@ -36,7 +38,7 @@ from cflow.local.compute.core import ComputeCore
 from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.images import Images
-from cflow.local.compute.resources import Instance, rfc3339
+from cflow.local.compute.resources import Instance, Operation, rfc3339
 from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher, PowerOff, SlowGuests
 
 logger = logging.getLogger(__name__)
@@ -249,6 +251,43 @@ class Lifecycle:
         self.metadata_ports.close(instance.id)
         core.changed.notify_all()
         core.metadata_changed.notify_all()
+
+    # Reset.
+
+    def reset(self, instance: Instance, operation: Operation) -> None:
+        """Hard reset of a RUNNING VM, as GCE's instances.reset: every process is killed at once (no
+        shutdown script), then the startup script runs again; ``operation`` is DONE once it does.
+
+        The VM stays RUNNING and keeps its epoch, so its preemption and time limit stand.
+        """
+        core = self.core
+        epoch = instance.epoch
+        guest, instance.guest = instance.guest, None
+        # A slow host stays slow after a reset; its old processes run again only to be killed.
+        slow_guests = self.slow_guests if guest is not None and self.slow_guests is not None and self.slow_guests.is_slow(guest) else None
+        if slow_guests is not None and guest is not None:
+            slow_guests.release(guest)
+
+        def killed() -> None:
+            with core.lock:
+                current = core.instances_by_id.get(instance.id)
+                # guest None: no other reset has booted it again meanwhile.
+                if current is not None and current.epoch == epoch and current.status == "RUNNING" and current.guest is None and not core.closing:
+                    fresh = self.launcher.prepare_disk(current.name, current.id, f"{self.metadata_host}:{current.metadata_port}")
+                    try:
+                        self.launcher.boot(fresh, current.metadata_value("startup-script"))
+                    except OSError as error:
+                        logger.warning("startup script of %s did not start after a reset: %s", current.name, error)
+                    current.guest = fresh
+                    if slow_guests is not None:
+                        slow_guests.add(fresh)
+                    current.touch()
+                core.finish_operation(operation)
+
+        if guest is None:
+            core.timers.call_later(0, killed)
+        else:
+            self.power_off.submit(guest, None, 0, killed)
 
     # Preemption.
 

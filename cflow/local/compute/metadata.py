@@ -15,8 +15,14 @@ Served under ``/computeMetadata/v1/``: directory listings (``dir/``), leaves,
 Emulator-only: ``POST /cflow-emulator/v1/poweroff`` (with the header) powers
 the VM off as ``poweroff`` in the guest would; the per-VM ``poweroff`` shim
 calls it.
+
+A VM on a real root (``guest_root``) reaches its server as GCE's guests do,
+at ``http://metadata.google.internal/`` (port 80): ``open_guest_address``
+also listens for it on an address of its own, ``127.77.X.Y:80``, which its
+``/etc/hosts`` names.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,6 +37,10 @@ from typing import Any, Protocol, cast
 logger = logging.getLogger(__name__)
 
 MAX_WAIT_S = 3600
+# Guests on a real root get 127.77.0.1 ... 127.77.255.254 (all of 127/8 is loopback on Linux).
+GUEST_ADDRESS_PREFIX = "127.77"
+GUEST_ADDRESS_COUNT = 65534
+GUEST_METADATA_PORT = 80
 
 
 class Verbatim(dict):
@@ -246,7 +256,9 @@ class MetadataServers:
         self._host = host
         self._source: MetadataSource | None = None
         self._selector = selectors.DefaultSelector()
-        self._listeners: dict[int, socket.socket] = {}
+        self._listeners: dict[int, list[socket.socket]] = {}
+        self._guest_addresses: dict[int, str] = {}
+        self._next_guest_address = 0
         self._pending: list[tuple[str, int, socket.socket]] = []
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = socket.socketpair()
@@ -262,23 +274,68 @@ class MetadataServers:
 
     def open(self, vm_key: int) -> int:
         """Starts listening for one VM; returns its port."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self._host, 0))
-        listener.listen(64)
-        listener.setblocking(False)
-        with self._lock:
-            self._listeners[vm_key] = listener
-            self._pending.append(("add", vm_key, listener))
-        self._wake()
+        listener = self._listen(self._host, 0)
+        self._add(vm_key, listener)
         port: int = listener.getsockname()[1]
         return port
 
-    def close(self, vm_key: int) -> None:
-        """Stops listening for one VM (connections already open finish)."""
+    def open_guest_address(self, vm_key: int) -> str:
+        """Also serves VM ``vm_key`` on port 80 of an address of its own (``127.77.X.Y``); returns the address.
+
+        The same address comes back until ``close(vm_key)``. Addresses taken by
+        another process (another emulator's VMs) are skipped.
+
+        Raises:
+            OSError: no address is free, or port 80 cannot be bound (not root).
+        """
         with self._lock:
-            listener = self._listeners.pop(vm_key, None)
-            if listener is not None:
+            known = self._guest_addresses.get(vm_key)
+            taken = set(self._guest_addresses.values())
+        if known is not None:
+            return known
+        for _ in range(GUEST_ADDRESS_COUNT):
+            with self._lock:
+                self._next_guest_address = self._next_guest_address % GUEST_ADDRESS_COUNT + 1
+                number = self._next_guest_address
+            address = f"{GUEST_ADDRESS_PREFIX}.{number >> 8}.{number & 255}"
+            if address in taken:
+                continue
+            try:
+                listener = self._listen(address, GUEST_METADATA_PORT)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    continue
+                raise
+            with self._lock:
+                self._guest_addresses[vm_key] = address
+            self._add(vm_key, listener)
+            return address
+        raise OSError(errno.EADDRNOTAVAIL, f"no free metadata address left in {GUEST_ADDRESS_PREFIX}.0.0/16")
+
+    @staticmethod
+    def _listen(host: str, port: int) -> socket.socket:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        return listener
+
+    def _add(self, vm_key: int, listener: socket.socket) -> None:
+        with self._lock:
+            self._listeners.setdefault(vm_key, []).append(listener)
+            self._pending.append(("add", vm_key, listener))
+        self._wake()
+
+    def close(self, vm_key: int) -> None:
+        """Stops listening for one VM, on every address (connections already open finish)."""
+        with self._lock:
+            self._guest_addresses.pop(vm_key, None)
+            for listener in self._listeners.pop(vm_key, []):
                 self._pending.append(("remove", vm_key, listener))
         self._wake()
 
@@ -288,8 +345,9 @@ class MetadataServers:
             self._stopped = True
         self._wake()
         self._thread.join(timeout=5)
-        for listener in self._listeners.values():
-            listener.close()
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                listener.close()
         self._listeners.clear()
         self._wake_read.close()
         self._wake_write.close()

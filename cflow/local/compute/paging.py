@@ -62,3 +62,31 @@ def max_results(value: str | None) -> int:
 def item_list(base_url: str, kind: str, project: str, path: str, items: list[Json]) -> Json:
     """A whole (unpaged) list answer: ``kind``, ``id``, ``items`` and ``selfLink`` of ``projects/PROJECT/PATH``."""
     return {"kind": kind, "id": f"projects/{project}/{path}", "items": items, "selfLink": f"{base_url}projects/{project}/{path}"}
+
+
+def no_results_warning(scope: str) -> Json:
+    """What an aggregated list holds for a scope without items on the page, as GCE writes it."""
+    return {
+        "warning": {
+            "code": "NO_RESULTS_ON_PAGE",
+            "message": f"There are no results for scope '{scope}' on this page.",
+            "data": [{"key": "scope", "value": scope}],
+        }
+    }
+
+
+def aggregated_list(base_url: str, kind: str, project: str, resource: str, scopes: list[str], items: list[tuple[str, Json]]) -> Json:
+    """A whole (unpaged) aggregatedList answer: ``items`` maps every scope to ``{resource: [...]}`` or a warning.
+
+    Args:
+        resource: the collection name (``disks``, ``operations``, ``machineTypes``), the key of each scope's list.
+        scopes: every scope to answer for (``zones/Z``, ``regions/R``, ``global``), in order.
+        items: (scope, item) pairs, in the order they are listed within a scope.
+    """
+    by_scope: dict[str, list[Json]] = {}
+    for scope, item in items:
+        by_scope.setdefault(scope, []).append(item)
+    every_scope = scopes + [scope for scope in by_scope if scope not in scopes]
+    scoped = {scope: ({resource: by_scope[scope]} if scope in by_scope else no_results_warning(scope)) for scope in every_scope}
+    path = f"projects/{project}/aggregated/{resource}"
+    return {"kind": kind, "id": path, "items": scoped, "selfLink": base_url + path}

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from cflow.local.compute.catalog import stable_id
@@ -34,6 +35,35 @@ def fingerprint(value: object) -> str:
     """Returns a GCE-style fingerprint (8 bytes, base64) of a JSON-able value."""
     digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()[:8]
     return base64.b64encode(digest).decode()
+
+
+_STANDARD_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_URLSAFE_BASE64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
+def fingerprint_bytes(text: object) -> bytes | None:
+    """The bytes a fingerprint encodes, standard or URL-safe base64 (padding optional); None if it is neither.
+
+    A fingerprint is a bytes field: GCE sends it in standard base64, and
+    clients built on apitools (gcloud) send it back URL-safe encoded.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        if _STANDARD_BASE64.fullmatch(padded):
+            return base64.b64decode(padded, validate=True)
+        if _URLSAFE_BASE64.fullmatch(padded):
+            return base64.urlsafe_b64decode(padded)
+    except ValueError:
+        return None
+    return None
+
+
+def fingerprints_match(sent: object, current: str) -> bool:
+    """True when ``sent`` encodes the same bytes as the ``current`` fingerprint (compared as bytes, not text)."""
+    sent_bytes = fingerprint_bytes(sent)
+    return sent_bytes is not None and sent_bytes == fingerprint_bytes(current)
 
 
 def project_number(project: str) -> int:
@@ -81,6 +111,7 @@ class Instance:
     hostname: str | None
     creation_ts: str
     guest_accelerators: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    kept: dict[str, Any] = dataclasses.field(default_factory=dict)
     metadata_port: int = 0
     status_message: str | None = None
     stop_status_message: str | None = None
@@ -152,7 +183,7 @@ class Instance:
             "machineType": f"{zone_url}/machineTypes/{self.machine_type}",
             "status": self.status,
             "zone": zone_url,
-            "canIpForward": False,
+            "canIpForward": self.kept.get("canIpForward", False),
             "networkInterfaces": [_render_interface(interface, base_url, self) for interface in self.network_interfaces],
             "disks": [_render_disk(disk, zone_url) for disk in self.disks],
             "metadata": metadata,
@@ -161,9 +192,10 @@ class Instance:
             "cpuPlatform": "Intel Broadwell" if self.status == "RUNNING" else "Unknown CPU Platform",
             "labelFingerprint": self.label_fingerprint,
             "startRestricted": False,
-            "deletionProtection": False,
+            "deletionProtection": self.kept.get("deletionProtection", False),
             "fingerprint": fingerprint([self.id, self.status, self.labels, self.metadata_fingerprint]),
         }
+        resource.update((key, value) for key, value in self.kept.items() if key not in resource)
         if self.status_message:
             resource["statusMessage"] = self.status_message
         if self.labels:
@@ -309,7 +341,9 @@ class Operation:
     """One zonal operation, a regional one (``region`` set, ``zone`` None), or a global one (both None).
 
     ``remaining`` counts the VMs an insert or bulkInsert still waits for;
-    ``bulk_status`` is a bulkInsert's per-location status.
+    ``bulk_status`` is a bulkInsert's per-location status;
+    ``operation_group_id`` ties a bulkInsert to the ``insert`` operation of
+    each VM it creates, as GCE does.
     """
 
     id: int
@@ -333,6 +367,7 @@ class Operation:
     bulk_status: dict[str, Any] | None = None
     remaining: int = 0
     region: str | None = None
+    operation_group_id: str | None = None
 
     @property
     def key(self) -> OperationKey:
@@ -372,6 +407,8 @@ class Operation:
             resource["error"] = {"errors": [dict(error) for error in self.errors]}
             resource["httpErrorStatusCode"] = self.http_error_code
             resource["httpErrorMessage"] = self.http_error_message
+        if self.operation_group_id is not None:
+            resource["operationGroupId"] = self.operation_group_id
         if self.bulk_status is not None:
             resource["instancesBulkInsertOperationMetadata"] = {"perLocationStatus": {f"zones/{self.zone}": dict(self.bulk_status)}}
         return resource

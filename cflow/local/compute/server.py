@@ -2,17 +2,19 @@
 
 One route table per resource (``zone_routes``, ``instance_routes``,
 ``operation_routes``, ``disk_routes``, ``image_routes``, ``network_routes``,
-``region_routes``, ``accelerator_routes``) maps a method and a path to the
-part's method; ``Dispatcher`` finds the route, counts the call against
-``--rate-limit-per-minute`` (``rate_limit``), applies ``--error-rate``
-faults, parses the body, answers a repeated ``requestId`` with its first
-operation (``request_ids``) and renders the answer or the
+``region_routes``, ``accelerator_routes``, ``project_routes``) maps a method
+and a path to the part's method; ``Dispatcher`` finds the route, counts the
+call against ``--rate-limit-per-minute`` (``rate_limit``), applies
+``--error-rate`` faults, parses the body, answers a repeated ``requestId``
+with its first operation (``request_ids``) and renders the answer or the
 ``ApiError``. Serves ``/compute/v1/...`` as googleapiclient calls it with
 ``client_options={"api_endpoint": "http://H:P/compute/v1/"}``, and
 ``POST /batch/compute/v1`` (multipart/mixed, as ``BatchHttpRequest`` sends
 it). googleapiclient derives a service's batch URI from the discovery
 document's rootUrl, not from ``api_endpoint``: callers must pass
 ``BatchHttpRequest(batch_uri="http://H:P/batch/compute/v1")`` themselves.
+With a ``BearerTokenCheck`` (``--auth-token-file``), a request without the
+token is answered 401 before anything is routed.
 """
 
 import dataclasses
@@ -30,6 +32,7 @@ from typing import Any, cast
 
 from cflow.local.compute import api_errors
 from cflow.local.compute.accelerators import AcceleratorTypes
+from cflow.local.compute.auth import BearerTokenCheck
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.engine import ComputeEngine
 from cflow.local.compute.faults import Faults
@@ -38,6 +41,7 @@ from cflow.local.compute.instances import Instances
 from cflow.local.compute.networks import Networks
 from cflow.local.compute.operations import Operations
 from cflow.local.compute.paging import Answer, Json, RawJson
+from cflow.local.compute.projects import Projects
 from cflow.local.compute.rate_limit import RateLimiter
 from cflow.local.compute.regions import Regions
 from cflow.local.compute.request_ids import RequestIds
@@ -86,11 +90,15 @@ def route(method: str, pattern: str, handler: Handler) -> Route:
 
 
 def zone_routes(zones: Zones) -> list[Route]:
-    """zones.* and machineTypes.*."""
+    """zones.*, machineTypes.* and diskTypes.*."""
     return [
         route("GET", _P + r"/zones", lambda path, query, body: zones.list_zones(path["project"], query.get("filter"))),
         route("GET", _Z, lambda path, query, body: zones.get_zone(path["project"], path["zone"])),
         route("GET", _Z + r"/machineTypes", lambda path, query, body: zones.list_machine_types(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _P + r"/aggregated/machineTypes", lambda path, query, body: zones.aggregated_machine_types(path["project"], query.get("filter"))),
+        route("GET", _Z + r"/diskTypes", lambda path, query, body: zones.list_disk_types(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _Z + r"/diskTypes/(?P<name>[^/]+)", lambda path, query, body: zones.get_disk_type(path["project"], path["zone"], path["name"])),
+        route("GET", _P + r"/aggregated/diskTypes", lambda path, query, body: zones.aggregated_disk_types(path["project"], query.get("filter"))),
         route(
             "GET",
             _Z + r"/machineTypes/(?P<name>[^/]+)",
@@ -114,6 +122,15 @@ def instance_routes(instances: Instances) -> list[Route]:
         route("DELETE", _I, lambda path, query, body: instances.delete(path["project"], path["zone"], path["instance"])),
         route("POST", _I + r"/stop", lambda path, query, body: instances.stop(path["project"], path["zone"], path["instance"])),
         route("POST", _I + r"/start", lambda path, query, body: instances.start(path["project"], path["zone"], path["instance"])),
+        route("POST", _I + r"/reset", lambda path, query, body: instances.reset(path["project"], path["zone"], path["instance"])),
+        route(
+            "POST",
+            _I + r"/setDeletionProtection",
+            lambda path, query, body: instances.set_deletion_protection(path["project"], path["zone"], path["instance"], query.get("deletionProtection")),
+        ),
+        route(
+            "POST", _I + r"/setScheduling", lambda path, query, body: instances.set_scheduling(path["project"], path["zone"], path["instance"], body)
+        ),
         route("POST", _I + r"/setLabels", lambda path, query, body: instances.set_labels(path["project"], path["zone"], path["instance"], body)),
         route("POST", _I + r"/setMetadata", lambda path, query, body: instances.set_metadata(path["project"], path["zone"], path["instance"], body)),
         route("POST", _I + r"/setScheduling", lambda path, query, body: instances.set_scheduling(path["project"], path["zone"], path["instance"], body)),
@@ -125,7 +142,7 @@ def instance_routes(instances: Instances) -> list[Route]:
         route(
             "GET",
             _I + r"/serialPort",
-            lambda path, query, body: instances.serial_port_output(path["project"], path["zone"], path["instance"], query.get("start")),
+            lambda path, query, body: instances.serial_port_output(path["project"], path["zone"], path["instance"], query.get("start"), query.get("port")),
         ),
     ]
 
@@ -155,6 +172,11 @@ def operation_routes(operations: Operations) -> list[Route]:
         route("GET", _RO, lambda path, query, body: operations.get(path["project"], None, path["operation"], region=path["region"])),
         route("DELETE", _RO, lambda path, query, body: operations.delete(path["project"], None, path["operation"], region=path["region"])),
         route("POST", _RO + r"/wait", lambda path, query, body: operations.wait(path["project"], None, path["operation"], region=path["region"])),
+        route(
+            "GET",
+            _P + r"/aggregated/operations",
+            lambda path, query, body: operations.aggregated_list(path["project"], query.get("filter"), query.get("maxResults"), query.get("pageToken")),
+        ),
     ]
 
 
@@ -162,6 +184,7 @@ def disk_routes(disks: Disks) -> list[Route]:
     """disks.*."""
     return [
         route("GET", _Z + r"/disks", lambda path, query, body: disks.list_disks(path["project"], path["zone"], query.get("filter"))),
+        route("GET", _P + r"/aggregated/disks", lambda path, query, body: disks.aggregated_list(path["project"], query.get("filter"))),
         route("GET", _D, lambda path, query, body: disks.get(path["project"], path["zone"], path["disk"])),
         route("DELETE", _D, lambda path, query, body: disks.delete(path["project"], path["zone"], path["disk"])),
     ]
@@ -180,6 +203,19 @@ def image_routes(images: Images) -> list[Route]:
         route("GET", _IMAGE, lambda path, query, body: images.get(path["project"], path["image"])),
         route("DELETE", _IMAGE, lambda path, query, body: images.delete(path["project"], path["image"])),
         route("POST", _IMAGE + r"/deprecate", lambda path, query, body: images.deprecate(path["project"], path["image"], body)),
+        route(
+            "GET",
+            _Z + r"/imageFamilyViews/(?P<family>[^/]+)",
+            lambda path, query, body: images.get_family_view(path["project"], path["zone"], path["family"]),
+        ),
+    ]
+
+
+def project_routes(projects: Projects) -> list[Route]:
+    """projects.get and projects.setCommonInstanceMetadata."""
+    return [
+        route("GET", _P, lambda path, query, body: projects.get(path["project"])),
+        route("POST", _P + r"/setCommonInstanceMetadata", lambda path, query, body: projects.set_common_instance_metadata(path["project"], body)),
     ]
 
 
@@ -235,6 +271,7 @@ def engine_routes(engine: ComputeEngine) -> list[Route]:
         *network_routes(engine.networks),
         *region_routes(engine.regions),
         *accelerator_routes(engine.accelerators),
+        *project_routes(engine.projects),
     ]
 
 
@@ -307,7 +344,7 @@ class Dispatcher:
 
 
 _STATUS_TEXT = {
-    200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
+    200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 409: "Conflict", 412: "Precondition Failed",
     429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
 }  # fmt: skip
 _JSON = "application/json; charset=UTF-8"
@@ -368,9 +405,10 @@ class ApiServer(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher | None = None) -> None:
+    def __init__(self, address: tuple[str, int], dispatcher: Dispatcher | None = None, token_check: BearerTokenCheck | None = None) -> None:
         super().__init__(address, ApiRequestHandler)
         self.dispatcher = dispatcher
+        self.token_check = token_check
 
 
 class ApiRequestHandler(BaseHTTPRequestHandler):
@@ -391,8 +429,14 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = self.rfile.read(length) if length else b""
+        server = cast(ApiServer, self.server)
+        if server.token_check is not None:
+            refusal = server.token_check.refusal(self.headers.get("Authorization"))
+            if refusal is not None:
+                self._reply(refusal.code, _JSON, _error_body(refusal), refusal.headers)
+                return
         parsed = urllib.parse.urlsplit(self.path)
-        dispatcher = cast(ApiServer, self.server).dispatcher
+        dispatcher = server.dispatcher
         assert dispatcher is not None, "the emulator sets the dispatcher before serving"
         if self.command == "POST" and parsed.path in BATCH_PATHS:
             status, content_type, data = answer_batch(dispatcher, self.headers.get("Content-Type"), body)
@@ -404,10 +448,12 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         else:
             self._reply(status, _JSON, text.encode())
 
-    def _reply(self, status: int, content_type: str | None, data: bytes) -> None:
+    def _reply(self, status: int, content_type: str | None, data: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if data:

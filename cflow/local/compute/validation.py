@@ -9,6 +9,7 @@ networks an interface names (``networks``), the accelerator types of a zone
 (``accelerators``), quotas and policy (``quotas``, ``policy``).
 """
 
+import copy
 import dataclasses
 import ipaddress
 import re
@@ -98,8 +99,26 @@ class AcceleratorRequest:
     count: int
 
 
+# Instance fields the emulator keeps as sent and answers back (it has no behaviour for them), with their JSON type.
+KEPT_INSTANCE_FIELDS: dict[str, type] = {
+    "canIpForward": bool,
+    "deletionProtection": bool,
+    "minCpuPlatform": str,
+    "shieldedInstanceConfig": dict,
+    "reservationAffinity": dict,
+    "advancedMachineFeatures": dict,
+    "displayDevice": dict,
+    "confidentialInstanceConfig": dict,
+    "keyRevocationActionType": str,
+    "resourcePolicies": list,
+}
+
+
 class InstanceSpec(TypedDict):
-    """A checked Instance (insert) or InstanceProperties (bulkInsert) body; ``name`` is None in the latter."""
+    """A checked Instance (insert) or InstanceProperties (bulkInsert) body; ``name`` is None in the latter.
+
+    ``kept`` holds the ``KEPT_INSTANCE_FIELDS`` that were sent.
+    """
 
     name: str | None
     machine_type: str
@@ -114,6 +133,7 @@ class InstanceSpec(TypedDict):
     service_accounts: list[dict[str, Any]]
     tags: list[str]
     hostname: str | None
+    kept: dict[str, Any]
 
 
 class ImageSpec(TypedDict):
@@ -520,7 +540,7 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
 
     Returns a dict: name, machine_type, cpus, description, labels,
     metadata_items, scheduling, disks, network_interfaces,
-    guest_accelerators, service_accounts, tags, hostname.
+    guest_accelerators, service_accounts, tags, hostname, kept.
     """
     _expect(body, dict, field)
     name = body.get("name")
@@ -549,6 +569,7 @@ def instance_spec(body: Any, project: str, zone: str, catalog: "Catalog", field:
         "service_accounts": check_service_accounts(body.get("serviceAccounts"), project, f"{field}.serviceAccounts"),
         "tags": list(tags),
         "hostname": body.get("hostname") if isinstance(body.get("hostname"), str) else None,
+        "kept": {key: copy.deepcopy(_expect(body[key], kind, f"{field}.{key}")) for key, kind in KEPT_INSTANCE_FIELDS.items() if body.get(key) is not None},
     }
 
 

@@ -7,6 +7,14 @@ VM's ``shutdown-script`` can later join that very group with
 Every VM process also carries ``CFLOW_VM_MARKER=<emulator token>-<instance id>``
 in its environment; that finds the children that left the group (setsid).
 
+By default a VM shares the host's filesystem (its disk is a directory, see
+``GuestLauncher.prepare_disk``). With a ``guest_root.GuestRoots`` it runs on
+a real root instead: the group's leader is then the VM's namespace holder,
+and every script enters that namespace (see ``guest_root``).
+
+A script's stdout and stderr go through a pipe to the ``console.SerialConsole``,
+which writes each line to the VM's serial log as GCE's script runner does.
+
 Powering a VM off (stop, delete, preemption, guest poweroff, emulator exit):
 shutdown script within the grace period, SIGTERM to the group and marked
 processes, SIGKILL to whatever is left. ``PowerOff`` runs all of them in
@@ -21,6 +29,7 @@ nothing is left stopped; SIGKILL (the watchdog's) ends stopped processes too.
 
 import logging
 import os
+import selectors
 import signal
 import stat
 import subprocess
@@ -30,6 +39,8 @@ import time
 from collections.abc import Callable, Mapping
 
 from cflow import procinfo
+from cflow.local.compute import guest_root
+from cflow.local.compute.console import ScriptOutput, SerialConsole
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +51,9 @@ SHUTDOWN_SCRIPT_NAME = "shutdown-script"
 POWEROFF_SHIM_PATH = os.path.join("bin", "poweroff")
 # What the emulator itself writes into a disk directory (paths relative to
 # it); every boot writes them anew, so they are no part of a disk's content.
-BOOKKEEPING_PATHS = (SERIAL_LOG_NAME, STARTUP_SCRIPT_NAME, SHUTDOWN_SCRIPT_NAME, POWEROFF_SHIM_PATH)
+BOOKKEEPING_PATHS = (SERIAL_LOG_NAME, STARTUP_SCRIPT_NAME, SHUTDOWN_SCRIPT_NAME, POWEROFF_SHIM_PATH, *guest_root.BOOKKEEPING_PATHS)
+# How long a VM's root may take to mount (the holder says when it is done).
+ROOT_MOUNT_TIMEOUT_S = 30.0
 # Variables a VM inherits from the emulator's environment; everything else of
 # the host (credentials above all) stays out, as on a fresh GCE VM.
 INHERITED_VARIABLES = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "SHELL", "PYTHONPATH", "VIRTUAL_ENV", "TERM")
@@ -69,25 +82,35 @@ class Guest:
 
     Attributes:
         marker: value of ``CFLOW_VM_MARKER`` in every process of this boot.
+        name: the VM's name (its hostname on the serial console).
         leader: Popen of the startup script, or None when there is none.
+        holder: on a real root, Popen of the process that holds the VM's mount namespace; else None.
         process_groups: pgids that belong to this VM.
         shutdown: Popen of the shutdown script while it runs, else None.
+        startup_output, shutdown_output: the scripts' pipes to the serial console.
     """
 
-    __slots__ = ("disk_dir", "environment", "leader", "marker", "process_groups", "serial_log", "shutdown")
+    __slots__ = (
+        "disk_dir", "environment", "holder", "leader", "marker", "name", "process_groups", "serial_log", "shutdown",
+        "shutdown_output", "startup_output",
+    )  # fmt: skip
 
-    def __init__(self, marker: str, disk_dir: str, environment: dict[str, str], serial_log: str) -> None:
+    def __init__(self, marker: str, disk_dir: str, environment: dict[str, str], serial_log: str, name: str = "") -> None:
         self.marker = marker
+        self.name = name
         self.disk_dir = disk_dir
         self.environment = environment
         self.serial_log = serial_log
         self.leader: subprocess.Popen[bytes] | None = None
+        self.holder: subprocess.Popen[bytes] | None = None
         self.process_groups: set[int] = set()
         self.shutdown: subprocess.Popen[bytes] | None = None
+        self.startup_output: ScriptOutput | None = None
+        self.shutdown_output: ScriptOutput | None = None
 
     def processes_reaped(self) -> bool:
-        """True once the startup and shutdown script processes have exited (and are reaped)."""
-        return all(process.poll() is not None for process in (self.leader, self.shutdown) if process is not None)
+        """True once the startup and shutdown script processes (and the namespace holder) have exited (and are reaped)."""
+        return all(process.poll() is not None for process in (self.leader, self.shutdown, self.holder) if process is not None)
 
 
 class ProcessScan:
@@ -207,14 +230,27 @@ class GuestLauncher:
         marker_prefix: this emulator's marker prefix (``<token>-``).
         base_environment: variables every VM gets (emulator hosts, endpoint...).
         watchdog: told about every process group started.
+        console: takes every script's output to the VM's serial log.
+        host_environment: where the inherited variables come from (default ``os.environ``).
+        root: runs VMs on a real root (``--vm-root``); None shares the host's filesystem.
     """
 
     def __init__(
-        self, state_dir: str, marker_prefix: str, base_environment: Mapping[str, str], watchdog: Watchdog, host_environment: Mapping[str, str] | None = None
+        self,
+        state_dir: str,
+        marker_prefix: str,
+        base_environment: Mapping[str, str],
+        watchdog: Watchdog,
+        console: SerialConsole,
+        host_environment: Mapping[str, str] | None = None,
+        root: guest_root.GuestRoots | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.marker_prefix = marker_prefix
         self.watchdog = watchdog
+        self.console = console
+        self.root = root
+        self.service_environment = dict(base_environment)
         host_environment = os.environ if host_environment is None else host_environment
         self.base_environment = {name: host_environment[name] for name in INHERITED_VARIABLES if name in host_environment}
         self.base_environment.update(base_environment)
@@ -224,8 +260,23 @@ class GuestLauncher:
         return os.path.join(self.state_dir, "vms", f"{name}-{instance_id}")
 
     def prepare_disk(self, name: str, instance_id: int, metadata_host: str) -> Guest:
-        """Creates the VM's disk dir (home, tmp, bin with the poweroff shim); returns a Guest."""
+        """Makes the VM's disk ready for a boot; returns a Guest.
+
+        Sharing the host's filesystem: the disk dir gets home, tmp, and bin with the
+        poweroff shim, and the environment points there. On a real root: see
+        ``guest_root.GuestRoots.prepare`` (``metadata_host`` is then unused: the VM
+        reaches metadata.google.internal).
+
+        Raises:
+            OSError: the disk cannot be laid out.
+        """
         disk_dir = self.disk_dir(name, instance_id)
+        marker = f"{self.marker_prefix}{instance_id}"
+        if self.root is not None:
+            os.makedirs(disk_dir, exist_ok=True)
+            environment = self.root.prepare(disk_dir, name, instance_id, self.service_environment)
+            environment[MARKER_NAME] = marker
+            return Guest(marker, disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME), name)
         home, tmp, bin_dir = (os.path.join(disk_dir, part) for part in ("home", "tmp", "bin"))
         for path in (home, tmp, bin_dir):
             os.makedirs(path, exist_ok=True)
@@ -244,38 +295,85 @@ class GuestLauncher:
             # VMs share the host's filesystem: a guest's absolute path /X is $CFLOW_VM_ROOT/X.
             CFLOW_VM_ROOT=disk_dir,
         )
-        environment[MARKER_NAME] = f"{self.marker_prefix}{instance_id}"
-        return Guest(environment[MARKER_NAME], disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME))
+        environment[MARKER_NAME] = marker
+        return Guest(marker, disk_dir, environment, os.path.join(disk_dir, SERIAL_LOG_NAME), name)
 
     def _script_command(self, guest: Guest, script_name: str, content: str) -> list[str]:
         path = os.path.join(guest.disk_dir, script_name)
         with open(path, "w") as script_file:
             script_file.write(content)
+        if self.root is not None:
+            assert guest.holder is not None, "_holder_group starts the holder before a script runs"
+            return self.root.script_command(guest.holder.pid, guest.disk_dir, path, script_name)
         if content.startswith("#!"):
             os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
             return [path]
         return ["bash", path]
 
-    def _spawn(self, guest: Guest, script_name: str, content: str, process_group: int) -> "subprocess.Popen[bytes]":
+    def _spawn(self, guest: Guest, script_name: str, content: str, process_group: int) -> "tuple[subprocess.Popen[bytes], ScriptOutput]":
         command = self._script_command(guest, script_name, content)
-        with open(guest.serial_log, "ab") as serial:
-            serial.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cflow-emulator: running {script_name}\n".encode())
-            serial.flush()
-            return subprocess.Popen(
+        write_fd, output = self.console.open_script(guest.serial_log, guest.name, script_name)
+        try:
+            process = subprocess.Popen(
                 command,
                 cwd=guest.disk_dir,
                 env=guest.environment,
                 stdin=subprocess.DEVNULL,
-                stdout=serial,
+                stdout=write_fd,
                 stderr=subprocess.STDOUT,
                 process_group=process_group,
             )
+        except BaseException:
+            self.console.abandon(output)
+            raise
+        finally:
+            os.close(write_fd)
+        self.console.attach(output, process.pid)
+        return process, output
+
+    def _holder_group(self, guest: Guest) -> int:
+        """On a real root: the pgid of the VM's namespace holder, starting it (and waiting for its mounts) if needed.
+
+        Raises:
+            OSError: the root could not be mounted (the reason is on the serial console).
+        """
+        assert self.root is not None
+        if guest.holder is not None and guest.holder.poll() is None:
+            return guest.holder.pid
+        with open(guest.serial_log, "ab") as serial:
+            holder = subprocess.Popen(
+                self.root.holder_command(guest.disk_dir, guest.name),
+                cwd=guest.disk_dir,
+                env=guest.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=serial,
+                process_group=0,
+            )
+        guest.holder = holder
+        guest.process_groups.add(holder.pid)
+        self.watchdog.track(holder.pid)
+        assert holder.stdout is not None
+        with holder.stdout:
+            ready = _read_line(holder.stdout.fileno(), ROOT_MOUNT_TIMEOUT_S) == guest_root.READY_LINE
+        if not ready:
+            _kill_group(holder.pid)
+            holder.wait()
+            raise OSError("the VM's root could not be mounted (the reason is above on its serial console)")
+        return holder.pid
 
     def boot(self, guest: Guest, startup_script: str | None) -> None:
-        """Starts the startup script (if any) in a new process group of the VM."""
+        """Starts the startup script (if any) in a new process group of the VM (on a real root: in the holder's).
+
+        Raises:
+            OSError: the script (or the VM's root) could not be started.
+        """
         if not startup_script:
             return
-        guest.leader = self._spawn(guest, STARTUP_SCRIPT_NAME, startup_script, process_group=0)
+        if self.root is not None:
+            guest.leader, guest.startup_output = self._spawn(guest, STARTUP_SCRIPT_NAME, startup_script, process_group=self._holder_group(guest))
+            return
+        guest.leader, guest.startup_output = self._spawn(guest, STARTUP_SCRIPT_NAME, startup_script, process_group=0)
         guest.process_groups.add(guest.leader.pid)
         self.watchdog.track(guest.leader.pid)
 
@@ -283,13 +381,16 @@ class GuestLauncher:
         """Starts the shutdown script in the VM's process group (a new one if that is gone)."""
         if not shutdown_script:
             return
+        if self.root is not None:
+            guest.shutdown, guest.shutdown_output = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=self._holder_group(guest))
+            return
         if guest.leader is not None and guest.leader.poll() is None:
             try:
-                guest.shutdown = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=guest.leader.pid)
+                guest.shutdown, guest.shutdown_output = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=guest.leader.pid)
                 return
             except (OSError, subprocess.SubprocessError):
                 logger.debug("cannot join process group %s; starting the shutdown script in its own", guest.leader.pid)
-        guest.shutdown = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=0)
+        guest.shutdown, guest.shutdown_output = self._spawn(guest, SHUTDOWN_SCRIPT_NAME, shutdown_script, process_group=0)
         guest.process_groups.add(guest.shutdown.pid)
         self.watchdog.track(guest.shutdown.pid)
 
@@ -297,18 +398,49 @@ class GuestLauncher:
         """Reaps exited scripts and forgets process groups that are now empty.
 
         Returns the startup script's exit status the first time it is seen, else None.
+        The serial console shows it after the script's last line.
         """
         if guest.leader is None or guest.leader.returncode is not None:
             return None
         status = guest.leader.poll()
         if status is None:
             return None
-        if not _group_alive(guest.leader.pid):
+        # On a real root the group is the holder's, which lives as long as the VM.
+        if self.root is None and not _group_alive(guest.leader.pid):
             guest.process_groups.discard(guest.leader.pid)
             self.watchdog.forget(guest.leader.pid)
-        with open(guest.serial_log, "ab") as serial:
-            serial.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} cflow-emulator: startup-script exit status {status}\n".encode())
+        if guest.startup_output is not None:
+            self.console.finish(guest.startup_output, status)
         return status
+
+    def powered_off(self, guest: Guest) -> None:
+        """Every process of the VM is gone: the serial console shows how the shutdown script ended."""
+        if guest.shutdown is not None and guest.shutdown_output is not None and guest.shutdown.returncode is not None:
+            self.console.finish(guest.shutdown_output, guest.shutdown.returncode)
+
+
+def _read_line(fd: int, timeout_s: float) -> bytes | None:
+    """The first line read from ``fd`` (without its newline), or None at end of file or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while b"\n" not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None
+            data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -446,6 +578,7 @@ class PowerOff:
                 for pgid in list(guest.process_groups):
                     self._launcher.watchdog.forget(pgid)
                 guest.process_groups.clear()
+                self._launcher.powered_off(guest)
             elif job.phase == "kill" or now >= job.term_deadline:
                 _signal_guest(guest, signal.SIGKILL, pids)
                 job.phase = "kill"

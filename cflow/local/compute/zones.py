@@ -1,12 +1,12 @@
-"""zones.* and machineTypes.*: the catalog's zones and machine types, read-only."""
+"""zones.*, machineTypes.* and diskTypes.* (get, list, aggregatedList): the catalog's, read-only."""
 
-from cflow.local.compute.catalog import Catalog
+from cflow.local.compute.catalog import DISK_TYPES, Catalog
 from cflow.local.compute.filters import compile_filter
-from cflow.local.compute.paging import Json, item_list
+from cflow.local.compute.paging import Json, aggregated_list, item_list
 
 
 class Zones:
-    """zones.get/list and machineTypes.get/list of any project.
+    """zones.get/list, machineTypes and diskTypes get/list/aggregatedList of any project.
 
     Args:
         base_url: ``http://H:P/compute/v1/``.
@@ -37,6 +37,41 @@ class Zones:
         types = (self.catalog.machine_type_json(project, zone, name) for name in sorted(self.catalog.machine_types))
         return item_list(self.base_url, "compute#machineTypeList", project, f"zones/{zone}/machineTypes", [item for item in types if predicate(item)])
 
+    def aggregated_machine_types(self, project: str, filter_text: str | None = None) -> Json:
+        """machineTypes.aggregatedList: every zone's machine types the filter keeps."""
+        predicate = compile_filter(filter_text)
+        items = []
+        for zone in self.catalog.zone_names():
+            for name in sorted(self.catalog.machine_types):
+                machine_type = self.catalog.machine_type_json(project, zone, name)
+                if predicate(machine_type):
+                    items.append((f"zones/{zone}", machine_type))
+        scopes = [f"zones/{zone}" for zone in self.catalog.zone_names()]
+        return aggregated_list(self.base_url, "compute#machineTypeAggregatedList", project, "machineTypes", scopes, items)
+
     def get_machine_type(self, project: str, zone: str, name: str) -> Json:
         """machineTypes.get."""
         return self.catalog.machine_type_json(project, zone, name)
+
+    def list_disk_types(self, project: str, zone: str, filter_text: str | None = None) -> Json:
+        """diskTypes.list of a zone: every disk type the filter keeps."""
+        self.catalog.zone_json(project, zone)
+        predicate = compile_filter(filter_text)
+        types = (self.catalog.disk_type_json(project, zone, name) for name in sorted(DISK_TYPES))
+        return item_list(self.base_url, "compute#diskTypeList", project, f"zones/{zone}/diskTypes", [item for item in types if predicate(item)])
+
+    def aggregated_disk_types(self, project: str, filter_text: str | None = None) -> Json:
+        """diskTypes.aggregatedList: every zone's disk types the filter keeps."""
+        predicate = compile_filter(filter_text)
+        items = []
+        for zone in self.catalog.zone_names():
+            for name in sorted(DISK_TYPES):
+                disk_type = self.catalog.disk_type_json(project, zone, name)
+                if predicate(disk_type):
+                    items.append((f"zones/{zone}", disk_type))
+        scopes = [f"zones/{zone}" for zone in self.catalog.zone_names()]
+        return aggregated_list(self.base_url, "compute#diskTypeAggregatedList", project, "diskTypes", scopes, items)
+
+    def get_disk_type(self, project: str, zone: str, name: str) -> Json:
+        """diskTypes.get."""
+        return self.catalog.disk_type_json(project, zone, name)

@@ -75,7 +75,8 @@ def test_one_vm_in_two_is_slow_every_process_of_it_and_none_is_left_stopped(star
         create(compute, "fourth")
         later = [name for name in ("third", "fourth") if "this VM is slow" in open(os.path.join(vm_dir(state_dir, name), "serial-port-1.log")).read()]
         assert len(later) == 1
-        later_pids = [read_int(os.path.join(vm_dir(state_dir, later[0]), "startup.pid"))]
-        wait_until(lambda: later_pids[0] and state_of(later_pids[0]) == "T", what="the later slow VM to be paused")
+        # Paused from its boot on, it may write its pid only in its first share of a period.
+        later_pids = [wait_until(lambda: read_int(os.path.join(vm_dir(state_dir, later[0]), "startup.pid")), what="the later VM's pid")]
+        wait_until(lambda: state_of(later_pids[0]) == "T", what="the later slow VM to be paused")
     # The emulator stopped with a slow VM running: it let it run, then powered it off.
     wait_until(lambda: state_of(later_pids[0]) is None, timeout=30, what="the slow VM's processes to be gone after the emulator stops")

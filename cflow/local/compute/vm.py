@@ -598,7 +598,9 @@ class SlowGuests:
     ``period_s / factor``, then SIGSTOP stops them for the rest of the period.
     A /proc scan before each finds them: the guest's process groups and every
     process carrying its marker (the task a worker starts in a session of its
-    own too).
+    own too). A pause stops the process groups first, then scans: a process
+    forked just before the stop and gone to a session of its own is found
+    then, instead of running a whole period at full speed.
 
     Args:
         process_table: a ProcessTable for marked processes.
@@ -622,9 +624,14 @@ class SlowGuests:
         self._thread.start()
 
     def add(self, guest: Guest) -> None:
-        """``guest`` is slow from its next period on."""
+        """``guest`` is slow from now on: paused at once, it runs in each period's share from the next one on.
+
+        Paused here, not at the duty cycle's next pause: that can be up to a
+        period away, and a VM slow from its boot must not start at full speed.
+        """
         with self._lock:
             self._guests[guest.marker] = guest
+            self._pause([guest])
 
     def release(self, guest: Guest) -> None:
         """``guest`` runs at full speed again, at once (its power-off begins)."""
@@ -653,6 +660,14 @@ class SlowGuests:
             for guest in self._guests.values():
                 _signal_guest(guest, signal_number, scan.marked.get(guest.marker, []))
 
+    def _pause(self, guests: list[Guest]) -> None:
+        """SIGSTOP every process of ``guests``. Call with the lock held."""
+        for guest in guests:
+            _signal_guest(guest, signal.SIGSTOP, [])  # the groups first: their members fork no more
+        scan = self._process_table.scan()
+        for guest in guests:
+            _signal_guest(guest, signal.SIGSTOP, scan.marked.get(guest.marker, []))
+
     def _run(self) -> None:
         while not self._stopped.is_set():
             started = self._monotonic()
@@ -663,5 +678,6 @@ class SlowGuests:
                 if self._stopped.wait(self._period_s / self.factor):
                     return
                 # Scanned again: a task started while the guest ran (in a session of its own) is stopped too.
-                self._signal_all(signal.SIGSTOP, self._process_table.scan())
+                with self._lock:
+                    self._pause(list(self._guests.values()))
             self._stopped.wait(max(0.0, started + self._period_s - self._monotonic()))

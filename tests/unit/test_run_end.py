@@ -2,6 +2,7 @@
 
 import io
 import types
+from typing import Any
 
 import pytest
 
@@ -39,10 +40,15 @@ class View:
     storage = None
 
 
+NO_VIEW: Any = View()
+
+
 def make(tmp_path, undeletable=()):
-    config = types.SimpleNamespace(combine="concat", result_dir=tmp_path, vm_spot=True, vm_type="e2-small", hourly_price=lambda: None,
+    config: Any = types.SimpleNamespace(combine="concat", result_dir=tmp_path, vm_spot=True, vm_type="e2-small", hourly_price=lambda: None,
                                    worker_node_cnt=2, zones=("us-central1-a",), vm_name_prefix="w", lease_seconds=30)
-    compute, pubsub, storage = FakeCompute(), FakeSchedulerPubSub(), RunStorage(RUN)
+    compute: Any = FakeCompute()
+    pubsub: Any = FakeSchedulerPubSub()
+    storage: Any = RunStorage(RUN)
     compute.vms = {name: Vm(name, "us-central1-a", "RUNNING", "") for name in ("w-1", "w-2")}
     compute.undeletable = set(undeletable)
     topics = RunTopics.for_run("p", RUN, "t", "s")
@@ -54,7 +60,7 @@ def test_a_run_that_deleted_everything_ends_with_its_summary_and_status_0(tmp_pa
     config, scheduler, storage, pubsub, topics = make(tmp_path)
     scheduler.done_ids = {"000000"}
     out = io.StringIO()
-    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View()) == EXIT_OK
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_OK
     assert "still there" not in out.getvalue()
 
 
@@ -63,7 +69,7 @@ def test_a_vm_still_there_at_the_end_is_named_with_its_gcloud_delete_command_and
     scheduler.progress.failed = 1  # even with failed items: a VM left billing is what the status says
     out = io.StringIO()
 
-    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View())
+    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW)
 
     assert status == EXIT_VMS_LEFT != EXIT_ITEMS_FAILED
     lines = out.getvalue().splitlines()
@@ -111,7 +117,7 @@ def test_a_run_at_its_cost_cap_is_cancelled_and_ends_with_status_4(tmp_path):
     config, scheduler, storage, pubsub, topics = capped(tmp_path)
     out = io.StringIO()
 
-    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View()) == EXIT_COST_CAP
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_COST_CAP
 
     assert storage.cancelled is not None and scheduler.compute.vms == {}
     assert "1 item(s) not run (cancelled, not failed); nothing of the run is left running" in out.getvalue()
@@ -121,7 +127,7 @@ def test_a_vm_left_at_the_cost_cap_comes_first_status_3_and_the_cap_line_claims_
     config, scheduler, storage, pubsub, topics = capped(tmp_path, undeletable={"w-1"})
     out = io.StringIO()
 
-    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View()) == EXIT_VMS_LEFT
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_VMS_LEFT
 
     text = out.getvalue()
     assert "1 item(s) not run (cancelled, not failed)" in text and "nothing of the run is left running" not in text

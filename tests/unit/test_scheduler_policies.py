@@ -2,6 +2,7 @@
 
 import logging
 import types
+from typing import Any
 
 import pytest
 
@@ -39,10 +40,12 @@ def spot_body():
 
 
 def make_scheduler(item_count=10, workers=3, policies=None, threshold=3):
-    config = types.SimpleNamespace(worker_node_cnt=workers, zones=("us-central1-a", "us-central1-b"), vm_name_prefix="w", lease_seconds=30,
+    config: Any = types.SimpleNamespace(worker_node_cnt=workers, zones=("us-central1-a", "us-central1-b"), vm_name_prefix="w", lease_seconds=30,
                                    spot_preemptions_before_standard=threshold)
     items = tasks.make_items([[f"in-{i}"] for i in range(item_count)])
-    compute, pubsub, storage = FakeCompute(), FakeSchedulerPubSub(), FakeRunStorage(RUN)
+    compute: Any = FakeCompute()
+    pubsub: Any = FakeSchedulerPubSub()
+    storage: Any = FakeRunStorage(RUN)
     clock, wall = Clock(1000.0), Clock(1_800_000_000.0)
     topics = RunTopics.for_run("p", RUN, "t", "s")
     scheduler = Scheduler(config, RUN, items, compute, pubsub, storage, topics, spot_body(), clock=clock, wall_clock=wall,
@@ -96,7 +99,7 @@ def test_unfinished_items_are_published_again_each_to_its_lane_with_its_count():
 
     assert scheduler.publish_items(scheduler.unfinished_items()) == 3
 
-    by_topic = {}
+    by_topic: dict[str, list[tuple[str, int, int]]] = {}
     for topic, data, attributes in pubsub.published:
         item, attempt = tasks.decode_message(data, attributes)
         by_topic.setdefault(topic.rsplit("/", 1)[-1], []).append((item.id, attempt, preemptions_of(attributes)))

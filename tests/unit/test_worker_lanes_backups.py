@@ -77,7 +77,12 @@ def test_a_preempted_item_goes_back_with_its_count_raised_then_the_old_message_i
 def test_at_the_threshold_the_item_moves_to_the_standard_lane_after_its_marker(work_dir):
     pubsub, storage = FakePubSub(), FakeStorage()
     publish = pubsub.publish
-    pubsub.publish = lambda topic, data, attributes: (storage.calls.append(("publish", topic)), publish(topic, data, attributes))[1]
+
+    def noted_publish(topic, data, attributes):
+        storage.calls.append(("publish", topic))
+        return publish(topic, data, attributes)
+
+    setattr(pubsub, "publish", noted_publish)  # noqa: B010 (a method of the fake, replaced for this test)
     inflight_record(work_dir, preemptions=2)
 
     hand_back(hook_context(work_dir, pubsub, storage, threshold=3))
@@ -102,7 +107,7 @@ def test_without_the_setting_or_when_the_republish_fails_the_item_is_nacked_as_b
     def refuse(topic, data, attributes):
         raise RuntimeError("Pub/Sub unreachable")
 
-    pubsub.publish = refuse
+    setattr(pubsub, "publish", refuse)  # noqa: B010 (a method of the fake, replaced for this test)
     inflight_record(work_dir, preemptions=0)
     hand_back(hook_context(work_dir, pubsub, storage))
     assert ("nack", "ack-9") in pubsub.calls and "preemptions" not in pubsub.events[-1]
@@ -240,7 +245,7 @@ def test_a_copy_whose_item_is_done_elsewhere_is_stopped_at_once_and_acked_withou
     control = ControlWatch(metadata)
     worker = Worker(make_settings(command), pubsub, storage, metadata, work_dir, "vm-1", control=control)
     item = tasks.WorkItem(id="000006", index=6, args=(str(started),))
-    outcome = {}
+    outcome: dict[str, object] = {}
     thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-6"))))
     thread.start()
     wait_until(started.exists, what="the task to start")
@@ -263,7 +268,7 @@ def test_a_stop_for_an_item_that_is_not_done_hands_it_back(work_dir, tmp_path):
     pubsub, storage, metadata = FakePubSub(), FakeStorage(), FakeMetadata()
     control = ControlWatch(metadata)
     worker = Worker(make_settings(command), pubsub, storage, metadata, work_dir, "vm-1", control=control)
-    outcome = {}
+    outcome: dict[str, object] = {}
     item = tasks.WorkItem(id="000007", index=7, args=(str(started),))
     thread = threading.Thread(target=lambda: outcome.update(value=worker.process(received(item, 1, ack_id="ack-7"))))
     thread.start()

@@ -31,16 +31,25 @@ class VmKind:
 
     machine_type: str
     spot: bool
+    # The VM's GPUs, ``(type, count)`` each (VM_GPU_TYPE: ``cflow.gpus``); PRICES prices them per GPU.
+    accelerators: tuple[tuple[str, int], ...] = ()
 
     @property
     def label(self) -> str:
         """``e2-small, Spot``."""
-        return f"{self.machine_type}, {'Spot' if self.spot else 'standard'}"
+        gpus = "".join(f" + {count} x {name}" for name, count in self.accelerators)
+        return f"{self.machine_type}{gpus}, {'Spot' if self.spot else 'standard'}"
 
     def hourly_price(self, prices: Prices) -> float | None:
-        """USD per hour from PRICES, or None when PRICES has no entry for the machine type."""
-        entry = prices.get(self.machine_type)
-        return None if entry is None else float(entry["spot" if self.spot else "standard"])
+        """USD per hour from PRICES (the machine type plus its GPUs), or None when PRICES lacks one of them."""
+        column = "spot" if self.spot else "standard"
+        total = 0.0
+        for name, count in ((self.machine_type, 1), *self.accelerators):
+            entry = prices.get(name)
+            if entry is None:
+                return None
+            total += count * float(entry[column])
+        return total
 
 
 class CostMeter:
@@ -83,7 +92,8 @@ class CostMeter:
 
     def to_document(self) -> list[dict[str, Any]]:
         """The VM-seconds as JSON data, by kind (for the run's scheduler.json)."""
-        return [{"machine_type": kind.machine_type, "spot": kind.spot, "seconds": round(seconds, 3)}
+        return [{"machine_type": kind.machine_type, "spot": kind.spot, "seconds": round(seconds, 3),
+                 **({"accelerators": [list(pair) for pair in kind.accelerators]} if kind.accelerators else {})}
                 for kind, seconds in sorted(self.seconds.items())]
 
     def restore(self, document: object) -> None:
@@ -92,7 +102,8 @@ class CostMeter:
             return
         for entry in document:
             try:
-                kind = VmKind(str(entry["machine_type"]), bool(entry["spot"]))
+                accelerators = tuple((str(name), int(count)) for name, count in entry.get("accelerators", []))
+                kind = VmKind(str(entry["machine_type"]), bool(entry["spot"]), accelerators)
                 self.seconds[kind] = self.seconds.get(kind, 0.0) + float(entry["seconds"])
             except (KeyError, TypeError, ValueError):
                 log.debug("skipping a malformed VM-time entry %r", entry)

@@ -4,11 +4,12 @@
   describes them (Spot or standard, as VM_SPOT says, in the Spot lane):
   machine type, scheduling with ``maxRunDuration`` from MAX_RUN_HOURS,
   network interface from VM_NETWORK, VM_SUBNETWORK and VM_EXTERNAL_IP, disk,
-  service account, metadata.
+  service account, metadata, and the GPUs of VM_GPU_TYPE (``cflow.gpus``).
 - ``lane_variant``: from that body, the body of a worker of another lane or
   provisioning model (``cflow.lanes``): a standard VM of the standard lane,
   or a standard VM of the Spot lane while Spot capacity is out. The lane is
-  in the VM's label and metadata attribute ``LANE_ATTRIBUTE``.
+  in the VM's label and metadata attribute ``LANE_ATTRIBUTE``; a body with
+  GPUs keeps ``onHostMaintenance: TERMINATE``.
 - ``vm_name`` / ``vm_number``; ``creation_request_id``: the ``requestId`` of a
   bulkInsert, derived from the run and the VM names.
 - ``setting_to_change``: which const.py setting a GCE refusal of that body
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cflow import protocol
+from cflow import gpus, protocol
 from cflow.config import Config
 from cflow.errors import CloudError
 from cflow.gcp.compute import RUN_LABEL, cflow_request_id
@@ -152,13 +153,16 @@ def worker_instance_properties(
     (``cflow.wheelhouse``; None when the workers have them).
     """
     scheduling: dict[str, Any] = dict(SPOT_SCHEDULING if config.vm_spot else STANDARD_SCHEDULING)
+    if config.vm_gpu_type is not None:
+        # GCE cannot live-migrate a VM with GPUs and refuses MIGRATE: it stops for host maintenance instead.
+        scheduling["onHostMaintenance"] = gpus.ON_HOST_MAINTENANCE
     if config.max_run_hours is not None:
         # GCE deletes the worker when it has run this long, even if no controller is left to do it.
         scheduling["maxRunDuration"] = {"seconds": str(round(config.max_run_hours * 3600))}
         scheduling["instanceTerminationAction"] = "DELETE"
     labels = dict(config.vm_labels)
     labels.update({RUN_LABEL: run_id, "cflow-role": "worker", protocol.LANE_ATTRIBUTE: protocol.Lane.SPOT.value})
-    return {
+    properties: dict[str, Any] = {
         "machineType": config.vm_type,
         "scheduling": scheduling,
         "labels": labels,
@@ -180,9 +184,13 @@ def worker_instance_properties(
                 {"key": "cflow-package", "value": package_url},
                 {"key": protocol.LANE_ATTRIBUTE, "value": protocol.Lane.SPOT.value},
                 *(wheelhouse.metadata_items() if wheelhouse is not None else []),
+                *gpus.metadata_items(config),
             ]
         },
     }
+    if config.vm_gpu_type is not None:
+        properties["guestAccelerators"] = gpus.guest_accelerators(config)
+    return properties
 
 
 def lane_variant(properties: Mapping[str, Any], lane: protocol.Lane, spot: bool) -> dict[str, Any]:
@@ -200,6 +208,9 @@ def lane_variant(properties: Mapping[str, Any], lane: protocol.Lane, spot: bool)
     scheduling.update(SPOT_SCHEDULING if spot else STANDARD_SCHEDULING)
     if not spot and kept_action is not None and ("maxRunDuration" in scheduling or "terminationTime" in scheduling):
         scheduling["instanceTerminationAction"] = kept_action  # GCE needs it beside a time limit
+    if variant.get("guestAccelerators"):
+        # GCE cannot live-migrate a VM with GPUs and refuses MIGRATE, standard VMs too.
+        scheduling["onHostMaintenance"] = gpus.ON_HOST_MAINTENANCE
     variant["scheduling"] = scheduling
     variant["labels"] = {**variant.get("labels", {}), protocol.LANE_ATTRIBUTE: lane.value}
     items = [item for item in variant.get("metadata", {}).get("items", []) if item.get("key") != protocol.LANE_ATTRIBUTE]
@@ -252,6 +263,13 @@ def _settings_by_part(config: Config) -> list[tuple[str, SettingToChange]]:
             "VM_TYPE", f"set VM_TYPE to a machine type the zones offer (`gcloud compute machine-types list --zones {config.vm_zone}`)"
         )),
         ("guestCpus", SettingToChange("VM_TYPE", "set VM_TYPE to a smaller machine type")),
+        ("acceleratorCount", SettingToChange(
+            "VM_GPU_COUNT", "set VM_GPU_COUNT to a card count VM_GPU_TYPE attaches to VM_TYPE (1, 2 or 4 for most types)"
+        )),
+        ("accelerator", SettingToChange(
+            "VM_GPU_TYPE",
+            f"set VM_GPU_TYPE to a type the zones offer (`gcloud compute accelerator-types list --filter=zone:{config.vm_zone}`), or None",
+        )),
         ("serviceAccount", SettingToChange(
             "VM_COMPUTE_SERVICE_ACCOUNT",
             "set VM_COMPUTE_SERVICE_ACCOUNT to an account that exists and that the controller may act as "

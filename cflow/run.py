@@ -203,7 +203,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
     Raises:
         PreflightFailed, ConfigError: the preflight found a setting the project cannot honour (after the plan is printed).
     """
-    from cflow import fleet
+    from cflow import fleet, gpus
     from cflow.gcp import layout
     from cflow.tasks import load_items
 
@@ -214,6 +214,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         config, "RUN_ID", layout.run_url(config.bucket, "RUN_ID", layout.PACKAGE), fleet.read_init_script(config)
     )
     workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    accelerators = gpus.describe(gpus.accelerators_of(properties))
     preflight_lines, failure = _dry_preflight(config, clients, properties, workers)
     for entry in properties["metadata"]["items"]:
         if entry["key"] in ("startup-script", "shutdown-script"):
@@ -223,15 +224,16 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         f"target:       {config.target} (project {config.project})",
         f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
-        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
+        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}"
+        + (f", GPUs {accelerators} each (the NVIDIA driver installed at boot unless the image has it)" if accelerators else ""),
         f"zones:        {', '.join(config.zones)}",
         f"network:      {fleet.network_url(config)}{', ' + str(fleet.subnetwork_url(config)) if config.vm_subnetwork else ''}, {external}",
         f"run time:     {'at most ' + format(config.max_run_hours, 'g') + ' h per worker (GCE deletes it then)' if config.max_run_hours else 'no limit'}",
         f"boot:         {config.vm_boot} ({fleet.boot_image(config)})",
         f"bucket:       gs://{config.bucket}",
         f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
-        f"cost:         {cost_range(config, workers, len(items) if items is not None else None)}",
-        *([f"cost cap:     {cap_against_worst_case(config, workers, len(items) if items is not None else None)}"]
+        f"cost:         {cost_range(config, workers, len(items) if items is not None else None, properties)}",
+        *([f"cost cap:     {cap_against_worst_case(config, workers, len(items) if items is not None else None, properties)}"]
           if config.max_cost_usd is not None else []),
         f"Spot:         {spot_plan(config)}",
         *preflight_lines,
@@ -266,13 +268,19 @@ def _dry_preflight(
     return lines, None
 
 
-def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
-    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT."""
-    price = config.hourly_price()
+def cost_range(config: "Config", workers: int, item_count: int | None, properties: "dict[str, Any] | None" = None) -> str:
+    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT.
+
+    ``properties``: the workers' body; its GPUs are priced too.
+    """
+    from cflow import gpus
+
+    accelerators = gpus.accelerators_of(properties or {})
+    price = gpus.worker_hourly_price(config, accelerators)
     if price is None:
-        return f"no estimate: add {config.vm_type} to PRICES in const.py"
+        return gpus.price_note(config, accelerators)
     hourly = price * workers
-    text = f"${hourly:.3f}/hour for the fleet"
+    text = f"${hourly:.3f}/hour for the fleet" + (f" ({gpus.price_note(config, accelerators)})" if accelerators else "")
     if item_count:
         rounds = -(-item_count // max(workers, 1))  # items per worker, rounded up
         worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
@@ -280,12 +288,16 @@ def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
     return text + " (estimate from PRICES in const.py)"
 
 
-def cap_against_worst_case(config: "Config", workers: int, item_count: int | None) -> str:
-    """The dry run's line about MAX_COST_USD: the cap against the worst case (every attempt to TASK_TIMEOUT)."""
+def cap_against_worst_case(config: "Config", workers: int, item_count: int | None, properties: "dict[str, Any] | None" = None) -> str:
+    """The dry run's line about MAX_COST_USD: the cap against the worst case (every attempt to TASK_TIMEOUT).
+
+    ``properties``: the workers' body; its GPUs are priced too.
+    """
+    from cflow import gpus
     from cflow.costs import cap_line, worst_case
 
     assert config.max_cost_usd is not None  # the caller shows this line only with a cap
-    price = config.hourly_price()
+    price = gpus.worker_hourly_price(config, gpus.accelerators_of(properties or {}))
     worst = None
     if price is not None and item_count:
         worst = worst_case(price * workers, workers, item_count, config.max_attempts, config.task_timeout)
@@ -334,6 +346,7 @@ def execute_run(
         CloudError: a service refused.
     """
     from cflow import fleet, lifecycle
+    from cflow.creation import CreationPolicy
     from cflow.gcp import layout
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
@@ -395,8 +408,9 @@ def execute_run(
         storage.write_manifest(manifest)
 
     properties = fleet.worker_instance_properties(config, run_id, package_url, init_script, wheelhouse)
+    # Zones the preflight skipped (they do not offer VM_GPU_TYPE) are never asked.
     scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers,
-                          policies=Policies.from_config(config))
+                          policy=CreationPolicy(preflight.zones or config.zones), policies=Policies.from_config(config))
     if resume:
         scheduler.restore_vm_history()
         scheduler.restore_account()
@@ -563,8 +577,7 @@ def print_summary(
         f"VM-seconds: {vm_time or '0'}",
     ]
     if progress.cost_usd is not None:
-        priced = "; ".join(f"${kind.hourly_price(config.prices)}/hour per {kind.machine_type} {'Spot' if kind.spot else 'standard'} VM"
-                           for kind, _ in by_kind) or "nothing ran"
+        priced = "; ".join(f"${kind.hourly_price(config.prices):g}/hour per {kind.label} VM" for kind, _ in by_kind) or "nothing ran"
         lines.append(f"estimated cost: ${progress.cost_usd:.4f} (from PRICES in const.py: {priced}; yours to update)")
     if progress.standard_items:
         lines.append(f"standard lane: {progress.standard_items} item(s) moved to standard VMs after "

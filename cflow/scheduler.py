@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cflow import fleet, tasks
+from cflow import fleet, gpus, tasks
 from cflow.backups import BackupLedger, BackupPolicy, backup_attributes
 from cflow.costs import CostCap, CostMeter, VmKind
 from cflow.creation import STOCKOUT_COOLDOWN_SECONDS, Ask, CreationPolicy, refused_line
@@ -663,12 +663,14 @@ class Scheduler:
         """Count the time since the last step for every live VM, by machine type and Spot/standard."""
         default_type = str(self.instance_properties.get("machineType", "")).rsplit("/", 1)[-1]
         default_spot = is_spot(self.instance_properties)
+        # Every lane's body keeps the run's GPUs (fleet.lane_variant).
+        accelerators = tuple(gpus.accelerators_of(self.instance_properties))
         kinds = []
         for vm in vms:
             if vm.status in LIVE_STATES:
                 asked = self.asked_kind.get(vm.name)
                 spot = vm.spot if vm.spot is not None else (asked[1] if asked else default_spot)
-                kinds.append(VmKind(vm.machine_type or default_type, spot))
+                kinds.append(VmKind(vm.machine_type or default_type, spot, accelerators))
         self.cost_meter.account(kinds, now)
         self.vm_seconds = self.cost_meter.total_seconds
         self.progress.cost_usd = self.cost_meter.cost(self.policies.cost_cap.prices) if self.policies.cost_cap.prices else None

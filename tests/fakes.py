@@ -64,10 +64,21 @@ class FakeStorage:
 
     def __init__(self):
         self.objects = {}  # relative name -> bytes
+        self.inputs = {}  # gs:// URL of an item's input -> bytes, or an exception to raise
         self.calls = []
 
     def url(self, relative=""):
         return f"gs://bucket/run/{relative}"
+
+    def download_input(self, url, local_path):
+        self.calls.append(("download", url))
+        content = self.inputs.get(url)
+        if content is None:
+            raise NotFound(f"{url} does not exist", status=404, service="storage")
+        if isinstance(content, Exception):
+            raise content
+        Path(local_path).write_bytes(content)
+        return len(content)
 
     def is_done(self, item_id):
         return f"done/{item_id}" in self.objects
@@ -345,7 +356,7 @@ class ScriptedCompute:
 
 
 class FakeProjectCompute:
-    """What the preflight reads of a project: zones, images, machine types, networks, quotas, set by the test."""
+    """What the preflight reads of a project: zones, images, machine and GPU types, networks, quotas, set by the test."""
 
     fakes = Compute
     helpers = ("set_quota",)
@@ -357,7 +368,8 @@ class FakeProjectCompute:
         self.project = project
         self.zones = set(KNOWN_ZONES)
         self.images = {"projects/debian-cloud/global/images/family/debian-12"}
-        self.machine_types = {"e2-small": 2, "e2-standard-2": 2, "e2-standard-4": 4, "n2-standard-4": 4}
+        self.machine_types = {"e2-small": 2, "e2-standard-2": 2, "e2-standard-4": 4, "n2-standard-4": 4, "n1-standard-4": 4}
+        self.accelerator_zones = {}  # GPU type -> the zones that offer it (a type not named: every zone)
         auto_subnets = [f"https://compute/projects/{project}/regions/{region}/subnetworks/default"
                         for region in ("us-central1", "us-east1", "europe-west1")]
         self.networks = {(project, "default"): {"name": "default", "autoCreateSubnetworks": True, "subnetworks": auto_subnets}}
@@ -381,6 +393,10 @@ class FakeProjectCompute:
     def machine_type(self, zone, name):
         cpus = self.machine_types.get(name)
         return None if cpus is None else {"name": name, "guestCpus": cpus}
+
+    def accelerator_type(self, zone, name):
+        self.calls.append(("accelerator_type", zone, name))
+        return {"name": name, "zone": zone} if zone in self.accelerator_zones.get(name, self.zones) else None
 
     def network(self, name, project=None):
         self.calls.append(("network", project or self.project, name))

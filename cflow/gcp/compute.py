@@ -13,7 +13,7 @@ only CFlow's ``CloudError`` classes (``cflow.gcp.errors.classify``).
 
 Where things are: ``Vm`` (one listed VM), ``Quota`` (one regional quota),
 ``PendingCreation`` (a bulkInsert in flight); ``Compute``'s sections reading
-(list, zones, images, networks, quotas), creating, deleting, and one VM
+(list, zones, images, machine and GPU types, networks, quotas), creating, deleting, and one VM
 (``cflow image build``).
 """
 
@@ -254,6 +254,21 @@ class Compute:
     def machine_type(self, zone: str, name: str) -> dict[str, Any] | None:
         """machineTypes.get (``guestCpus``, ``memoryMb``...), or None if the zone has no such type."""
         return self._get_or_none(self.service.machineTypes().get(project=self.project, zone=zone, machineType=name), zone)
+
+    def accelerator_type(self, zone: str, name: str) -> dict[str, Any] | None:
+        """acceleratorTypes.get (``maximumCardsPerInstance``...), or None if the zone does not offer the type."""
+        return self._get_or_none(self.service.acceleratorTypes().get(project=self.project, zone=zone, acceleratorType=name), zone)
+
+    def accelerator_types(self, zone: str) -> list[dict[str, Any]]:
+        """acceleratorTypes.list: every GPU type the zone offers (paged)."""
+        types: list[dict[str, Any]] = []
+        accelerators = self.service.acceleratorTypes()
+        request = accelerators.list(project=self.project, zone=zone)
+        while request is not None:
+            response = self._execute(request, zone)
+            types.extend(response.get("items", []))
+            request = accelerators.list_next(request, response)
+        return types
 
     def network(self, name: str, project: str | None = None) -> dict[str, Any] | None:
         """networks.get of ``name`` in ``project`` (default: this one), or None if there is no such network."""

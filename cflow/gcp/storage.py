@@ -25,7 +25,8 @@ from typing import Any
 from google.api_core import exceptions as google_exceptions
 
 from cflow import tasks
-from cflow.errors import CloudError, ConfigError
+from cflow.config import split_gcs_url
+from cflow.errors import CloudError, ConfigError, NotFound, PermissionDenied
 from cflow.gcp import layout
 from cflow.gcp.errors import translated
 from cflow.history import AttemptSpan, span_metadata
@@ -284,6 +285,36 @@ class RunStorage:
     @translated("storage")
     def read_output(self, item_id: str, name: str) -> bytes:
         return self._blob(layout.output(item_id, name)).download_as_bytes()
+
+    # -- an item's inputs (STAGE_INPUTS: cflow.worker.staging) -------------
+
+    @translated("storage")
+    def download_input(self, url: str, local_path: Path) -> int:
+        """Download the object ``gs://BUCKET/NAME`` (any bucket the account may read) to ``local_path``.
+
+        Returns:
+            The bytes written.
+        Raises:
+            ValueError: ``url`` is not ``gs://BUCKET/NAME``.
+            NotFound: there is no such object (or bucket); nothing is left at ``local_path``.
+            PermissionDenied: the account may not read it.
+            CloudError: any other refusal.
+        """
+        bucket, name = split_gcs_url(url)
+        if not name:
+            raise ValueError(f"not the URL of an object: {url!r}")
+        try:
+            self.client.bucket(bucket).blob(name).download_to_filename(str(local_path))
+        except google_exceptions.NotFound as error:
+            local_path.unlink(missing_ok=True)
+            raise NotFound(f"{url} does not exist", status=404, reason="notFound", message=error.message, service="storage") from None
+        except google_exceptions.Forbidden as error:
+            local_path.unlink(missing_ok=True)
+            raise PermissionDenied(
+                f"this VM's service account may not read {url}; grant it roles/storage.objectViewer on gs://{bucket}",
+                status=403, reason="forbidden", message=error.message, service="storage",
+            ) from None
+        return local_path.stat().st_size
 
     @translated("storage")
     def upload_log(self, item_id: str, attempt: int, local_path: str | Path) -> str:

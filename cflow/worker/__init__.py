@@ -9,6 +9,8 @@ Where each behaviour lives:
 - ``loop``: ``Worker``: pull, run, record in the background, go idle.
 - ``task``: the task's process: argv and environment, exit watch, timeout,
   killing its group, and killing an orphan left by a dead worker.
+- ``staging``: STAGE_INPUTS: the item's gs:// objects downloaded before the
+  task, which gets local paths; a failed download fails the attempt.
 - ``lease``: ``LeaseKeeper``: lease extensions and log uploads while a task runs.
 - ``record``: recording an ended task's result: outputs, log, markers (with
   the attempt's span for the run's report), event, ack.

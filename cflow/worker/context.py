@@ -47,6 +47,8 @@ class WorkerSettings:
     standard_subscription: str = ""
     standard_topic: str = ""
     preemptions_before_standard: int | None = None
+    stage_inputs: bool = False  # STAGE_INPUTS: download the item's gs:// objects first (cflow.worker.staging)
+    gpu_count: int = 0  # the VM's GPUs, for the task's CFLOW_GPU_COUNT
 
     def lane_subscription(self, lane: Lane) -> str:
         """The work subscription a worker of ``lane`` pulls."""
@@ -60,6 +62,8 @@ class WorkerSettings:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> WorkerSettings:
         """The settings in a run.json document (``cflow.run`` writes it). Raises KeyError if one is missing."""
         topics = manifest["topics"]
+        # const.py as the run started (Config.to_dict()); a run recorded before a setting existed lacks it.
+        started_with = manifest.get("settings") or {}
         return cls(
             run_id=manifest["run_id"],
             bucket=manifest["bucket"],
@@ -74,6 +78,8 @@ class WorkerSettings:
             standard_subscription=topics.get("standard_subscription", ""),
             standard_topic=topics.get("standard_topic", ""),
             preemptions_before_standard=manifest.get("preemptions_before_standard"),
+            stage_inputs=bool(started_with.get("stage_inputs", False)),
+            gpu_count=int(started_with.get("vm_gpu_count", 0)) if started_with.get("vm_gpu_type") else 0,
         )
 
 
@@ -128,6 +134,10 @@ class WorkerStorage(Protocol):
 
     def write_lane_marker(self, lane: str, item_id: str, info: dict[str, Any]) -> None:
         """Record that the item moved to ``lane`` (before it is published there)."""
+        ...
+
+    def download_input(self, url: str, local_path: Path) -> int:
+        """Download an item's input object to ``local_path`` (STAGE_INPUTS); returns the bytes written."""
         ...
 
 

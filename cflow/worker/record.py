@@ -28,7 +28,7 @@ from cflow.protocol import EventKind, Outcome
 from cflow.worker.context import WorkerContext
 from cflow.worker.handback import hand_back_record, record_span
 from cflow.worker.lease import LeaseKeeper
-from cflow.worker.task import TaskEnding
+from cflow.worker.task import TaskEnding, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class EndedTask:
     ack_id: str
     attempt_dir: Path
     exit_status: int
-    ending: TaskEnding  # EXITED or TIMED_OUT
+    ending: TaskEnding  # EXITED, TIMED_OUT or STAGING_FAILED
     elapsed: float
     keeper: LeaseKeeper  # keeps the lease until the result is recorded
     started: float | None = None  # epoch seconds the attempt began (None: not known, no span is recorded)
@@ -124,7 +124,7 @@ def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log
 
 def _finish_failed(context: WorkerContext, ended: EndedTask, log_file: Path, timed_out: bool) -> Outcome:
     settings, storage, item, attempt, ack_id = context.settings, context.storage, ended.item, ended.attempt, ended.ack_id
-    reason = "timed out" if timed_out else f"exit status {ended.exit_status}"
+    reason = failure_reason(TaskEnding.TIMED_OUT if timed_out else ended.ending, ended.exit_status)
     if ended.backup:
         # The original copy still runs and owns the item's attempts: the failed backup is only dropped.
         log.info("the backup copy of item %s failed (%s); the original runs on", item.id, reason)

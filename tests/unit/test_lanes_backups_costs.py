@@ -92,6 +92,16 @@ def test_a_standard_vm_of_the_spot_lane_pulls_the_spot_queue():
     assert {k: v for k, v in again["scheduling"].items() if k != "maxRunDuration"} == fleet.SPOT_SCHEDULING
 
 
+
+def test_a_standard_lane_body_with_gpus_keeps_terminate_on_host_maintenance():
+    # GCE refuses MIGRATE for a VM with GPUs, standard VMs included.
+    body = {**spot_body(), "guestAccelerators": [{"acceleratorType": "nvidia-tesla-t4", "acceleratorCount": 1}]}
+    variant = fleet.lane_variant(body, Lane.STANDARD, spot=False)
+    assert variant["scheduling"]["provisioningModel"] == "STANDARD"
+    assert variant["scheduling"]["onHostMaintenance"] == "TERMINATE"
+    assert variant["guestAccelerators"] == body["guestAccelerators"]
+    assert fleet.lane_variant(spot_body(), Lane.STANDARD, spot=False)["scheduling"]["onHostMaintenance"] == "MIGRATE"
+
 # -- backups ----------------------------------------------------------------------
 
 
@@ -158,6 +168,21 @@ def test_the_meter_counts_vm_time_by_kind_from_one_step_to_the_next_and_prices_i
     assert again.seconds == meter.seconds
 
 
+def test_the_meter_prices_a_vms_gpus_with_its_machine_type():
+    prices = {**PRICES, "nvidia-tesla-t4": {"standard": 72.0, "spot": 7.2}}  # $0.02 and $0.002 a second
+    with_gpus = VmKind("e2-small", True, (("nvidia-tesla-t4", 2),))
+    assert with_gpus.label == "e2-small + 2 x nvidia-tesla-t4, Spot"
+    assert with_gpus.hourly_price(prices) == pytest.approx(3.6 + 2 * 7.2)
+    assert with_gpus.hourly_price(PRICES) is None  # PRICES lacks the GPU: no estimate, not a cheaper one
+    meter = CostMeter()
+    meter.account([with_gpus], now=0.0)
+    meter.account([with_gpus], now=10.0)
+    assert meter.cost(prices) == pytest.approx(10 * (0.001 + 2 * 0.002))
+    again = CostMeter()
+    again.restore(meter.to_document())
+    assert again.seconds == {with_gpus: 10.0}
+
+
 def test_the_cap_is_reached_at_its_cost_and_never_without_one():
     meter = CostMeter()
     meter.account([VmKind("e2-small", False)], now=0.0)
@@ -206,6 +231,8 @@ def settings_file(tmp_path, body):
     ("BACKUP_TASKS = 'yes'", "BACKUP_TASKS must be True or False, got 'yes'"),
     ("MAX_COST_USD = 0", "MAX_COST_USD must be None or a positive number of US dollars, got 0"),
     ("VM_TYPE = 'n2-highmem-8'\nMAX_COST_USD = 5", "MAX_COST_USD is set, but PRICES has no price for VM_TYPE 'n2-highmem-8'"),
+    ("VM_TYPE = 'n1-standard-4'\nVM_GPU_TYPE = 'nvidia-l4'\nMAX_COST_USD = 5",
+     "MAX_COST_USD is set, but PRICES has no price for VM_GPU_TYPE 'nvidia-l4'"),
 ])
 def test_a_bad_lane_backup_or_cost_setting_is_one_line_naming_it(tmp_path, body, message):
     with pytest.raises(ConfigError) as caught:

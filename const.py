@@ -182,3 +182,30 @@ PRICES = {
     "nvidia-tesla-p100": {"standard": 1.46, "spot": 0.43},
     "nvidia-tesla-v100": {"standard": 2.48, "spot": 0.74},
 }
+
+# ---------------------------------------------------------------- Spot, backups and cost
+
+# An item preempted this many times on Spot VMs moves to a small fleet of
+# standard VMs, where no preemption can stop it again. None: it stays on Spot
+# however often it is preempted.
+SPOT_PREEMPTIONS_BEFORE_STANDARD = 3
+
+# The most standard VMs that run the items moved off Spot. They are created
+# only while such items wait or run, and deleted when none is left.
+STANDARD_WORKERS_MAX = 2
+
+# When every zone has been out of Spot capacity for this many minutes, create
+# standard workers instead (up to WORKER_NODE_CNT) and say so. None: wait for
+# Spot capacity however long it takes.
+SPOT_STOCKOUT_FALLBACK_MINUTES = None
+
+# True: once the queue is drained and workers sit idle, they run a second copy
+# of the items that have run much longer than the run's typical item (backup
+# tasks); the first copy to finish wins and the other is stopped. Set False
+# if your task has side effects that must never happen twice at once.
+BACKUP_TASKS = True
+
+# ESTIMATE from PRICES, in US dollars: when the run's VM time reaches this
+# cost, it stops creating VMs, lets the running items finish, cancels the
+# rest (reported as not run) and exits with status 4. None: no cap.
+MAX_COST_USD = None

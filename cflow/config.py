@@ -515,6 +515,24 @@ def _check_prices(checker: Checker, name: str, value: Any) -> types.MappingProxy
     return types.MappingProxyType(prices)
 
 
+def _check_preemptions_before_standard(checker: Checker, name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        checker.fail(name, f"must be None or a positive integer, got {_short_repr(value)}",
+                     "set it to how many preemptions move an item to a standard VM, e.g. 3, or None for never")
+    return int(value)
+
+
+def _check_stockout_fallback_minutes(checker: Checker, name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or value < 0:
+        checker.fail(name, f"must be None or a number of minutes of at least 0, got {_short_repr(value)}",
+                     "set it to e.g. 10, or None to wait for Spot capacity however long it takes")
+    return float(value)
+
+
 # ---------------------------------------------------------------- checks that read other settings
 #
 # Every rule that involves more than one setting lives here. Each is the check
@@ -660,6 +678,23 @@ def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
     ):
         checker.fail(name, f"is not an image name or 'family/NAME': {_short_repr(value)}", fix)
     return value
+
+
+def _check_max_cost(checker: Checker, name: str, value: Any) -> float | None:
+    """MAX_COST_USD: a positive number of dollars, and PRICES must price VM_TYPE and VM_GPU_TYPE (the cap is counted from them)."""
+    if value is None:
+        return None
+    if not _is_number(value) or value <= 0:
+        checker.fail(name, f"must be None or a positive number of US dollars, got {_short_repr(value)}", "set it to e.g. 20.0, or None for no cap")
+    vm_type = checker.earlier("VM_TYPE")
+    if vm_type not in checker.earlier("PRICES"):
+        checker.fail(name, f"is set, but PRICES has no price for VM_TYPE {vm_type!r}, so the cost cannot be counted",
+                     f"add {vm_type!r} to PRICES, or set MAX_COST_USD = None")
+    gpu_type = checker.earlier("VM_GPU_TYPE")
+    if gpu_type is not None and gpu_type not in checker.earlier("PRICES"):
+        checker.fail(name, f"is set, but PRICES has no price for VM_GPU_TYPE {gpu_type!r}, so the cost cannot be counted",
+                     f"add {gpu_type!r} to PRICES, or set MAX_COST_USD = None")
+    return float(value)
 
 
 # ---------------------------------------------------------------- the table of settings
@@ -831,6 +866,27 @@ class Config:
     prices: types.MappingProxyType[str, types.MappingProxyType[str, float]] = setting(
         _DEFAULT_PRICES, "ESTIMATE ONLY: USD per hour by machine type and GPU type, {'standard': X, 'spot': Y}, for the cost shown",
         _check_prices,
+    )
+    # Spot, then standard; backup tasks; the cost cap.
+    spot_preemptions_before_standard: int | None = setting(
+        3, "preemptions after which an item moves to a standard VM; None: it stays on Spot however often it is preempted",
+        _check_preemptions_before_standard,
+    )
+    standard_workers_max: int = setting(
+        2, "most standard workers for the items moved off Spot; they live only while such items wait or run",
+        _positive_int("set it to how many standard VMs may run the items moved off Spot, e.g. 2"),
+    )
+    spot_stockout_fallback_minutes: float | None = setting(
+        None, "minutes every zone may be out of Spot capacity before standard workers are created instead; None: never",
+        _check_stockout_fallback_minutes,
+    )
+    backup_tasks: bool = setting(
+        True, "True: once the queue is drained, idle workers run second copies of the slowest items; False for side effects",
+        _boolean("True to run backup copies of the slowest items, False if a task must never run twice at once"),
+    )
+    max_cost_usd: float | None = setting(
+        None, "ESTIMATE from PRICES: at this cost the run stops creating, lets running items finish and cancels the rest; None: no cap",
+        _check_max_cost,
     )
     # Not settings: where const.py is.
     config_path: Path

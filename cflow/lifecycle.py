@@ -87,6 +87,8 @@ def new_manifest(config: "Config", run_id: str, project: str, topics: "RunTopics
         "max_attempts": config.max_attempts,
         "lease_seconds": config.lease_seconds,
         "idle_poweroff_seconds": max(120, 3 * config.lease_seconds),
+        # Read by the workers' shutdown hooks: when a preempted item moves to the standard lane (cflow.lanes).
+        "preemptions_before_standard": config.spot_preemptions_before_standard if config.vm_spot else None,
         "item_count": item_count,
         "package": package_url,
         "settings": config.to_dict(),

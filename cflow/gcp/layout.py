@@ -18,6 +18,9 @@ relative to that folder:
     timeline/ITEM/N-VM-MS    an attempt that left no marker of its own (handed
                              back, or a duplicate): where and when it ran
     vms.json                 every VM of the run as the scheduler saw it
+    scheduler.json           the scheduler's account: VM time by kind and cost, backups,
+                             the standard-worker fallback, the cost cap (for status)
+    lanes/standard/ITEM      the item was moved to the standard lane (cflow.lanes)
     combined/NAME            the combined result
 
 The done and attempt markers and the timeline records carry their attempt's
@@ -44,6 +47,8 @@ CANCELLED = "cancelled.json"
 COMBINED = "combined/"
 LOGS = "logs/"
 VM_HISTORY = "vms.json"
+SCHEDULER_ACCOUNT = "scheduler.json"
+LANES = "lanes/"
 TIMELINE = "timeline/"
 ATTEMPTS = "attempts/"
 
@@ -114,6 +119,15 @@ def timeline_record(item_id: str, attempt: int, vm: str, ended: float) -> str:
 def item_of_record(name: str) -> str:
     """The item id in a name relative to a folder of per-item records (``ITEM/N...`` or ``ITEM``)."""
     return name.split("/", 1)[0]
+
+
+def lane_markers(lane: str) -> str:
+    """The folder of the markers of the items moved to ``lane`` (``lanes/standard/``)."""
+    return f"{LANES}{lane}/"
+
+
+def lane_marker(lane: str, item_id: str) -> str:
+    return f"{lane_markers(lane)}{item_id}"
 
 
 def combined(name: str) -> str:

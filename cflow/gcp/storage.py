@@ -439,6 +439,28 @@ class RunStorage:
         self._write_json(layout.VM_HISTORY, document)
 
     @translated("storage")
+    def write_scheduler_account(self, document: Mapping[str, Any]) -> None:
+        """Write scheduler.json (VM time and cost, backups, fallback, cost cap), replacing the last one."""
+        self._write_json(layout.SCHEDULER_ACCOUNT, document)
+
+    @translated("storage")
+    def read_scheduler_account(self) -> dict[str, Any] | None:
+        """scheduler.json as a dict, or None if the scheduler has not written one."""
+        return self._read_json(layout.SCHEDULER_ACCOUNT)
+
+    # -- lanes (cflow.lanes) -----------------------------------------------------
+
+    @translated("storage")
+    def write_lane_marker(self, lane: str, item_id: str, info: Mapping[str, Any]) -> None:
+        """Record that ``item_id`` moved to ``lane`` (written again if it is there: the move is the same)."""
+        self._write_json(layout.lane_marker(lane, tasks.validate_item_id(item_id)), info)
+
+    @translated("storage")
+    def list_lane_ids(self, lane: str) -> set[str]:
+        """The items moved to ``lane``."""
+        return {name for name, _ in self._list(layout.lane_markers(lane)) if name}
+
+    @translated("storage")
     def read_vm_history(self) -> dict[str, Any] | None:
         """vms.json as a dict, or None if the scheduler has not written one."""
         return self._read_json(layout.VM_HISTORY)

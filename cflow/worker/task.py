@@ -38,6 +38,7 @@ class TaskEnding(StrEnum):
     EXITED = "exited"  # by itself (or it could not start: status 127)
     TIMED_OUT = "timed out"  # past the run's task timeout: its group was killed
     STOPPED = "stopped"  # the VM is going down: its item was handed back, then its group killed
+    DONE_ELSEWHERE = "done elsewhere"  # another copy recorded the item done (cflow.backups): its group was killed
     STAGING_FAILED = "input staging failed"  # an input could not be downloaded: the task never started
 
 
@@ -74,7 +75,7 @@ def task_environment(context: WorkerContext, item: tasks.WorkItem, attempt: int,
 
 
 def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path, log_file: Path, ack_id: str,
-             hand_back_running: Callable[[], object]) -> tuple[int, TaskEnding]:
+             hand_back_running: Callable[[], object], done_elsewhere: Callable[[], bool] | None = None) -> tuple[int, TaskEnding]:
     """Run the run's task command with the item's fields as argv (no shell), in the package folder.
 
     Args:
@@ -83,6 +84,9 @@ def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_
         ack_id: the message whose in-flight record gets the task's process group.
         hand_back_running: called once the stop flag is seen, before the task's
             group is killed: a Spot VM's grace is short, and the nack is what matters.
+        done_elsewhere: True once the scheduler said another copy of the item
+            won (``cflow.worker.control``); the task's group is then killed. Read
+            in memory with the stop flag, so it costs the hot path nothing.
     Returns:
         ``(exit status, ending)``; the status is 127 if the command cannot start,
         ``staging.STAGING_FAILED_STATUS`` if an input could not be staged.
@@ -137,6 +141,10 @@ def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_
                     return process.returncode, TaskEnding.STOPPED
                 if process.poll() is not None:
                     return process.returncode, TaskEnding.EXITED
+                if done_elsewhere is not None and done_elsewhere():
+                    kill_group(process)
+                    log_stream.write(b"\ncflow: another copy of this item was recorded done first; this copy was stopped\n")
+                    return process.returncode, TaskEnding.DONE_ELSEWHERE
                 if time.monotonic() >= deadline:
                     kill_group(process)
                     log_stream.write(f"\ncflow: task timed out after {context.settings.task_timeout:g} s; "

@@ -35,6 +35,15 @@ TASK_MODULE_CMD = "bash task/task.sh"
 # - "gs://BUCKET/PREFIX/": one item per object under the prefix, the item being its gs:// URL.
 TASKS = "tasks.txt"
 
+# True: before each task starts, every item field that is the gs:// URL of an
+# object (gs://BUCKET/OBJECT) is downloaded into $CFLOW_INPUT_DIR on the
+# worker, and the task gets the local file's path in that field's place (as
+# dsub's --input does). A download that fails (no such object, no permission)
+# is a failed attempt, and the item's log says which URL and why. The workers'
+# service account needs read access to those buckets.
+# False (the default): every field reaches the task as written.
+STAGE_INPUTS = False
+
 # Failed attempts (non-zero exit or timeout) before an item is recorded as
 # failed. Preemptions of Spot VMs never count against this.
 MAX_ATTEMPTS = 3
@@ -69,6 +78,15 @@ VM_NAME_PREFIX = "cflow-worker"
 
 # Machine type of each worker.
 VM_TYPE = "e2-standard-2"
+
+# GPUs: the type each worker gets, e.g. "nvidia-tesla-t4" (`gcloud compute
+# accelerator-types list`), and how many. T4, P4, P100 and V100 attach to N1
+# machine types only (e.g. VM_TYPE = "n1-standard-4"). Zones that do not
+# offer the type are skipped, the GPU quotas are checked before anything is
+# created, and the NVIDIA driver is installed at boot (or baked into an image
+# by `cflow image build --gpu`). The task sees CFLOW_GPU_COUNT. None: no GPU.
+VM_GPU_TYPE = None
+VM_GPU_COUNT = 1
 
 # Zone of the workers; when it has no capacity left (a stockout), the zones
 # in VM_FALLBACK_ZONES are tried in order.
@@ -142,10 +160,11 @@ LEASE_SECONDS = 60
 # None: Application Default Credentials. Never sent to the workers.
 CREDENTIAL_FILE = None
 
-# ESTIMATE ONLY, yours to update: USD per VM-hour by machine type, used for
-# the cost shown in the run's summary. These are rough us-central1 on-demand
-# and Spot figures; prices differ by region and change over time (Spot often).
-# A machine type missing here shows no cost estimate.
+# ESTIMATE ONLY, yours to update: USD per VM-hour by machine type (and per
+# GPU-hour by GPU type), used for the cost shown in the run's summary. These
+# are rough us-central1 on-demand and Spot figures; prices differ by region
+# and change over time (Spot often). A machine type (or GPU type) missing here
+# shows no cost estimate.
 PRICES = {
     "e2-micro": {"standard": 0.0084, "spot": 0.0025},
     "e2-small": {"standard": 0.0168, "spot": 0.0050},
@@ -156,4 +175,42 @@ PRICES = {
     "n2-standard-2": {"standard": 0.097, "spot": 0.029},
     "n2-standard-4": {"standard": 0.194, "spot": 0.058},
     "c2-standard-4": {"standard": 0.209, "spot": 0.063},
+    "n1-standard-1": {"standard": 0.0475, "spot": 0.0100},
+    "n1-standard-2": {"standard": 0.095, "spot": 0.020},
+    "n1-standard-4": {"standard": 0.190, "spot": 0.040},
+    "n1-standard-8": {"standard": 0.380, "spot": 0.080},
+    # GPUs, USD per GPU-hour: a worker costs its machine type plus VM_GPU_COUNT
+    # of these. us-central1 list prices from cloud.google.com/compute/gpus-pricing
+    # as of 2024; Spot GPU prices change monthly.
+    "nvidia-tesla-t4": {"standard": 0.35, "spot": 0.11},
+    "nvidia-tesla-p4": {"standard": 0.60, "spot": 0.216},
+    "nvidia-tesla-p100": {"standard": 1.46, "spot": 0.43},
+    "nvidia-tesla-v100": {"standard": 2.48, "spot": 0.74},
 }
+
+# ---------------------------------------------------------------- Spot, backups and cost
+
+# An item preempted this many times on Spot VMs moves to a small fleet of
+# standard VMs, where no preemption can stop it again. None: it stays on Spot
+# however often it is preempted.
+SPOT_PREEMPTIONS_BEFORE_STANDARD = 3
+
+# The most standard VMs that run the items moved off Spot. They are created
+# only while such items wait or run, and deleted when none is left.
+STANDARD_WORKERS_MAX = 2
+
+# When every zone has been out of Spot capacity for this many minutes, create
+# standard workers instead (up to WORKER_NODE_CNT) and say so. None: wait for
+# Spot capacity however long it takes.
+SPOT_STOCKOUT_FALLBACK_MINUTES = None
+
+# True: once the queue is drained and workers sit idle, they run a second copy
+# of the items that have run much longer than the run's typical item (backup
+# tasks); the first copy to finish wins and the other is stopped. Set False
+# if your task has side effects that must never happen twice at once.
+BACKUP_TASKS = True
+
+# ESTIMATE from PRICES, in US dollars: when the run's VM time reaches this
+# cost, it stops creating VMs, lets the running items finish, cancels the
+# rest (reported as not run) and exits with status 4. None: no cap.
+MAX_COST_USD = None

@@ -29,6 +29,9 @@
 # off with the reason on the serial console: a VM that can never work must
 # not bill forever.
 #
+# A VM whose metadata says it has GPUs (cflow-gpu-count) installs the NVIDIA
+# driver before the worker starts (cflow/gpu_driver.sh in the package).
+#
 # CFLOW_INIT_INSTALL_ONLY=1 (`cflow image build`'s build VM): install the
 # packages from the wheelhouse, then exit; no package, no worker, and a
 # failure exits 1 instead of powering off.
@@ -233,6 +236,16 @@ if [ "$NEED_PACKAGES" = "1" ]; then
   say "$(date -u +%FT%T.%3NZ) packages installed"
 elif [ "$PYTHON" != python3 ]; then
   say "using the preinstalled packages in $VENV"
+fi
+# A VM with GPUs (instance metadata cflow-gpu-count, from VM_GPU_TYPE) needs the
+# NVIDIA driver before its first task: the package's cflow/gpu_driver.sh
+# installs it as Google documents (the VM reboots on the way, and this script
+# runs again after it), or finds it ready on an image that has it.
+GPU_COUNT=$(attribute cflow-gpu-count 0)
+if [ "$GPU_COUNT" -gt 0 ]; then
+  say "this VM has $GPU_COUNT GPU(s): the NVIDIA driver first"
+  retry "installing the NVIDIA driver" bash "$CFLOW_DIR/package/cflow/gpu_driver.sh" boot
+  say "$(date -u +%FT%T.%3NZ) NVIDIA driver ready"
 fi
 say "$(date -u +%FT%T.%3NZ) starting the worker"
 

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Run one script over thousands of work items on a fleet of GCE VMs, Spot included, losing nothing.",
     packages=find_packages(include=["cflow", "cflow.*"]),
-    package_data={"cflow": ["py.typed"]},
+    package_data={"cflow": ["py.typed", "gpu_driver.sh"]},
     python_requires=">=3.11",
     install_requires=[
         "google-api-python-client>=2.100",

@@ -88,6 +88,8 @@ MIN_RUN_HOURS, MAX_RUN_HOURS = 30 / 3600, 120 * 24
 ZONE_RE = re.compile(r"[a-z]+(-[a-z]+)*[0-9]+-[a-z]")
 PROJECT_ID_RE = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
 MACHINE_TYPE_RE = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)+")
+# An accelerator type as `gcloud compute accelerator-types list` names it, e.g. "nvidia-tesla-t4".
+GPU_TYPE_RE = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)+")
 IMAGE_PATH_RE = re.compile(
     r"(https://www\.googleapis\.com/compute/v1/)?projects/[a-z][-a-z0-9.:]*[a-z0-9]"
     r"/global/images/(family/)?[a-z]([-a-z0-9]*[a-z0-9])?"
@@ -419,6 +421,18 @@ def _check_vm_type(checker: Checker, name: str, value: Any) -> str:
     return value
 
 
+def _check_gpu_type(checker: Checker, name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not GPU_TYPE_RE.fullmatch(value) or len(value) > 63:
+        checker.fail(
+            name,
+            f"must be None or an accelerator type like 'nvidia-tesla-t4', got {_short_repr(value)}",
+            "pick one from `gcloud compute accelerator-types list`, or None for workers without a GPU",
+        )
+    return value
+
+
 def _check_stock_image(checker: Checker, name: str, value: Any) -> str:
     if not isinstance(value, str) or not IMAGE_PATH_RE.fullmatch(value):
         checker.fail(
@@ -499,6 +513,24 @@ def _check_prices(checker: Checker, name: str, value: Any) -> types.MappingProxy
                 checker.fail(name, f"entry {vm_type!r} has {kind} price {_short_repr(price)}, not a non-negative number", fix)
         prices[vm_type] = types.MappingProxyType(dict(entry))
     return types.MappingProxyType(prices)
+
+
+def _check_preemptions_before_standard(checker: Checker, name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        checker.fail(name, f"must be None or a positive integer, got {_short_repr(value)}",
+                     "set it to how many preemptions move an item to a standard VM, e.g. 3, or None for never")
+    return int(value)
+
+
+def _check_stockout_fallback_minutes(checker: Checker, name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or value < 0:
+        checker.fail(name, f"must be None or a number of minutes of at least 0, got {_short_repr(value)}",
+                     "set it to e.g. 10, or None to wait for Spot capacity however long it takes")
+    return float(value)
 
 
 # ---------------------------------------------------------------- checks that read other settings
@@ -620,6 +652,19 @@ def _check_subnetwork(checker: Checker, name: str, value: Any) -> str | None:
     return value
 
 
+def _check_gpu_count(checker: Checker, name: str, value: Any) -> int:
+    """VM_GPU_COUNT: a positive number of cards; more than the default means nothing without VM_GPU_TYPE."""
+    if not _is_int(value) or value < 1:
+        checker.fail(name, f"must be a positive integer, got {_short_repr(value)}", "set it to the number of GPUs per worker, e.g. 1")
+    if value != DEFAULTS[name] and checker.earlier("VM_GPU_TYPE") is None:
+        checker.fail(
+            name,
+            f"is {value}, but VM_GPU_TYPE is None, so the workers get no GPU",
+            "set VM_GPU_TYPE, e.g. 'nvidia-tesla-t4', or leave VM_GPU_COUNT at 1",
+        )
+    return value
+
+
 def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
     """VM_IMAGE_NAME: required when VM_BOOT is 'image'; when set, an image name or 'family/NAME'."""
     if value is None and checker.earlier("VM_BOOT") != "image":
@@ -633,6 +678,23 @@ def _check_image_name(checker: Checker, name: str, value: Any) -> str | None:
     ):
         checker.fail(name, f"is not an image name or 'family/NAME': {_short_repr(value)}", fix)
     return value
+
+
+def _check_max_cost(checker: Checker, name: str, value: Any) -> float | None:
+    """MAX_COST_USD: a positive number of dollars, and PRICES must price VM_TYPE and VM_GPU_TYPE (the cap is counted from them)."""
+    if value is None:
+        return None
+    if not _is_number(value) or value <= 0:
+        checker.fail(name, f"must be None or a positive number of US dollars, got {_short_repr(value)}", "set it to e.g. 20.0, or None for no cap")
+    vm_type = checker.earlier("VM_TYPE")
+    if vm_type not in checker.earlier("PRICES"):
+        checker.fail(name, f"is set, but PRICES has no price for VM_TYPE {vm_type!r}, so the cost cannot be counted",
+                     f"add {vm_type!r} to PRICES, or set MAX_COST_USD = None")
+    gpu_type = checker.earlier("VM_GPU_TYPE")
+    if gpu_type is not None and gpu_type not in checker.earlier("PRICES"):
+        checker.fail(name, f"is set, but PRICES has no price for VM_GPU_TYPE {gpu_type!r}, so the cost cannot be counted",
+                     f"add {gpu_type!r} to PRICES, or set MAX_COST_USD = None")
+    return float(value)
 
 
 # ---------------------------------------------------------------- the table of settings
@@ -694,7 +756,7 @@ def _settings_table(cls: type[_ConfigClass]) -> type[_ConfigClass]:
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
 
-# ESTIMATE ONLY: rough us-central1 on-demand and Spot USD per VM-hour, the PRICES default.
+# ESTIMATE ONLY: rough us-central1 on-demand and Spot USD per VM-hour (and per GPU-hour), the PRICES default.
 _DEFAULT_PRICES = {
     "e2-micro": {"standard": 0.0084, "spot": 0.0025},
     "e2-small": {"standard": 0.0168, "spot": 0.0050},
@@ -705,6 +767,16 @@ _DEFAULT_PRICES = {
     "n2-standard-2": {"standard": 0.097, "spot": 0.029},
     "n2-standard-4": {"standard": 0.194, "spot": 0.058},
     "c2-standard-4": {"standard": 0.209, "spot": 0.063},
+    "n1-standard-1": {"standard": 0.0475, "spot": 0.0100},
+    "n1-standard-2": {"standard": 0.095, "spot": 0.020},
+    "n1-standard-4": {"standard": 0.190, "spot": 0.040},
+    "n1-standard-8": {"standard": 0.380, "spot": 0.080},
+    # GPUs, USD per GPU-hour (a worker pays its machine type plus VM_GPU_COUNT of these): us-central1
+    # list prices of cloud.google.com/compute/gpus-pricing as of 2024; Spot GPU prices change monthly.
+    "nvidia-tesla-t4": {"standard": 0.35, "spot": 0.11},
+    "nvidia-tesla-p4": {"standard": 0.60, "spot": 0.216},
+    "nvidia-tesla-p100": {"standard": 1.46, "spot": 0.43},
+    "nvidia-tesla-v100": {"standard": 2.48, "spot": 0.74},
 }
 
 
@@ -730,6 +802,11 @@ class Config:
     tasks: str | tuple[tuple[str, ...], ...] = setting(
         "tasks.txt", "the work items: a tasks file, a list of items, or 'gs://BUCKET/PREFIX/' (one item per object)", _check_tasks
     )
+    stage_inputs: bool = setting(
+        False, "True: item fields that are gs:// objects are downloaded before the task and passed as local paths; "
+        "False (default): fields reach the task as written",
+        _boolean("True to download the items' gs:// objects before each task, False to pass fields as written"),
+    )
     max_attempts: int = setting(
         3, "failed attempts before an item is recorded as failed; preemptions never count",
         _positive_int("set it to how many failed attempts an item gets, e.g. 3"),
@@ -745,6 +822,10 @@ class Config:
     worker_node_cnt: int = setting(5, "number of worker VMs (fewer when fewer items are left)", _positive_int("set it to the number of worker VMs"))
     vm_name_prefix: str = setting("cflow-worker", "workers are named PREFIX-RUNID-N", _check_vm_name_prefix)
     vm_type: str = setting("e2-standard-2", "machine type of each worker", _check_vm_type)
+    vm_gpu_type: str | None = setting(
+        None, "GPU type of each worker, e.g. 'nvidia-tesla-t4' (an N1 VM_TYPE); None: no GPU", _check_gpu_type
+    )
+    vm_gpu_count: int = setting(1, "GPUs of VM_GPU_TYPE per worker (only with VM_GPU_TYPE)", _check_gpu_count)
     vm_zone: str = setting("us-central1-a", "zone of the workers", _check_one_zone)
     vm_fallback_zones: tuple[str, ...] = setting(
         ["us-central1-b", "us-central1-c", "us-central1-f"], "zones tried in order when VM_ZONE has no capacity left", _check_fallback_zones
@@ -787,7 +868,29 @@ class Config:
         None, "a service-account key in credential/ for the controller only; None: Application Default Credentials", _check_credential_file
     )
     prices: types.MappingProxyType[str, types.MappingProxyType[str, float]] = setting(
-        _DEFAULT_PRICES, "ESTIMATE ONLY: USD per VM-hour by machine type, {'standard': X, 'spot': Y}, for the cost shown", _check_prices
+        _DEFAULT_PRICES, "ESTIMATE ONLY: USD per hour by machine type and GPU type, {'standard': X, 'spot': Y}, for the cost shown",
+        _check_prices,
+    )
+    # Spot, then standard; backup tasks; the cost cap.
+    spot_preemptions_before_standard: int | None = setting(
+        3, "preemptions after which an item moves to a standard VM; None: it stays on Spot however often it is preempted",
+        _check_preemptions_before_standard,
+    )
+    standard_workers_max: int = setting(
+        2, "most standard workers for the items moved off Spot; they live only while such items wait or run",
+        _positive_int("set it to how many standard VMs may run the items moved off Spot, e.g. 2"),
+    )
+    spot_stockout_fallback_minutes: float | None = setting(
+        None, "minutes every zone may be out of Spot capacity before standard workers are created instead; None: never",
+        _check_stockout_fallback_minutes,
+    )
+    backup_tasks: bool = setting(
+        True, "True: once the queue is drained, idle workers run second copies of the slowest items; False for side effects",
+        _boolean("True to run backup copies of the slowest items, False if a task must never run twice at once"),
+    )
+    max_cost_usd: float | None = setting(
+        None, "ESTIMATE from PRICES: at this cost the run stops creating, lets running items finish and cancels the rest; None: no cap",
+        _check_max_cost,
     )
     # Not settings: where const.py is.
     config_path: Path

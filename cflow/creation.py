@@ -19,6 +19,11 @@ method that returns what it changed:
 | at 0)                                          |                                                           |
 
 Time is passed in (``now``), so every reaction is tested without waiting.
+
+A stockout is of one provisioning model: a zone out of Spot VMs may still
+have standard ones (``cflow.lanes``), so the methods that ask about zones
+take the model (``spot``) they create; a caller that creates one model only
+leaves it None.
 """
 
 import dataclasses
@@ -110,7 +115,7 @@ class CreationPolicy:
     def __init__(self, zones: Sequence[str], transient_backoff: Backoff = TRANSIENT_BACKOFF) -> None:
         self.zones = tuple(zones)
         self.transient_backoff = transient_backoff
-        self.zone_cooldown_until: dict[str, float] = {}
+        self.zone_cooldown_until: dict[tuple[str, bool | None], float] = {}  # (zone, spot) -> until
         self.quota_cooldown_until: dict[tuple[str, str], float] = {}  # (region or ALL_REGIONS, metric) -> until
         self.region_cap: dict[str, int] = {}  # at most this many per ask after a quota refusal there
         self.transient_until = 0.0
@@ -126,22 +131,22 @@ class CreationPolicy:
         """A quota of the region (or a project-wide one) has a limit of 0: no worker fits there, ever."""
         return any(until == float("inf") for (where, _metric), until in self.quota_cooldown_until.items() if where in (region, ALL_REGIONS))
 
-    def usable_zone(self, now: float) -> str | None:
-        """The first zone neither stocked out nor in a region whose quota cools down, or None."""
+    def usable_zone(self, now: float, spot: bool | None = None) -> str | None:
+        """The first zone neither stocked out (for the ``spot`` model) nor in a region whose quota cools down, or None."""
         for zone in self.zones:
-            if self.zone_cooldown_until.get(zone, 0.0) <= now and not self._region_cooling(region_of(zone), now):
+            if self.zone_cooldown_until.get((zone, spot), 0.0) <= now and not self._region_cooling(region_of(zone), now):
                 return zone
         return None
 
-    def every_zone_out_of_capacity(self, now: float) -> bool:
-        """True when every zone is cooling down after a stockout (not a quota): worth telling the user once."""
-        return all(self.zone_cooldown_until.get(zone, 0.0) > now for zone in self.zones)
+    def every_zone_out_of_capacity(self, now: float, spot: bool | None = None) -> bool:
+        """True when every zone is cooling down after a stockout (not a quota) of the ``spot`` model: worth telling the user once."""
+        return all(self.zone_cooldown_until.get((zone, spot), 0.0) > now for zone in self.zones)
 
-    def next_ask(self, wanted: int, now: float) -> Ask | None:
-        """Where to ask for up to ``wanted`` workers now, or None (stopped, waiting, or no zone usable)."""
+    def next_ask(self, wanted: int, now: float, spot: bool | None = None) -> Ask | None:
+        """Where to ask for up to ``wanted`` workers of the ``spot`` model now, or None (stopped, waiting, or no zone usable)."""
         if self.stopped is not None or wanted <= 0 or now < self.transient_until:
             return None
-        zone = self.usable_zone(now)
+        zone = self.usable_zone(now, spot)
         if zone is None:
             return None
         cap = self.region_cap.get(region_of(zone))
@@ -153,8 +158,8 @@ class CreationPolicy:
         """GCE accepted ``ask`` (its operation may still fail: ``refused`` is told then)."""
         self.transient_in_a_row = 0
 
-    def refused(self, error: CloudError, zone: str, count: int, now: float) -> Reaction:
-        """React to GCE refusing ``count`` workers in ``zone`` (at once, or in the bulkInsert's operation).
+    def refused(self, error: CloudError, zone: str, count: int, now: float, spot: bool | None = None) -> Reaction:
+        """React to GCE refusing ``count`` workers of the ``spot`` model in ``zone`` (at once, or in the bulkInsert's operation).
 
         Returns:
             What the refusal changed; ``stopped`` is set when it is a ``StopCreating``.
@@ -162,7 +167,7 @@ class CreationPolicy:
         if isinstance(error, TransientError):
             return self._transient(error, now)
         if isinstance(error, ZoneStockout):
-            return self._stockout(zone, now)
+            return self._stockout(zone, now, spot)
         if isinstance(error, QuotaExceeded):
             return self._quota(error, zone, count, now)
         return self._stop(error)
@@ -172,9 +177,9 @@ class CreationPolicy:
         self.transient_until = now + self.transient_backoff.delay(self.transient_in_a_row)
         return WaitAndRetry(error, self.transient_until)
 
-    def _stockout(self, zone: str, now: float) -> Reaction:
+    def _stockout(self, zone: str, now: float, spot: bool | None) -> Reaction:
         until = now + STOCKOUT_COOLDOWN_SECONDS
-        self.zone_cooldown_until[zone] = until
+        self.zone_cooldown_until[(zone, spot)] = until
         return NextZone(zone, until)
 
     def _quota(self, error: QuotaExceeded, zone: str, count: int, now: float) -> Reaction:

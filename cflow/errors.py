@@ -43,6 +43,8 @@ Exit statuses of ``cflow run`` / ``scheduler.py`` (the README lists them too):
          (preflight, or GCE refusing to create any worker), a missing bucket
     3    the run did not clean up: VMs of the run are still there at the end;
          each is listed with the gcloud command that deletes it
+    4    the run reached MAX_COST_USD: the items running then finished, the
+         rest were cancelled (not run, not failed) and nothing is left running
     130  interrupted (Ctrl-C)
 """
 
@@ -50,6 +52,7 @@ EXIT_OK = 0
 EXIT_ITEMS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_VMS_LEFT = 3
+EXIT_COST_CAP = 4
 EXIT_INTERRUPTED = 130
 
 

@@ -1,8 +1,15 @@
-"""What a worker VM is made of: its instance properties for bulkInsert, its name, and which setting made each part.
+"""What a worker VM is made of: its instance properties for bulkInsert and their lane variants, its name, and which setting made each part.
 
-- ``worker_instance_properties``: the body (machine type, scheduling with
-  ``maxRunDuration`` from MAX_RUN_HOURS, network interface from VM_NETWORK,
-  VM_SUBNETWORK and VM_EXTERNAL_IP, disk, service account, metadata).
+- ``worker_instance_properties``: the body of the run's workers as const.py
+  describes them (Spot or standard, as VM_SPOT says, in the Spot lane):
+  machine type, scheduling with ``maxRunDuration`` from MAX_RUN_HOURS,
+  network interface from VM_NETWORK, VM_SUBNETWORK and VM_EXTERNAL_IP, disk,
+  service account, metadata, and the GPUs of VM_GPU_TYPE (``cflow.gpus``).
+- ``lane_variant``: from that body, the body of a worker of another lane or
+  provisioning model (``cflow.lanes``): a standard VM of the standard lane,
+  or a standard VM of the Spot lane while Spot capacity is out. The lane is
+  in the VM's label and metadata attribute ``LANE_ATTRIBUTE``; a body with
+  GPUs keeps ``onHostMaintenance: TERMINATE``.
 - ``vm_name`` / ``vm_number``; ``creation_request_id``: the ``requestId`` of a
   bulkInsert, derived from the run and the VM names.
 - ``setting_to_change``: which const.py setting a GCE refusal of that body
@@ -18,11 +25,12 @@ runs shutdown-signal.py from the downloaded package to hand the in-flight item
 back.
 """
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cflow import protocol
+from cflow import gpus, protocol
 from cflow.config import Config
 from cflow.errors import CloudError
 from cflow.gcp.compute import RUN_LABEL, cflow_request_id
@@ -90,6 +98,19 @@ def boot_image(config: Config) -> str:
     return f"projects/{config.project}/global/images/{name}"
 
 
+SPOT_SCHEDULING = {
+    "provisioningModel": "SPOT",
+    # A preempted worker deletes itself: nothing stays billed, and the
+    # scheduler creates a replacement on its next step.
+    "instanceTerminationAction": "DELETE",
+    "onHostMaintenance": "TERMINATE",
+    "automaticRestart": False,
+}
+STANDARD_SCHEDULING = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+# What makes a body Spot or standard; lane_variant replaces these and keeps the rest (a time limit, say).
+_PROVISIONING_KEYS = ("provisioningModel", "preemptible", "instanceTerminationAction", "onHostMaintenance", "automaticRestart")
+
+
 def creation_request_id(run_id: str, zone: str, names: Sequence[str]) -> str:
     """The ``requestId`` of the bulkInsert that creates ``names``: the same creation sent again gets the same id.
 
@@ -126,30 +147,22 @@ def network_interface(config: Config) -> dict[str, Any]:
 def worker_instance_properties(
     config: Config, run_id: str, package_url: str, init_script_text: str, wheelhouse: "WheelhouseRef | None" = None
 ) -> dict[str, Any]:
-    """The ``instanceProperties`` of a bulkInsert for this run's workers.
+    """The ``instanceProperties`` of a bulkInsert for this run's workers (the Spot lane's, Spot as VM_SPOT says).
 
     ``wheelhouse``: where a stock worker installs its Python packages from
     (``cflow.wheelhouse``; None when the workers have them).
     """
-    scheduling: dict[str, Any]
-    if config.vm_spot:
-        scheduling = {
-            "provisioningModel": "SPOT",
-            # A preempted worker deletes itself: nothing stays billed, and the
-            # scheduler creates a replacement on its next step.
-            "instanceTerminationAction": "DELETE",
-            "onHostMaintenance": "TERMINATE",
-            "automaticRestart": False,
-        }
-    else:
-        scheduling = {"provisioningModel": "STANDARD", "onHostMaintenance": "MIGRATE", "automaticRestart": True}
+    scheduling: dict[str, Any] = dict(SPOT_SCHEDULING if config.vm_spot else STANDARD_SCHEDULING)
+    if config.vm_gpu_type is not None:
+        # GCE cannot live-migrate a VM with GPUs and refuses MIGRATE: it stops for host maintenance instead.
+        scheduling["onHostMaintenance"] = gpus.ON_HOST_MAINTENANCE
     if config.max_run_hours is not None:
         # GCE deletes the worker when it has run this long, even if no controller is left to do it.
         scheduling["maxRunDuration"] = {"seconds": str(round(config.max_run_hours * 3600))}
         scheduling["instanceTerminationAction"] = "DELETE"
     labels = dict(config.vm_labels)
-    labels.update({RUN_LABEL: run_id, "cflow-role": "worker"})
-    return {
+    labels.update({RUN_LABEL: run_id, "cflow-role": "worker", protocol.LANE_ATTRIBUTE: protocol.Lane.SPOT.value})
+    properties: dict[str, Any] = {
         "machineType": config.vm_type,
         "scheduling": scheduling,
         "labels": labels,
@@ -169,10 +182,41 @@ def worker_instance_properties(
                 {"key": "cflow-run", "value": run_id},
                 {"key": "cflow-bucket", "value": config.bucket},
                 {"key": "cflow-package", "value": package_url},
+                {"key": protocol.LANE_ATTRIBUTE, "value": protocol.Lane.SPOT.value},
                 *(wheelhouse.metadata_items() if wheelhouse is not None else []),
+                *gpus.metadata_items(config),
             ]
         },
     }
+    if config.vm_gpu_type is not None:
+        properties["guestAccelerators"] = gpus.guest_accelerators(config)
+    return properties
+
+
+def lane_variant(properties: Mapping[str, Any], lane: protocol.Lane, spot: bool) -> dict[str, Any]:
+    """The body of a worker of ``lane``, Spot or standard, made from the run's ``worker_instance_properties``.
+
+    Only what makes a VM Spot or standard changes in ``scheduling`` (a time
+    limit stays, and with it its termination action); the lane goes into the
+    label and the metadata attribute ``LANE_ATTRIBUTE``.
+    """
+    variant = copy.deepcopy(dict(properties))
+    scheduling = dict(variant.get("scheduling") or {})
+    kept_action = scheduling.get("instanceTerminationAction")
+    for key in _PROVISIONING_KEYS:
+        scheduling.pop(key, None)
+    scheduling.update(SPOT_SCHEDULING if spot else STANDARD_SCHEDULING)
+    if not spot and kept_action is not None and ("maxRunDuration" in scheduling or "terminationTime" in scheduling):
+        scheduling["instanceTerminationAction"] = kept_action  # GCE needs it beside a time limit
+    if variant.get("guestAccelerators"):
+        # GCE cannot live-migrate a VM with GPUs and refuses MIGRATE, standard VMs too.
+        scheduling["onHostMaintenance"] = gpus.ON_HOST_MAINTENANCE
+    variant["scheduling"] = scheduling
+    variant["labels"] = {**variant.get("labels", {}), protocol.LANE_ATTRIBUTE: lane.value}
+    items = [item for item in variant.get("metadata", {}).get("items", []) if item.get("key") != protocol.LANE_ATTRIBUTE]
+    items.append({"key": protocol.LANE_ATTRIBUTE, "value": lane.value})
+    variant["metadata"] = {**variant.get("metadata", {}), "items": items}
+    return variant
 
 
 def read_init_script(config: Config) -> str:
@@ -219,6 +263,13 @@ def _settings_by_part(config: Config) -> list[tuple[str, SettingToChange]]:
             "VM_TYPE", f"set VM_TYPE to a machine type the zones offer (`gcloud compute machine-types list --zones {config.vm_zone}`)"
         )),
         ("guestCpus", SettingToChange("VM_TYPE", "set VM_TYPE to a smaller machine type")),
+        ("acceleratorCount", SettingToChange(
+            "VM_GPU_COUNT", "set VM_GPU_COUNT to a card count VM_GPU_TYPE attaches to VM_TYPE (1, 2 or 4 for most types)"
+        )),
+        ("accelerator", SettingToChange(
+            "VM_GPU_TYPE",
+            f"set VM_GPU_TYPE to a type the zones offer (`gcloud compute accelerator-types list --filter=zone:{config.vm_zone}`), or None",
+        )),
         ("serviceAccount", SettingToChange(
             "VM_COMPUTE_SERVICE_ACCOUNT",
             "set VM_COMPUTE_SERVICE_ACCOUNT to an account that exists and that the controller may act as "

@@ -10,6 +10,14 @@ serial console; stop the VM; make an image of its boot disk in a family;
 delete the VM. Workers booted from that image (``VM_BOOT = "image"``) skip
 the install: init.sh finds the venv and uses it.
 
+With ``--gpu`` the build script also installs the NVIDIA driver with
+``cflow/gpu_driver.sh`` (Google's installer; see its header), so workers with
+GPUs (VM_GPU_TYPE) boot with it ready. The installer reboots the build VM on
+the way; the build script says so first (``REBOOT_NOTICE``), runs again after
+the reboot, and the command keeps waiting for it. On the local emulator the
+VM has no GPU: the script records what it would install in the image's
+/opt/cflow/gpu-driver.log instead.
+
 The same code builds on GCP and on the local Compute emulator. An emulated
 image lives in the running local stack, so locally the command needs one
 that is already up (a stack started just for the command would take the
@@ -55,6 +63,8 @@ QUIET_REPORT_EVERY_S = 30.0
 MARKER = "cflow-image-build: "
 READY_LINE = MARKER + "ready"
 FAILED_LINE = MARKER + "failed"
+# Said by the build script before a step that may reboot the VM: the end of the script that follows is not the build's end.
+REBOOT_NOTICE = "the VM may reboot"
 # How the serial console reports the startup script's end: the emulator writes
 # "startup-script exit status N", GCE's guest agent "startup-script exit status N"
 # or 'Script "startup-script" failed with error: exit status N'.
@@ -102,8 +112,17 @@ if [ "${CFLOW_EMULATED_VM:-}" != "1" ]; then
 fi
 "$VENV/bin/python3" -c 'import google.auth, google.cloud.pubsub, google.cloud.storage'
 echo "cflow-image-build: the packages import in $VENV"
-sync
+@GPU_STEP@sync
 echo "cflow-image-build: ready"
+"""
+
+
+# The build script's GPU step (`cflow image build --gpu`): cflow/gpu_driver.sh, kept in the image too.
+GPU_STEP = r"""cat >"$ROOT/opt/cflow/gpu_driver.sh" <<'CFLOW_GPU_DRIVER_END'
+@GPU_DRIVER@
+CFLOW_GPU_DRIVER_END
+echo "cflow-image-build: installing the NVIDIA driver (gpu_driver.sh, Google's installer); @REBOOT_NOTICE@ on the way, and this script runs again after it"
+bash "$ROOT/opt/cflow/gpu_driver.sh" image 2>&1 | sed -u 's/^/cflow-image-build:   /'
 """
 
 
@@ -111,11 +130,18 @@ class ImageBuildError(CloudError):
     """The build VM's script failed or did not finish, or the image could not be made."""
 
 
-def build_script(init_script_text: str) -> str:
-    """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh."""
+def build_script(init_script_text: str, gpu_driver_text: str | None = None) -> str:
+    """The build VM's startup script, with ``init_script_text`` (init.sh) to copy to /opt/cflow/init.sh.
+
+    ``gpu_driver_text``: cflow/gpu_driver.sh, for an image with the NVIDIA driver (``--gpu``); None: no GPU step.
+    """
     if "\nCFLOW_INIT_SH_END\n" in f"\n{init_script_text}\n":
         raise ConfigError("init.sh contains the line CFLOW_INIT_SH_END, which the image build uses as a delimiter; remove it")
-    return BUILD_SCRIPT.replace("@PACKAGES@", " ".join(WORKER_PACKAGES)).replace("@INIT_SH@", init_script_text.rstrip("\n"))
+    gpu_step = ""
+    if gpu_driver_text is not None:
+        gpu_step = GPU_STEP.replace("@GPU_DRIVER@", gpu_driver_text.rstrip("\n")).replace("@REBOOT_NOTICE@", REBOOT_NOTICE)
+    return (BUILD_SCRIPT.replace("@PACKAGES@", " ".join(WORKER_PACKAGES)).replace("@GPU_STEP@", gpu_step)
+            .replace("@INIT_SH@", init_script_text.rstrip("\n")))
 
 
 def default_image_name(family: str, now: datetime.datetime | None = None) -> str:
@@ -177,6 +203,7 @@ class BuildRequest:
     timeout_s: float
     wheelhouse: "WheelhouseRef | None" = None  # what the build VM installs (None: an emulated VM uses this machine's packages)
     service_account: str | None = None  # reads the wheelhouse
+    gpu_driver_text: str | None = None  # cflow/gpu_driver.sh: the image gets the NVIDIA driver (--gpu); None: no driver
 
 
 class ImageBuilder:
@@ -219,7 +246,8 @@ class ImageBuilder:
         """
         deadline = self.clock() + request.timeout_s
         vm_name = vm_name or f"{BUILD_VM_PREFIX}-{secrets.token_hex(3)}"
-        body = build_vm_body(vm_name, request.zone, request.stock_image, request.disk_gb, request.labels, build_script(request.init_script_text),
+        script = build_script(request.init_script_text, request.gpu_driver_text)
+        body = build_vm_body(vm_name, request.zone, request.stock_image, request.disk_gb, request.labels, script,
                              request.wheelhouse, request.service_account)
         self._say(f"creating build VM {vm_name} in {request.zone} from {request.stock_image}")
         operation = self.compute.insert_vm(request.zone, body)
@@ -231,7 +259,8 @@ class ImageBuilder:
             self._say(f"creating image {request.image_name} (family {request.family}) from the disk of {vm_name}")
             operation = self.compute.insert_image_from_disk(
                 request.image_name, request.family, request.zone, vm_name,
-                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(WORKER_PACKAGES)}) and /opt/cflow/init.sh",
+                f"CFlow worker image: {request.stock_image} with /opt/cflow/venv ({', '.join(WORKER_PACKAGES)}) and /opt/cflow/init.sh"
+                + (", and the NVIDIA driver (/opt/cflow/gpu_driver.sh)" if request.gpu_driver_text is not None else ""),
             )
             self._wait(operation, None, f"creating image {request.image_name}", deadline)
             image = self.compute.get_image(request.image_name)
@@ -258,11 +287,20 @@ class ImageBuilder:
         self._say(f"waiting for the build script on {vm_name} (serial console)")
         start, pending, last_news = 0, "", self.clock()
         started = last_news
+        may_reboot = False
         while True:
             text, start = self.compute.serial_output(zone, vm_name, start)
             pending += text
             *lines, pending = pending.split("\n")
             for line in lines:
+                if MARKER in line and REBOOT_NOTICE in line:
+                    may_reboot = True
+                elif may_reboot and FAILED_LINE not in line and SCRIPT_EXIT_RE.search(line.rstrip()):
+                    # The VM rebooted (the step said it might): the script runs again, and says what it does.
+                    may_reboot = False
+                    self._say("  the build VM rebooted; waiting for the build script to carry on")
+                    last_news = self.clock()
+                    continue
                 outcome = self._outcome_of(line, vm_name)
                 if outcome == "ready":
                     self._say(f"build script finished on {vm_name} in {self.clock() - started:.0f} s")
@@ -332,6 +370,9 @@ def add_parser(subparsers: Any) -> None:
     where.add_argument("--gcp", dest="target", action="store_const", const="gcp", help="build on Google Cloud (overrides TARGET)")
     build.add_argument("--stack-dir", default=None, metavar="DIR",
                        help="running local stack's folder (default: .cflow/local beside const.py); never started here")
+    build.add_argument("--gpu", action="store_true",
+                       help="also install the NVIDIA driver the way Google documents for Debian 12 (cflow/gpu_driver.sh), "
+                       "for workers with GPUs (VM_GPU_TYPE); the build VM reboots on the way")
     build.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                        help=f"give up after S seconds in all, deleting the build VM (default {DEFAULT_TIMEOUT_S:g})")
     build.set_defaults(func=build_command)
@@ -377,6 +418,7 @@ def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[
     """``cflow image build``: returns 0 and prints the image and the const.py lines, or raises a CflowError."""
     from cflow.config import load_config
     from cflow.fleet import read_init_script
+    from cflow.gpus import DRIVER_SCRIPT
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -397,8 +439,12 @@ def build_command(args: argparse.Namespace, out: IO[str] | None = None, err: IO[
         labels=dict(config.vm_labels), init_script_text=read_init_script(config), timeout_s=args.timeout,
         wheelhouse=_wheelhouse_for(config, stack, functools.partial(print, file=err, flush=True)),
         service_account=config.vm_compute_service_account,
+        gpu_driver_text=DRIVER_SCRIPT.read_text() if args.gpu else None,
     )
     image = ImageBuilder(compute, err).build(request)
+    if args.gpu:
+        print("the image has the NVIDIA driver: workers with VM_GPU_TYPE booted from it start their tasks without installing it",
+              file=err, flush=True)
     print(f"image: {image['name']} (family {args.family}, project {config.project})", file=out)
     print("to boot the workers from it, put these lines in const.py:", file=out)
     print('VM_BOOT = "image"', file=out)

@@ -54,9 +54,13 @@ TASK_SETTINGS: tuple[tuple[str, str, Callable[["Config"], Any]], ...] = (
     ("LEASE_SECONDS", "lease_seconds", lambda config: config.lease_seconds),
 )
 # The workers' shape: the scheduler takes it from const.py when it creates a VM, so a
-# resumed run with other values would mix two kinds of workers. Keys of Config.to_dict().
+# resumed run with other values would mix two kinds of workers. Keys of Config.to_dict(),
+# which run.json keeps as "settings".
 VM_SHAPE_SETTINGS = (
     "vm_type", "vm_spot", "vm_boot", "vm_stock_image", "vm_image_name", "vm_disk_gb", "vm_compute_service_account", "vm_labels",
+    "vm_gpu_type", "vm_gpu_count",
+    # Read by the workers from the record's settings (WorkerSettings.from_manifest), as the task settings are.
+    "stage_inputs",
 )
 
 
@@ -86,6 +90,8 @@ def new_manifest(config: "Config", run_id: str, project: str, topics: "RunTopics
         "max_attempts": config.max_attempts,
         "lease_seconds": config.lease_seconds,
         "idle_poweroff_seconds": max(120, 3 * config.lease_seconds),
+        # Read by the workers' shutdown hooks: when a preempted item moves to the standard lane (cflow.lanes).
+        "preemptions_before_standard": config.spot_preemptions_before_standard if config.vm_spot else None,
         "item_count": item_count,
         "package": package_url,
         "settings": config.to_dict(),

@@ -9,13 +9,18 @@ of creating anything):
   belongs to it (without VM_SUBNETWORK, the network has its own subnetwork
   in each region of the zones: a custom-mode network needs VM_SUBNETWORK);
 - the workers' service account exists, where IAM lets the controller read it;
+- with GPUs (VM_GPU_TYPE), each zone offers the type (``acceleratorTypes.get``):
+  a zone that does not is skipped for creation, with a warning saying so
+  (``PreflightResult.zones`` are the zones left), and none left is an
+  error; the type attaches to VM_TYPE (``cflow.gpus.machine_type_problem``);
 - the machine type is offered, and the regional quotas of ``regions.get``
   hold at least one worker: vCPUs (``CPUS``, a machine family's own metric
   such as ``N2_CPUS``, or ``PREEMPTIBLE_CPUS`` for Spot when the region has
   preemptible quota: see ``cpu_metric``), ``IN_USE_ADDRESSES`` with
   VM_EXTERNAL_IP, ``INSTANCES``, and the GPU metrics of any
-  ``guestAccelerators`` in the body (``gpu_metric``) with the project's
-  ``GPUS_ALL_REGIONS``.
+  ``guestAccelerators`` in the body (``NVIDIA_T4_GPUS``, or
+  ``PREEMPTIBLE_NVIDIA_T4_GPUS`` for Spot when granted:
+  ``cflow.gpus.gpu_quota_metric``) with the project's ``GPUS_ALL_REGIONS``.
 
 A setting the cloud cannot honour is a ``PreflightFailed`` (exit 2): one line
 naming the setting, what is wrong and how to fix it. Fewer workers than
@@ -31,6 +36,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from cflow import gpus
 from cflow.errors import ConfigError, NotFound, PermissionDenied
 from cflow.zones import region_of
 
@@ -41,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUOTAS_PAGE = "https://console.cloud.google.com/iam-admin/quotas"
-PROJECT_GPU_METRIC = "GPUS_ALL_REGIONS"
+PROJECT_GPU_METRIC = gpus.PROJECT_GPU_METRIC
 
 
 class PreflightFailed(ConfigError):
@@ -58,6 +64,8 @@ class ComputeReads(Protocol):
     def find_image(self, image_url: str) -> dict[str, Any] | None: ...
 
     def machine_type(self, zone: str, name: str) -> dict[str, Any] | None: ...
+
+    def accelerator_type(self, zone: str, name: str) -> dict[str, Any] | None: ...
 
     def network(self, name: str, project: str | None = None) -> dict[str, Any] | None: ...
 
@@ -82,12 +90,15 @@ class PreflightResult:
 
     Attributes:
         max_workers: how many workers the quotas hold at most (None: no limit seen).
+        zones: the zones to create workers in, in order: VM_ZONE and
+            VM_FALLBACK_ZONES less those that do not offer VM_GPU_TYPE.
         checked: one short line per check that passed, for the dry run.
         warnings: lines the user must see (fewer workers fit than wanted).
         unchecked: what could not be read, one short line each.
     """
 
     max_workers: int | None = None
+    zones: tuple[str, ...] = ()
     checked: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     unchecked: list[str] = dataclasses.field(default_factory=list)
@@ -108,10 +119,11 @@ def cpu_metric(machine_type: str, spot: bool, quotas: "Mapping[str, Quota]") -> 
 
 
 def gpu_metric(accelerator_type: str, spot: bool) -> str:
-    """The quota metric of a GPU type: "nvidia-tesla-t4" -> "NVIDIA_T4_GPUS" ("PREEMPTIBLE_NVIDIA_T4_GPUS" for Spot)."""
-    name = accelerator_type.rsplit("/", 1)[-1].removeprefix("nvidia-").removeprefix("tesla-")
-    metric = f"NVIDIA_{name.upper().replace('-', '_')}_GPUS"
-    return f"PREEMPTIBLE_{metric}" if spot else metric
+    """The quota metric of a GPU type: "nvidia-tesla-t4" -> "NVIDIA_T4_GPUS" ("PREEMPTIBLE_NVIDIA_T4_GPUS" for Spot).
+
+    Which of the two a Spot worker counts in depends on the region's grant: ``cflow.gpus.gpu_quota_metric``.
+    """
+    return gpus.quota_metric_name(accelerator_type, preemptible=spot)
 
 
 def _quota_fix(metric: str, project: str) -> str:
@@ -120,6 +132,8 @@ def _quota_fix(metric: str, project: str) -> str:
         return f"{more}, or set VM_EXTERNAL_IP = False"
     if metric.endswith("CPUS"):
         return f"{more}, or lower WORKER_NODE_CNT or pick a smaller VM_TYPE"
+    if metric.endswith("GPUS") or metric == PROJECT_GPU_METRIC:
+        return f"{more}, or lower WORKER_NODE_CNT or VM_GPU_COUNT, or pick another VM_GPU_TYPE"
     return f"{more}, or lower WORKER_NODE_CNT"
 
 
@@ -164,8 +178,9 @@ class Preflight:
             ConfigError: a zone does not exist.
             CloudError: Compute Engine could not be read (other than a permission the controller lacks).
         """
-        result = PreflightResult()
+        result = PreflightResult(zones=tuple(self.config.zones))
         self._check_zones(result)
+        self._guarded(result, "GPU types", lambda: self._check_gpu_zones(properties, result))
         self._guarded(result, "image", lambda: self._check_image(properties, result))
         self._guarded(result, "network", lambda: self._check_network(result))
         self._guarded(result, "service account", lambda: self._check_service_account(properties, result))
@@ -208,6 +223,37 @@ class Preflight:
             f"VM_STOCK_IMAGE: image {image} does not exist; set VM_STOCK_IMAGE to a public image "
             "such as 'projects/debian-cloud/global/images/family/debian-12' (`gcloud compute images list`)"
         )
+
+    # -- GPUs --------------------------------------------------------------
+
+    def _check_gpu_zones(self, properties: Mapping[str, Any], result: PreflightResult) -> None:
+        """Keep the zones that offer every GPU type of the body; say which are skipped; none left is an error."""
+        if self.config.vm_gpu_type is not None:
+            problem = gpus.machine_type_problem(self.config.vm_gpu_type, self.config.vm_type)
+            if problem:
+                raise PreflightFailed(f"VM_TYPE: {problem}; set VM_TYPE to an N1 machine type such as 'n1-standard-4', "
+                                      "or pick another VM_GPU_TYPE")
+        wanted = [gpus.type_name(str(accelerator["acceleratorType"])) for accelerator in properties.get("guestAccelerators") or []]
+        if not wanted:
+            return
+        offered: list[str] = []
+        skipped: list[str] = []
+        for zone in result.zones:
+            missing = [name for name in wanted if self.compute.accelerator_type(zone, name) is None]
+            (skipped if missing else offered).append(zone)
+            if missing:
+                result.warnings.append(
+                    f"VM_GPU_TYPE: zone {zone} does not offer {', '.join(missing)}; no workers are created there "
+                    f"(`gcloud compute accelerator-types list --filter=name={missing[0]}` lists the zones that do)"
+                )
+        types = ", ".join(wanted)
+        if not offered:
+            raise PreflightFailed(
+                f"VM_GPU_TYPE: no zone of the run ({', '.join(skipped)}) offers {types}; set VM_ZONE and VM_FALLBACK_ZONES to zones "
+                f"that do (`gcloud compute accelerator-types list --filter=name={wanted[0]}`), or pick another VM_GPU_TYPE"
+            )
+        result.zones = tuple(offered)
+        result.checked.append(f"GPUs: {types} offered in {', '.join(offered)}")
 
     # -- network -----------------------------------------------------------
 
@@ -303,7 +349,7 @@ class Preflight:
         if any(interface.get("accessConfigs") for interface in properties.get("networkInterfaces", [])):
             needs["IN_USE_ADDRESSES"] = 1
         for accelerator in properties.get("guestAccelerators", []) or []:
-            metric = gpu_metric(str(accelerator["acceleratorType"]), spot)
+            metric = gpus.gpu_quota_metric(str(accelerator["acceleratorType"]), spot, quotas)
             needs[metric] = needs.get(metric, 0) + float(accelerator.get("acceleratorCount", 1))
         return needs
 
@@ -321,14 +367,15 @@ class Preflight:
         return tightest
 
     def _check_quotas(self, properties: Mapping[str, Any], wanted: int, own_vms: "Sequence[Vm]", result: PreflightResult) -> None:
-        machine = self.compute.machine_type(self.config.vm_zone, self.config.vm_type)
+        zone = (result.zones or self.config.zones)[0]
+        machine = self.compute.machine_type(zone, self.config.vm_type)
         if machine is None:
             raise PreflightFailed(
-                f"VM_TYPE: machine type {self.config.vm_type} is not offered in zone {self.config.vm_zone}; pick one from "
-                f"`gcloud compute machine-types list --zones {self.config.vm_zone}`"
+                f"VM_TYPE: machine type {self.config.vm_type} is not offered in zone {zone}; pick one from "
+                f"`gcloud compute machine-types list --zones {zone}`"
             )
         cpus = float(machine.get("guestCpus", 1))
-        regions = list(dict.fromkeys(region_of(zone) for zone in self.config.zones))
+        regions = list(dict.fromkeys(region_of(zone) for zone in result.zones or self.config.zones))
         live_own = [vm for vm in own_vms if vm.status in ("PROVISIONING", "STAGING", "RUNNING")]
         bindings: list[_Binding] = []
         unlimited = False

@@ -8,6 +8,13 @@ wire or on disk and must not change:
   ``ITEM_END_EVENTS`` are the kinds that end an item's run on its VM.
 - ``Outcome``: what a worker made of one pulled work message
   (``cflow.worker.Worker.process``); ``LoopEnd``: why its loop returned.
+- ``Lane``: which queue a worker pulls (the run's Spot lane, or the standard
+  lane of items moved off Spot), and the work-message attributes beyond item
+  and attempt (``ATTR_PREEMPTIONS``, ``ATTR_BACKUP``; read and written by
+  ``cflow.lanes`` and ``cflow.backups``).
+- The VM metadata attributes the scheduler sets on a worker to tell it
+  something (``LANE_ATTRIBUTE`` at creation; ``STOP_ITEM_ATTRIBUTE`` and
+  ``DRAIN_ATTRIBUTE`` while it runs, watched by ``cflow.worker.control``).
 - The work directory's file names (``$HOME/cflow`` on a VM), shared by the
   worker, its Python shutdown hook, and the shell shutdown script that
   ``cflow.fleet`` generates from these constants.
@@ -50,6 +57,9 @@ class Event(TypedDict):
     reason: NotRequired[str]  # why an attempt failed ("exit status 3", "timed out")
     log: NotRequired[str]  # gs:// URL of the attempt's log
     detail: NotRequired[str]  # what was wrong with a malformed message
+    preemptions: NotRequired[int]  # preempted: the item's preemptions so far, this one included
+    lane: NotRequired[str]  # preempted: the lane the item was handed back to (a ``Lane``)
+    backup: NotRequired[bool]  # done, duplicate: the attempt ran as a backup copy
 
 
 class Outcome(StrEnum):
@@ -63,6 +73,29 @@ class Outcome(StrEnum):
     STOPPING = "stopping"  # not started: the VM is going down; nacked
     MALFORMED = "malformed"  # not a CFlow work message: acked and dropped
     HANDED_BACK = "handed back"  # the result could not be recorded: nacked
+
+
+class Lane(StrEnum):
+    """The queue a worker pulls from, and so which items it runs.
+
+    ``SPOT``: the run's queue; its workers are Spot VMs (standard ones when
+    VM_SPOT = False, or while every zone is out of Spot capacity).
+    ``STANDARD``: the items preempted SPOT_PREEMPTIONS_BEFORE_STANDARD times;
+    only standard VMs pull it.
+    """
+
+    SPOT = "spot"
+    STANDARD = "standard"
+
+
+# Work-message attributes beside cflow.tasks' item and attempt (absent: 0 and not a backup).
+ATTR_PREEMPTIONS = "cflow_preemptions"  # how many times the item was preempted so far
+ATTR_BACKUP = "cflow_backup"  # "1": a backup copy of an item that still runs elsewhere
+
+# The worker VM's metadata attributes the scheduler speaks through.
+LANE_ATTRIBUTE = "cflow-lane"  # the worker's Lane, set at creation
+STOP_ITEM_ATTRIBUTE = "cflow-stop-item"  # stop the copy of this item you run: it is done elsewhere
+DRAIN_ATTRIBUTE = "cflow-drain"  # "true": finish the running item, take no new one
 
 
 class LoopEnd(StrEnum):

@@ -16,12 +16,15 @@ while it boots (``cflow.launch``).
 At the end: the fleet and the topics are deleted while the outputs are
 combined, then the VM history and RESULT_DIR/RUN_ID/report.html
 (``cflow.ops.report``) are written and the summary printed, which names
-failed items by their fields and, locally, their logs as files.
+failed items by their fields and, locally, their logs as files, and says
+what the lanes, backups and cost did.
 
 How a run ends (exit statuses in ``cflow.errors``): the summary (0, or 1 with
 failed items); GCE refusing every worker for good cancels the run and ends
 it in one line (``WorkersRefused``, 2); any VM of the run still there at the
-end is named with its gcloud delete command (3).
+end is named with its gcloud delete command (3); a run that reached
+MAX_COST_USD ends cancelled (``cflow.lifecycle.cancel_run``), its done items
+combined (``EXIT_COST_CAP``, 4, unless a VM was left: 3).
 """
 
 import argparse
@@ -39,7 +42,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_VMS_LEFT, CflowError, CloudError, ConfigError, VmsLeftBehind, WorkersRefused
+from cflow.errors import (
+    EXIT_COST_CAP,
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    EXIT_VMS_LEFT,
+    CflowError,
+    CloudError,
+    ConfigError,
+    VmsLeftBehind,
+    WorkersRefused,
+)
 
 if TYPE_CHECKING:
     from cflow.config import Config
@@ -218,7 +231,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
     Raises:
         PreflightFailed, ConfigError: the preflight found a setting the project cannot honour (after the plan is printed).
     """
-    from cflow import fleet
+    from cflow import fleet, gpus
     from cflow.gcp import layout
     from cflow.tasks import load_items
 
@@ -229,6 +242,7 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         config, "RUN_ID", layout.run_url(config.bucket, "RUN_ID", layout.PACKAGE), fleet.read_init_script(config)
     )
     workers = config.worker_node_cnt if items is None else min(config.worker_node_cnt, len(items))
+    accelerators = gpus.describe(gpus.accelerators_of(properties))
     preflight_lines, failure = _dry_preflight(config, clients, properties, workers)
     for entry in properties["metadata"]["items"]:
         if entry["key"] in ("startup-script", "shutdown-script"):
@@ -238,14 +252,18 @@ def dry_run(config: "Config", out: IO[str] | None = None, clients: "Clients | st
         f"target:       {config.target} (project {config.project})",
         f"items:        {len(items) if items is not None else 'one per object under ' + str(config.tasks)}",
         f"command:      {' '.join(config.task_module_cmd)} ITEM-FIELDS...",
-        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}",
+        f"workers:      {workers} x {config.vm_type}, {'Spot' if config.vm_spot else 'standard'}"
+        + (f", GPUs {accelerators} each (the NVIDIA driver installed at boot unless the image has it)" if accelerators else ""),
         f"zones:        {', '.join(config.zones)}",
         f"network:      {fleet.network_url(config)}{', ' + str(fleet.subnetwork_url(config)) if config.vm_subnetwork else ''}, {external}",
         f"run time:     {'at most ' + format(config.max_run_hours, 'g') + ' h per worker (GCE deletes it then)' if config.max_run_hours else 'no limit'}",
         f"boot:         {config.vm_boot} ({fleet.boot_image(config)})",
         f"bucket:       gs://{config.bucket}",
         f"attempts:     up to {config.max_attempts} per item, {config.task_timeout:g} s each",
-        f"cost:         {cost_range(config, workers, len(items) if items is not None else None)}",
+        f"cost:         {cost_range(config, workers, len(items) if items is not None else None, properties)}",
+        *([f"cost cap:     {cap_against_worst_case(config, workers, len(items) if items is not None else None, properties)}"]
+          if config.max_cost_usd is not None else []),
+        f"Spot:         {spot_plan(config)}",
         *preflight_lines,
         "instance body (bulkInsert instanceProperties, names RUN_ID and scripts elided):",
         json.dumps(properties, indent=2),
@@ -278,18 +296,54 @@ def _dry_preflight(
     return lines, None
 
 
-def cost_range(config: "Config", workers: int, item_count: int | None) -> str:
-    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT."""
-    price = config.hourly_price()
+def cost_range(config: "Config", workers: int, item_count: int | None, properties: "dict[str, Any] | None" = None) -> str:
+    """A rough range from PRICES: the fleet's hourly rate, and the most it can cost if every item hits TASK_TIMEOUT.
+
+    ``properties``: the workers' body; its GPUs are priced too.
+    """
+    from cflow import gpus
+
+    accelerators = gpus.accelerators_of(properties or {})
+    price = gpus.worker_hourly_price(config, accelerators)
     if price is None:
-        return f"no estimate: add {config.vm_type} to PRICES in const.py"
+        return gpus.price_note(config, accelerators)
     hourly = price * workers
-    text = f"${hourly:.3f}/hour for the fleet"
+    text = f"${hourly:.3f}/hour for the fleet" + (f" ({gpus.price_note(config, accelerators)})" if accelerators else "")
     if item_count:
         rounds = -(-item_count // max(workers, 1))  # items per worker, rounded up
         worst_hours = rounds * config.max_attempts * config.task_timeout / 3600
         text += f"; at most ${hourly * worst_hours:.2f} if every attempt ran to TASK_TIMEOUT"
     return text + " (estimate from PRICES in const.py)"
+
+
+def cap_against_worst_case(config: "Config", workers: int, item_count: int | None, properties: "dict[str, Any] | None" = None) -> str:
+    """The dry run's line about MAX_COST_USD: the cap against the worst case (every attempt to TASK_TIMEOUT).
+
+    ``properties``: the workers' body; its GPUs are priced too.
+    """
+    from cflow import gpus
+    from cflow.costs import cap_line, worst_case
+
+    assert config.max_cost_usd is not None  # the caller shows this line only with a cap
+    price = gpus.worker_hourly_price(config, gpus.accelerators_of(properties or {}))
+    worst = None
+    if price is not None and item_count:
+        worst = worst_case(price * workers, workers, item_count, config.max_attempts, config.task_timeout)
+    return cap_line(config.max_cost_usd, worst)
+
+
+def spot_plan(config: "Config") -> str:
+    """The dry run's line about Spot: when items move to standard VMs, the stockout fallback, backups."""
+    if not config.vm_spot:
+        moves = "standard VMs only (VM_SPOT = False)"
+    elif config.spot_preemptions_before_standard is None:
+        moves = "items stay on Spot however often they are preempted"
+    else:
+        moves = (f"an item preempted {config.spot_preemptions_before_standard} times moves to standard VMs "
+                 f"(at most {config.standard_workers_max})")
+    if config.vm_spot and config.spot_stockout_fallback_minutes is not None:
+        moves += f"; standard workers after {config.spot_stockout_fallback_minutes:g} min with every zone out of Spot"
+    return moves + ("; backup copies of the slowest items once the queue is drained" if config.backup_tasks else "; no backup copies")
 
 
 def execute_run(
@@ -322,11 +376,12 @@ def execute_run(
         CloudError: a service refused.
     """
     from cflow import fleet, lifecycle
+    from cflow.creation import CreationPolicy
     from cflow.gcp.compute import Compute
     from cflow.gcp.pubsub import PubSub, RunTopics
     from cflow.gcp.storage import Bucket, RunStorage
     from cflow.launch import BackgroundPublisher, prepare_locally, write_run_records
-    from cflow.scheduler import RunCancelled, Scheduler, SchedulerGaveUp, run_steps
+    from cflow.scheduler import Policies, RunCancelled, Scheduler, SchedulerGaveUp, run_steps
     from cflow.tasks import load_items
     from cflow.wheelhouse import WheelhouseRef, prepare_for_run
 
@@ -390,9 +445,12 @@ def execute_run(
         write_run_records(storage, package, items, manifest)
 
     properties = fleet.worker_instance_properties(config, run_id, package_url, init_script, wheelhouse)
-    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers)
+    # Zones the preflight skipped (they do not offer VM_GPU_TYPE) are never asked.
+    scheduler = Scheduler(config, run_id, items, compute, pubsub, storage, topics, properties, max_workers=preflight.max_workers,
+                          policy=CreationPolicy(preflight.zones or config.zones), policies=Policies.from_config(config))
     if resume:
         scheduler.restore_vm_history()
+        scheduler.restore_account()
     created_queue = pubsub.create_run_topics(topics, ack_deadline_seconds=config.lease_seconds)
     scheduler.refresh_markers()
     # A new queue (a new run, or a resumed one whose Pub/Sub forgot its
@@ -493,34 +551,45 @@ def finish_run(
 ) -> int:
     """Combine outputs, delete the fleet and the run's topics, write the report, print the summary. Returns the exit status.
 
-    A VM of the run still there after the fleet's deletion is named with the
-    command that deletes it, and the status is ``EXIT_VMS_LEFT`` (3).
+    A run that reached its cost cap is cancelled instead (marked, topics and
+    VMs deleted until gone: its items left are not run) and ends with
+    ``EXIT_COST_CAP`` (4). A VM of the run still there after the fleet's
+    deletion is named with the command that deletes it, and the status is
+    ``EXIT_VMS_LEFT`` (3), cost cap or not: a VM that may bill comes first.
     """
     from cflow.gcp import layout
-    from cflow.lifecycle import combine_outputs, done_in_item_order, left_behind_lines
+    from cflow.lifecycle import cancel_run, combine_outputs, done_in_item_order, left_behind_lines
     from cflow.ops.view import RunView
 
+    progress = scheduler.progress
     combined: dict[str, CombinedFile] = {}
     # The VMs have no work left and bill until they are gone, and no worker
-    # needs the topics any more: delete both while combining.
+    # needs the topics any more: delete both while combining. At the cost cap
+    # the run is cancelled instead (its VMs and its topics).
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="finish") as deleter:
-        fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id, poll_seconds=FLEET_GONE_POLL_SECONDS)
-        topics_deleted = deleter.submit(pubsub.delete_run_topics, topics)
+        if progress.cost_capped:
+            fleet_deleted = deleter.submit(lambda: list(cancel_run(storage, pubsub, scheduler.compute, topics, time.time()).left_behind))
+            topics_deleted = None
+        else:
+            fleet_deleted = deleter.submit(scheduler.compute.delete_run_vms, run_id, poll_seconds=FLEET_GONE_POLL_SECONDS)
+            topics_deleted = deleter.submit(pubsub.delete_run_topics, topics)
         if config.combine == "concat":
             done_in_order = done_in_item_order((item.id for item in scheduler.items), scheduler.done_ids)
             where = Path(config.result_dir) / run_id if config.combine_download else storage.url(layout.COMBINED)
             print(f"combining the outputs of {len(done_in_order)} item(s) into {where}", file=out, flush=True)
             combined = combine_outputs(storage, done_in_order, config.result_dir, download=config.combine_download)
         left = fleet_deleted.result()
-        topics_deleted.result()
+        if topics_deleted is not None:
+            topics_deleted.result()
     scheduler.write_vm_history(fleet_gone=True)
     view = view or RunView(storage)
     _write_report(view, config, run_id)
-    progress = scheduler.progress
-    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, out)
+    print_summary(config, run_id, scheduler, view, combined, time.monotonic() - started, out, vms_left=bool(left))
     if left:
         print("\n".join(left_behind_lines(run_id, scheduler.compute.project, left)), file=out, flush=True)
         return EXIT_VMS_LEFT
+    if progress.cost_capped:
+        return EXIT_COST_CAP
     return EXIT_ITEMS_FAILED if progress.failed else EXIT_OK
 
 
@@ -544,22 +613,39 @@ def print_summary(
     combined: "dict[str, CombinedFile]",
     wall_seconds: float,
     out: IO[str],
+    vms_left: bool = False,
 ) -> None:
-    """The run's last lines: counts, attempts, VM time and cost, failed items by their fields with their logs, where the result is."""
+    """The run's last lines: counts, attempts, VM time and cost, the lanes, backups and cost cap, failed items by their fields
+    with their logs, where the result is.
+
+    ``vms_left``: a VM of the run is still there (the caller names it); the cost cap's line then claims nothing about it.
+    """
     from cflow.gcp import layout
 
     progress = scheduler.progress
     attempts = progress.done + progress.failed + progress.retries + progress.preemptions
-    kind = "Spot" if config.vm_spot else "standard"
+    not_run = f", {progress.not_run} not run" if progress.not_run else ""
+    by_kind = sorted(scheduler.cost_meter.seconds.items())
+    vm_time = ", ".join(f"{seconds:.0f} ({kind.label})" for kind, seconds in by_kind if seconds >= 0.5)
     lines = [
-        f"run {run_id}: {progress.done} done, {progress.failed} failed of {progress.total} item(s) in {wall_seconds:.1f} s",
+        f"run {run_id}: {progress.done} done, {progress.failed} failed{not_run} of {progress.total} item(s) in {wall_seconds:.1f} s",
         f"attempts: {attempts}, retries: {progress.retries}, preemptions: {progress.preemptions}",
-        f"VM-seconds: {scheduler.vm_seconds:.0f} ({config.vm_type}, {kind})",
+        f"VM-seconds: {vm_time or '0'}",
     ]
-    price = config.hourly_price()
-    if price is not None:
-        lines.append(f"estimated cost: ${scheduler.vm_seconds / 3600 * price:.4f} "
-                     f"(from PRICES in const.py: ${price}/hour per {kind} {config.vm_type}; yours to update)")
+    if progress.cost_usd is not None:
+        priced = "; ".join(f"${kind.hourly_price(config.prices):g}/hour per {kind.label} VM" for kind, _ in by_kind) or "nothing ran"
+        lines.append(f"estimated cost: ${progress.cost_usd:.4f} (from PRICES in const.py: {priced}; yours to update)")
+    if progress.standard_items:
+        lines.append(f"standard lane: {progress.standard_items} item(s) moved to standard VMs after "
+                     f"{config.spot_preemptions_before_standard} preemptions")
+    fallback = scheduler.policies.stockout_fallback.summary_line
+    if fallback:
+        lines.append(fallback)
+    if progress.backups_launched:
+        lines.append(f"backups: {progress.backups_launched} launched, {progress.backups_won} won")
+    if progress.cost_capped:
+        lines.append(f"cost cap: MAX_COST_USD ${config.max_cost_usd:.2f} reached (${progress.cost_usd or 0:.4f} by PRICES); "
+                     f"{progress.not_run} item(s) not run (cancelled, not failed)" + ("" if vms_left else "; nothing of the run is left running"))
     fields = {item.id: item.args for item in scheduler.items}
     for item_id in sorted(scheduler.failed_ids):
         failed = view.failed_item(item_id, fields.get(item_id, ()))

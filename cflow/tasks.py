@@ -229,6 +229,18 @@ def ids_of(items: Sequence[WorkItem]) -> Collection[str]:
     return items.ids if isinstance(items, ItemList) else {item.id for item in items}
 
 
+def item_of(items: Sequence[WorkItem], item_id: str) -> WorkItem:
+    """The item of ``items`` whose id is ``item_id``: by position in an ``ItemList``, else by a scan. Raises KeyError."""
+    if isinstance(items, ItemList):
+        if item_id not in items.ids:
+            raise KeyError(item_id)
+        return items[int(item_id)]
+    for item in items:
+        if item.id == item_id:
+            return item
+    raise KeyError(item_id)
+
+
 def make_items(arg_lists: Iterable[Iterable[str]]) -> ItemList:
     """Number a sequence of argument lists as WorkItems, ids by position."""
     return ItemList(tuple(args) for args in arg_lists)

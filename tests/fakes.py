@@ -64,10 +64,21 @@ class FakeStorage:
 
     def __init__(self):
         self.objects = {}  # relative name -> bytes
+        self.inputs = {}  # gs:// URL of an item's input -> bytes, or an exception to raise
         self.calls = []
 
     def url(self, relative=""):
         return f"gs://bucket/run/{relative}"
+
+    def download_input(self, url, local_path):
+        self.calls.append(("download", url))
+        content = self.inputs.get(url)
+        if content is None:
+            raise NotFound(f"{url} does not exist", status=404, service="storage")
+        if isinstance(content, Exception):
+            raise content
+        Path(local_path).write_bytes(content)
+        return len(content)
 
     def is_done(self, item_id):
         return f"done/{item_id}" in self.objects
@@ -106,16 +117,31 @@ class FakeStorage:
         self.calls.append(("timeline", span.item, span.attempt, span.outcome.value))
         self.objects[f"timeline/{span.item}/{span.attempt}-{span.vm}-{int(span.ended * 1000)}"] = json.dumps(span.fields()).encode()
 
+    def write_lane_marker(self, lane, item_id, info):
+        self.calls.append(("lane-marker", lane, item_id))
+        self.objects[f"lanes/{lane}/{item_id}"] = json.dumps(info).encode()
+
 
 class FakeMetadata:
     fakes = Metadata
-    helpers = ()
+    helpers = ("set_attributes",)
 
     def __init__(self, preempted=False):
         self.is_preempted = preempted
+        self.attributes = {}
+        self.version = 0
 
     def preempted(self):
         return self.is_preempted
+
+    def watch_attributes(self, last_etag, timeout_seconds=60):
+        if last_etag == str(self.version):
+            time.sleep(0.05)  # a short stand-in for the server holding the call until something changes
+        return dict(self.attributes), str(self.version)
+
+    def set_attributes(self, **attributes):
+        self.attributes.update(attributes)
+        self.version += 1
 
 
 def received(item, attempt, ack_id="ack-1"):
@@ -157,9 +183,16 @@ class FakeCompute:
             ]
         else:
             self.pending_results[operation] = []
+            scheduling = instance_properties.get("scheduling") or {}
             for name in names:
-                self.vms[name] = Vm(name=name, zone=zone, status="RUNNING", status_message="", labels={})
+                self.vms[name] = Vm(name=name, zone=zone, status="RUNNING", status_message="", labels=dict(instance_properties.get("labels") or {}),
+                                    machine_type=str(instance_properties.get("machineType", "")),
+                                    spot=scheduling.get("provisioningModel") == "SPOT" if scheduling else None)
         return PendingCreation(zone=zone, operation=operation, names=tuple(names))
+
+    def set_metadata_attributes(self, zone, name, attributes, attempts=3):
+        self.calls.append(("setMetadata", name, dict(attributes)))
+        return name in self.vms
 
     def creation_result(self, pending):
         return self.pending_results.get(pending.operation)
@@ -178,7 +211,8 @@ class FakeCompute:
 
     def set_status(self, name, status, message=""):
         vm = self.vms[name]
-        self.vms[name] = Vm(name=vm.name, zone=vm.zone, status=status, status_message=message, labels={})
+        self.vms[name] = Vm(name=vm.name, zone=vm.zone, status=status, status_message=message, labels=vm.labels,
+                            machine_type=vm.machine_type, spot=vm.spot)
 
     def count(self, method):
         return sum(1 for call in self.calls if call[0] == method)
@@ -199,6 +233,8 @@ class FakeRunStorage:
         self.listings = 0  # how often the done markers were listed
         self.vm_history = None  # vms.json, once written
         self.vm_history_writes = 0
+        self.lanes = {}  # lane -> item ids moved there
+        self.account = None  # scheduler.json, once written
 
     def read_cancelled(self):
         return self.cancelled
@@ -228,6 +264,15 @@ class FakeRunStorage:
 
     def read_vm_history(self):
         return self.vm_history
+
+    def list_lane_ids(self, lane):
+        return set(self.lanes.get(lane, ()))
+
+    def write_scheduler_account(self, document):
+        self.account = json.loads(json.dumps(document))
+
+    def read_scheduler_account(self):
+        return self.account
 
 
 class FakeSchedulerPubSub(FakePubSub):
@@ -311,7 +356,7 @@ class ScriptedCompute:
 
 
 class FakeProjectCompute:
-    """What the preflight reads of a project: zones, images, machine types, networks, quotas, set by the test."""
+    """What the preflight reads of a project: zones, images, machine and GPU types, networks, quotas, set by the test."""
 
     fakes = Compute
     helpers = ("set_quota",)
@@ -323,7 +368,8 @@ class FakeProjectCompute:
         self.project = project
         self.zones = set(KNOWN_ZONES)
         self.images = {"projects/debian-cloud/global/images/family/debian-12"}
-        self.machine_types = {"e2-small": 2, "e2-standard-2": 2, "e2-standard-4": 4, "n2-standard-4": 4}
+        self.machine_types = {"e2-small": 2, "e2-standard-2": 2, "e2-standard-4": 4, "n2-standard-4": 4, "n1-standard-4": 4}
+        self.accelerator_zones = {}  # GPU type -> the zones that offer it (a type not named: every zone)
         auto_subnets = [f"https://compute/projects/{project}/regions/{region}/subnetworks/default"
                         for region in ("us-central1", "us-east1", "europe-west1")]
         self.networks = {(project, "default"): {"name": "default", "autoCreateSubnetworks": True, "subnetworks": auto_subnets}}
@@ -347,6 +393,10 @@ class FakeProjectCompute:
     def machine_type(self, zone, name):
         cpus = self.machine_types.get(name)
         return None if cpus is None else {"name": name, "guestCpus": cpus}
+
+    def accelerator_type(self, zone, name):
+        self.calls.append(("accelerator_type", zone, name))
+        return {"name": name, "zone": zone} if zone in self.accelerator_zones.get(name, self.zones) else None
 
     def network(self, name, project=None):
         self.calls.append(("network", project or self.project, name))

@@ -13,7 +13,7 @@ only CFlow's ``CloudError`` classes (``cflow.gcp.errors.classify``).
 
 Where things are: ``Vm`` (one listed VM), ``Quota`` (one regional quota),
 ``PendingCreation`` (a bulkInsert in flight); ``Compute``'s sections reading
-(list, zones, images, networks, quotas), creating, deleting, and one VM
+(list, zones, images, machine and GPU types, networks, quotas), creating, deleting, and one VM
 (``cflow image build``).
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from googleapiclient.http import BatchHttpRequest
 
-from cflow.errors import CloudError, Conflict, NotFound, RateLimited
+from cflow.errors import CloudError, Conflict, NotFound, PreconditionFailed, RateLimited
 from cflow.gcp.errors import classify, classify_operation_error, is_google_error, is_transient
 from cflow.gcp.retry import Backoff
 
@@ -52,22 +52,34 @@ def cflow_request_id(*parts: str) -> str:
 
 @dataclass(frozen=True)
 class Vm:
-    """One VM as the list call shows it."""
+    """One VM as the list call shows it.
+
+    ``machine_type`` is the bare name ("" when the listing did not say);
+    ``spot`` is None when the listing did not say.
+    """
 
     name: str
     zone: str
     status: str
     status_message: str
     labels: dict[str, str] = field(default_factory=dict)
+    machine_type: str = ""
+    spot: bool | None = None
 
     @classmethod
     def from_resource(cls, resource: Mapping[str, Any]) -> "Vm":
+        scheduling = resource.get("scheduling")
+        spot = None
+        if isinstance(scheduling, Mapping):
+            spot = scheduling.get("provisioningModel") == "SPOT" or bool(scheduling.get("preemptible"))
         return cls(
             name=resource["name"],
             zone=resource["zone"].rsplit("/", 1)[-1],
             status=resource.get("status", ""),
             status_message=resource.get("statusMessage", ""),
             labels=dict(resource.get("labels", {})),
+            machine_type=str(resource.get("machineType", "")).rsplit("/", 1)[-1],
+            spot=spot,
         )
 
     @property
@@ -243,6 +255,21 @@ class Compute:
         """machineTypes.get (``guestCpus``, ``memoryMb``...), or None if the zone has no such type."""
         return self._get_or_none(self.service.machineTypes().get(project=self.project, zone=zone, machineType=name), zone)
 
+    def accelerator_type(self, zone: str, name: str) -> dict[str, Any] | None:
+        """acceleratorTypes.get (``maximumCardsPerInstance``...), or None if the zone does not offer the type."""
+        return self._get_or_none(self.service.acceleratorTypes().get(project=self.project, zone=zone, acceleratorType=name), zone)
+
+    def accelerator_types(self, zone: str) -> list[dict[str, Any]]:
+        """acceleratorTypes.list: every GPU type the zone offers (paged)."""
+        types: list[dict[str, Any]] = []
+        accelerators = self.service.acceleratorTypes()
+        request = accelerators.list(project=self.project, zone=zone)
+        while request is not None:
+            response = self._execute(request, zone)
+            types.extend(response.get("items", []))
+            request = accelerators.list_next(request, response)
+        return types
+
     def network(self, name: str, project: str | None = None) -> dict[str, Any] | None:
         """networks.get of ``name`` in ``project`` (default: this one), or None if there is no such network."""
         return self._get_or_none(self.service.networks().get(project=project or self.project, network=name))
@@ -335,6 +362,40 @@ class Compute:
             return None
         entries = operation.get("error", {}).get("errors", [])
         return [classify_operation_error(entry, pending.zone, self.project) for entry in entries]
+
+    # -- telling a worker something (its metadata) ------------------------------
+
+    def set_metadata_attributes(self, zone: str, name: str, attributes: Mapping[str, str], attempts: int = 3) -> bool:
+        """Set (add or replace) metadata attributes of one VM; its guest sees them at once.
+
+        instances.setMetadata replaces the whole list and must name the current
+        fingerprint, so this reads the VM first; a 412 (someone changed it
+        meanwhile) reads it again, up to ``attempts`` times.
+
+        Returns:
+            False if the VM is gone (nothing to tell).
+        Raises:
+            CloudError: any other refusal, or the fingerprint kept changing.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                instance = self._execute(self.instances.get(project=self.project, zone=zone, instance=name), zone=zone)
+            except NotFound:
+                return False
+            metadata = instance.get("metadata") or {}
+            items = [item for item in metadata.get("items", []) if item.get("key") not in attributes]
+            items += [{"key": key, "value": value} for key, value in attributes.items()]
+            body = {"fingerprint": metadata.get("fingerprint"), "items": items}
+            try:
+                self._execute(self.instances.setMetadata(project=self.project, zone=zone, instance=name, body=body), zone=zone)
+                return True
+            except NotFound:
+                return False
+            except PreconditionFailed:
+                if attempt == attempts:
+                    raise
+                log.debug("the metadata of %s changed meanwhile; reading it again", name)
+        return False
 
     # -- deleting ----------------------------------------------------------
 

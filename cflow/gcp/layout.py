@@ -21,6 +21,9 @@ relative to that folder:
     timeline/ITEM/N-VM-MS    an attempt that left no marker of its own (handed
                              back, or a duplicate): where and when it ran
     vms.json                 every VM of the run as the scheduler saw it
+    scheduler.json           the scheduler's account: VM time by kind and cost, backups,
+                             the standard-worker fallback, the cost cap (for status)
+    lanes/standard/ITEM      the item was moved to the standard lane (cflow.lanes)
     combined/NAME            the combined result
     combining/NAME/...       the temporaries of combining NAME in the bucket
                              (a header, a newline, a level's joins), deleted
@@ -51,6 +54,8 @@ COMBINED = "combined/"
 COMBINING = "combining/"
 LOGS = "logs/"
 VM_HISTORY = "vms.json"
+SCHEDULER_ACCOUNT = "scheduler.json"
+LANES = "lanes/"
 TIMELINE = "timeline/"
 ATTEMPTS = "attempts/"
 
@@ -121,6 +126,15 @@ def timeline_record(item_id: str, attempt: int, vm: str, ended: float) -> str:
 def item_of_record(name: str) -> str:
     """The item id in a name relative to a folder of per-item records (``ITEM/N...`` or ``ITEM``)."""
     return name.split("/", 1)[0]
+
+
+def lane_markers(lane: str) -> str:
+    """The folder of the markers of the items moved to ``lane`` (``lanes/standard/``)."""
+    return f"{LANES}{lane}/"
+
+
+def lane_marker(lane: str, item_id: str) -> str:
+    return f"{lane_markers(lane)}{item_id}"
 
 
 def combined(name: str) -> str:

@@ -1,14 +1,16 @@
-"""The VM's metadata server: who am I, what run am I in, am I being preempted.
+"""The VM's metadata server: who am I, what run am I in, am I being preempted, what does the scheduler say.
 
 On GCE the server is metadata.google.internal; the local Compute emulator
 serves one per VM and sets ``GCE_METADATA_HOST`` (the variable google-auth
 honours) to it.
 """
 
+import json
 import logging
 import os
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
@@ -53,6 +55,33 @@ class Metadata:
             raise MetadataError(f"metadata server answered {error.code} for {path}") from None
         except (urllib.error.URLError, OSError) as error:
             raise MetadataError(f"metadata server {self.host} unreachable: {error}") from None
+
+    def watch_attributes(self, last_etag: str | None, timeout_seconds: int = 60) -> tuple[dict[str, str], str]:
+        """The instance's attributes once they differ from the answer whose ETag was ``last_etag``.
+
+        The server holds the call (``?wait_for_change=true``) until an
+        attribute changes or ``timeout_seconds`` pass; with ``last_etag``
+        None it answers at once.
+
+        Returns:
+            ``(attributes, etag)``: pass the ETag to the next call.
+        Raises:
+            MetadataError: the server could not be reached or refused.
+        """
+        query = "recursive=true&alt=json"
+        if last_etag is not None:
+            query += f"&wait_for_change=true&timeout_sec={int(timeout_seconds)}&last_etag={urllib.parse.quote(last_etag)}"
+        request = urllib.request.Request(self._url(f"instance/attributes/?{query}"), headers={"Metadata-Flavor": "Google"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_seconds + 10) as response:
+                etag = response.headers.get("ETag", "")
+                document = json.loads(response.read().decode() or "{}")
+        except urllib.error.HTTPError as error:
+            raise MetadataError(f"metadata server answered {error.code} for the instance's attributes") from None
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise MetadataError(f"metadata server {self.host}: no answer about the instance's attributes: {error}") from None
+        attributes = {str(key): str(value) for key, value in document.items()} if isinstance(document, dict) else {}
+        return attributes, etag
 
     def attribute(self, key: str) -> str | None:
         """The instance attribute ``key`` (custom metadata), or None."""

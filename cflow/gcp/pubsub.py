@@ -1,15 +1,17 @@
 """Pub/Sub: a run's own topics and subscriptions, and the messages on them.
 
-Each run has three topics, each with one pull subscription, named from the
+Each run has four topics, each with one pull subscription, named from the
 user's prefixes and the run id so that no other run's messages leak in:
 
-    work     one message per work item; workers pull it one at a time
-    events   what workers report (started, done, retry, failed, preempted)
-    dead     work messages delivered too many times without a result
+    work      one message per work item: the Spot lane, workers pull it one at a time
+    standard  the standard lane: items preempted too often on Spot (``cflow.lanes``)
+    events    what workers report (started, done, retry, failed, preempted)
+    dead      work messages delivered too many times without a result
 
 Attempts: a failed attempt is handed back by republishing the item with its
 attempt count raised, then acking the old message; a preemption is handed back
-by a nack (deadline 0), which keeps the message and so its attempt count.
+by republishing it with its preemption count raised (``cflow.lanes``), or by
+a nack (deadline 0), which keeps the message and so its attempt count.
 
 Every method raises only CFlow's ``CloudError`` classes (``cflow.errors``): a
 run's topics that are gone are a ``NotFound``.
@@ -26,6 +28,7 @@ from typing import Any
 from google.api_core import exceptions as google_exceptions
 
 from cflow.gcp.errors import translated
+from cflow.protocol import Lane
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ class RunTopics:
     events_subscription: str
     dead_topic: str
     dead_subscription: str
+    # The standard lane ("" in the record of a run made before lanes: it has none).
+    standard_topic: str = ""
+    standard_subscription: str = ""
 
     @classmethod
     def for_run(cls, project: str, run_id: str, topic_prefix: str, subscription_prefix: str) -> "RunTopics":
@@ -67,6 +73,8 @@ class RunTopics:
             events_subscription=subscription("events"),
             dead_topic=topic("dead"),
             dead_subscription=subscription("dead"),
+            standard_topic=topic("standard"),
+            standard_subscription=subscription("standard"),
         )
 
     def to_dict(self) -> dict[str, str]:
@@ -75,6 +83,26 @@ class RunTopics:
     @classmethod
     def from_dict(cls, document: Mapping[str, str]) -> "RunTopics":
         return cls(**document)
+
+    def lane_topic(self, lane: Lane) -> str:
+        """The work topic of a lane (the Spot lane's for a run without a standard lane)."""
+        return self.standard_topic if lane == Lane.STANDARD and self.standard_topic else self.work_topic
+
+    def lane_subscription(self, lane: Lane) -> str:
+        """The work subscription of a lane (the Spot lane's for a run without a standard lane)."""
+        return self.standard_subscription if lane == Lane.STANDARD and self.standard_subscription else self.work_subscription
+
+    def _work_pairs(self) -> list[tuple[str, str]]:
+        pairs = [(self.work_topic, self.work_subscription)]
+        if self.standard_topic:
+            pairs.append((self.standard_topic, self.standard_subscription))
+        return pairs
+
+    def all_topics(self) -> list[str]:
+        return [topic for topic, _ in self._work_pairs()] + [self.events_topic, self.dead_topic]
+
+    def all_subscriptions(self) -> list[str]:
+        return [subscription for _, subscription in self._work_pairs()] + [self.events_subscription, self.dead_subscription]
 
 
 @dataclass(frozen=True)
@@ -114,18 +142,17 @@ class PubSub:
             True if the work subscription was created now, False if it already
             existed (a resumed run whose queue survived).
         """
-        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="create-topics") as pool:
-            for created in [pool.submit(self._create_topic, topic) for topic in (topics.work_topic, topics.events_topic, topics.dead_topic)]:
+        # Topics, then subscriptions, each group in parallel: a round trip each on GCP, and the fleet waits on them.
+        dead_letter_policy = {"dead_letter_topic": topics.dead_topic, "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS}
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="create-topics") as pool:
+            for created in [pool.submit(self._create_topic, topic) for topic in topics.all_topics()]:
                 created.result()
-            work = pool.submit(
-                self._create_subscription,
-                topics.work_subscription,
-                topics.work_topic,
-                ack_deadline_seconds,
-                dead_letter_policy={"dead_letter_topic": topics.dead_topic, "max_delivery_attempts": MAX_DELIVERY_ATTEMPTS},
-            )
+            work = pool.submit(self._create_subscription, topics.work_subscription, topics.work_topic, ack_deadline_seconds, dead_letter_policy)
             others = [pool.submit(self._create_subscription, topics.events_subscription, topics.events_topic, 60),
                       pool.submit(self._create_subscription, topics.dead_subscription, topics.dead_topic, 60)]
+            if topics.standard_topic:
+                others.append(pool.submit(self._create_subscription, topics.standard_subscription, topics.standard_topic,
+                                          ack_deadline_seconds, dead_letter_policy))
             for other in others:
                 other.result()
             return work.result()
@@ -155,12 +182,12 @@ class PubSub:
     @translated("pubsub")
     def delete_run_topics(self, topics: RunTopics) -> None:
         """Delete the run's subscriptions and topics; ones already gone are skipped."""
-        for subscription in (topics.work_subscription, topics.events_subscription, topics.dead_subscription):
+        for subscription in topics.all_subscriptions():
             try:
                 self.subscriber.delete_subscription(subscription=subscription)
             except google_exceptions.NotFound:
                 log.debug("subscription %s already gone", subscription)
-        for topic in (topics.work_topic, topics.events_topic, topics.dead_topic):
+        for topic in topics.all_topics():
             try:
                 self.publisher.delete_topic(topic=topic)
             except google_exceptions.NotFound:

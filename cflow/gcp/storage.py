@@ -28,7 +28,8 @@ from google.api_core import exceptions as google_exceptions
 
 from cflow import tasks
 from cflow.combine import OutputShape, shapes_from_json, shapes_from_metadata, shapes_metadata
-from cflow.errors import CloudError, ConfigError
+from cflow.config import split_gcs_url
+from cflow.errors import CloudError, ConfigError, NotFound, PermissionDenied
 from cflow.gcp import layout
 from cflow.gcp.errors import translated
 from cflow.history import AttemptSpan, span_metadata
@@ -344,6 +345,36 @@ class RunStorage:
     def read_output(self, item_id: str, name: str) -> bytes:
         return self._blob(layout.output(item_id, name)).download_as_bytes()
 
+    # -- an item's inputs (STAGE_INPUTS: cflow.worker.staging) -------------
+
+    @translated("storage")
+    def download_input(self, url: str, local_path: Path) -> int:
+        """Download the object ``gs://BUCKET/NAME`` (any bucket the account may read) to ``local_path``.
+
+        Returns:
+            The bytes written.
+        Raises:
+            ValueError: ``url`` is not ``gs://BUCKET/NAME``.
+            NotFound: there is no such object (or bucket); nothing is left at ``local_path``.
+            PermissionDenied: the account may not read it.
+            CloudError: any other refusal.
+        """
+        bucket, name = split_gcs_url(url)
+        if not name:
+            raise ValueError(f"not the URL of an object: {url!r}")
+        try:
+            self.client.bucket(bucket).blob(name).download_to_filename(str(local_path))
+        except google_exceptions.NotFound as error:
+            local_path.unlink(missing_ok=True)
+            raise NotFound(f"{url} does not exist", status=404, reason="notFound", message=error.message, service="storage") from None
+        except google_exceptions.Forbidden as error:
+            local_path.unlink(missing_ok=True)
+            raise PermissionDenied(
+                f"this VM's service account may not read {url}; grant it roles/storage.objectViewer on gs://{bucket}",
+                status=403, reason="forbidden", message=error.message, service="storage",
+            ) from None
+        return local_path.stat().st_size
+
     @translated("storage")
     def upload_log(self, item_id: str, attempt: int, local_path: str | Path) -> str:
         """Upload an attempt's log (replacing a partial one of the same attempt); returns its gs:// URL."""
@@ -508,6 +539,28 @@ class RunStorage:
     def write_vm_history(self, document: Mapping[str, Any]) -> None:
         """Write vms.json (``cflow.history.VmHistory.to_document``), replacing the last one."""
         self._write_json(layout.VM_HISTORY, document)
+
+    @translated("storage")
+    def write_scheduler_account(self, document: Mapping[str, Any]) -> None:
+        """Write scheduler.json (VM time and cost, backups, fallback, cost cap), replacing the last one."""
+        self._write_json(layout.SCHEDULER_ACCOUNT, document)
+
+    @translated("storage")
+    def read_scheduler_account(self) -> dict[str, Any] | None:
+        """scheduler.json as a dict, or None if the scheduler has not written one."""
+        return self._read_json(layout.SCHEDULER_ACCOUNT)
+
+    # -- lanes (cflow.lanes) -----------------------------------------------------
+
+    @translated("storage")
+    def write_lane_marker(self, lane: str, item_id: str, info: Mapping[str, Any]) -> None:
+        """Record that ``item_id`` moved to ``lane`` (written again if it is there: the move is the same)."""
+        self._write_json(layout.lane_marker(lane, tasks.validate_item_id(item_id)), info)
+
+    @translated("storage")
+    def list_lane_ids(self, lane: str) -> set[str]:
+        """The items moved to ``lane``."""
+        return {name for name, _ in self._list(layout.lane_markers(lane)) if name}
 
     @translated("storage")
     def read_vm_history(self) -> dict[str, Any] | None:

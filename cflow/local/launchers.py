@@ -214,6 +214,8 @@ class ComputeOptions:
     seed: int | None = None
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool | None = None
+    slow_vms: float | None = None
+    slow_factor: float | None = None
     vm_root: str | None = None
     auth: bool = True
 

@@ -54,6 +54,8 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         help="organization policy constraints/compute.vmExternalIpAccess: VMs with an external IP are refused",
     )
     faults.add_argument("--no-default-network", action="store_true", help="projects start without the 'default' network")
+    faults.add_argument("--slow-vms", type=float, metavar="FRACTION", help="fraction of VMs that get only 1/--slow-factor of the time")
+    faults.add_argument("--slow-factor", type=float, metavar="X", help="how much slower a slow VM is (the emulator's default: 5)")
     faults.add_argument("--error-rate", type=float, metavar="R", help="fraction of API calls that fail transiently")
     faults.add_argument("--boot-delay", type=float, metavar="S", help="seconds a VM takes to boot")
     faults.add_argument("--shutdown-grace", type=float, metavar="S", help="seconds a VM's shutdown script may run")
@@ -118,6 +120,8 @@ def _compute_options(args: argparse.Namespace) -> "ComputeOptions | None":
         seed=args.seed,
         rate_limit_per_minute=args.rate_limit_per_minute,
         resource_not_ready=args.resource_not_ready,
+        slow_vms=args.slow_vms,
+        slow_factor=args.slow_factor,
         vm_root=args.vm_root,
         auth=not args.no_auth,
     )

@@ -1,5 +1,9 @@
 """``cflow status RUN_ID``: a run's items, attempts, VMs and time left, and its first failed items by name.
 
+Also what the scheduler's account says (scheduler.json, ``cflow.scheduler``):
+items moved to standard VMs and why, backups launched and won, the cost so
+far by PRICES and the cost cap.
+
 Locally it works whether or not the stack runs: with no stack, the run's
 objects are read from the stack folder and it has no VMs.
 """
@@ -17,6 +21,7 @@ from cflow.lifecycle import STATE_CANCELLED, STATE_FINISHED, STATE_IN_PROGRESS, 
 from cflow.ops.session import open_session
 from cflow.ops.text import aligned, format_duration, format_time
 from cflow.ops.view import FailedItem, RunView, list_vms
+from cflow.protocol import Lane
 
 if TYPE_CHECKING:
     from cflow.gcp.compute import Compute
@@ -59,6 +64,16 @@ class RunStatus:
     cancelled_at: float | None = None
     failed_items: tuple[FailedItem, ...] = ()  # the first FAILED_ITEMS_SHOWN, in item order
     fleet_reachable: bool = True  # False: a local stack that is not running (so no VMs)
+    # Lanes, backups and cost (cflow.lanes, cflow.backups, cflow.costs).
+    standard_items: int = 0
+    preemptions_before_standard: int | None = None
+    standard_fallback_minutes: float | None = None
+    backups_launched: int = 0
+    backups_won: int = 0
+    cost_usd: float | None = None
+    max_cost_usd: float | None = None
+    cost_capped: bool = False
+    not_run: int = 0
 
     @property
     def left(self) -> int:
@@ -117,7 +132,17 @@ def read_status(view: RunView, compute: "Compute | None", now: float) -> RunStat
         fields = {item.id: item.args for item in view.work_items()}
         shown = sorted(failed_times)[:FAILED_ITEMS_SHOWN]
         failed_items = tuple(view.failed_item(item_id, fields.get(item_id, ())) for item_id in shown)
+    account = view.scheduler_account()
     return RunStatus(
+        standard_items=len(view.lane_items(Lane.STANDARD.value)),
+        preemptions_before_standard=manifest.get("preemptions_before_standard"),
+        standard_fallback_minutes=_number(account.get("standard_fallback_minutes")),
+        backups_launched=int(_number(account.get("backups_launched")) or 0),
+        backups_won=int(_number(account.get("backups_won")) or 0),
+        cost_usd=_number(account.get("cost_usd")),
+        max_cost_usd=_number(account.get("max_cost_usd")),
+        cost_capped=account.get("cost_capped") is True,
+        not_run=int(_number(account.get("not_run")) or 0),
         run_id=view.run_id,
         bucket=view.bucket_name,
         state=state,
@@ -158,6 +183,7 @@ def status_lines(status: RunStatus) -> list[str]:
         rows.append(("elapsed" if status.state == STATE_IN_PROGRESS else "took", format_duration(status.elapsed)))
     if status.seconds_left is not None:
         rows.append(("time left", f"~{format_duration(status.seconds_left)} (estimate)"))
+    rows.extend(_lanes_backups_cost_rows(status))
     lines = aligned(rows)
     if status.failed_items:
         lines.append("failed items:")
@@ -165,6 +191,28 @@ def status_lines(status: RunStatus) -> list[str]:
         if status.failed > len(status.failed_items):
             lines.append(f"  ... and {status.failed - len(status.failed_items)} more (`cflow logs {status.run_id}`)")
     return lines
+
+
+def _lanes_backups_cost_rows(status: RunStatus) -> list[tuple[str, str]]:
+    """What the lanes, backups and the cost cap did, as far as there is anything to say."""
+    rows = []
+    if status.standard_items:
+        after = f" after {status.preemptions_before_standard} preemptions" if status.preemptions_before_standard else ""
+        rows.append(("standard VMs", f"{status.standard_items} item(s) moved to standard VMs{after}"))
+    if status.standard_fallback_minutes is not None:
+        rows.append(("standard workers", f"created: every zone out of Spot capacity for {status.standard_fallback_minutes:.0f} min"))
+    if status.backups_launched:
+        rows.append(("backups", f"{status.backups_launched} launched, {status.backups_won} won"))
+    if status.cost_usd is not None:
+        cap = f" of MAX_COST_USD ${status.max_cost_usd:.2f}" if status.max_cost_usd is not None else ""
+        rows.append(("cost", f"${status.cost_usd:.4f}{cap} (estimate from PRICES)"))
+    if status.cost_capped:
+        rows.append(("cost cap", f"reached: {status.not_run} item(s) not run (cancelled, not failed)"))
+    return rows
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def failed_item_line(item: FailedItem) -> str:

@@ -258,6 +258,14 @@ class RunView:
         """Every attempt span the run's markers and timeline records carry."""
         return self._listing(self.storage.list_spans, [])
 
+    def lane_items(self, lane: str) -> set[str]:
+        """The items moved to ``lane`` (``cflow.lanes``; a gone bucket: none)."""
+        return self._listing(lambda: self.storage.list_lane_ids(lane), set())
+
+    def scheduler_account(self) -> dict[str, Any]:
+        """The scheduler's account (scheduler.json: VM time and cost, backups, fallback, cost cap); {} before its first write."""
+        return self._read(self.storage.read_scheduler_account) or {}
+
     def vm_records(self) -> list[VmRecord]:
         """The run's VMs as its scheduler last wrote them (vms.json); [] before the first write."""
         return vm_records_from_document(self._read(self.storage.read_vm_history))

@@ -9,12 +9,18 @@ Where each behaviour lives:
 - ``loop``: ``Worker``: pull, run, record in the background, go idle.
 - ``task``: the task's process: argv and environment, exit watch, timeout,
   killing its group, and killing an orphan left by a dead worker.
+- ``staging``: STAGE_INPUTS: the item's gs:// objects downloaded before the
+  task, which gets local paths; a failed download fails the attempt.
 - ``lease``: ``LeaseKeeper``: lease extensions and log uploads while a task runs.
 - ``record``: recording an ended task's result: outputs, log, markers (with
   the attempt's span for the run's report), event, ack.
-- ``handback``: handing an item back (nack, event, partial log, the attempt's
-  span as a timeline record): the hook, a stopping or failing worker, a
-  restarted worker.
+- ``handback``: handing an item back (nack, or on a preemption a republish
+  with its preemption count raised, to the standard lane once it is high
+  enough: ``cflow.lanes``; event, partial log, the attempt's span as a
+  timeline record): the hook, a stopping or failing worker, a restarted worker.
+- ``control``: ``ControlWatch``: the scheduler's word through the VM's own
+  metadata (stop a copy whose item is done elsewhere, ``cflow.backups``;
+  take no new item at the cost cap), heard by a long poll in a thread.
 - ``workdir``: ``WorkDir``: the files shared with the hook, and the lock.
 
 The event kinds, outcomes and file names they share with the scheduler and

@@ -1,13 +1,14 @@
 """The worker VM's two entry points: ``main`` (startup-signal.py) and ``shutdown_main`` (shutdown-signal.py).
 
 The worker finds its run from the VM's metadata (``cflow-run``,
-``cflow-bucket``) and its run.json in Cloud Storage, and keeps what the
-shutdown hook needs on the VM's disk (``hook.json``). The hook sets the stop
-flag first, then builds its clients from that file, touching no network
-before its nack: GCE gives a Spot VM 30 s in all, and the metadata server or
-Cloud Storage may be slow or gone by then. Without the file (no worker
-started on this boot) it asks the metadata server and run.json as the worker
-does.
+``cflow-bucket``, and the lane whose queue it pulls, ``LANE_ATTRIBUTE``) and
+its run.json in Cloud Storage, and keeps what the shutdown hook needs on the
+VM's disk (``hook.json``). The hook sets the stop flag first, then builds its
+clients from that file, touching no network before its hand-back: GCE gives
+a Spot VM 30 s in all, and the metadata server or Cloud Storage may be slow
+or gone by then. Without the file (no worker started on this boot) it asks
+the metadata server and run.json as the worker does. The worker also starts
+the ``ControlWatch`` that hears the scheduler's word (``cflow.worker.control``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cflow.procinfo import process_started_at
-from cflow.protocol import LoopEnd
+from cflow.protocol import LANE_ATTRIBUTE, Lane, LoopEnd
 from cflow.worker.context import WorkerContext, WorkerSettings
+from cflow.worker.control import ControlWatch
 from cflow.worker.handback import hand_back, hand_back_inflight
 from cflow.worker.loop import Worker
 from cflow.worker.workdir import HookSettings, WorkDir
@@ -60,8 +62,9 @@ def _vm_context(work_root: Path, metadata: Metadata) -> tuple[WorkerContext, Hoo
         raise SystemExit(f"cflow worker: run {run_id} has no run.json in gs://{bucket}; was the run cancelled?")
     settings = WorkerSettings.from_manifest(manifest)
     pubsub = PubSub(clients.publisher, clients.subscriber)
-    context = WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name)
-    return context, HookSettings(manifest=manifest, project=project, vm_name=vm_name, target=target)
+    lane = Lane.STANDARD if metadata.attribute(LANE_ATTRIBUTE) == Lane.STANDARD else Lane.SPOT
+    context = WorkerContext(settings, pubsub, storage, metadata, WorkDir(work_root), vm_name, lane=lane)
+    return context, HookSettings(manifest=manifest, project=project, vm_name=vm_name, target=target, lane=lane.value)
 
 
 def _hook_context(work_root: Path, metadata: Metadata, kept: HookSettings) -> WorkerContext:
@@ -73,7 +76,9 @@ def _hook_context(work_root: Path, metadata: Metadata, kept: HookSettings) -> Wo
     settings = WorkerSettings.from_manifest(kept["manifest"])
     clients = build_worker_clients(kept["target"], kept["project"], credentials=vm_credentials(kept["target"]))
     storage = RunStorage(clients.storage, settings.bucket, settings.run_id)
-    return WorkerContext(settings, PubSub(clients.publisher, clients.subscriber), storage, metadata, WorkDir(work_root), kept["vm_name"])
+    lane = Lane.STANDARD if kept.get("lane") == Lane.STANDARD else Lane.SPOT
+    return WorkerContext(settings, PubSub(clients.publisher, clients.subscriber), storage, metadata, WorkDir(work_root), kept["vm_name"],
+                         lane=lane)
 
 
 def _configure_logging() -> None:
@@ -103,8 +108,10 @@ def main(work_root: str | os.PathLike[str] | None = None) -> int:
     recovered = hand_back_inflight(context, reason="worker died", take_settling=True)
     if recovered:
         log.info("handed back item %s left by a worker that died", recovered)
-    log.info("worker %s on run %s", context.vm_name, context.settings.run_id)
-    if Worker.from_context(context).run() == LoopEnd.IDLE:
+    log.info("worker %s on run %s (%s lane)", context.vm_name, context.settings.run_id, context.lane)
+    control = ControlWatch(metadata)
+    control.start()
+    if Worker.from_context(context, control).run() == LoopEnd.IDLE:
         # A safety net for a controller that is gone: an idle VM stops billing.
         log.info("idle for %.0f s; powering off", context.settings.idle_poweroff_seconds)
         metadata.power_off()

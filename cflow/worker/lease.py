@@ -25,14 +25,16 @@ class LeaseKeeper:
         item_id, attempt: the attempt whose log is uploaded.
         log_file: the attempt's local log.
         ack_id: the message whose lease is extended.
+        upload_logs: upload the log now and then (a backup copy's is not: ``cflow.backups``).
     """
 
-    def __init__(self, context: WorkerContext, item_id: str, attempt: int, log_file: Path, ack_id: str) -> None:
+    def __init__(self, context: WorkerContext, item_id: str, attempt: int, log_file: Path, ack_id: str, upload_logs: bool = True) -> None:
         self.context = context
         self.item_id = item_id
         self.attempt = attempt
         self.log_file = log_file
         self.ack_id = ack_id
+        self.upload_logs = upload_logs
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._keep, name=f"lease-{item_id}", daemon=True)
 
@@ -56,12 +58,14 @@ class LeaseKeeper:
                 if work_dir.is_stopping() and not record.get("settling"):
                     return  # being handed back: an extension now could land after the nack
                 try:
-                    self.context.pubsub.extend_lease(settings.work_subscription, self.ack_id, settings.lease_seconds)
+                    self.context.pubsub.extend_lease(self.context.work_subscription, self.ack_id, settings.lease_seconds)
                 except Exception as error:
                     log.warning("lease extension for %s failed: %s", self.item_id, error)
-            if time.monotonic() - last_log_upload >= LOG_UPLOAD_INTERVAL_SECONDS and not record.get("settling"):
+            if self.upload_logs and time.monotonic() - last_log_upload >= LOG_UPLOAD_INTERVAL_SECONDS and not record.get("settling"):
                 last_log_upload = time.monotonic()
                 try:
-                    self.context.storage.upload_log(self.item_id, self.attempt, self.log_file)
+                    # Once another copy recorded the item done, its log is the item's: a partial one must not replace it.
+                    if not self.context.storage.is_done(self.item_id):
+                        self.context.storage.upload_log(self.item_id, self.attempt, self.log_file)
                 except Exception as error:
                     log.warning("log upload for %s failed: %s", self.item_id, error)

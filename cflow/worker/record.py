@@ -7,6 +7,10 @@ acked; the last one writes the failed marker instead. A VM that dies
 anywhere before the ack loses nothing: the lease expires and Pub/Sub
 redelivers, and the markers make the redelivery a duplicate.
 
+A backup copy (``cflow.backups``) can only add a "done": its done marker and
+event say it was the backup; a failed backup copy is acked and dropped
+(no log, no attempt marker, no successor: the original owns the attempts).
+
 The done and attempt markers carry the attempt's span (where and when it ran,
 ``cflow.history``) for the run's report; a duplicate, which writes no marker,
 leaves a timeline record instead, after its ack.
@@ -26,11 +30,12 @@ from pathlib import Path
 from cflow import tasks
 from cflow.combine import OutputShape, body_offset, is_csv_name, shape_output, shapes_to_json
 from cflow.history import AttemptSpan
+from cflow.lanes import with_preemptions
 from cflow.protocol import EventKind, Outcome
 from cflow.worker.context import WorkerContext
 from cflow.worker.handback import hand_back_record, record_span
 from cflow.worker.lease import LeaseKeeper
-from cflow.worker.task import TaskEnding
+from cflow.worker.task import TaskEnding, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +49,12 @@ class EndedTask:
     ack_id: str
     attempt_dir: Path
     exit_status: int
-    ending: TaskEnding  # EXITED or TIMED_OUT
+    ending: TaskEnding  # EXITED, TIMED_OUT or STAGING_FAILED
     elapsed: float
     keeper: LeaseKeeper  # keeps the lease until the result is recorded
     started: float | None = None  # epoch seconds the attempt began (None: not known, no span is recorded)
+    backup: bool = False  # a backup copy (cflow.backups)
+    preemptions: int = 0  # the item's preemptions so far, carried to a failed attempt's successor
 
     def span(self, vm: str, outcome: EventKind) -> AttemptSpan | None:
         """Where and when this attempt ran, ending as ``outcome``; None if its start is not known."""
@@ -102,7 +109,7 @@ def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log
     storage, item, attempt, ack_id, elapsed = context.storage, ended.item, ended.attempt, ended.ack_id, ended.elapsed
     if storage.is_done(item.id):
         # Another attempt finished first (a duplicate delivery ran in parallel): keep its outputs.
-        context.publish_event(EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
+        context.publish_event(EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed, backup=ended.backup)
         context.ack(ack_id)
         record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
         return Outcome.DUPLICATE
@@ -112,9 +119,11 @@ def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log
     first = storage.write_done_marker(
         item.id,
         {"item": item.id, "attempt": attempt, "vm": context.vm_name, "seconds": elapsed, "outputs": list(shapes),
-         "output_shapes": shapes_to_json(shapes), "log": log_url, **(span.fields() if span else {})},
+         "output_shapes": shapes_to_json(shapes), "log": log_url, **({"backup": True} if ended.backup else {}),
+         **(span.fields() if span else {})},
     )
-    context.publish_event(EventKind.DONE if first else EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed)
+    context.publish_event(EventKind.DONE if first else EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=elapsed,
+                          backup=ended.backup)
     context.ack(ack_id)
     if not first:
         record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
@@ -123,8 +132,16 @@ def _finish_done(context: WorkerContext, ended: EndedTask, output_dir: Path, log
 
 def _finish_failed(context: WorkerContext, ended: EndedTask, log_file: Path, timed_out: bool) -> Outcome:
     settings, storage, item, attempt, ack_id = context.settings, context.storage, ended.item, ended.attempt, ended.ack_id
+    reason = failure_reason(TaskEnding.TIMED_OUT if timed_out else ended.ending, ended.exit_status)
+    if ended.backup:
+        # The original copy still runs and owns the item's attempts: the failed backup is only dropped.
+        log.info("the backup copy of item %s failed (%s); the original runs on", item.id, reason)
+        context.publish_event(EventKind.DUPLICATE, item=item.id, attempt=attempt, seconds=ended.elapsed, backup=True,
+                              reason=f"backup copy failed ({reason})")
+        context.ack(ack_id)
+        record_span(context, ended.span(context.vm_name, EventKind.DUPLICATE))
+        return Outcome.DUPLICATE
     log_url = storage.upload_log(item.id, attempt, log_file)
-    reason = "timed out" if timed_out else f"exit status {ended.exit_status}"
     last = attempt >= settings.max_attempts
     span = ended.span(context.vm_name, EventKind.FAILED if last else EventKind.RETRY)
     info = {"item": item.id, "attempt": attempt, "reason": reason, "log": log_url, "vm": context.vm_name,
@@ -138,7 +155,7 @@ def _finish_failed(context: WorkerContext, ended: EndedTask, log_file: Path, tim
         # redelivered copy of this attempt that finds the record knows its
         # successor is queued; a crash in between at worst duplicates it.
         data, attributes = tasks.encode_message(item, attempt + 1)
-        context.pubsub.publish(settings.work_topic, data, attributes)
+        context.pubsub.publish(context.work_topic, data, with_preemptions(attributes, ended.preemptions) if ended.preemptions else attributes)
         outcome = Outcome.RETRY
         context.publish_event(EventKind.RETRY, item=item.id, attempt=attempt, reason=reason, log_url=log_url, seconds=ended.elapsed)
     storage.write_attempt_marker(item.id, attempt, info)

@@ -4,7 +4,8 @@ A task runs in its own process group (so a timeout or a shutdown kills all
 it started), with the item's fields as argv, never through a shell. Its
 group is recorded in inflight.json, identified by boot id and start time,
 so that a restarted worker or the shutdown hook can stop it later without
-ever signalling a recycled pid.
+ever signalling a recycled pid. With STAGE_INPUTS the item's gs:// objects
+are downloaded first (``cflow.worker.staging``), as part of the attempt.
 """
 
 import logging
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from cflow import procinfo, tasks
+from cflow.worker import staging
 from cflow.worker.context import WorkerContext
 from cflow.worker.workdir import TaskRecord
 
@@ -36,10 +38,25 @@ class TaskEnding(StrEnum):
     EXITED = "exited"  # by itself (or it could not start: status 127)
     TIMED_OUT = "timed out"  # past the run's task timeout: its group was killed
     STOPPED = "stopped"  # the VM is going down: its item was handed back, then its group killed
+    DONE_ELSEWHERE = "done elsewhere"  # another copy recorded the item done (cflow.backups): its group was killed
+    STAGING_FAILED = "input staging failed"  # an input could not be downloaded: the task never started
 
 
-def task_environment(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path) -> dict[str, str]:
-    """The task's environment: the worker's, with the CFLOW_* variables of this attempt."""
+def failure_reason(ending: TaskEnding, exit_status: int) -> str:
+    """Why a failed attempt failed, as its marker, its event and the summary say it."""
+    if ending == TaskEnding.TIMED_OUT:
+        return "timed out"
+    if ending == TaskEnding.STAGING_FAILED:
+        return "input staging failed (its log names the object and why)"
+    return f"exit status {exit_status}"
+
+
+def task_environment(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path,
+                     input_dir: Path | None = None) -> dict[str, str]:
+    """The task's environment: the worker's, with the CFLOW_* variables of this attempt.
+
+    ``CFLOW_INPUT_DIR`` is set only when the attempt staged its inputs there (STAGE_INPUTS).
+    """
     environment = dict(os.environ)
     # The task's python3 is the worker's own, which has the Google clients
     # (on a stock image they live in a venv, not the system Python).
@@ -50,12 +67,15 @@ def task_environment(context: WorkerContext, item: tasks.WorkItem, attempt: int,
         CFLOW_ATTEMPT=str(attempt),
         CFLOW_OUTPUT_DIR=str(output_dir),
         CFLOW_BUCKET=context.settings.bucket,
+        CFLOW_GPU_COUNT=str(context.settings.gpu_count),
     )
+    if input_dir is not None:
+        environment["CFLOW_INPUT_DIR"] = str(input_dir)
     return environment
 
 
 def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_dir: Path, log_file: Path, ack_id: str,
-             hand_back_running: Callable[[], object]) -> tuple[int, TaskEnding]:
+             hand_back_running: Callable[[], object], done_elsewhere: Callable[[], bool] | None = None) -> tuple[int, TaskEnding]:
     """Run the run's task command with the item's fields as argv (no shell), in the package folder.
 
     Args:
@@ -64,17 +84,33 @@ def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_
         ack_id: the message whose in-flight record gets the task's process group.
         hand_back_running: called once the stop flag is seen, before the task's
             group is killed: a Spot VM's grace is short, and the nack is what matters.
+        done_elsewhere: True once the scheduler said another copy of the item
+            won (``cflow.worker.control``); the task's group is then killed. Read
+            in memory with the stop flag, so it costs the hot path nothing.
     Returns:
-        ``(exit status, ending)``; the status is 127 if the command cannot start.
+        ``(exit status, ending)``; the status is 127 if the command cannot start,
+        ``staging.STAGING_FAILED_STATUS`` if an input could not be staged.
     """
-    command = list(context.settings.task_command) + list(item.args)
     work_dir = context.work_dir
     with open(log_file, "ab") as log_stream:
+        args, input_dir = item.args, None
+        if context.settings.stage_inputs:
+            input_dir = output_dir.parent / staging.INPUT_DIR_NAME
+            try:
+                args = staging.stage_inputs(context.storage, item.args, input_dir).args
+            except staging.StagingFailed as failed:
+                log_stream.write(f"{failed.log_line}\n".encode())
+                return staging.STAGING_FAILED_STATUS, TaskEnding.STAGING_FAILED
+            if work_dir.is_stopping():
+                # The VM went down while the inputs came: hand the item back instead of starting a task that is killed at once.
+                hand_back_running()
+                return -signal.SIGTERM, TaskEnding.STOPPED
+        command = list(context.settings.task_command) + list(args)
         try:
             process = subprocess.Popen(
                 command,
                 cwd=work_dir.package,
-                env=task_environment(context, item, attempt, output_dir),
+                env=task_environment(context, item, attempt, output_dir, input_dir),
                 stdin=subprocess.DEVNULL,
                 stdout=log_stream,
                 stderr=subprocess.STDOUT,
@@ -105,6 +141,10 @@ def run_task(context: WorkerContext, item: tasks.WorkItem, attempt: int, output_
                     return process.returncode, TaskEnding.STOPPED
                 if process.poll() is not None:
                     return process.returncode, TaskEnding.EXITED
+                if done_elsewhere is not None and done_elsewhere():
+                    kill_group(process)
+                    log_stream.write(b"\ncflow: another copy of this item was recorded done first; this copy was stopped\n")
+                    return process.returncode, TaskEnding.DONE_ELSEWHERE
                 if time.monotonic() >= deadline:
                     kill_group(process)
                     log_stream.write(f"\ncflow: task timed out after {context.settings.task_timeout:g} s; "

@@ -14,8 +14,8 @@ shutdown script (``cflow.fleet.SHUTDOWN_SCRIPT``) share these files, named in
   loses only the pull and the task's start between two tasks. One result is
   recorded at a time.
 - ``hook.json``: what the shutdown hook needs to hand an item back (the
-  run's settings, project, this VM's name), written once when the worker
-  starts, so the hook touches no network before its nack.
+  run's settings, project, this VM's name and lane), written once when the
+  worker starts, so the hook touches no network before its hand-back.
 - ``handback.lock``: an exclusive lock held while either side reads and
   changes those two files and acts on them (nack, lease extension, moving an
   item from running to settling). So each item is either settled by the
@@ -49,6 +49,10 @@ class TaskRecord(TypedDict):
     task_start: NotRequired[int | None]
     boot_id: NotRequired[str]
     settling: NotRequired[bool]  # True in settling.json
+    # What a hand-back on preemption needs to publish the item again with its count raised (cflow.lanes):
+    data: NotRequired[str]  # the work message's data (the item as JSON)
+    preemptions: NotRequired[int]  # the item's preemptions before this run
+    backup: NotRequired[bool]  # a backup copy (cflow.backups): dropped, never handed back
 
 
 class HookSettings(TypedDict):
@@ -58,6 +62,7 @@ class HookSettings(TypedDict):
     project: str
     vm_name: str
     target: str  # "gcp" or "local"
+    lane: NotRequired[str]  # the queue this VM pulls (``protocol.Lane``); absent: the Spot lane
 
 
 class WorkDir:

@@ -60,7 +60,8 @@ def test_the_local_stack_passes_quota_policy_and_network_options_to_the_emulator
 def _up_arguments(**overrides):
     values: dict[str, object] = dict(preempt_mean_s=None, zone_capacity=[], cpu_quota=None, quota=[], deny_external_ip=False, no_default_network=False,
                   error_rate=None, boot_delay=None, shutdown_grace=None, seed=None, rate_limit_per_minute=None,
-                  resource_not_ready=None, vm_root=None, no_auth=False)  # fmt: skip
+                  resource_not_ready=None, slow_vms=None, slow_factor=None,
+                  vm_root=None, no_auth=False)  # fmt: skip
     values.update(overrides)
     return argparse.Namespace(**values)
 

@@ -1,5 +1,7 @@
 """CreationPolicy: where to ask for workers, and the one reaction each class of GCE refusal gets."""
 
+from collections.abc import Callable
+
 import pytest
 
 from cflow.creation import (
@@ -9,6 +11,7 @@ from cflow.creation import (
     CreationPolicy,
     NextZone,
     QuotaCooldown,
+    Reaction,
     StopCreating,
     WaitAndRetry,
     refused_line,
@@ -51,14 +54,23 @@ def test_transient_refusals_wait_a_growing_delay_then_ask_the_same_zone(error):
     assert first == WaitAndRetry(error, NOW + 5.0)
     assert policy.next_ask(4, NOW + 4.9) is None
     assert policy.next_ask(4, NOW + 5.0) == Ask("us-central1-a", 4)
-    assert policy.refused(error, "us-central1-a", 4, NOW + 5.0).until == NOW + 5.0 + 10.0  # 5, 10, 20 ... in a row
+    assert waited(policy.refused(error, "us-central1-a", 4, NOW + 5.0)).until == NOW + 5.0 + 10.0  # 5, 10, 20 ... in a row
     policy.created(Ask("us-central1-a", 4))
-    assert policy.refused(error, "us-central1-a", 4, NOW + 20).until == NOW + 20 + 5.0  # a success starts over
+    assert waited(policy.refused(error, "us-central1-a", 4, NOW + 20)).until == NOW + 20 + 5.0  # a success starts over
+
+
+def waited(reaction: Reaction) -> WaitAndRetry:
+    assert isinstance(reaction, WaitAndRetry), reaction
+    return reaction
+
+
+def always(value: float) -> Callable[[], float]:
+    return lambda: value
 
 
 def test_transient_waits_are_jittered_so_many_controllers_do_not_knock_at_once():
-    waits = {CreationPolicy(ZONES, transient_backoff=Backoff(first_delay=5.0, jitter=0.5, random=lambda r=r: r)).refused(
-        TransientError("x"), "us-central1-a", 1, NOW).until - NOW for r in (0.0, 0.5, 0.99)}
+    waits = {waited(CreationPolicy(ZONES, transient_backoff=Backoff(first_delay=5.0, jitter=0.5, random=always(r))).refused(
+        TransientError("x"), "us-central1-a", 1, NOW)).until - NOW for r in (0.0, 0.5, 0.99)}
     assert len(waits) == 3 and all(2.5 <= wait <= 5.0 for wait in waits)
 
 
@@ -70,6 +82,15 @@ def test_a_stockout_cools_its_zone_and_the_next_zone_is_asked_at_once():
     assert policy.next_ask(4, NOW + STOCKOUT_COOLDOWN_SECONDS) == Ask("us-central1-a", 4)
 
 
+def test_a_stockout_is_of_one_provisioning_model_a_zone_out_of_spot_may_have_standard_vms():
+    policy = CreationPolicy(ZONES)
+    for zone in ZONES:
+        policy.refused(ZoneStockout("no room", zone=zone), zone, 4, NOW, spot=True)
+    assert policy.every_zone_out_of_capacity(NOW, spot=True) and policy.next_ask(4, NOW, spot=True) is None
+    assert not policy.every_zone_out_of_capacity(NOW, spot=False)
+    assert policy.next_ask(4, NOW, spot=False) == Ask("us-central1-a", 4)
+
+
 def test_a_stockout_inside_the_operation_is_the_same_as_one_answered_at_once():
     policy = CreationPolicy(ZONES)
     error = classify_operation_error({"code": "ZONE_RESOURCE_POOL_EXHAUSTED", "message": "no room"}, "us-central1-a")
@@ -79,6 +100,7 @@ def test_a_stockout_inside_the_operation_is_the_same_as_one_answered_at_once():
 def test_a_quota_cools_that_metric_of_that_region_and_halves_the_next_ask_there():
     policy = CreationPolicy(ZONES)
     reaction = policy.refused(quota("IN_USE_ADDRESSES", 2.0), "us-central1-a", 6, NOW)
+    assert isinstance(reaction, QuotaCooldown)
     assert reaction == QuotaCooldown(reaction.error, "us-central1", NOW + QUOTA_COOLDOWN_SECONDS)
     assert policy.quota_cooldown_until == {("us-central1", "IN_USE_ADDRESSES"): NOW + QUOTA_COOLDOWN_SECONDS}
     # Both us-central1 zones wait; another region is asked meanwhile.

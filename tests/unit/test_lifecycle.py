@@ -33,7 +33,7 @@ def config(**changes):
         target="local", bucket="b", task_module_cmd=("bash", "task/task.sh"), task_timeout=3600.0, max_attempts=3, lease_seconds=60,
         vm_type="e2-standard-2", vm_spot=True, vm_boot="stock", vm_stock_image="projects/debian-cloud/global/images/family/debian-12",
         vm_image_name=None, vm_disk_gb=10, vm_compute_service_account="default", vm_labels={}, worker_node_cnt=5,
-        zones=("us-central1-a",), config_path=Path("/project/const.py"), combine="concat",
+        zones=("us-central1-a",), config_path=Path("/project/const.py"), combine="concat", spot_preemptions_before_standard=3,
     )
     settings.update(changes)
     namespace = types.SimpleNamespace(**settings)

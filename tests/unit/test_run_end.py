@@ -1,12 +1,13 @@
-"""How a run ends: nothing of it left (0/1), VMs left named with their delete commands (3), workers refused for good (2)."""
+"""How a run ends: nothing of it left (0/1), VMs left named with their delete commands (3), workers refused for good (2), the cost cap (4)."""
 
 import io
 import types
+from typing import Any
 
 import pytest
 
 from cflow import run, tasks
-from cflow.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_VMS_LEFT, PermanentRequestError, VmsLeftBehind, WorkersRefused
+from cflow.errors import EXIT_COST_CAP, EXIT_ITEMS_FAILED, EXIT_OK, EXIT_VMS_LEFT, PermanentRequestError, VmsLeftBehind, WorkersRefused
 from cflow.gcp.compute import Vm
 from cflow.gcp.pubsub import RunTopics
 from cflow.scheduler import Scheduler
@@ -45,10 +46,16 @@ class View:
     storage = None
 
 
+NO_VIEW: Any = View()
+
+
 def make(tmp_path, undeletable=()):
-    config = types.SimpleNamespace(combine="concat", combine_download=True, result_dir=tmp_path, vm_spot=True, vm_type="e2-small", hourly_price=lambda: None,
+    config: Any = types.SimpleNamespace(combine="concat", combine_download=True, result_dir=tmp_path, vm_spot=True, vm_type="e2-small",
+                                        hourly_price=lambda: None,
                                    worker_node_cnt=2, zones=("us-central1-a",), vm_name_prefix="w", lease_seconds=30)
-    compute, pubsub, storage = FakeCompute(), FakeSchedulerPubSub(), RunStorage(RUN)
+    compute: Any = FakeCompute()
+    pubsub: Any = FakeSchedulerPubSub()
+    storage: Any = RunStorage(RUN)
     compute.vms = {name: Vm(name, "us-central1-a", "RUNNING", "") for name in ("w-1", "w-2")}
     compute.undeletable = set(undeletable)
     topics = RunTopics.for_run("p", RUN, "t", "s")
@@ -60,7 +67,7 @@ def test_a_run_that_deleted_everything_ends_with_its_summary_and_status_0(tmp_pa
     config, scheduler, storage, pubsub, topics = make(tmp_path)
     scheduler.done_ids = {"000000"}
     out = io.StringIO()
-    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View()) == EXIT_OK
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_OK
     assert "still there" not in out.getvalue()
 
 
@@ -69,7 +76,7 @@ def test_a_vm_still_there_at_the_end_is_named_with_its_gcloud_delete_command_and
     scheduler.progress.failed = 1  # even with failed items: a VM left billing is what the status says
     out = io.StringIO()
 
-    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=View())
+    status = run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW)
 
     assert status == EXIT_VMS_LEFT != EXIT_ITEMS_FAILED
     lines = out.getvalue().splitlines()
@@ -101,3 +108,34 @@ def test_workers_refused_and_a_vm_the_cancel_could_not_delete_end_with_status_3(
     assert caught.value.commands == ["gcloud compute instances delete w-1 --zone us-central1-a --project proj --quiet"]
     assert str(caught.value).startswith("VM_NETWORK: refused; and the run did not clean up")
     assert "delete it: gcloud compute instances delete w-1" in out.getvalue()
+
+
+# -- a run that reached MAX_COST_USD ----------------------------------------------------------
+
+
+def capped(tmp_path, undeletable=()):
+    config, scheduler, storage, pubsub, topics = make(tmp_path, undeletable)
+    config.max_cost_usd = 1.0
+    scheduler.progress.cost_capped, scheduler.progress.not_run = True, 1
+    return config, scheduler, storage, pubsub, topics
+
+
+def test_a_run_at_its_cost_cap_is_cancelled_and_ends_with_status_4(tmp_path):
+    config, scheduler, storage, pubsub, topics = capped(tmp_path)
+    out = io.StringIO()
+
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_COST_CAP
+
+    assert storage.cancelled is not None and scheduler.compute.vms == {}
+    assert "1 item(s) not run (cancelled, not failed); nothing of the run is left running" in out.getvalue()
+
+
+def test_a_vm_left_at_the_cost_cap_comes_first_status_3_and_the_cap_line_claims_nothing_about_it(tmp_path):
+    config, scheduler, storage, pubsub, topics = capped(tmp_path, undeletable={"w-1"})
+    out = io.StringIO()
+
+    assert run.finish_run(config, RUN, scheduler, storage, pubsub, topics, 0.0, out, view=NO_VIEW) == EXIT_VMS_LEFT
+
+    text = out.getvalue()
+    assert "1 item(s) not run (cancelled, not failed)" in text and "nothing of the run is left running" not in text
+    assert "delete it: gcloud compute instances delete w-1" in text

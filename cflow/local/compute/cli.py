@@ -88,6 +88,9 @@ def add_parser(subparsers: SubParsers) -> argparse.ArgumentParser:
         help="organization policy constraints/compute.vmExternalIpAccess: refuse every VM with an access config (412 conditionNotMet)",
     )
     parser.add_argument("--no-default-network", action="store_true", help="projects start without the 'default' auto-mode network")
+    parser.add_argument("--slow-vms", type=float, default=0.0, metavar="FRACTION",
+                        help="this fraction of VMs (chosen with --seed) gets only 1/--slow-factor of the time: paused part of every second")
+    parser.add_argument("--slow-factor", type=float, default=5.0, metavar="X", help="how much slower a slow VM is (default 5)")
     parser.add_argument("--error-rate", type=float, default=0.0, metavar="R", help="fraction of API requests answered 429 or 503")
     parser.add_argument("--boot-delay", type=float, default=0.0, metavar="S", help="seconds in PROVISIONING+STAGING before RUNNING")
     parser.add_argument("--seed", type=int, help="random seed for faults and ids")
@@ -139,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         rate_limit_per_minute=args.rate_limit_per_minute,
         resource_not_ready=args.resource_not_ready,
+        slow_vms=args.slow_vms,
+        slow_factor=args.slow_factor,
         vm_root=args.vm_root,
         auth_token_file=args.auth_token_file,
     )

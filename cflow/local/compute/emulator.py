@@ -29,7 +29,7 @@ from cflow.local.compute.rate_limit import RateLimiter
 from cflow.local.compute.request_ids import RequestIds
 from cflow.local.compute.server import ApiServer, Dispatcher, engine_routes
 from cflow.local.compute.timers import TimerQueue
-from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, Watchdog
+from cflow.local.compute.vm import GuestLauncher, PowerOff, ProcessTable, SlowGuests, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class EmulatorOptions:
     ``default_network`` False is ``--no-default-network``; ``vm_root`` names a
     real root for every VM (``rootfs.RECIPES``), None shares the host's
     filesystem; ``auth_token_file`` set, every API request must carry
-    ``Authorization: Bearer <its token>``.
+    ``Authorization: Bearer <its token>``. ``slow_vms`` is the fraction of
+    VMs that get only 1/``slow_factor`` of the time.
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +75,8 @@ class EmulatorOptions:
     seed: int | None = None
     rate_limit_per_minute: int | None = None
     resource_not_ready: bool = True
+    slow_vms: float = 0.0
+    slow_factor: float = 5.0
     vm_root: str | None = None
     auth_token_file: str | None = None
 
@@ -91,6 +94,10 @@ class EmulatorOptions:
         for name, value in durations:
             if value is not None and value < 0:
                 raise EmulatorOptionError(f"{name} {value} must not be negative")
+        if not 0.0 <= self.slow_vms <= 1.0:
+            raise EmulatorOptionError(f"--slow-vms {self.slow_vms} must be a fraction from 0 to 1; use e.g. 0.1 for a tenth of the VMs")
+        if self.slow_factor < 1.0:
+            raise EmulatorOptionError(f"--slow-factor {self.slow_factor} must be at least 1; use e.g. 5 for VMs five times slower")
         if self.rate_limit_per_minute is not None and self.rate_limit_per_minute < 1:
             raise EmulatorOptionError(f"--rate-limit-per-minute {self.rate_limit_per_minute} must be at least 1; leave it out for no limit")
         if self.cpu_quota is not None and self.cpu_quota < 0:
@@ -134,6 +141,7 @@ class _Running:
     metadata_servers: MetadataServers
     watchdog: Watchdog
     console: SerialConsole
+    slow_guests: SlowGuests | None
 
 
 class ComputeEmulator:
@@ -213,7 +221,8 @@ class ComputeEmulator:
         launcher = GuestLauncher(state_dir, marker_prefix, vm_environment, watchdog, console, root=roots)
         power_off = PowerOff(launcher, ProcessTable(marker_prefix), self._monotonic)
         timers = TimerQueue(self._monotonic)
-        faults = Faults(options.error_rate, options.zone_capacity, options.preempt_mean_s, options.seed)
+        faults = Faults(options.error_rate, options.zone_capacity, options.preempt_mean_s, options.seed, slow_fraction=options.slow_vms)
+        slow_guests = SlowGuests(ProcessTable(marker_prefix), options.slow_factor, self._monotonic) if options.slow_vms > 0 else None
         engine = self.engine = ComputeEngine(
             base_url=base_url,
             catalog=catalog,
@@ -231,17 +240,20 @@ class ComputeEmulator:
             quota_limits=options.quota_limits(),
             policy=OrganizationPolicy(deny_external_ip=options.deny_external_ip),
             default_network=options.default_network,
+            slow_guests=slow_guests,
         )
         rate_limiter = RateLimiter(options.rate_limit_per_minute, self._wall_clock) if options.rate_limit_per_minute else None
         server.dispatcher = Dispatcher(engine_routes(engine), faults, rate_limiter, RequestIds(engine.core))
         metadata_servers.start(engine.guest_metadata)
         console.start()
         power_off.start()
+        if slow_guests is not None:
+            slow_guests.start()
         timers.start()
         engine.start()
         server_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="compute-api", daemon=True)
         server_thread.start()
-        self._running = _Running(server, engine, timers, power_off, metadata_servers, watchdog, console)
+        self._running = _Running(server, engine, timers, power_off, metadata_servers, watchdog, console, slow_guests)
         logger.info("compute emulator: state in %s, watchdog pid %s", state_dir, watchdog.pid)
         if roots is not None:
             logger.info("compute emulator: %s", roots.describe())
@@ -253,6 +265,8 @@ class ComputeEmulator:
         if self._stopped.is_set() or running is None:
             return
         self._stopped.set()
+        if running.slow_guests is not None:
+            running.slow_guests.stop()  # the VMs' shutdown scripts run at full speed, and nothing is left stopped
         running.engine.shutdown()
         running.server.shutdown()
         running.server.server_close()

@@ -34,7 +34,7 @@ from cflow.local.compute.projects import Projects, project_usage_counters
 from cflow.local.compute.quotas import QuotaLimits, Quotas
 from cflow.local.compute.regions import Regions
 from cflow.local.compute.timers import TimerQueue
-from cflow.local.compute.vm import GuestLauncher, PowerOff
+from cflow.local.compute.vm import GuestLauncher, PowerOff, SlowGuests
 from cflow.local.compute.zones import Zones
 
 
@@ -60,6 +60,7 @@ class ComputeEngine:
         quota_limits: the quotas' limits (None: every metric generous).
         policy: the organization policy (None: no constraint).
         default_network: every project has the ``default`` auto network.
+        slow_guests: runs the slow VMs' duty cycle (None: no VM is slow).
 
     Attributes:
         core, zones, instances, disks, images, operations, networks, regions, accelerators, projects: the parts
@@ -89,6 +90,7 @@ class ComputeEngine:
         quota_limits: QuotaLimits | None = None,
         policy: OrganizationPolicy | None = None,
         default_network: bool = True,
+        slow_guests: SlowGuests | None = None,
     ) -> None:
         self.core = ComputeCore(base_url=base_url, catalog=catalog, faults=faults, timers=timers, wall_clock=wall_clock, id_random=id_random)
         self.zones = Zones(base_url, catalog)
@@ -111,6 +113,7 @@ class ComputeEngine:
             boot_delay_s=boot_delay_s,
             shutdown_grace_s=shutdown_grace_s,
             metadata_host=metadata_host,
+            slow_guests=slow_guests,
         )
         self.instances = Instances(
             self.core,

@@ -19,6 +19,8 @@ Instance states:
 - delete: STOPPING -> gone (404).
 - reset: stays RUNNING; every process is killed at once (no shutdown
   script) and the startup script runs again.
+- slow VMs (``--slow-vms``): a VM the faults pick at boot is made slow
+  (``vm.SlowGuests``) until its power-off begins; a reset keeps it slow.
 
 Timed steps run on the core's TimerQueue and check the instance's ``epoch``,
 so a step armed for an earlier boot does nothing. Slow work (waiting for
@@ -37,7 +39,7 @@ from cflow.local.compute.disk_images import DiskImages
 from cflow.local.compute.disks import Disks
 from cflow.local.compute.images import Images
 from cflow.local.compute.resources import Instance, Operation, rfc3339
-from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher, PowerOff
+from cflow.local.compute.vm import SERIAL_LOG_NAME, GuestLauncher, PowerOff, SlowGuests
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ class Lifecycle:
         boot_delay_s: time spent in PROVISIONING + STAGING.
         shutdown_grace_s: overrides the grace period (30 s Spot, 90 s standard).
         metadata_host: the address VMs reach their metadata server on.
+        slow_guests: runs the slow VMs' duty cycle (None: no VM is slow).
     """
 
     def __init__(
@@ -89,8 +92,10 @@ class Lifecycle:
         boot_delay_s: float = 0.0,
         shutdown_grace_s: float | None = None,
         metadata_host: str = "127.0.0.1",
+        slow_guests: SlowGuests | None = None,
     ) -> None:
         self.core = core
+        self.slow_guests = slow_guests
         self.disks = disks
         self.images = images
         self.launcher = launcher
@@ -155,6 +160,11 @@ class Lifecycle:
                 with open(guest.serial_log, "ab") as serial:
                     serial.write(f"cflow-emulator: startup-script failed to start: {error}\n".encode())
             instance.guest = guest
+            if self.slow_guests is not None and core.faults.slow_vm():
+                self.slow_guests.add(guest)
+                logger.info("%s is slow: it gets 1/%g of the time (--slow-vms)", instance.name, self.slow_guests.factor)
+                with open(guest.serial_log, "ab") as serial:
+                    serial.write(f"cflow-emulator: this VM is slow: it gets 1/{self.slow_guests.factor:g} of the time (--slow-vms)\n".encode())
             instance.status = "RUNNING"
             instance.status_message = None
             started_s = core.wall_clock()
@@ -199,6 +209,8 @@ class Lifecycle:
         instance.touch()
         self.core.changed.notify_all()
         done = functools.partial(self._powered_off, instance.id)
+        if instance.guest is not None and self.slow_guests is not None:
+            self.slow_guests.release(instance.guest)  # its shutdown runs at full speed, and nothing is left stopped
         if instance.guest is None:
             self.core.timers.call_later(0, done)
         else:
@@ -251,6 +263,10 @@ class Lifecycle:
         core = self.core
         epoch = instance.epoch
         guest, instance.guest = instance.guest, None
+        # A slow host stays slow after a reset; its old processes run again only to be killed.
+        slow_guests = self.slow_guests if guest is not None and self.slow_guests is not None and self.slow_guests.is_slow(guest) else None
+        if slow_guests is not None and guest is not None:
+            slow_guests.release(guest)
 
         def killed() -> None:
             with core.lock:
@@ -263,6 +279,8 @@ class Lifecycle:
                     except OSError as error:
                         logger.warning("startup script of %s did not start after a reset: %s", current.name, error)
                     current.guest = fresh
+                    if slow_guests is not None:
+                        slow_guests.add(fresh)
                     current.touch()
                 core.finish_operation(operation)
 

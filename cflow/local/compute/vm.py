@@ -20,6 +20,11 @@ shutdown script within the grace period, SIGTERM to the group and marked
 processes, SIGKILL to whatever is left. ``PowerOff`` runs all of them in
 parallel from one thread. ``Watchdog`` covers the emulator dying without
 doing any of this (SIGKILL): it kills every VM process when its pipe closes.
+
+Slow VMs (``--slow-vms``, ``SlowGuests``): each second, a slow guest's
+processes run for 1/X of it and are stopped (SIGSTOP) for the rest. A guest
+is let go (SIGCONT) as its power-off begins and when the emulator stops, so
+nothing is left stopped; SIGKILL (the watchdog's) ends stopped processes too.
 """
 
 import logging
@@ -584,3 +589,95 @@ class PowerOff:
         if not guest.processes_reaped() or marked_pids:
             return False
         return not any(scan.group_members.get(pgid) for pgid in guest.process_groups)
+
+
+class SlowGuests:
+    """Gives the processes of some guests only 1/``factor`` of the time, from one thread.
+
+    Every ``period_s``: SIGCONT lets each slow guest's processes run for
+    ``period_s / factor``, then SIGSTOP stops them for the rest of the period.
+    A /proc scan before each finds them: the guest's process groups and every
+    process carrying its marker (the task a worker starts in a session of its
+    own too). A pause stops the process groups first, then scans: a process
+    forked just before the stop and gone to a session of its own is found
+    then, instead of running a whole period at full speed.
+
+    Args:
+        process_table: a ProcessTable for marked processes.
+        factor: the slow-down, at least 1 (5: a fifth of the time).
+        monotonic: clock function.
+        period_s: the duty cycle's length.
+    """
+
+    def __init__(self, process_table: ProcessTable, factor: float, monotonic: Callable[[], float] = time.monotonic, period_s: float = 1.0) -> None:
+        self._process_table = process_table
+        self.factor = max(1.0, factor)
+        self._monotonic = monotonic
+        self._period_s = period_s
+        self._guests: dict[str, Guest] = {}  # marker -> guest
+        # Held while signalling: once release() returns, its guest is never stopped again.
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="compute-slow-vms", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, guest: Guest) -> None:
+        """``guest`` is slow from now on: paused at once, it runs in each period's share from the next one on.
+
+        Paused here, not at the duty cycle's next pause: that can be up to a
+        period away, and a VM slow from its boot must not start at full speed.
+        """
+        with self._lock:
+            self._guests[guest.marker] = guest
+            self._pause([guest])
+
+    def release(self, guest: Guest) -> None:
+        """``guest`` runs at full speed again, at once (its power-off begins)."""
+        with self._lock:
+            if self._guests.pop(guest.marker, None) is None:
+                return
+            _signal_guest(guest, signal.SIGCONT, self._process_table.scan().marked.get(guest.marker, []))
+
+    def is_slow(self, guest: Guest) -> bool:
+        with self._lock:
+            return guest.marker in self._guests
+
+    def stop(self) -> None:
+        """Stop the duty cycle and let every slow guest run (the emulator stops)."""
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            guests, self._guests = list(self._guests.values()), {}
+            if guests:
+                scan = self._process_table.scan()
+                for guest in guests:
+                    _signal_guest(guest, signal.SIGCONT, scan.marked.get(guest.marker, []))
+
+    def _signal_all(self, signal_number: int, scan: ProcessScan) -> None:
+        with self._lock:
+            for guest in self._guests.values():
+                _signal_guest(guest, signal_number, scan.marked.get(guest.marker, []))
+
+    def _pause(self, guests: list[Guest]) -> None:
+        """SIGSTOP every process of ``guests``. Call with the lock held."""
+        for guest in guests:
+            _signal_guest(guest, signal.SIGSTOP, [])  # the groups first: their members fork no more
+        scan = self._process_table.scan()
+        for guest in guests:
+            _signal_guest(guest, signal.SIGSTOP, scan.marked.get(guest.marker, []))
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            started = self._monotonic()
+            with self._lock:
+                any_slow = bool(self._guests)
+            if any_slow:
+                self._signal_all(signal.SIGCONT, self._process_table.scan())
+                if self._stopped.wait(self._period_s / self.factor):
+                    return
+                # Scanned again: a task started while the guest ran (in a session of its own) is stopped too.
+                with self._lock:
+                    self._pause(list(self._guests.values()))
+            self._stopped.wait(max(0.0, started + self._period_s - self._monotonic()))

@@ -396,3 +396,15 @@ def test_a_million_lines_load_in_seconds_into_tens_of_megabytes(project):
     assert time.process_time() - started < 20  # shlex took ~17 s alone (2 cores, loaded); this takes ~2.5 s
     assert len(items) == 1_000_000 and items[999_999] == WorkItem("999999", 999_999, ("input-0999999.csv", "999999"))
     assert sys.getsizeof(items._data) + sys.getsizeof(items._ends) < 40 * 2**20
+
+
+def test_item_of_finds_an_item_by_id_in_an_item_list_and_in_a_plain_sequence():
+    items = tasks.make_items([["a"], ["b", "c"], ["d"]])
+    assert tasks.item_of(items, items[1].id) == tasks.WorkItem(items[1].id, 1, ("b", "c"))
+    plain = list(items)
+    assert tasks.item_of(plain, items[2].id).args == ("d",)
+    for missing in ("000003", "1", "x"):
+        with pytest.raises(KeyError):
+            tasks.item_of(items, missing)
+        with pytest.raises(KeyError):
+            tasks.item_of(plain, missing)
